@@ -1,0 +1,343 @@
+//! Log entries: the typed commands every replica applies in the same order, what applying one
+//! yields, and the typed reasons a command is refused.
+//!
+//! Commands carry everything apply needs (ids, timestamps, secrets), so apply never reads a clock
+//! or a random source. Commands that create something carry the id of the thing they create, so
+//! a client that retries after losing a reply gets the original outcome instead of a duplicate.
+
+use std::net::Ipv4Addr;
+
+use ipnet::Ipv4Net;
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+use crate::model::{
+    AccountId, Capacity, Desired, Fingerprint, Millis, NodeId, Observed, Roles, TokenId, VmId,
+    VmSpec,
+};
+
+/// One entry of the replicated log.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum Command {
+    /// Fixes the cluster settings. Applied once; a repeat with the same cluster id is a no-op.
+    InitCluster {
+        /// Cluster identity.
+        cluster_id: Uuid,
+        /// Hex secret that signs join tokens and internal RPCs.
+        secret: String,
+        /// DNS zone.
+        zone: String,
+        /// Lobby address.
+        lobby: Ipv4Addr,
+        /// Public address pool.
+        public_pool: Ipv4Net,
+        /// Default quota.
+        max_vms_per_account: u32,
+        /// Proposal time.
+        at: Millis,
+    },
+    /// Adds a node, or returns the id it already has (keyed by `uuid`).
+    RegisterNode {
+        /// The id to use, for the node that initialises the cluster; others get the next free.
+        id: Option<NodeId>,
+        /// The node's self-chosen stable identity.
+        uuid: Uuid,
+        /// Display name.
+        name: String,
+        /// Roles it runs.
+        roles: Roles,
+        /// Raft/gRPC address.
+        raft_addr: String,
+        /// Resources offered to VMs.
+        capacity: Capacity,
+        /// Proposal time.
+        at: Millis,
+    },
+    /// A node is alive and offers `capacity`.
+    Heartbeat {
+        /// The node.
+        node: NodeId,
+        /// Current offer (may change when an operator resizes a worker).
+        capacity: Capacity,
+        /// Proposal time.
+        at: Millis,
+    },
+    /// Creates an account.
+    CreateAccount {
+        /// New id.
+        id: AccountId,
+        /// Unique name.
+        name: String,
+        /// Quota; the cluster default when absent.
+        max_vms: Option<u32>,
+        /// Proposal time.
+        at: Millis,
+    },
+    /// Binds an SSH key to an account.
+    AddSshKey {
+        /// Account.
+        account: AccountId,
+        /// Fingerprint of `public_key`.
+        fingerprint: Fingerprint,
+        /// OpenSSH form.
+        public_key: String,
+        /// Proposal time.
+        at: Millis,
+    },
+    /// Unbinds a key; an account keeps at least one key.
+    RemoveSshKey {
+        /// Account that asks.
+        account: AccountId,
+        /// Key to remove.
+        fingerprint: Fingerprint,
+    },
+    /// Records an API token's hash.
+    CreateApiToken {
+        /// New id.
+        id: TokenId,
+        /// Owner.
+        account: AccountId,
+        /// Label.
+        name: String,
+        /// Hex SHA-256 of the secret.
+        hash: String,
+        /// Proposal time.
+        at: Millis,
+        /// Expiry.
+        expires_at: Millis,
+    },
+    /// Revokes a token.
+    RevokeApiToken {
+        /// Account that asks.
+        account: AccountId,
+        /// Token.
+        id: TokenId,
+    },
+    /// Parks an unknown key until its owner logs in through the web.
+    CreateRegistration {
+        /// Code in the URL.
+        code: String,
+        /// The key's fingerprint.
+        fingerprint: Fingerprint,
+        /// The key.
+        public_key: String,
+        /// Proposal time.
+        at: Millis,
+        /// Expiry.
+        expires_at: Millis,
+    },
+    /// Links a parked key to an account and deletes the registration.
+    CompleteRegistration {
+        /// Code in the URL.
+        code: String,
+        /// Account the key joins.
+        account: AccountId,
+        /// Proposal time; an expired code is refused.
+        at: Millis,
+    },
+    /// Creates a VM with the lowest pool address not yet used by its owner.
+    CreateVm {
+        /// New id.
+        id: VmId,
+        /// Owner.
+        owner: AccountId,
+        /// DNS label.
+        name: String,
+        /// Resources.
+        spec: VmSpec,
+        /// HTTP port inside the VM.
+        http_port: u16,
+        /// Proposal time.
+        at: Millis,
+    },
+    /// The scheduler's decision.
+    PlaceVm {
+        /// VM.
+        vm: VmId,
+        /// Worker chosen.
+        worker: NodeId,
+        /// Proposal time.
+        at: Millis,
+    },
+    /// The owner starts or stops a VM.
+    SetVmDesired {
+        /// Account that asks.
+        by: AccountId,
+        /// VM.
+        vm: VmId,
+        /// New intent.
+        desired: Desired,
+        /// Proposal time.
+        at: Millis,
+    },
+    /// A worker reports what a VM is doing.
+    ReportVm {
+        /// VM.
+        vm: VmId,
+        /// Reporting worker (must be the one it is placed on).
+        worker: NodeId,
+        /// State.
+        observed: Observed,
+        /// Private address, once wired.
+        private_ip: Option<Ipv4Addr>,
+        /// Proposal time.
+        at: Millis,
+    },
+    /// Deletes a VM: its name and address are free at once; the worker then removes its disk
+    /// and acknowledges with `PurgeVm`.
+    DeleteVm {
+        /// Account that asks.
+        by: AccountId,
+        /// VM.
+        vm: VmId,
+        /// Proposal time.
+        at: Millis,
+    },
+    /// A worker finished removing a deleted VM.
+    PurgeVm {
+        /// VM.
+        vm: VmId,
+    },
+}
+
+impl Command {
+    /// A short name for logs and metrics.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Command::InitCluster { .. } => "init_cluster",
+            Command::RegisterNode { .. } => "register_node",
+            Command::Heartbeat { .. } => "heartbeat",
+            Command::CreateAccount { .. } => "create_account",
+            Command::AddSshKey { .. } => "add_ssh_key",
+            Command::RemoveSshKey { .. } => "remove_ssh_key",
+            Command::CreateApiToken { .. } => "create_api_token",
+            Command::RevokeApiToken { .. } => "revoke_api_token",
+            Command::CreateRegistration { .. } => "create_registration",
+            Command::CompleteRegistration { .. } => "complete_registration",
+            Command::CreateVm { .. } => "create_vm",
+            Command::PlaceVm { .. } => "place_vm",
+            Command::SetVmDesired { .. } => "set_vm_desired",
+            Command::ReportVm { .. } => "report_vm",
+            Command::DeleteVm { .. } => "delete_vm",
+            Command::PurgeVm { .. } => "purge_vm",
+        }
+    }
+}
+
+/// What applying a command produced.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "outcome", rename_all = "snake_case")]
+pub enum Outcome {
+    /// Applied; nothing to report.
+    Done,
+    /// A node's id (new or existing).
+    NodeRegistered {
+        /// Its id.
+        id: NodeId,
+    },
+    /// A VM exists with this address.
+    VmCreated {
+        /// Its id.
+        id: VmId,
+        /// Its public address.
+        public_ip: Ipv4Addr,
+    },
+}
+
+/// The log's answer to a command: applied, or refused with state unchanged.
+pub type Response = Result<Outcome, ApplyError>;
+
+/// Why a command was refused. State is unchanged when one of these is returned.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
+#[serde(tag = "error", rename_all = "snake_case")]
+pub enum ApplyError {
+    /// The cluster has not been initialised yet.
+    #[error("the cluster is not initialised yet: run `boxd init` (or `boxd up`) first")]
+    NotInitialized,
+    /// `InitCluster` with a different cluster id.
+    #[error("this replica already belongs to cluster {existing}")]
+    AlreadyInitialized {
+        /// The cluster it belongs to.
+        existing: Uuid,
+    },
+    /// A value failed validation.
+    #[error("{what} is invalid: {reason}")]
+    Invalid {
+        /// What was invalid (e.g. `name "My App"`).
+        what: String,
+        /// How to fix it.
+        reason: String,
+    },
+    /// The VM name is used in the zone.
+    #[error("the name {name} is taken: pick another")]
+    NameTaken {
+        /// The name.
+        name: String,
+    },
+    /// The account name is used.
+    #[error("the account name {name} is taken")]
+    AccountNameTaken {
+        /// The name.
+        name: String,
+    },
+    /// The account has as many VMs as its quota allows.
+    #[error("quota reached: this account may own {limit} VMs; remove one first")]
+    QuotaExceeded {
+        /// The quota.
+        limit: u32,
+    },
+    /// Every pool address is already used by this owner.
+    #[error("no public address left in {pool} for this account")]
+    PoolExhausted {
+        /// The pool.
+        pool: Ipv4Net,
+    },
+    /// Something the command names does not exist.
+    #[error("no such {what}: {id}")]
+    NotFound {
+        /// Kind of thing.
+        what: String,
+        /// Its id or name.
+        id: String,
+    },
+    /// The VM, key or token belongs to another account.
+    #[error("no such {what}: {id}")]
+    NotYours {
+        /// Kind of thing (the message is the same as for a missing one, on purpose).
+        what: String,
+        /// Its id.
+        id: String,
+    },
+    /// The key is bound to an account already.
+    #[error("key {fingerprint} already belongs to an account")]
+    KeyTaken {
+        /// The key.
+        fingerprint: Fingerprint,
+    },
+    /// An account's last key cannot be removed.
+    #[error("cannot remove the last key of an account: add another key first")]
+    LastKey,
+    /// A registration code has expired.
+    #[error("registration {code} has expired: connect with ssh again to get a new link")]
+    Expired {
+        /// The code.
+        code: String,
+    },
+    /// The node cannot take the VM.
+    #[error("node {node} cannot take this VM: {reason}")]
+    CannotPlace {
+        /// The node.
+        node: NodeId,
+        /// Why.
+        reason: String,
+    },
+    /// A retried create whose id exists with different content.
+    #[error("id {id} is already used by a different {what}")]
+    IdConflict {
+        /// Kind of thing.
+        what: String,
+        /// The id.
+        id: String,
+    },
+}

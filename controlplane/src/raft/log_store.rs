@@ -1,0 +1,307 @@
+//! The Raft log, vote and commit index in SQLite (`raft-log.db`, WAL, `synchronous=FULL`).
+//!
+//! All access goes through one dedicated thread, so an append queued before a read is visible to
+//! that read. `append` returns as soon as the entries are queued and reports durability through
+//! openraft's callback after the transaction commits; several appends queued back to back are
+//! committed by one transaction and one fsync (group commit).
+
+use std::fmt::Debug;
+use std::ops::{Bound, RangeBounds};
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+
+use openraft::storage::{LogFlushed, RaftLogStorage};
+use openraft::{LogState, RaftLogReader, Vote};
+use rusqlite::{Connection, OptionalExtension, params};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+
+use super::{Entry, LogId, StoreError, TypeConfig, read_err, write_err};
+use crate::model::NodeId;
+use crate::store::sqlite::{Durability, SqliteThread};
+
+const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS log (idx INTEGER PRIMARY KEY, entry BLOB NOT NULL);
+CREATE TABLE IF NOT EXISTS kv (key TEXT PRIMARY KEY, value BLOB NOT NULL);
+";
+
+/// A failure inside the log database.
+#[derive(Debug, thiserror::Error)]
+pub enum LogDbError {
+    /// SQLite failed.
+    #[error("raft log database: {0}")]
+    Sql(#[from] rusqlite::Error),
+    /// A stored value did not decode.
+    #[error("raft log database holds an undecodable value: {0}")]
+    Codec(#[from] serde_json::Error),
+    /// The database thread stopped.
+    #[error(transparent)]
+    Closed(#[from] crate::store::sqlite::Closed),
+}
+
+/// The Raft log store.
+pub struct LogStore {
+    db: SqliteThread,
+    committed: Arc<AtomicU64>,
+    /// Appends waiting for the writer thread; the first one queued schedules the job that
+    /// commits them all.
+    pending: Arc<Mutex<Vec<PendingAppend>>>,
+}
+
+/// A reader of the same log, for openraft's replication tasks.
+pub struct LogReader {
+    db: SqliteThread,
+}
+
+impl LogStore {
+    /// Opens or creates the log at `path`.
+    pub fn open(path: &Path) -> Result<Self, LogDbError> {
+        let db = SqliteThread::open("boxd-raft-log", path, Durability::Full)?;
+        db.call_blocking(|c| c.execute_batch(SCHEMA))??;
+        let committed: Option<LogId> = db.call_blocking(|c| kv_get(c, "committed"))??;
+        Ok(Self {
+            db,
+            committed: Arc::new(AtomicU64::new(committed.map_or(0, |l| l.index))),
+            pending: Arc::default(),
+        })
+    }
+
+    /// The commit index this node knows of (updated as openraft reports it).
+    pub fn committed_index(&self) -> Arc<AtomicU64> {
+        Arc::clone(&self.committed)
+    }
+}
+
+fn kv_get<T: DeserializeOwned>(c: &Connection, key: &str) -> Result<Option<T>, LogDbError> {
+    let raw: Option<Vec<u8>> = c
+        .prepare_cached("SELECT value FROM kv WHERE key = ?1")?
+        .query_row(params![key], |r| r.get(0))
+        .optional()?;
+    Ok(raw.map(|b| serde_json::from_slice(&b)).transpose()?)
+}
+
+fn kv_put<T: Serialize>(c: &Connection, key: &str, value: &T) -> Result<(), LogDbError> {
+    let raw = serde_json::to_vec(value)?;
+    c.prepare_cached(
+        "INSERT INTO kv (key, value) VALUES (?1, ?2)
+         ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+    )?
+    .execute(params![key, raw])?;
+    Ok(())
+}
+
+fn sql_index(i: u64) -> i64 {
+    i64::try_from(i).unwrap_or(i64::MAX)
+}
+
+fn bounds(range: &impl RangeBounds<u64>) -> (i64, i64) {
+    let start = match range.start_bound() {
+        Bound::Included(s) => sql_index(*s),
+        Bound::Excluded(s) => sql_index(s.saturating_add(1)),
+        Bound::Unbounded => 0,
+    };
+    let end = match range.end_bound() {
+        Bound::Included(e) => sql_index(e.saturating_add(1)),
+        Bound::Excluded(e) => sql_index(*e),
+        Bound::Unbounded => i64::MAX,
+    };
+    (start, end)
+}
+
+fn read_range(c: &Connection, start: i64, end: i64) -> Result<Vec<Entry>, LogDbError> {
+    let mut stmt =
+        c.prepare_cached("SELECT entry FROM log WHERE idx >= ?1 AND idx < ?2 ORDER BY idx")?;
+    let rows = stmt.query_map(params![start, end], |r| r.get::<_, Vec<u8>>(0))?;
+    let mut out = Vec::new();
+    for raw in rows {
+        out.push(serde_json::from_slice(&raw?)?);
+    }
+    Ok(out)
+}
+
+async fn read_entries<RB>(db: &SqliteThread, range: RB) -> Result<Vec<Entry>, StoreError>
+where
+    RB: RangeBounds<u64>,
+{
+    let (start, end) = bounds(&range);
+    db.call(move |c| read_range(c, start, end))
+        .await
+        .map_err(read_err)?
+        .map_err(read_err)
+}
+
+impl RaftLogReader<TypeConfig> for LogStore {
+    async fn try_get_log_entries<RB: RangeBounds<u64> + Clone + Debug + Send>(
+        &mut self,
+        range: RB,
+    ) -> Result<Vec<Entry>, StoreError> {
+        read_entries(&self.db, range).await
+    }
+}
+
+impl RaftLogReader<TypeConfig> for LogReader {
+    async fn try_get_log_entries<RB: RangeBounds<u64> + Clone + Debug + Send>(
+        &mut self,
+        range: RB,
+    ) -> Result<Vec<Entry>, StoreError> {
+        read_entries(&self.db, range).await
+    }
+}
+
+/// Serialised entries waiting to be committed, with the callbacks to fire afterwards.
+type PendingAppend = (Vec<(i64, Vec<u8>)>, LogFlushed<TypeConfig>);
+
+fn write_entries(c: &mut Connection, batch: &[PendingAppend]) -> Result<(), LogDbError> {
+    let tx = c.transaction()?;
+    {
+        let mut stmt =
+            tx.prepare_cached("INSERT OR REPLACE INTO log (idx, entry) VALUES (?1, ?2)")?;
+        for (entries, _) in batch {
+            for (idx, raw) in entries {
+                stmt.execute(params![idx, raw])?;
+            }
+        }
+    }
+    tx.commit()?;
+    Ok(())
+}
+
+impl RaftLogStorage<TypeConfig> for LogStore {
+    type LogReader = LogReader;
+
+    async fn get_log_state(&mut self) -> Result<LogState<TypeConfig>, StoreError> {
+        self.db
+            .call(|c| -> Result<_, LogDbError> {
+                let last_purged: Option<LogId> = kv_get(c, "last_purged")?;
+                let last: Option<Vec<u8>> = c
+                    .query_row("SELECT entry FROM log ORDER BY idx DESC LIMIT 1", [], |r| {
+                        r.get(0)
+                    })
+                    .optional()?;
+                let last_log_id = match last {
+                    Some(raw) => Some(serde_json::from_slice::<Entry>(&raw)?.log_id),
+                    None => last_purged,
+                };
+                Ok(LogState {
+                    last_purged_log_id: last_purged,
+                    last_log_id,
+                })
+            })
+            .await
+            .map_err(read_err)?
+            .map_err(read_err)
+    }
+
+    async fn get_log_reader(&mut self) -> Self::LogReader {
+        LogReader {
+            db: self.db.clone(),
+        }
+    }
+
+    async fn save_vote(&mut self, vote: &Vote<NodeId>) -> Result<(), StoreError> {
+        let vote = *vote;
+        self.db
+            .call(move |c| kv_put(c, "vote", &vote))
+            .await
+            .map_err(write_err)?
+            .map_err(write_err)
+    }
+
+    async fn read_vote(&mut self) -> Result<Option<Vote<NodeId>>, StoreError> {
+        self.db
+            .call(|c| kv_get(c, "vote"))
+            .await
+            .map_err(read_err)?
+            .map_err(read_err)
+    }
+
+    async fn save_committed(&mut self, committed: Option<LogId>) -> Result<(), StoreError> {
+        if let Some(c) = &committed {
+            self.committed.fetch_max(c.index, Ordering::Relaxed);
+        }
+        // Not fsynced on its own: it rides along with the next log commit, and losing it only
+        // means re-learning the commit index from the leader.
+        self.db
+            .call(move |c| kv_put(c, "committed", &committed))
+            .await
+            .map_err(write_err)?
+            .map_err(write_err)
+    }
+
+    async fn read_committed(&mut self) -> Result<Option<LogId>, StoreError> {
+        self.db
+            .call(|c| kv_get(c, "committed"))
+            .await
+            .map_err(read_err)?
+            .map_err(read_err)
+    }
+
+    async fn append<I>(
+        &mut self,
+        entries: I,
+        callback: LogFlushed<TypeConfig>,
+    ) -> Result<(), StoreError>
+    where
+        I: IntoIterator<Item = Entry> + Send,
+        I::IntoIter: Send,
+    {
+        let mut rows = Vec::new();
+        for e in entries {
+            let raw = serde_json::to_vec(&e).map_err(write_err)?;
+            rows.push((sql_index(e.log_id.index), raw));
+        }
+        // Group commit. Only openraft's core calls `append`/`truncate`/`purge` (through
+        // `&mut self`, one at a time, awaiting the others), so no non-append job can sit between
+        // the scheduled job and an append that joins its batch.
+        let first = {
+            let mut q = self.pending.lock().unwrap_or_else(PoisonError::into_inner);
+            q.push((rows, callback));
+            q.len() == 1
+        };
+        if !first {
+            return Ok(());
+        }
+        let pending = Arc::clone(&self.pending);
+        self.db
+            .send(move |c| {
+                let batch =
+                    std::mem::take(&mut *pending.lock().unwrap_or_else(PoisonError::into_inner));
+                let result = write_entries(c, &batch);
+                for (_, cb) in batch {
+                    cb.log_io_completed(match &result {
+                        Ok(()) => Ok(()),
+                        Err(e) => Err(std::io::Error::other(e.to_string())),
+                    });
+                }
+            })
+            .map_err(write_err)
+    }
+
+    async fn truncate(&mut self, log_id: LogId) -> Result<(), StoreError> {
+        let from = sql_index(log_id.index);
+        self.db
+            .call(move |c| c.execute("DELETE FROM log WHERE idx >= ?1", params![from]))
+            .await
+            .map_err(write_err)?
+            .map_err(write_err)?;
+        Ok(())
+    }
+
+    async fn purge(&mut self, log_id: LogId) -> Result<(), StoreError> {
+        self.db
+            .call(move |c| -> Result<(), LogDbError> {
+                let tx = c.transaction()?;
+                kv_put(&tx, "last_purged", &log_id)?;
+                tx.execute(
+                    "DELETE FROM log WHERE idx <= ?1",
+                    params![sql_index(log_id.index)],
+                )?;
+                tx.commit()?;
+                Ok(())
+            })
+            .await
+            .map_err(write_err)?
+            .map_err(write_err)
+    }
+}

@@ -1,0 +1,405 @@
+//! The state machine: applies committed entries to `state.db` and publishes the View; builds and
+//! installs snapshots with SQLite's online backup API.
+//!
+//! `state.db` runs with `synchronous=NORMAL`: a commit survives a process crash, and after a power
+//! loss the log (fsynced) replays whatever the last transactions lost. Before a snapshot lets
+//! openraft purge the log, a full WAL checkpoint makes the state file itself durable up to the
+//! snapshot point.
+//!
+//! Snapshots are self-contained SQLite files in `<data>/snapshots/`: `<id>.db` with
+//! `<id>.meta.json` beside it and `current` naming the latest. A lagging node receives the file
+//! and restores it over its live database with the backup API, then rebuilds its View.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use openraft::storage::RaftStateMachine;
+use openraft::{EntryPayload, RaftSnapshotBuilder, Snapshot};
+use rusqlite::backup::Backup;
+use rusqlite::{Connection, MAIN_DB};
+use serde::{Deserialize, Serialize};
+
+use super::{
+    Entry, LogId, SnapshotMeta, StoreError, StoredMembership, TypeConfig, read_err, write_err,
+};
+use crate::command::{Outcome, Response};
+use crate::store::apply::{Touched, apply_command};
+use crate::store::sqlite::{Durability, SqliteThread};
+use crate::store::{full_view, rows, schema, view_changes};
+use crate::view::ViewHandle;
+
+/// A failure inside the state machine's storage.
+#[derive(Debug, thiserror::Error)]
+pub enum SmError {
+    /// SQLite failed.
+    #[error("state database: {0}")]
+    Sql(#[from] rusqlite::Error),
+    /// A stored value did not decode.
+    #[error("state database holds an undecodable value: {0}")]
+    Codec(#[from] serde_json::Error),
+    /// File handling failed.
+    #[error("snapshot file: {0}")]
+    Io(#[from] std::io::Error),
+    /// The database thread stopped.
+    #[error(transparent)]
+    Closed(#[from] crate::store::sqlite::Closed),
+    /// A received snapshot does not match its metadata.
+    #[error("received snapshot is inconsistent: {0}")]
+    Inconsistent(String),
+}
+
+/// Counters for `boxd admin status`.
+#[derive(Debug, Default)]
+pub struct SmStats {
+    /// Snapshots built locally.
+    pub snapshots_built: AtomicU64,
+    /// Snapshots received from a leader and installed.
+    pub snapshots_installed: AtomicU64,
+}
+
+/// The SQLite state machine.
+pub struct StateMachine {
+    db: SqliteThread,
+    state_path: PathBuf,
+    snapshot_dir: PathBuf,
+    view: Arc<ViewHandle>,
+    stats: Arc<SmStats>,
+    receiving: Option<PathBuf>,
+}
+
+/// Builds snapshots from a separate read connection so apply is not blocked.
+pub struct SnapshotBuilder {
+    db: SqliteThread,
+    state_path: PathBuf,
+    snapshot_dir: PathBuf,
+    stats: Arc<SmStats>,
+}
+
+#[derive(Serialize, Deserialize)]
+struct StoredSnapshot {
+    meta: SnapshotMeta,
+}
+
+fn last_applied(c: &Connection) -> Result<Option<LogId>, SmError> {
+    Ok(rows::meta(c, "last_applied")?
+        .map(|s| serde_json::from_str(&s))
+        .transpose()?)
+}
+
+fn last_membership(c: &Connection) -> Result<StoredMembership, SmError> {
+    Ok(rows::meta(c, "last_membership")?
+        .map(|s| serde_json::from_str(&s))
+        .transpose()?
+        .unwrap_or_default())
+}
+
+impl StateMachine {
+    /// Opens `state.db` under `dir` (creating it), restores the latest snapshot if the database
+    /// is behind it, and publishes the View.
+    pub fn open(dir: &Path, view: Arc<ViewHandle>) -> Result<Self, SmError> {
+        let state_path = dir.join("state.db");
+        let snapshot_dir = dir.join("snapshots");
+        std::fs::create_dir_all(&snapshot_dir)?;
+        let db = SqliteThread::open("boxd-state", &state_path, Durability::Normal)?;
+        db.call_blocking(|c| schema::migrate(c))??;
+        let sm = Self {
+            db,
+            state_path,
+            snapshot_dir,
+            view,
+            stats: Arc::default(),
+            receiving: None,
+        };
+        if let Some((meta, path)) = current_snapshot(&sm.snapshot_dir)? {
+            let applied = sm.db.call_blocking(|c| last_applied(c))??;
+            if applied.map(|l| l.index) < meta.last_log_id.map(|l| l.index) {
+                tracing::warn!(snapshot = %meta.snapshot_id, "state database is behind the latest snapshot; restoring it");
+                sm.db.call_blocking(move |c| restore(c, &path))??;
+            }
+        }
+        sm.republish_blocking()?;
+        Ok(sm)
+    }
+
+    /// Path of `state.db`, for read-only readers.
+    pub fn state_path(&self) -> &Path {
+        &self.state_path
+    }
+
+    /// Counters.
+    pub fn stats(&self) -> Arc<SmStats> {
+        Arc::clone(&self.stats)
+    }
+
+    fn republish_blocking(&self) -> Result<(), SmError> {
+        let view = self.db.call_blocking(|c| -> Result<_, SmError> {
+            let applied = last_applied(c)?.map_or(0, |l| l.index);
+            Ok(full_view(c, applied)?)
+        })??;
+        self.view.publish(view);
+        Ok(())
+    }
+}
+
+/// Replaces the live database's contents with the snapshot file at `src`.
+fn restore(live: &mut Connection, src: &Path) -> Result<(), SmError> {
+    let src = Connection::open_with_flags(src, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)?;
+    src.busy_timeout(crate::store::sqlite::BUSY_TIMEOUT)?;
+    {
+        let backup = Backup::new(&src, live)?;
+        backup.run_to_completion(1024, std::time::Duration::ZERO, None)?;
+    }
+    live.pragma_update(None, "journal_mode", "WAL")?;
+    schema::migrate(live)?;
+    Ok(())
+}
+
+fn current_snapshot(dir: &Path) -> Result<Option<(SnapshotMeta, PathBuf)>, SmError> {
+    let id = match std::fs::read_to_string(dir.join("current")) {
+        Ok(id) => id.trim().to_owned(),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(e.into()),
+    };
+    let meta: StoredSnapshot =
+        serde_json::from_slice(&std::fs::read(dir.join(format!("{id}.meta.json")))?)?;
+    Ok(Some((meta.meta, dir.join(format!("{id}.db")))))
+}
+
+/// Makes `<id>.db` (already in place) the current snapshot and removes older ones.
+fn promote_snapshot(dir: &Path, meta: &SnapshotMeta) -> Result<(), SmError> {
+    let id = &meta.snapshot_id;
+    let meta_json = serde_json::to_vec(&StoredSnapshot { meta: meta.clone() })?;
+    write_synced(&dir.join(format!("{id}.meta.json")), &meta_json)?;
+    write_synced(&dir.join("current.tmp"), id.as_bytes())?;
+    std::fs::rename(dir.join("current.tmp"), dir.join("current"))?;
+    std::fs::File::open(dir)?.sync_all()?;
+    for entry in std::fs::read_dir(dir)? {
+        let name = entry?.file_name();
+        let name = name.to_string_lossy();
+        let keep = name == "current"
+            || name == format!("{id}.db")
+            || name == format!("{id}.meta.json")
+            || name.starts_with("incoming-");
+        if !keep {
+            let _ = std::fs::remove_file(dir.join(name.as_ref()));
+        }
+    }
+    Ok(())
+}
+
+fn write_synced(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    use std::io::Write as _;
+    let mut f = std::fs::File::create(path)?;
+    f.write_all(bytes)?;
+    f.sync_all()
+}
+
+fn build_snapshot_file(state_path: &Path, dir: &Path) -> Result<SnapshotMeta, SmError> {
+    let src = Connection::open_with_flags(state_path, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)?;
+    src.busy_timeout(crate::store::sqlite::BUSY_TIMEOUT)?;
+    let tmp = dir.join(format!("building-{}.db", uuid::Uuid::new_v4()));
+    src.backup(MAIN_DB, &tmp, None::<fn(rusqlite::backup::Progress)>)?;
+    drop(src);
+    let (last, membership) = {
+        let out = Connection::open(&tmp)?;
+        out.busy_timeout(crate::store::sqlite::BUSY_TIMEOUT)?;
+        out.pragma_update(None, "journal_mode", "DELETE")?;
+        (last_applied(&out)?, last_membership(&out)?)
+    };
+    std::fs::File::open(&tmp)?.sync_all()?;
+    let snapshot_id = match &last {
+        Some(l) => format!("{}-{}-{}", l.leader_id.term, l.index, short_id()),
+        None => format!("0-0-{}", short_id()),
+    };
+    let meta = SnapshotMeta {
+        last_log_id: last,
+        last_membership: membership,
+        snapshot_id,
+    };
+    std::fs::rename(&tmp, dir.join(format!("{}.db", meta.snapshot_id)))?;
+    promote_snapshot(dir, &meta)?;
+    Ok(meta)
+}
+
+fn short_id() -> String {
+    uuid::Uuid::new_v4().simple().to_string()[..8].to_owned()
+}
+
+async fn open_snapshot(
+    meta: SnapshotMeta,
+    path: &Path,
+) -> Result<Snapshot<TypeConfig>, StoreError> {
+    let sig = Some(meta.signature());
+    let file = tokio::fs::File::open(path)
+        .await
+        .map_err(|e| openraft::StorageIOError::read_snapshot(sig, openraft::AnyError::new(&e)))?;
+    Ok(Snapshot {
+        meta,
+        snapshot: Box::new(file),
+    })
+}
+
+impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
+    async fn build_snapshot(&mut self) -> Result<Snapshot<TypeConfig>, StoreError> {
+        // Make state.db durable up to (at least) the snapshot point before openraft may purge
+        // the log entries the snapshot contains. Runs on the writer's thread: it is the only
+        // writer, so the checkpoint cannot collide with an apply.
+        self.db
+            .call(|c| c.query_row("PRAGMA wal_checkpoint(FULL)", [], |_| Ok(())))
+            .await
+            .map_err(write_err)?
+            .map_err(write_err)?;
+        let (state, dir) = (self.state_path.clone(), self.snapshot_dir.clone());
+        let meta = tokio::task::spawn_blocking(move || build_snapshot_file(&state, &dir))
+            .await
+            .map_err(write_err)?
+            .map_err(write_err)?;
+        self.stats.snapshots_built.fetch_add(1, Ordering::Relaxed);
+        tracing::info!(snapshot = %meta.snapshot_id, "built snapshot");
+        let path = self.snapshot_dir.join(format!("{}.db", meta.snapshot_id));
+        open_snapshot(meta, &path).await
+    }
+}
+
+type Applied = (Vec<Response>, Vec<crate::view::ViewChange>, u64);
+
+fn apply_entries(c: &mut Connection, entries: Vec<Entry>) -> Result<Applied, SmError> {
+    let mut tx = c.transaction()?;
+    let mut touched = Touched::default();
+    let mut responses = Vec::with_capacity(entries.len());
+    let mut last = None;
+    for e in entries {
+        let response = match &e.payload {
+            EntryPayload::Blank => Ok(Outcome::Done),
+            EntryPayload::Normal(cmd) => apply_command(&mut tx, cmd, &mut touched)?,
+            EntryPayload::Membership(m) => {
+                let stored = StoredMembership::new(Some(e.log_id), m.clone());
+                rows::set_meta(&tx, "last_membership", &serde_json::to_string(&stored)?)?;
+                Ok(Outcome::Done)
+            }
+        };
+        responses.push(response);
+        last = Some(e.log_id);
+    }
+    let mut index = 0;
+    if let Some(last) = last {
+        rows::set_meta(&tx, "last_applied", &serde_json::to_string(&last)?)?;
+        index = last.index;
+    }
+    let changes = view_changes(&tx, &touched)?;
+    tx.commit()?;
+    Ok((responses, changes, index))
+}
+
+impl RaftStateMachine<TypeConfig> for StateMachine {
+    type SnapshotBuilder = SnapshotBuilder;
+
+    async fn applied_state(&mut self) -> Result<(Option<LogId>, StoredMembership), StoreError> {
+        self.db
+            .call(|c| -> Result<_, SmError> { Ok((last_applied(c)?, last_membership(c)?)) })
+            .await
+            .map_err(read_err)?
+            .map_err(read_err)
+    }
+
+    async fn apply<I>(&mut self, entries: I) -> Result<Vec<Response>, StoreError>
+    where
+        I: IntoIterator<Item = Entry> + Send,
+        I::IntoIter: Send,
+    {
+        let entries: Vec<Entry> = entries.into_iter().collect();
+        if entries.is_empty() {
+            return Ok(Vec::new());
+        }
+        let (responses, changes, index) = self
+            .db
+            .call(move |c| apply_entries(c, entries))
+            .await
+            .map_err(write_err)?
+            .map_err(write_err)?;
+        self.view.update(index, changes);
+        Ok(responses)
+    }
+
+    async fn get_snapshot_builder(&mut self) -> Self::SnapshotBuilder {
+        SnapshotBuilder {
+            db: self.db.clone(),
+            state_path: self.state_path.clone(),
+            snapshot_dir: self.snapshot_dir.clone(),
+            stats: Arc::clone(&self.stats),
+        }
+    }
+
+    async fn begin_receiving_snapshot(&mut self) -> Result<Box<tokio::fs::File>, StoreError> {
+        let path = self
+            .snapshot_dir
+            .join(format!("incoming-{}.db", uuid::Uuid::new_v4()));
+        let file = tokio::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .open(&path)
+            .await
+            .map_err(write_err)?;
+        if let Some(old) = self.receiving.replace(path) {
+            let _ = tokio::fs::remove_file(old).await;
+        }
+        Ok(Box::new(file))
+    }
+
+    async fn install_snapshot(
+        &mut self,
+        meta: &SnapshotMeta,
+        mut snapshot: Box<tokio::fs::File>,
+    ) -> Result<(), StoreError> {
+        use tokio::io::AsyncSeekExt as _;
+        // Copy from the handle rather than trusting the path handed out by
+        // `begin_receiving_snapshot`: the caller may pass any file.
+        let target = self.snapshot_dir.join(format!("{}.db", meta.snapshot_id));
+        let copy = async {
+            snapshot.seek(std::io::SeekFrom::Start(0)).await?;
+            let mut out = tokio::fs::File::create(&target).await?;
+            tokio::io::copy(&mut snapshot, &mut out).await?;
+            out.sync_all().await
+        };
+        copy.await.map_err(write_err)?;
+        drop(snapshot);
+        if let Some(incoming) = self.receiving.take() {
+            let _ = tokio::fs::remove_file(incoming).await;
+        }
+        let meta = meta.clone();
+        let dir = self.snapshot_dir.clone();
+        let view = self
+            .db
+            .call(move |c| -> Result<_, SmError> {
+                restore(c, &target)?;
+                let applied = last_applied(c)?;
+                if applied != meta.last_log_id {
+                    return Err(SmError::Inconsistent(format!(
+                        "file is at {applied:?}, metadata says {:?}",
+                        meta.last_log_id
+                    )));
+                }
+                promote_snapshot(&dir, &meta)?;
+                Ok(full_view(c, applied.map_or(0, |l| l.index))?)
+            })
+            .await
+            .map_err(write_err)?
+            .map_err(write_err)?;
+        self.view.publish(view);
+        self.stats
+            .snapshots_installed
+            .fetch_add(1, Ordering::Relaxed);
+        tracing::info!("installed snapshot from the leader");
+        Ok(())
+    }
+
+    async fn get_current_snapshot(&mut self) -> Result<Option<Snapshot<TypeConfig>>, StoreError> {
+        let current = current_snapshot(&self.snapshot_dir).map_err(read_err)?;
+        match current {
+            Some((meta, path)) => open_snapshot(meta, &path).await.map(Some),
+            None => Ok(None),
+        }
+    }
+}

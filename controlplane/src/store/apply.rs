@@ -1,0 +1,815 @@
+//! Applying one command to the state tables: validation and mutation in one place.
+//!
+//! Apply is deterministic: it reads only the command and the tables, never a clock or a random
+//! source, so every replica reaches the same state. A refused command returns a typed
+//! `ApplyError` and leaves the tables exactly as they were (each command runs in a savepoint that
+//! is rolled back on refusal). Storage failures are a different thing and surface as
+//! `rusqlite::Error`; Raft treats those as fatal.
+
+use std::collections::BTreeSet;
+use std::net::Ipv4Addr;
+
+use rusqlite::{Connection, Transaction, params};
+
+use super::rows::{self, sql_u64};
+use crate::command::{ApplyError, Command, Outcome, Response};
+use crate::model::{
+    ClusterSettings, Fingerprint, NodeId, Observed, Role, VmId, is_dns_label, roles_to_string,
+    vm_name_problem,
+};
+
+/// What a batch of commands changed, for patching the View.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Touched {
+    /// VMs created, changed or deleted.
+    pub vms: BTreeSet<VmId>,
+    /// Keys added or removed.
+    pub keys: BTreeSet<Fingerprint>,
+    /// Cluster settings were written.
+    pub settings: bool,
+}
+
+impl Touched {
+    /// Adds `other`'s changes.
+    pub fn merge(&mut self, other: Touched) {
+        self.vms.extend(other.vms);
+        self.keys.extend(other.keys);
+        self.settings |= other.settings;
+    }
+
+    /// Whether nothing changed.
+    pub fn is_empty(&self) -> bool {
+        self.vms.is_empty() && self.keys.is_empty() && !self.settings
+    }
+}
+
+enum Fail {
+    Reject(ApplyError),
+    Sql(rusqlite::Error),
+}
+
+impl From<rusqlite::Error> for Fail {
+    fn from(e: rusqlite::Error) -> Self {
+        Fail::Sql(e)
+    }
+}
+
+impl From<ApplyError> for Fail {
+    fn from(e: ApplyError) -> Self {
+        Fail::Reject(e)
+    }
+}
+
+/// Applies `cmd` inside `tx`. `Ok(Err(_))` means refused with state unchanged; `Err(_)` is a
+/// storage failure.
+pub fn apply_command(
+    tx: &mut Transaction<'_>,
+    cmd: &Command,
+    touched: &mut Touched,
+) -> rusqlite::Result<Response> {
+    let sp = tx.savepoint()?;
+    let mut local = Touched::default();
+    match apply_one(&sp, cmd, &mut local) {
+        Ok(outcome) => {
+            sp.commit()?;
+            touched.merge(local);
+            Ok(Ok(outcome))
+        }
+        // Dropping the savepoint rolls it back.
+        Err(Fail::Reject(e)) => Ok(Err(e)),
+        Err(Fail::Sql(e)) => Err(e),
+    }
+}
+
+fn invalid(what: impl Into<String>, reason: impl Into<String>) -> Fail {
+    Fail::Reject(ApplyError::Invalid {
+        what: what.into(),
+        reason: reason.into(),
+    })
+}
+
+fn not_found(what: &str, id: impl ToString) -> Fail {
+    Fail::Reject(ApplyError::NotFound {
+        what: what.into(),
+        id: id.to_string(),
+    })
+}
+
+fn settings(conn: &Connection) -> Result<ClusterSettings, Fail> {
+    rows::settings(conn)?.ok_or(Fail::Reject(ApplyError::NotInitialized))
+}
+
+fn zone_problem(zone: &str) -> Option<&'static str> {
+    if zone.is_empty() || zone.len() > 200 {
+        Some("a zone has 1 to 200 characters")
+    } else if !zone.split('.').all(is_dns_label) {
+        Some("use dot-separated labels of lowercase letters, digits and '-'")
+    } else {
+        None
+    }
+}
+
+fn text_problem(s: &str, max: usize) -> Option<String> {
+    if s.trim().is_empty() {
+        Some("it cannot be empty".into())
+    } else if s.len() > max {
+        Some(format!("it has at most {max} bytes"))
+    } else if s.chars().any(char::is_control) {
+        Some("it cannot contain control characters".into())
+    } else {
+        None
+    }
+}
+
+fn apply_one(c: &Connection, cmd: &Command, t: &mut Touched) -> Result<Outcome, Fail> {
+    match cmd {
+        Command::InitCluster {
+            cluster_id,
+            secret,
+            zone,
+            lobby,
+            public_pool,
+            max_vms_per_account,
+            at,
+        } => {
+            if let Some(existing) = rows::settings(c)? {
+                return if existing.cluster_id == *cluster_id {
+                    Ok(Outcome::Done)
+                } else {
+                    Err(ApplyError::AlreadyInitialized {
+                        existing: existing.cluster_id,
+                    }
+                    .into())
+                };
+            }
+            if let Some(p) = zone_problem(zone) {
+                return Err(invalid(format!("zone `{zone}`"), p));
+            }
+            if secret.len() < 32 || !secret.bytes().all(|b| b.is_ascii_hexdigit()) {
+                return Err(invalid("cluster secret", "expected at least 32 hex digits"));
+            }
+            c.execute(
+                "INSERT INTO cluster (one, cluster_id, secret, zone, lobby, public_pool,
+                     max_vms_per_account, created_at)
+                 VALUES (1, ?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+                params![
+                    cluster_id.to_string(),
+                    secret,
+                    zone,
+                    lobby.to_string(),
+                    public_pool.to_string(),
+                    max_vms_per_account,
+                    sql_u64(*at)
+                ],
+            )?;
+            t.settings = true;
+            Ok(Outcome::Done)
+        }
+
+        Command::RegisterNode {
+            id,
+            uuid,
+            name,
+            roles,
+            raft_addr,
+            capacity,
+            at,
+        } => {
+            settings(c)?;
+            if let Some(p) = text_problem(name, 253) {
+                return Err(invalid("node name", p));
+            }
+            if raft_addr.parse::<std::net::SocketAddr>().is_err() {
+                return Err(invalid(
+                    format!("raft address `{raft_addr}`"),
+                    "expected IP:PORT",
+                ));
+            }
+            let existing: Option<i64> = c
+                .query_row(
+                    "SELECT id FROM nodes WHERE uuid = ?1",
+                    params![uuid.to_string()],
+                    |r| r.get(0),
+                )
+                .map(Some)
+                .or_else(ignore_no_rows)?;
+            let id = match existing {
+                Some(existing) => {
+                    c.execute(
+                        "UPDATE nodes SET name = ?2, roles = ?3, raft_addr = ?4, vcpus = ?5,
+                             memory_mib = ?6, disk_gib = ?7 WHERE id = ?1",
+                        params![
+                            existing,
+                            name,
+                            roles_to_string(roles),
+                            raft_addr,
+                            capacity.vcpus,
+                            sql_u64(capacity.memory_mib),
+                            sql_u64(capacity.disk_gib)
+                        ],
+                    )?;
+                    u64::try_from(existing).unwrap_or(0)
+                }
+                None => {
+                    let id = match id {
+                        Some(id) => {
+                            if rows::node(c, *id)?.is_some() {
+                                return Err(ApplyError::IdConflict {
+                                    what: "node".into(),
+                                    id: id.to_string(),
+                                }
+                                .into());
+                            }
+                            *id
+                        }
+                        None => {
+                            let max: Option<i64> =
+                                c.query_row("SELECT MAX(id) FROM nodes", [], |r| r.get(0))?;
+                            max.map_or(1, |m| u64::try_from(m).unwrap_or(0) + 1)
+                        }
+                    };
+                    if id == 0 {
+                        return Err(invalid("node id 0", "node ids start at 1"));
+                    }
+                    c.execute(
+                        "INSERT INTO nodes (id, uuid, name, roles, raft_addr, vcpus, memory_mib,
+                             disk_gib, last_heartbeat, joined_at)
+                         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?9)",
+                        params![
+                            sql_u64(id),
+                            uuid.to_string(),
+                            name,
+                            roles_to_string(roles),
+                            raft_addr,
+                            capacity.vcpus,
+                            sql_u64(capacity.memory_mib),
+                            sql_u64(capacity.disk_gib),
+                            sql_u64(*at)
+                        ],
+                    )?;
+                    id
+                }
+            };
+            Ok(Outcome::NodeRegistered { id })
+        }
+
+        Command::Heartbeat { node, capacity, at } => {
+            let n = c.execute(
+                "UPDATE nodes SET last_heartbeat = MAX(last_heartbeat, ?2), vcpus = ?3,
+                     memory_mib = ?4, disk_gib = ?5 WHERE id = ?1",
+                params![
+                    sql_u64(*node),
+                    sql_u64(*at),
+                    capacity.vcpus,
+                    sql_u64(capacity.memory_mib),
+                    sql_u64(capacity.disk_gib)
+                ],
+            )?;
+            if n == 0 {
+                return Err(not_found("node", node));
+            }
+            Ok(Outcome::Done)
+        }
+
+        Command::CreateAccount {
+            id,
+            name,
+            max_vms,
+            at,
+        } => {
+            let s = settings(c)?;
+            if let Some(existing) = rows::account(c, *id)? {
+                return if existing.name == *name {
+                    Ok(Outcome::Done)
+                } else {
+                    Err(ApplyError::IdConflict {
+                        what: "account".into(),
+                        id: id.to_string(),
+                    }
+                    .into())
+                };
+            }
+            if let Some(p) = text_problem(name, 128) {
+                return Err(invalid(format!("account name `{name}`"), p));
+            }
+            let taken: bool = c.query_row(
+                "SELECT EXISTS (SELECT 1 FROM accounts WHERE name = ?1)",
+                params![name],
+                |r| r.get(0),
+            )?;
+            if taken {
+                return Err(ApplyError::AccountNameTaken { name: name.clone() }.into());
+            }
+            c.execute(
+                "INSERT INTO accounts (id, name, max_vms, created_at) VALUES (?1, ?2, ?3, ?4)",
+                params![
+                    id.to_string(),
+                    name,
+                    max_vms.unwrap_or(s.max_vms_per_account),
+                    sql_u64(*at)
+                ],
+            )?;
+            Ok(Outcome::Done)
+        }
+
+        Command::AddSshKey {
+            account,
+            fingerprint,
+            public_key,
+            at,
+        } => {
+            settings(c)?;
+            if rows::account(c, *account)?.is_none() {
+                return Err(not_found("account", account));
+            }
+            if let Some(p) = text_problem(public_key, 16 * 1024) {
+                return Err(invalid("public key", p));
+            }
+            match rows::key_owner(c, fingerprint)? {
+                Some(owner) if owner == *account => return Ok(Outcome::Done),
+                Some(_) => {
+                    return Err(ApplyError::KeyTaken {
+                        fingerprint: fingerprint.clone(),
+                    }
+                    .into());
+                }
+                None => {}
+            }
+            insert_key(c, fingerprint, *account, public_key, *at)?;
+            t.keys.insert(fingerprint.clone());
+            Ok(Outcome::Done)
+        }
+
+        Command::RemoveSshKey {
+            account,
+            fingerprint,
+        } => {
+            match rows::key_owner(c, fingerprint)? {
+                Some(owner) if owner == *account => {}
+                Some(_) => {
+                    return Err(ApplyError::NotYours {
+                        what: "key".into(),
+                        id: fingerprint.to_string(),
+                    }
+                    .into());
+                }
+                None => return Err(not_found("key", fingerprint)),
+            }
+            let count: i64 = c.query_row(
+                "SELECT COUNT(*) FROM ssh_keys WHERE account = ?1",
+                params![account.to_string()],
+                |r| r.get(0),
+            )?;
+            if count <= 1 {
+                return Err(ApplyError::LastKey.into());
+            }
+            c.execute(
+                "DELETE FROM ssh_keys WHERE fingerprint = ?1",
+                params![fingerprint.as_str()],
+            )?;
+            t.keys.insert(fingerprint.clone());
+            Ok(Outcome::Done)
+        }
+
+        Command::CreateApiToken {
+            id,
+            account,
+            name,
+            hash,
+            at,
+            expires_at,
+        } => {
+            settings(c)?;
+            if rows::account(c, *account)?.is_none() {
+                return Err(not_found("account", account));
+            }
+            if hash.len() != 64 || !hash.bytes().all(|b| b.is_ascii_hexdigit()) {
+                return Err(invalid("token hash", "expected 64 hex digits (SHA-256)"));
+            }
+            if let Some(p) = text_problem(name, 128) {
+                return Err(invalid("token name", p));
+            }
+            let existing: Option<(String, String)> = c
+                .query_row(
+                    "SELECT account, hash FROM api_tokens WHERE id = ?1",
+                    params![id.to_string()],
+                    |r| Ok((r.get(0)?, r.get(1)?)),
+                )
+                .map(Some)
+                .or_else(ignore_no_rows)?;
+            if let Some((a, h)) = existing {
+                return if a == account.to_string() && h == *hash {
+                    Ok(Outcome::Done)
+                } else {
+                    Err(ApplyError::IdConflict {
+                        what: "token".into(),
+                        id: id.to_string(),
+                    }
+                    .into())
+                };
+            }
+            c.execute(
+                "INSERT INTO api_tokens (id, account, name, hash, created_at, expires_at)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+                params![
+                    id.to_string(),
+                    account.to_string(),
+                    name,
+                    hash,
+                    sql_u64(*at),
+                    sql_u64(*expires_at)
+                ],
+            )?;
+            Ok(Outcome::Done)
+        }
+
+        Command::RevokeApiToken { account, id } => {
+            let owner: Option<String> = c
+                .query_row(
+                    "SELECT account FROM api_tokens WHERE id = ?1",
+                    params![id.to_string()],
+                    |r| r.get(0),
+                )
+                .map(Some)
+                .or_else(ignore_no_rows)?;
+            match owner {
+                Some(o) if o == account.to_string() => {}
+                Some(_) => {
+                    return Err(ApplyError::NotYours {
+                        what: "token".into(),
+                        id: id.to_string(),
+                    }
+                    .into());
+                }
+                None => return Err(not_found("token", id)),
+            }
+            c.execute(
+                "DELETE FROM api_tokens WHERE id = ?1",
+                params![id.to_string()],
+            )?;
+            Ok(Outcome::Done)
+        }
+
+        Command::CreateRegistration {
+            code,
+            fingerprint,
+            public_key,
+            at,
+            expires_at,
+        } => {
+            settings(c)?;
+            if !(8..=64).contains(&code.len()) || !code.bytes().all(|b| b.is_ascii_alphanumeric()) {
+                return Err(invalid(
+                    "registration code",
+                    "expected 8 to 64 letters or digits",
+                ));
+            }
+            if let Some(p) = text_problem(public_key, 16 * 1024) {
+                return Err(invalid("public key", p));
+            }
+            let existing: Option<String> = c
+                .query_row(
+                    "SELECT fingerprint FROM registrations WHERE code = ?1",
+                    params![code],
+                    |r| r.get(0),
+                )
+                .map(Some)
+                .or_else(ignore_no_rows)?;
+            if let Some(fp) = existing {
+                return if fp == fingerprint.as_str() {
+                    Ok(Outcome::Done)
+                } else {
+                    Err(ApplyError::IdConflict {
+                        what: "registration".into(),
+                        id: code.clone(),
+                    }
+                    .into())
+                };
+            }
+            if rows::key_owner(c, fingerprint)?.is_some() {
+                return Err(ApplyError::KeyTaken {
+                    fingerprint: fingerprint.clone(),
+                }
+                .into());
+            }
+            c.execute(
+                "INSERT INTO registrations (code, fingerprint, public_key, created_at, expires_at)
+                 VALUES (?1, ?2, ?3, ?4, ?5)",
+                params![
+                    code,
+                    fingerprint.as_str(),
+                    public_key,
+                    sql_u64(*at),
+                    sql_u64(*expires_at)
+                ],
+            )?;
+            Ok(Outcome::Done)
+        }
+
+        Command::CompleteRegistration { code, account, at } => {
+            let reg: Option<(String, String, i64)> = c
+                .query_row(
+                    "SELECT fingerprint, public_key, expires_at FROM registrations WHERE code = ?1",
+                    params![code],
+                    |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+                )
+                .map(Some)
+                .or_else(ignore_no_rows)?;
+            let Some((fp, public_key, expires_at)) = reg else {
+                return Err(not_found("registration", code));
+            };
+            if sql_u64(*at) > expires_at {
+                return Err(ApplyError::Expired { code: code.clone() }.into());
+            }
+            if rows::account(c, *account)?.is_none() {
+                return Err(not_found("account", account));
+            }
+            let fp: Fingerprint = fp.parse().map_err(|e: crate::model::ModelError| {
+                invalid("stored fingerprint", e.to_string())
+            })?;
+            if rows::key_owner(c, &fp)?.is_some() {
+                return Err(ApplyError::KeyTaken { fingerprint: fp }.into());
+            }
+            insert_key(c, &fp, *account, &public_key, *at)?;
+            c.execute("DELETE FROM registrations WHERE code = ?1", params![code])?;
+            t.keys.insert(fp);
+            Ok(Outcome::Done)
+        }
+
+        Command::CreateVm {
+            id,
+            owner,
+            name,
+            spec,
+            http_port,
+            at,
+        } => {
+            let s = settings(c)?;
+            if let Some(existing) = rows::vm(c, *id)? {
+                return if existing.owner == *owner && existing.name == *name {
+                    Ok(Outcome::VmCreated {
+                        id: *id,
+                        public_ip: existing.public_ip,
+                    })
+                } else {
+                    Err(ApplyError::IdConflict {
+                        what: "VM".into(),
+                        id: id.to_string(),
+                    }
+                    .into())
+                };
+            }
+            if let Some(p) = vm_name_problem(name) {
+                return Err(invalid(format!("name `{name}`"), p));
+            }
+            spec.validate().map_err(|r| invalid("VM spec", r))?;
+            if *http_port == 0 {
+                return Err(invalid("HTTP port 0", "use a port from 1 to 65535"));
+            }
+            let Some(account) = rows::account(c, *owner)? else {
+                return Err(not_found("account", owner));
+            };
+            if rows::vm_by_name(c, name)?.is_some() {
+                return Err(ApplyError::NameTaken { name: name.clone() }.into());
+            }
+            let owned: i64 = c.query_row(
+                "SELECT COUNT(*) FROM vms WHERE owner = ?1",
+                params![owner.to_string()],
+                |r| r.get(0),
+            )?;
+            if owned >= i64::from(account.max_vms) {
+                return Err(ApplyError::QuotaExceeded {
+                    limit: account.max_vms,
+                }
+                .into());
+            }
+            let used = {
+                let mut stmt = c.prepare_cached(
+                    "SELECT public_ip FROM vms WHERE owner = ?1 ORDER BY public_ip",
+                )?;
+                stmt.query_map(params![owner.to_string()], |r| r.get::<_, i64>(0))?
+                    .collect::<Result<Vec<i64>, _>>()?
+            };
+            let used = used.into_iter().filter_map(|v| u32::try_from(v).ok());
+            let Some(public_ip) = lowest_free_address(&s, used) else {
+                return Err(ApplyError::PoolExhausted {
+                    pool: s.public_pool,
+                }
+                .into());
+            };
+            c.execute(
+                "INSERT INTO vms (id, name, owner, vcpus, memory_mib, disk_gib, image, desired,
+                     observed, worker, private_ip, public_ip, http_port, created_at, updated_at)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, 'running', 'pending', NULL, NULL, ?8, ?9,
+                     ?10, ?10)",
+                params![
+                    id.to_string(),
+                    name,
+                    owner.to_string(),
+                    spec.vcpus,
+                    sql_u64(spec.memory_mib),
+                    sql_u64(spec.disk_gib),
+                    spec.image,
+                    u32::from(public_ip),
+                    http_port,
+                    sql_u64(*at)
+                ],
+            )?;
+            t.vms.insert(*id);
+            Ok(Outcome::VmCreated { id: *id, public_ip })
+        }
+
+        Command::PlaceVm { vm, worker, at } => {
+            let Some(v) = rows::vm(c, *vm)? else {
+                return Err(not_found("VM", vm));
+            };
+            if v.worker == Some(*worker) {
+                return Ok(Outcome::Done);
+            }
+            let cannot = |reason: String| {
+                Fail::Reject(ApplyError::CannotPlace {
+                    node: *worker,
+                    reason,
+                })
+            };
+            if let Some(other) = v.worker {
+                return Err(cannot(format!("the VM is already placed on node {other}")));
+            }
+            let Some(node) = rows::node(c, *worker)? else {
+                return Err(not_found("node", worker));
+            };
+            if !node.roles.contains(&Role::Worker) {
+                return Err(cannot("it does not have the worker role".into()));
+            }
+            let used = node_usage(c, *worker)?;
+            if !node.capacity.saturating_sub(&used).fits(&v.spec.capacity()) {
+                return Err(cannot("not enough free capacity".into()));
+            }
+            c.execute(
+                "UPDATE vms SET worker = ?2, updated_at = ?3,
+                     observed = CASE observed WHEN 'pending' THEN 'placed' ELSE observed END
+                 WHERE id = ?1",
+                params![vm.to_string(), sql_u64(*worker), sql_u64(*at)],
+            )?;
+            t.vms.insert(*vm);
+            Ok(Outcome::Done)
+        }
+
+        Command::SetVmDesired {
+            by,
+            vm,
+            desired,
+            at,
+        } => {
+            owned_vm(c, *vm, *by)?;
+            c.execute(
+                "UPDATE vms SET desired = ?2, updated_at = ?3 WHERE id = ?1",
+                params![vm.to_string(), desired.as_str(), sql_u64(*at)],
+            )?;
+            t.vms.insert(*vm);
+            Ok(Outcome::Done)
+        }
+
+        Command::ReportVm {
+            vm,
+            worker,
+            observed,
+            private_ip,
+            at,
+        } => {
+            let Some(v) = rows::vm(c, *vm)? else {
+                return Err(not_found("VM", vm));
+            };
+            if v.worker != Some(*worker) {
+                return Err(invalid(
+                    format!("report from node {worker}"),
+                    "the VM is not placed on that node",
+                ));
+            }
+            if *observed == Observed::Pending {
+                return Err(invalid(
+                    "observed state pending",
+                    "a placed VM is never pending",
+                ));
+            }
+            c.execute(
+                "UPDATE vms SET observed = ?2, private_ip = ?3, updated_at = ?4 WHERE id = ?1",
+                params![
+                    vm.to_string(),
+                    observed.as_str(),
+                    private_ip.map(|ip| ip.to_string()),
+                    sql_u64(*at)
+                ],
+            )?;
+            t.vms.insert(*vm);
+            Ok(Outcome::Done)
+        }
+
+        Command::DeleteVm { by, vm, at } => {
+            let v = owned_vm(c, *vm, *by)?;
+            c.execute("DELETE FROM vms WHERE id = ?1", params![vm.to_string()])?;
+            if let Some(worker) = v.worker {
+                c.execute(
+                    "INSERT OR REPLACE INTO deleted_vms (id, worker, deleted_at)
+                     VALUES (?1, ?2, ?3)",
+                    params![vm.to_string(), sql_u64(worker), sql_u64(*at)],
+                )?;
+            }
+            t.vms.insert(*vm);
+            Ok(Outcome::Done)
+        }
+
+        Command::PurgeVm { vm } => {
+            c.execute(
+                "DELETE FROM deleted_vms WHERE id = ?1",
+                params![vm.to_string()],
+            )?;
+            Ok(Outcome::Done)
+        }
+    }
+}
+
+fn ignore_no_rows<T>(e: rusqlite::Error) -> rusqlite::Result<Option<T>> {
+    match e {
+        rusqlite::Error::QueryReturnedNoRows => Ok(None),
+        e => Err(e),
+    }
+}
+
+fn insert_key(
+    c: &Connection,
+    fp: &Fingerprint,
+    account: crate::model::AccountId,
+    public_key: &str,
+    at: u64,
+) -> rusqlite::Result<()> {
+    c.execute(
+        "INSERT INTO ssh_keys (fingerprint, account, public_key, added_at) VALUES (?1, ?2, ?3, ?4)",
+        params![fp.as_str(), account.to_string(), public_key, sql_u64(at)],
+    )?;
+    Ok(())
+}
+
+/// The VM if `by` owns it. A VM of another account is reported like a missing one.
+fn owned_vm(
+    c: &Connection,
+    vm: VmId,
+    by: crate::model::AccountId,
+) -> Result<crate::model::Vm, Fail> {
+    match rows::vm(c, vm)? {
+        Some(v) if v.owner == by => Ok(v),
+        Some(_) => Err(ApplyError::NotYours {
+            what: "VM".into(),
+            id: vm.to_string(),
+        }
+        .into()),
+        None => Err(not_found("VM", vm)),
+    }
+}
+
+fn node_usage(c: &Connection, node: NodeId) -> rusqlite::Result<crate::model::Capacity> {
+    c.prepare_cached(
+        "SELECT COALESCE(SUM(vcpus), 0), COALESCE(SUM(memory_mib), 0), COALESCE(SUM(disk_gib), 0)
+         FROM vms WHERE worker = ?1",
+    )?
+    .query_row(params![sql_u64(node)], |r| {
+        let n = |i: usize| r.get::<_, i64>(i).map(|v| u64::try_from(v).unwrap_or(0));
+        Ok(crate::model::Capacity {
+            vcpus: u32::try_from(n(0)?).unwrap_or(u32::MAX),
+            memory_mib: n(1)?,
+            disk_gib: n(2)?,
+        })
+    })
+}
+
+/// The lowest assignable pool address that is not in `used` (ascending).
+pub fn lowest_free_address(
+    s: &ClusterSettings,
+    used: impl Iterator<Item = u32>,
+) -> Option<Ipv4Addr> {
+    let first = u32::from(s.public_pool.network());
+    let last = u32::from(s.public_pool.broadcast());
+    let next_assignable = |mut ip: u32| -> Option<u32> {
+        loop {
+            if ip > last {
+                return None;
+            }
+            if s.is_assignable(Ipv4Addr::from(ip)) {
+                return Some(ip);
+            }
+            ip = ip.checked_add(1)?;
+        }
+    };
+    let mut cand = next_assignable(first)?;
+    for u in used {
+        if u < cand {
+            continue;
+        }
+        if u == cand {
+            cand = next_assignable(cand.checked_add(1)?)?;
+        } else {
+            break;
+        }
+    }
+    Some(Ipv4Addr::from(cand))
+}

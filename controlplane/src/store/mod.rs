@@ -1,0 +1,107 @@
+//! The local replica on SQLite: schema, apply, row decoding, the dedicated-thread connection
+//! wrapper, and a read-only reader for local queries ("reads are local").
+
+pub mod apply;
+pub mod rows;
+pub mod schema;
+pub mod sqlite;
+
+use std::path::Path;
+
+use rusqlite::Connection;
+
+use crate::model::{ClusterSettings, Node, Vm};
+use crate::view::{View, ViewChange, VmRoute};
+pub use apply::Touched;
+pub use sqlite::{Closed, Durability, SqliteThread};
+
+/// The View entries that `touched` changed, read back from the tables inside the applying
+/// transaction.
+pub fn view_changes(c: &Connection, touched: &Touched) -> rusqlite::Result<Vec<ViewChange>> {
+    let mut out = Vec::with_capacity(touched.vms.len() + touched.keys.len() + 1);
+    if touched.settings
+        && let Some(s) = rows::settings(c)?
+    {
+        out.push(ViewChange::Settings(s));
+    }
+    for id in &touched.vms {
+        out.push(match rows::vm(c, *id)? {
+            Some(v) => ViewChange::VmUpsert(VmRoute::from(&v)),
+            None => ViewChange::VmRemove(*id),
+        });
+    }
+    for fp in &touched.keys {
+        out.push(match rows::key_owner(c, fp)? {
+            Some(a) => ViewChange::KeyUpsert(fp.clone(), a),
+            None => ViewChange::KeyRemove(fp.clone()),
+        });
+    }
+    Ok(out)
+}
+
+/// A View of the whole state (startup and snapshot install).
+pub fn full_view(c: &Connection, applied: u64) -> rusqlite::Result<View> {
+    let vms = rows::vms(c)?;
+    Ok(View::build(
+        applied,
+        rows::settings(c)?,
+        vms.iter().map(VmRoute::from),
+        rows::keys(c)?,
+    ))
+}
+
+/// A failure reading the local replica.
+#[derive(Debug, thiserror::Error)]
+pub enum ReadError {
+    /// SQLite failed.
+    #[error("reading the local replica: {0}")]
+    Sql(#[from] rusqlite::Error),
+    /// The reader thread stopped.
+    #[error(transparent)]
+    Closed(#[from] Closed),
+}
+
+/// Read-only queries against the local replica, on their own connection and thread so they
+/// never wait behind apply.
+#[derive(Clone)]
+pub struct StateReader {
+    db: SqliteThread,
+}
+
+impl StateReader {
+    /// Opens `state.db` read-only.
+    pub fn open(path: &Path) -> rusqlite::Result<Self> {
+        Ok(Self {
+            db: SqliteThread::open_read_only("boxd-state-read", path)?,
+        })
+    }
+
+    /// Runs an arbitrary read on the reader's thread.
+    pub async fn read<T, F>(&self, f: F) -> Result<T, ReadError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Connection) -> rusqlite::Result<T> + Send + 'static,
+    {
+        Ok(self.db.call(move |c| f(c)).await??)
+    }
+
+    /// Cluster settings.
+    pub async fn settings(&self) -> Result<Option<ClusterSettings>, ReadError> {
+        self.read(rows::settings).await
+    }
+
+    /// Every VM.
+    pub async fn vms(&self) -> Result<Vec<Vm>, ReadError> {
+        self.read(rows::vms).await
+    }
+
+    /// Every node.
+    pub async fn nodes(&self) -> Result<Vec<Node>, ReadError> {
+        self.read(rows::nodes).await
+    }
+
+    /// The cluster secret (hex).
+    pub async fn cluster_secret(&self) -> Result<Option<String>, ReadError> {
+        self.read(rows::cluster_secret).await
+    }
+}

@@ -1,0 +1,244 @@
+//! Reading the state tables back into `model` values. Used by apply (inside its transaction),
+//! by the View builder, the scheduler loop and operator queries. A row that does not decode is
+//! reported as a conversion error rather than skipped: a replica never silently drops state.
+
+use std::net::Ipv4Addr;
+use std::str::FromStr;
+
+use rusqlite::types::Type;
+use rusqlite::{Connection, OptionalExtension, Row, params};
+use uuid::Uuid;
+
+use crate::model::{
+    Account, AccountId, Capacity, ClusterSettings, Fingerprint, Node, NodeId, Vm, VmId, VmSpec,
+    parse_roles,
+};
+
+fn bad(idx: usize, e: impl std::error::Error + Send + Sync + 'static) -> rusqlite::Error {
+    rusqlite::Error::FromSqlConversionFailure(idx, Type::Text, Box::new(e))
+}
+
+/// A text column parsed with `FromStr`.
+pub(crate) fn parsed<T>(row: &Row<'_>, idx: usize) -> rusqlite::Result<T>
+where
+    T: FromStr,
+    T::Err: std::fmt::Display,
+{
+    let s: String = row.get(idx)?;
+    s.parse::<T>()
+        .map_err(|e| bad(idx, std::io::Error::other(format!("`{s}`: {e}"))))
+}
+
+fn uuid(row: &Row<'_>, idx: usize) -> rusqlite::Result<Uuid> {
+    parsed(row, idx)
+}
+
+/// An unsigned column (SQLite stores i64).
+fn unsigned<T: TryFrom<i64>>(row: &Row<'_>, idx: usize) -> rusqlite::Result<T> {
+    let v: i64 = row.get(idx)?;
+    T::try_from(v).map_err(|_| bad(idx, std::io::Error::other(format!("{v} is out of range"))))
+}
+
+/// `u64` as SQLite's i64 (values above i64::MAX do not occur: times are milliseconds).
+pub(crate) fn sql_u64(v: u64) -> i64 {
+    i64::try_from(v).unwrap_or(i64::MAX)
+}
+
+/// Cluster settings, or `None` before `InitCluster`.
+pub fn settings(conn: &Connection) -> rusqlite::Result<Option<ClusterSettings>> {
+    conn.prepare_cached(
+        "SELECT cluster_id, zone, lobby, public_pool, max_vms_per_account, created_at
+         FROM cluster WHERE one = 1",
+    )?
+    .query_row([], |r| {
+        Ok(ClusterSettings {
+            cluster_id: uuid(r, 0)?,
+            zone: r.get(1)?,
+            lobby: parsed(r, 2)?,
+            public_pool: parsed(r, 3)?,
+            max_vms_per_account: unsigned(r, 4)?,
+            created_at: unsigned(r, 5)?,
+        })
+    })
+    .optional()
+}
+
+/// The cluster secret (hex), or `None` before `InitCluster`.
+pub fn cluster_secret(conn: &Connection) -> rusqlite::Result<Option<String>> {
+    conn.prepare_cached("SELECT secret FROM cluster WHERE one = 1")?
+        .query_row([], |r| r.get(0))
+        .optional()
+}
+
+const VM_COLUMNS: &str = "id, name, owner, vcpus, memory_mib, disk_gib, image, desired, observed,
+    worker, private_ip, public_ip, http_port, created_at, updated_at";
+
+fn vm_row(r: &Row<'_>) -> rusqlite::Result<Vm> {
+    let private_ip: Option<String> = r.get(10)?;
+    let private_ip = match private_ip {
+        Some(s) => Some(
+            s.parse::<Ipv4Addr>()
+                .map_err(|e| bad(10, std::io::Error::other(e.to_string())))?,
+        ),
+        None => None,
+    };
+    Ok(Vm {
+        id: VmId(uuid(r, 0)?),
+        name: r.get(1)?,
+        owner: AccountId(uuid(r, 2)?),
+        spec: VmSpec {
+            vcpus: unsigned(r, 3)?,
+            memory_mib: unsigned(r, 4)?,
+            disk_gib: unsigned(r, 5)?,
+            image: r.get(6)?,
+        },
+        desired: parsed(r, 7)?,
+        observed: parsed(r, 8)?,
+        worker: r
+            .get::<_, Option<i64>>(9)?
+            .map(|w| u64::try_from(w).unwrap_or(0)),
+        private_ip,
+        public_ip: Ipv4Addr::from(unsigned::<u32>(r, 11)?),
+        http_port: unsigned(r, 12)?,
+        created_at: unsigned(r, 13)?,
+        updated_at: unsigned(r, 14)?,
+    })
+}
+
+/// One VM by id.
+pub fn vm(conn: &Connection, id: VmId) -> rusqlite::Result<Option<Vm>> {
+    conn.prepare_cached(&format!("SELECT {VM_COLUMNS} FROM vms WHERE id = ?1"))?
+        .query_row(params![id.to_string()], vm_row)
+        .optional()
+}
+
+/// One VM by name.
+pub fn vm_by_name(conn: &Connection, name: &str) -> rusqlite::Result<Option<Vm>> {
+    conn.prepare_cached(&format!("SELECT {VM_COLUMNS} FROM vms WHERE name = ?1"))?
+        .query_row(params![name], vm_row)
+        .optional()
+}
+
+/// Every VM, by name.
+pub fn vms(conn: &Connection) -> rusqlite::Result<Vec<Vm>> {
+    conn.prepare_cached(&format!("SELECT {VM_COLUMNS} FROM vms ORDER BY name"))?
+        .query_map([], vm_row)?
+        .collect()
+}
+
+/// VMs of one owner, by name.
+pub fn vms_of(conn: &Connection, owner: AccountId) -> rusqlite::Result<Vec<Vm>> {
+    conn.prepare_cached(&format!(
+        "SELECT {VM_COLUMNS} FROM vms WHERE owner = ?1 ORDER BY name"
+    ))?
+    .query_map(params![owner.to_string()], vm_row)?
+    .collect()
+}
+
+/// VMs that wait for a worker, oldest first.
+pub fn unplaced_vms(conn: &Connection) -> rusqlite::Result<Vec<Vm>> {
+    conn.prepare_cached(&format!(
+        "SELECT {VM_COLUMNS} FROM vms WHERE worker IS NULL ORDER BY created_at, id"
+    ))?
+    .query_map([], vm_row)?
+    .collect()
+}
+
+/// Resources taken on each worker by the VMs placed there.
+pub fn usage_by_worker(conn: &Connection) -> rusqlite::Result<Vec<(NodeId, Capacity)>> {
+    conn.prepare_cached(
+        "SELECT worker, SUM(vcpus), SUM(memory_mib), SUM(disk_gib)
+         FROM vms WHERE worker IS NOT NULL GROUP BY worker ORDER BY worker",
+    )?
+    .query_map([], |r| {
+        Ok((
+            unsigned(r, 0)?,
+            Capacity {
+                vcpus: unsigned(r, 1)?,
+                memory_mib: unsigned(r, 2)?,
+                disk_gib: unsigned(r, 3)?,
+            },
+        ))
+    })?
+    .collect()
+}
+
+fn node_row(r: &Row<'_>) -> rusqlite::Result<Node> {
+    let roles: String = r.get(3)?;
+    Ok(Node {
+        id: unsigned(r, 0)?,
+        uuid: uuid(r, 1)?,
+        name: r.get(2)?,
+        roles: parse_roles(&roles).map_err(|e| bad(3, e))?,
+        raft_addr: r.get(4)?,
+        capacity: Capacity {
+            vcpus: unsigned(r, 5)?,
+            memory_mib: unsigned(r, 6)?,
+            disk_gib: unsigned(r, 7)?,
+        },
+        last_heartbeat: unsigned(r, 8)?,
+        joined_at: unsigned(r, 9)?,
+    })
+}
+
+const NODE_COLUMNS: &str =
+    "id, uuid, name, roles, raft_addr, vcpus, memory_mib, disk_gib, last_heartbeat, joined_at";
+
+/// One node by id.
+pub fn node(conn: &Connection, id: NodeId) -> rusqlite::Result<Option<Node>> {
+    conn.prepare_cached(&format!("SELECT {NODE_COLUMNS} FROM nodes WHERE id = ?1"))?
+        .query_row(params![sql_u64(id)], node_row)
+        .optional()
+}
+
+/// Every node, by id.
+pub fn nodes(conn: &Connection) -> rusqlite::Result<Vec<Node>> {
+    conn.prepare_cached(&format!("SELECT {NODE_COLUMNS} FROM nodes ORDER BY id"))?
+        .query_map([], node_row)?
+        .collect()
+}
+
+/// One account by id.
+pub fn account(conn: &Connection, id: AccountId) -> rusqlite::Result<Option<Account>> {
+    conn.prepare_cached("SELECT id, name, max_vms, created_at FROM accounts WHERE id = ?1")?
+        .query_row(params![id.to_string()], |r| {
+            Ok(Account {
+                id: AccountId(uuid(r, 0)?),
+                name: r.get(1)?,
+                max_vms: unsigned(r, 2)?,
+                created_at: unsigned(r, 3)?,
+            })
+        })
+        .optional()
+}
+
+/// The account a key belongs to.
+pub fn key_owner(conn: &Connection, fp: &Fingerprint) -> rusqlite::Result<Option<AccountId>> {
+    conn.prepare_cached("SELECT account FROM ssh_keys WHERE fingerprint = ?1")?
+        .query_row(params![fp.as_str()], |r| Ok(AccountId(uuid(r, 0)?)))
+        .optional()
+}
+
+/// Every key and its account.
+pub fn keys(conn: &Connection) -> rusqlite::Result<Vec<(Fingerprint, AccountId)>> {
+    conn.prepare_cached("SELECT fingerprint, account FROM ssh_keys")?
+        .query_map([], |r| Ok((parsed(r, 0)?, AccountId(uuid(r, 1)?))))?
+        .collect()
+}
+
+/// A value from the `meta` table.
+pub fn meta(conn: &Connection, key: &str) -> rusqlite::Result<Option<String>> {
+    conn.prepare_cached("SELECT value FROM meta WHERE key = ?1")?
+        .query_row(params![key], |r| r.get(0))
+        .optional()
+}
+
+/// Sets a value in the `meta` table.
+pub fn set_meta(conn: &Connection, key: &str, value: &str) -> rusqlite::Result<()> {
+    conn.prepare_cached(
+        "INSERT INTO meta (key, value) VALUES (?1, ?2)
+         ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+    )?
+    .execute(params![key, value])?;
+    Ok(())
+}

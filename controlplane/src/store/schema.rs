@@ -1,0 +1,102 @@
+//! The state machine's SQLite schema. One table per noun of `model`; `meta` holds Raft's
+//! bookkeeping (last applied log id, last membership) in the same transaction as the data it
+//! describes, so a replica is always internally consistent.
+
+use rusqlite::Connection;
+
+/// Version of the schema below; stored in `PRAGMA user_version`.
+pub const SCHEMA_VERSION: i64 = 1;
+
+const SCHEMA: &str = r#"
+CREATE TABLE IF NOT EXISTS meta (
+    key   TEXT PRIMARY KEY,
+    value TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS cluster (
+    one                 INTEGER PRIMARY KEY CHECK (one = 1),
+    cluster_id          TEXT NOT NULL,
+    secret              TEXT NOT NULL,
+    zone                TEXT NOT NULL,
+    lobby               TEXT NOT NULL,
+    public_pool         TEXT NOT NULL,
+    max_vms_per_account INTEGER NOT NULL,
+    created_at          INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS nodes (
+    id             INTEGER PRIMARY KEY,
+    uuid           TEXT NOT NULL UNIQUE,
+    name           TEXT NOT NULL,
+    roles          TEXT NOT NULL,
+    raft_addr      TEXT NOT NULL,
+    vcpus          INTEGER NOT NULL,
+    memory_mib     INTEGER NOT NULL,
+    disk_gib       INTEGER NOT NULL,
+    last_heartbeat INTEGER NOT NULL,
+    joined_at      INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS accounts (
+    id         TEXT PRIMARY KEY,
+    name       TEXT NOT NULL UNIQUE,
+    max_vms    INTEGER NOT NULL,
+    created_at INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS ssh_keys (
+    fingerprint TEXT PRIMARY KEY,
+    account     TEXT NOT NULL,
+    public_key  TEXT NOT NULL,
+    added_at    INTEGER NOT NULL
+);
+CREATE INDEX IF NOT EXISTS ssh_keys_by_account ON ssh_keys (account);
+CREATE TABLE IF NOT EXISTS api_tokens (
+    id         TEXT PRIMARY KEY,
+    account    TEXT NOT NULL,
+    name       TEXT NOT NULL,
+    hash       TEXT NOT NULL UNIQUE,
+    created_at INTEGER NOT NULL,
+    expires_at INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS registrations (
+    code        TEXT PRIMARY KEY,
+    fingerprint TEXT NOT NULL,
+    public_key  TEXT NOT NULL,
+    created_at  INTEGER NOT NULL,
+    expires_at  INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS vms (
+    id         TEXT PRIMARY KEY,
+    name       TEXT NOT NULL UNIQUE,
+    owner      TEXT NOT NULL,
+    vcpus      INTEGER NOT NULL,
+    memory_mib INTEGER NOT NULL,
+    disk_gib   INTEGER NOT NULL,
+    image      TEXT NOT NULL,
+    desired    TEXT NOT NULL,
+    observed   TEXT NOT NULL,
+    worker     INTEGER,
+    private_ip TEXT,
+    public_ip  INTEGER NOT NULL,
+    http_port  INTEGER NOT NULL,
+    created_at INTEGER NOT NULL,
+    updated_at INTEGER NOT NULL,
+    UNIQUE (owner, public_ip)
+);
+CREATE INDEX IF NOT EXISTS vms_by_worker ON vms (worker);
+CREATE TABLE IF NOT EXISTS deleted_vms (
+    id         TEXT PRIMARY KEY,
+    worker     INTEGER,
+    deleted_at INTEGER NOT NULL
+);
+"#;
+
+/// Creates the tables if they do not exist and checks the version.
+pub fn migrate(conn: &Connection) -> rusqlite::Result<()> {
+    let version: i64 = conn.query_row("PRAGMA user_version", [], |r| r.get(0))?;
+    if version > SCHEMA_VERSION {
+        return Err(rusqlite::Error::InvalidParameterName(format!(
+            "the state database has schema version {version}, newer than this boxd ({SCHEMA_VERSION}): upgrade boxd"
+        )));
+    }
+    conn.execute_batch(SCHEMA)?;
+    conn.pragma_update(None, "user_version", SCHEMA_VERSION)?;
+    Ok(())
+}

@@ -1,0 +1,394 @@
+//! The View: an immutable snapshot of what the data plane needs to route a connection, published
+//! lock-free after every applied batch.
+//!
+//! Readers (SSH, HTTPS and DNS shards) call [`ViewHandle::current`] and never lock. The state
+//! machine is the only writer: after each applied batch it patches a clone of the current View
+//! with the entries that batch touched and stores it. The maps are persistent (`imbl`), so the
+//! clone is O(1) and a patch costs O(changed entries · log n), not O(all VMs); see
+//! `benches/benches/view.rs`.
+//!
+//! SSH routing is keyed by (client key fingerprint, local address of the connection). It is
+//! stored as two maps, fingerprint → account and (account, address) → VM, so adding a key to an
+//! account with many VMs is one insert rather than one per VM. The lookup is the same.
+
+use std::net::Ipv4Addr;
+use std::sync::Arc;
+
+use arc_swap::ArcSwap;
+use imbl::HashMap;
+use tokio::sync::watch;
+
+use crate::model::{AccountId, ClusterSettings, Desired, Fingerprint, NodeId, Observed, Vm, VmId};
+
+/// What the data plane knows about one VM.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct VmRoute {
+    /// Identity.
+    pub id: VmId,
+    /// DNS label.
+    pub name: String,
+    /// Owner.
+    pub owner: AccountId,
+    /// Public address (DNS answer, SSH routing key).
+    pub public_ip: Ipv4Addr,
+    /// Private address the proxy connects to, once the worker has wired the VM.
+    pub private_ip: Option<Ipv4Addr>,
+    /// HTTP port inside the VM.
+    pub http_port: u16,
+    /// Owner's intent.
+    pub desired: Desired,
+    /// Worker's report.
+    pub observed: Observed,
+    /// Worker it runs on.
+    pub worker: Option<NodeId>,
+}
+
+impl From<&Vm> for VmRoute {
+    fn from(v: &Vm) -> Self {
+        Self {
+            id: v.id,
+            name: v.name.clone(),
+            owner: v.owner,
+            public_ip: v.public_ip,
+            private_ip: v.private_ip,
+            http_port: v.http_port,
+            desired: v.desired,
+            observed: v.observed,
+            worker: v.worker,
+        }
+    }
+}
+
+/// One change to apply to a View.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ViewChange {
+    /// Cluster settings (zone, lobby, pool) were set.
+    Settings(ClusterSettings),
+    /// A VM was created or changed.
+    VmUpsert(VmRoute),
+    /// A VM was deleted.
+    VmRemove(VmId),
+    /// A key now belongs to an account.
+    KeyUpsert(Fingerprint, AccountId),
+    /// A key was removed.
+    KeyRemove(Fingerprint),
+}
+
+/// An immutable routing snapshot. Cheap to clone.
+#[derive(Clone, Debug, Default)]
+pub struct View {
+    applied: u64,
+    settings: Option<Arc<ClusterSettings>>,
+    keys: HashMap<Fingerprint, AccountId>,
+    by_id: HashMap<VmId, Arc<VmRoute>>,
+    by_owner_ip: HashMap<(AccountId, Ipv4Addr), Arc<VmRoute>>,
+    by_name: HashMap<String, Arc<VmRoute>>,
+}
+
+impl View {
+    /// Builds a View from full state (startup, snapshot install).
+    pub fn build(
+        applied: u64,
+        settings: Option<ClusterSettings>,
+        vms: impl IntoIterator<Item = VmRoute>,
+        keys: impl IntoIterator<Item = (Fingerprint, AccountId)>,
+    ) -> Self {
+        let mut v = View {
+            applied,
+            settings: settings.map(Arc::new),
+            keys: keys.into_iter().collect(),
+            ..View::default()
+        };
+        for r in vms {
+            v.upsert_vm(r);
+        }
+        v
+    }
+
+    /// Applies `changes` in order and records `applied` as the log index they reflect.
+    pub fn patch(&mut self, applied: u64, changes: impl IntoIterator<Item = ViewChange>) {
+        self.applied = applied;
+        for c in changes {
+            match c {
+                ViewChange::Settings(s) => self.settings = Some(Arc::new(s)),
+                ViewChange::VmUpsert(r) => self.upsert_vm(r),
+                ViewChange::VmRemove(id) => self.remove_vm(id),
+                ViewChange::KeyUpsert(fp, a) => {
+                    self.keys.insert(fp, a);
+                }
+                ViewChange::KeyRemove(fp) => {
+                    self.keys.remove(&fp);
+                }
+            }
+        }
+    }
+
+    fn upsert_vm(&mut self, r: VmRoute) {
+        self.remove_vm(r.id);
+        let r = Arc::new(r);
+        self.by_owner_ip
+            .insert((r.owner, r.public_ip), Arc::clone(&r));
+        self.by_name.insert(r.name.clone(), Arc::clone(&r));
+        self.by_id.insert(r.id, r);
+    }
+
+    fn remove_vm(&mut self, id: VmId) {
+        if let Some(old) = self.by_id.remove(&id) {
+            self.by_owner_ip.remove(&(old.owner, old.public_ip));
+            self.by_name.remove(&old.name);
+        }
+    }
+
+    /// The log index this View reflects.
+    pub fn applied(&self) -> u64 {
+        self.applied
+    }
+
+    /// Cluster settings, once the cluster is initialised.
+    pub fn settings(&self) -> Option<&ClusterSettings> {
+        self.settings.as_deref()
+    }
+
+    /// The DNS zone, once known.
+    pub fn zone(&self) -> Option<&str> {
+        self.settings.as_ref().map(|s| s.zone.as_str())
+    }
+
+    /// Addresses on which the lobby answers.
+    pub fn lobby_addresses(&self) -> impl Iterator<Item = Ipv4Addr> + '_ {
+        self.settings.iter().map(|s| s.lobby)
+    }
+
+    /// Whether a connection addressed to `ip` is ours to accept (lobby or pool address).
+    pub fn is_public_address(&self, ip: Ipv4Addr) -> bool {
+        self.settings
+            .as_ref()
+            .is_some_and(|s| s.lobby == ip || s.is_assignable(ip))
+    }
+
+    /// The account a key belongs to.
+    pub fn account_of(&self, fp: &Fingerprint) -> Option<AccountId> {
+        self.keys.get(fp).copied()
+    }
+
+    /// The SSH route: the VM of the key's owner at the connection's local address.
+    pub fn ssh_route(&self, fp: &Fingerprint, local: Ipv4Addr) -> Option<&Arc<VmRoute>> {
+        let account = self.keys.get(fp)?;
+        self.by_owner_ip.get(&(*account, local))
+    }
+
+    /// A VM by its DNS label.
+    pub fn vm_by_name(&self, name: &str) -> Option<&Arc<VmRoute>> {
+        self.by_name.get(name)
+    }
+
+    /// A VM by id.
+    pub fn vm(&self, id: VmId) -> Option<&Arc<VmRoute>> {
+        self.by_id.get(&id)
+    }
+
+    /// The VM a host name (`<vm>.<zone>`, any case, optional trailing dot) refers to; serves
+    /// both SNI and DNS.
+    pub fn vm_by_host(&self, host: &str) -> Option<&Arc<VmRoute>> {
+        let zone = self.zone()?;
+        let host = host.strip_suffix('.').unwrap_or(host);
+        let split = host.len().checked_sub(zone.len() + 1)?;
+        let (label, rest) = host.split_at(split);
+        let rest = rest.strip_prefix('.')?;
+        if !rest.eq_ignore_ascii_case(zone) {
+            return None;
+        }
+        if label.bytes().any(|b| b.is_ascii_uppercase()) {
+            self.by_name.get(&label.to_ascii_lowercase())
+        } else {
+            self.by_name.get(label)
+        }
+    }
+
+    /// Number of VMs.
+    pub fn vm_count(&self) -> usize {
+        self.by_id.len()
+    }
+
+    /// Every VM (unordered).
+    pub fn vms(&self) -> impl Iterator<Item = &Arc<VmRoute>> {
+        self.by_id.values()
+    }
+}
+
+/// The published View plus a change notification. One writer (the state machine), any number
+/// of lock-free readers.
+pub struct ViewHandle {
+    current: ArcSwap<View>,
+    changed: watch::Sender<u64>,
+}
+
+impl Default for ViewHandle {
+    fn default() -> Self {
+        Self {
+            current: ArcSwap::from_pointee(View::default()),
+            changed: watch::channel(0).0,
+        }
+    }
+}
+
+impl ViewHandle {
+    /// An empty handle.
+    pub fn new() -> Arc<Self> {
+        Arc::new(Self::default())
+    }
+
+    /// The current View (lock-free; hold it briefly on hot paths).
+    pub fn current(&self) -> arc_swap::Guard<Arc<View>> {
+        self.current.load()
+    }
+
+    /// The current View as an owned `Arc`.
+    pub fn snapshot(&self) -> Arc<View> {
+        self.current.load_full()
+    }
+
+    /// Notified with the applied index after every publication.
+    pub fn subscribe(&self) -> watch::Receiver<u64> {
+        self.changed.subscribe()
+    }
+
+    /// Replaces the View wholesale.
+    pub fn publish(&self, view: View) {
+        let applied = view.applied();
+        self.current.store(Arc::new(view));
+        self.changed.send_replace(applied);
+    }
+
+    /// Patches the current View. Only the state machine calls this, so read-modify-write
+    /// without a compare-and-swap loop is safe.
+    pub fn update(&self, applied: u64, changes: Vec<ViewChange>) {
+        let mut next = View::clone(&self.current.load());
+        next.patch(applied, changes);
+        self.publish(next);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use uuid::Uuid;
+
+    fn settings() -> ClusterSettings {
+        ClusterSettings {
+            cluster_id: Uuid::nil(),
+            zone: "boxd.test".into(),
+            lobby: "127.77.0.1".parse().unwrap(),
+            public_pool: "127.77.0.0/16".parse().unwrap(),
+            max_vms_per_account: 10,
+            created_at: 0,
+        }
+    }
+
+    fn route(name: &str, owner: AccountId, ip: &str) -> VmRoute {
+        VmRoute {
+            id: VmId::random(),
+            name: name.into(),
+            owner,
+            public_ip: ip.parse().unwrap(),
+            private_ip: None,
+            http_port: 80,
+            desired: Desired::Running,
+            observed: Observed::Running,
+            worker: Some(1),
+        }
+    }
+
+    #[test]
+    fn ssh_route_needs_the_owners_key_and_the_address() {
+        let (alice, bob) = (AccountId::random(), AccountId::random());
+        let (ka, kb) = (
+            Fingerprint::of_key_blob(b"a"),
+            Fingerprint::of_key_blob(b"b"),
+        );
+        let a = route("a", alice, "127.77.0.2");
+        let b = route("b", bob, "127.77.0.2");
+        let v = View::build(
+            1,
+            Some(settings()),
+            [a.clone(), b.clone()],
+            [(ka.clone(), alice), (kb.clone(), bob)],
+        );
+        let ip = "127.77.0.2".parse().unwrap();
+        assert_eq!(v.ssh_route(&ka, ip).unwrap().id, a.id);
+        assert_eq!(v.ssh_route(&kb, ip).unwrap().id, b.id);
+        assert!(v.ssh_route(&ka, "127.77.0.3".parse().unwrap()).is_none());
+        assert!(
+            v.ssh_route(&Fingerprint::of_key_blob(b"c"), ip).is_none(),
+            "unknown key"
+        );
+    }
+
+    #[test]
+    fn host_lookup_is_case_insensitive_and_zone_bound() {
+        let owner = AccountId::random();
+        let v = View::build(
+            1,
+            Some(settings()),
+            [route("myapp", owner, "127.77.0.2")],
+            [],
+        );
+        for host in ["myapp.boxd.test", "MyApp.Boxd.Test", "myapp.boxd.test."] {
+            assert_eq!(v.vm_by_host(host).unwrap().name, "myapp", "{host}");
+        }
+        for host in [
+            "myapp.other.test",
+            "boxd.test",
+            "x.myapp.boxd.test",
+            "",
+            ".",
+        ] {
+            assert!(v.vm_by_host(host).is_none(), "{host}");
+        }
+    }
+
+    #[test]
+    fn patch_moves_and_removes_entries() {
+        let owner = AccountId::random();
+        let r = route("a", owner, "127.77.0.2");
+        let mut v = View::build(1, Some(settings()), [r.clone()], []);
+        let before = v.clone();
+        let mut moved = r.clone();
+        moved.name = "b".into();
+        moved.public_ip = "127.77.0.3".parse().unwrap();
+        v.patch(2, [ViewChange::VmUpsert(moved)]);
+        assert!(v.vm_by_name("a").is_none());
+        assert_eq!(
+            v.vm_by_name("b").unwrap().public_ip.to_string(),
+            "127.77.0.3"
+        );
+        assert_eq!(v.vm_count(), 1);
+        assert_eq!(
+            before.vm_by_name("a").unwrap().id,
+            r.id,
+            "old snapshot unchanged"
+        );
+        v.patch(3, [ViewChange::VmRemove(r.id)]);
+        assert_eq!(v.vm_count(), 0);
+        assert_eq!(v.applied(), 3);
+    }
+
+    #[test]
+    fn public_address_check() {
+        let v = View::build(1, Some(settings()), [], []);
+        assert!(v.is_public_address("127.77.0.1".parse().unwrap()));
+        assert!(v.is_public_address("127.77.3.4".parse().unwrap()));
+        assert!(!v.is_public_address("127.0.0.1".parse().unwrap()));
+        assert!(!View::default().is_public_address("127.77.0.1".parse().unwrap()));
+    }
+
+    #[tokio::test]
+    async fn handle_notifies_subscribers() {
+        let h = ViewHandle::new();
+        let mut rx = h.subscribe();
+        h.update(5, vec![ViewChange::Settings(settings())]);
+        rx.changed().await.unwrap();
+        assert_eq!(*rx.borrow(), 5);
+        assert_eq!(h.current().zone(), Some("boxd.test"));
+    }
+}

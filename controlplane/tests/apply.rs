@@ -1,0 +1,657 @@
+//! Apply as a pure function of (state, command): one scripted history, each step with the answer
+//! it must get. Every refused step must leave the tables byte-for-byte unchanged, and replaying
+//! the history on a second database must give the same state (determinism).
+
+#![allow(clippy::unwrap_used, missing_docs)]
+
+use std::net::Ipv4Addr;
+
+use boxd_controlplane::command::{ApplyError, Command, Outcome, Response};
+use boxd_controlplane::model::{
+    AccountId, Capacity, Desired, Fingerprint, Observed, TokenId, VmId, VmSpec, parse_roles,
+};
+use boxd_controlplane::store::apply::{Touched, apply_command};
+use boxd_controlplane::store::{rows, schema};
+use rusqlite::Connection;
+use uuid::Uuid;
+
+fn db() -> Connection {
+    let c = Connection::open_in_memory().unwrap();
+    schema::migrate(&c).unwrap();
+    c
+}
+
+/// Every row of every table, in a stable order.
+fn digest(c: &Connection) -> String {
+    let mut out = String::new();
+    let tables: Vec<String> = c
+        .prepare("SELECT name FROM sqlite_master WHERE type = 'table' ORDER BY name")
+        .unwrap()
+        .query_map([], |r| r.get(0))
+        .unwrap()
+        .collect::<Result<_, _>>()
+        .unwrap();
+    for t in tables {
+        let mut stmt = c.prepare(&format!("SELECT * FROM {t} ORDER BY 1")).unwrap();
+        let n = stmt.column_count();
+        let rows = stmt
+            .query_map([], |r| {
+                Ok((0..n)
+                    .map(|i| format!("{:?}", r.get_ref(i).unwrap()))
+                    .collect::<Vec<_>>()
+                    .join("|"))
+            })
+            .unwrap();
+        for row in rows {
+            out.push_str(&format!("{t}: {}\n", row.unwrap()));
+        }
+    }
+    out
+}
+
+fn apply(c: &mut Connection, cmd: &Command) -> Response {
+    let mut tx = c.transaction().unwrap();
+    let mut touched = Touched::default();
+    let r = apply_command(&mut tx, cmd, &mut touched).unwrap();
+    tx.commit().unwrap();
+    r
+}
+
+const SECRET: &str = "0123456789abcdef0123456789abcdef";
+
+struct Ids {
+    cluster: Uuid,
+    alice: AccountId,
+    bob: AccountId,
+    ka: Fingerprint,
+    ka2: Fingerprint,
+    kb: Fingerprint,
+    vm1: VmId,
+    vm2: VmId,
+    vm3: VmId,
+    vmb: VmId,
+    tok: TokenId,
+}
+
+fn ids() -> Ids {
+    Ids {
+        cluster: Uuid::from_u128(1),
+        alice: AccountId(Uuid::from_u128(10)),
+        bob: AccountId(Uuid::from_u128(11)),
+        ka: Fingerprint::of_key_blob(b"alice"),
+        ka2: Fingerprint::of_key_blob(b"alice2"),
+        kb: Fingerprint::of_key_blob(b"bob"),
+        vm1: VmId(Uuid::from_u128(100)),
+        vm2: VmId(Uuid::from_u128(101)),
+        vm3: VmId(Uuid::from_u128(102)),
+        vmb: VmId(Uuid::from_u128(103)),
+        tok: TokenId(Uuid::from_u128(200)),
+    }
+}
+
+fn init(pool: &str, quota: u32) -> Command {
+    Command::InitCluster {
+        cluster_id: ids().cluster,
+        secret: SECRET.into(),
+        zone: "boxd.test".into(),
+        lobby: "127.77.0.1".parse().unwrap(),
+        public_pool: pool.parse().unwrap(),
+        max_vms_per_account: quota,
+        at: 1,
+    }
+}
+
+fn account(id: AccountId, name: &str) -> Command {
+    Command::CreateAccount {
+        id,
+        name: name.into(),
+        max_vms: None,
+        at: 2,
+    }
+}
+
+fn key(account: AccountId, fp: &Fingerprint) -> Command {
+    Command::AddSshKey {
+        account,
+        fingerprint: fp.clone(),
+        public_key: format!("ssh-ed25519 AAAA {fp}"),
+        at: 3,
+    }
+}
+
+fn vm(id: VmId, owner: AccountId, name: &str) -> Command {
+    vm_with(id, owner, name, VmSpec::default(), 80)
+}
+
+fn vm_with(id: VmId, owner: AccountId, name: &str, spec: VmSpec, http_port: u16) -> Command {
+    Command::CreateVm {
+        id,
+        owner,
+        name: name.into(),
+        spec,
+        http_port,
+        at: 4,
+    }
+}
+
+fn node(id: Option<u64>, uuid: u128, roles: &str, memory_mib: u64) -> Command {
+    Command::RegisterNode {
+        id,
+        uuid: Uuid::from_u128(uuid),
+        name: format!("node{uuid}"),
+        roles: parse_roles(roles).unwrap(),
+        raft_addr: "127.0.0.1:7000".into(),
+        capacity: Capacity {
+            vcpus: 4,
+            memory_mib,
+            disk_gib: 100,
+        },
+        at: 5,
+    }
+}
+
+fn created(ip: &str) -> impl Fn(&Response) -> bool {
+    let ip: Ipv4Addr = ip.parse().unwrap();
+    move |r| matches!(r, Ok(Outcome::VmCreated { public_ip, .. }) if *public_ip == ip)
+}
+
+fn done(r: &Response) -> bool {
+    matches!(r, Ok(Outcome::Done))
+}
+
+type Check = Box<dyn Fn(&Response) -> bool>;
+
+fn history() -> Vec<(&'static str, Command, Check)> {
+    let i = ids();
+    let err = |f: fn(&ApplyError) -> bool| -> Check {
+        Box::new(move |r| r.as_ref().err().is_some_and(f))
+    };
+    vec![
+        (
+            "account before init",
+            account(i.alice, "alice"),
+            err(|e| matches!(e, ApplyError::NotInitialized)),
+        ),
+        ("init", init("127.77.0.0/16", 3), Box::new(done)),
+        (
+            "init again, same cluster",
+            init("127.77.0.0/16", 3),
+            Box::new(done),
+        ),
+        (
+            "init with another cluster id",
+            match init("127.77.0.0/16", 3) {
+                Command::InitCluster {
+                    secret,
+                    zone,
+                    lobby,
+                    public_pool,
+                    max_vms_per_account,
+                    at,
+                    ..
+                } => Command::InitCluster {
+                    cluster_id: Uuid::from_u128(2),
+                    secret,
+                    zone,
+                    lobby,
+                    public_pool,
+                    max_vms_per_account,
+                    at,
+                },
+                _ => unreachable!(),
+            },
+            err(|e| matches!(e, ApplyError::AlreadyInitialized { .. })),
+        ),
+        ("create alice", account(i.alice, "alice"), Box::new(done)),
+        (
+            "create alice again (retry)",
+            account(i.alice, "alice"),
+            Box::new(done),
+        ),
+        (
+            "bob takes alice's name",
+            account(i.bob, "alice"),
+            err(|e| matches!(e, ApplyError::AccountNameTaken { .. })),
+        ),
+        ("create bob", account(i.bob, "bob"), Box::new(done)),
+        (
+            "key for unknown account",
+            key(AccountId(Uuid::from_u128(99)), &i.ka),
+            err(|e| matches!(e, ApplyError::NotFound { .. })),
+        ),
+        ("alice's key", key(i.alice, &i.ka), Box::new(done)),
+        ("alice's key again", key(i.alice, &i.ka), Box::new(done)),
+        (
+            "bob claims alice's key",
+            key(i.bob, &i.ka),
+            err(|e| matches!(e, ApplyError::KeyTaken { .. })),
+        ),
+        ("bob's key", key(i.bob, &i.kb), Box::new(done)),
+        (
+            "alice removes her last key",
+            Command::RemoveSshKey {
+                account: i.alice,
+                fingerprint: i.ka.clone(),
+            },
+            err(|e| matches!(e, ApplyError::LastKey)),
+        ),
+        (
+            "bob removes alice's key",
+            Command::RemoveSshKey {
+                account: i.bob,
+                fingerprint: i.ka.clone(),
+            },
+            err(|e| matches!(e, ApplyError::NotYours { .. })),
+        ),
+        ("alice's second key", key(i.alice, &i.ka2), Box::new(done)),
+        (
+            "alice removes her second key",
+            Command::RemoveSshKey {
+                account: i.alice,
+                fingerprint: i.ka2.clone(),
+            },
+            Box::new(done),
+        ),
+        (
+            "bad vm name",
+            vm(i.vm1, i.alice, "My App"),
+            err(|e| matches!(e, ApplyError::Invalid { .. })),
+        ),
+        (
+            "bad vm spec",
+            vm_with(
+                i.vm1,
+                i.alice,
+                "app",
+                VmSpec {
+                    vcpus: 0,
+                    ..VmSpec::default()
+                },
+                80,
+            ),
+            err(|e| matches!(e, ApplyError::Invalid { .. })),
+        ),
+        (
+            "http port 0",
+            vm_with(i.vm1, i.alice, "app", VmSpec::default(), 0),
+            err(|e| matches!(e, ApplyError::Invalid { .. })),
+        ),
+        (
+            "vm for unknown account",
+            vm(i.vm1, AccountId(Uuid::from_u128(99)), "app"),
+            err(|e| matches!(e, ApplyError::NotFound { .. })),
+        ),
+        (
+            "alice's first vm gets the first pool address after the lobby",
+            vm(i.vm1, i.alice, "app"),
+            Box::new(created("127.77.0.2")),
+        ),
+        (
+            "retried create returns the same vm",
+            vm(i.vm1, i.alice, "app"),
+            Box::new(created("127.77.0.2")),
+        ),
+        (
+            "same id, other name",
+            vm(i.vm1, i.alice, "other"),
+            err(|e| matches!(e, ApplyError::IdConflict { .. })),
+        ),
+        (
+            "bob takes the name",
+            vm(i.vmb, i.bob, "app"),
+            err(|e| matches!(e, ApplyError::NameTaken { .. })),
+        ),
+        (
+            "bob's vm shares alice's address",
+            vm(i.vmb, i.bob, "bobapp"),
+            Box::new(created("127.77.0.2")),
+        ),
+        (
+            "alice's second vm",
+            vm(i.vm2, i.alice, "app2"),
+            Box::new(created("127.77.0.3")),
+        ),
+        (
+            "bob deletes alice's vm",
+            Command::DeleteVm {
+                by: i.bob,
+                vm: i.vm1,
+                at: 6,
+            },
+            err(|e| matches!(e, ApplyError::NotYours { .. })),
+        ),
+        (
+            "alice deletes her first vm",
+            Command::DeleteVm {
+                by: i.alice,
+                vm: i.vm1,
+                at: 6,
+            },
+            Box::new(done),
+        ),
+        (
+            "the name is free again",
+            vm(i.vm3, i.alice, "app"),
+            Box::new(created("127.77.0.2")),
+        ),
+        (
+            "quota of 3",
+            vm(VmId(Uuid::from_u128(104)), i.alice, "app4"),
+            Box::new(created("127.77.0.4")),
+        ),
+        (
+            "quota reached",
+            vm(VmId(Uuid::from_u128(105)), i.alice, "app5"),
+            err(|e| matches!(e, ApplyError::QuotaExceeded { limit: 3 })),
+        ),
+        (
+            "register control node with id 1",
+            node(Some(1), 1, "control", 4096),
+            Box::new(|r: &Response| matches!(r, Ok(Outcome::NodeRegistered { id: 1 }))),
+        ),
+        (
+            "re-register is idempotent",
+            node(None, 1, "control", 4096),
+            Box::new(|r: &Response| matches!(r, Ok(Outcome::NodeRegistered { id: 1 }))),
+        ),
+        (
+            "explicit id taken",
+            node(Some(1), 2, "worker", 1024),
+            err(|e| matches!(e, ApplyError::IdConflict { .. })),
+        ),
+        (
+            "worker gets the next id",
+            node(None, 2, "worker", 1024),
+            Box::new(|r: &Response| matches!(r, Ok(Outcome::NodeRegistered { id: 2 }))),
+        ),
+        (
+            "place on a non-worker",
+            Command::PlaceVm {
+                vm: i.vm2,
+                worker: 1,
+                at: 7,
+            },
+            err(|e| matches!(e, ApplyError::CannotPlace { .. })),
+        ),
+        (
+            "place on the worker",
+            Command::PlaceVm {
+                vm: i.vm2,
+                worker: 2,
+                at: 7,
+            },
+            Box::new(done),
+        ),
+        (
+            "place again on the same worker",
+            Command::PlaceVm {
+                vm: i.vm2,
+                worker: 2,
+                at: 7,
+            },
+            Box::new(done),
+        ),
+        (
+            "place another 512 MiB vm",
+            Command::PlaceVm {
+                vm: i.vm3,
+                worker: 2,
+                at: 7,
+            },
+            Box::new(done),
+        ),
+        (
+            "worker is full",
+            Command::PlaceVm {
+                vm: i.vmb,
+                worker: 2,
+                at: 7,
+            },
+            err(|e| matches!(e, ApplyError::CannotPlace { .. })),
+        ),
+        (
+            "report from the wrong worker",
+            Command::ReportVm {
+                vm: i.vm2,
+                worker: 1,
+                observed: Observed::Running,
+                private_ip: None,
+                at: 8,
+            },
+            err(|e| matches!(e, ApplyError::Invalid { .. })),
+        ),
+        (
+            "report running",
+            Command::ReportVm {
+                vm: i.vm2,
+                worker: 2,
+                observed: Observed::Running,
+                private_ip: Some("10.90.0.2".parse().unwrap()),
+                at: 8,
+            },
+            Box::new(done),
+        ),
+        (
+            "bob stops alice's vm",
+            Command::SetVmDesired {
+                by: i.bob,
+                vm: i.vm2,
+                desired: Desired::Stopped,
+                at: 9,
+            },
+            err(|e| matches!(e, ApplyError::NotYours { .. })),
+        ),
+        (
+            "alice stops it",
+            Command::SetVmDesired {
+                by: i.alice,
+                vm: i.vm2,
+                desired: Desired::Stopped,
+                at: 9,
+            },
+            Box::new(done),
+        ),
+        (
+            "heartbeat from unknown node",
+            Command::Heartbeat {
+                node: 9,
+                capacity: Capacity::default(),
+                at: 10,
+            },
+            err(|e| matches!(e, ApplyError::NotFound { .. })),
+        ),
+        (
+            "heartbeat",
+            Command::Heartbeat {
+                node: 2,
+                capacity: Capacity {
+                    vcpus: 4,
+                    memory_mib: 1024,
+                    disk_gib: 100,
+                },
+                at: 10,
+            },
+            Box::new(done),
+        ),
+        (
+            "delete a placed vm",
+            Command::DeleteVm {
+                by: i.alice,
+                vm: i.vm2,
+                at: 11,
+            },
+            Box::new(done),
+        ),
+        ("purge it", Command::PurgeVm { vm: i.vm2 }, Box::new(done)),
+        (
+            "token with a bad hash",
+            Command::CreateApiToken {
+                id: i.tok,
+                account: i.alice,
+                name: "ci".into(),
+                hash: "zz".into(),
+                at: 12,
+                expires_at: 99,
+            },
+            err(|e| matches!(e, ApplyError::Invalid { .. })),
+        ),
+        (
+            "token",
+            Command::CreateApiToken {
+                id: i.tok,
+                account: i.alice,
+                name: "ci".into(),
+                hash: "a".repeat(64),
+                at: 12,
+                expires_at: 99,
+            },
+            Box::new(done),
+        ),
+        (
+            "bob revokes alice's token",
+            Command::RevokeApiToken {
+                account: i.bob,
+                id: i.tok,
+            },
+            err(|e| matches!(e, ApplyError::NotYours { .. })),
+        ),
+        (
+            "alice revokes it",
+            Command::RevokeApiToken {
+                account: i.alice,
+                id: i.tok,
+            },
+            Box::new(done),
+        ),
+        (
+            "registration",
+            Command::CreateRegistration {
+                code: "abcdefgh12".into(),
+                fingerprint: Fingerprint::of_key_blob(b"carol"),
+                public_key: "ssh-ed25519 AAAA carol".into(),
+                at: 13,
+                expires_at: 20,
+            },
+            Box::new(done),
+        ),
+        (
+            "registration for a bound key",
+            Command::CreateRegistration {
+                code: "zzzzzzzz12".into(),
+                fingerprint: i.ka.clone(),
+                public_key: "ssh-ed25519 AAAA".into(),
+                at: 13,
+                expires_at: 20,
+            },
+            err(|e| matches!(e, ApplyError::KeyTaken { .. })),
+        ),
+        (
+            "complete after expiry",
+            Command::CompleteRegistration {
+                code: "abcdefgh12".into(),
+                account: i.bob,
+                at: 21,
+            },
+            err(|e| matches!(e, ApplyError::Expired { .. })),
+        ),
+        (
+            "complete in time",
+            Command::CompleteRegistration {
+                code: "abcdefgh12".into(),
+                account: i.bob,
+                at: 15,
+            },
+            Box::new(done),
+        ),
+        (
+            "complete twice",
+            Command::CompleteRegistration {
+                code: "abcdefgh12".into(),
+                account: i.bob,
+                at: 15,
+            },
+            err(|e| matches!(e, ApplyError::NotFound { .. })),
+        ),
+    ]
+}
+
+#[test]
+fn scripted_history() {
+    let mut c = db();
+    for (name, cmd, check) in history() {
+        let before = digest(&c);
+        let r = apply(&mut c, &cmd);
+        assert!(check(&r), "{name}: got {r:?}");
+        if r.is_err() {
+            assert_eq!(before, digest(&c), "{name}: a refusal changed state");
+        } else {
+            // The JSON form round-trips (it is what the log stores).
+            let json = serde_json::to_string(&cmd).unwrap();
+            assert_eq!(
+                serde_json::from_str::<Command>(&json).unwrap(),
+                cmd,
+                "{name}"
+            );
+        }
+    }
+    let i = ids();
+    // Final state: alice owns app (.2) and app4 (.4); bob owns bobapp (.2); carol's key is bob's.
+    let names: Vec<(String, String)> = rows::vms(&c)
+        .unwrap()
+        .into_iter()
+        .map(|v| (v.name, v.public_ip.to_string()))
+        .collect();
+    assert_eq!(
+        names,
+        vec![
+            ("app".into(), "127.77.0.2".into()),
+            ("app4".into(), "127.77.0.4".into()),
+            ("bobapp".into(), "127.77.0.2".into()),
+        ]
+    );
+    assert_eq!(
+        rows::key_owner(&c, &Fingerprint::of_key_blob(b"carol")).unwrap(),
+        Some(i.bob)
+    );
+    let deleted: i64 = c
+        .query_row("SELECT COUNT(*) FROM deleted_vms", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(deleted, 0, "purged");
+}
+
+#[test]
+fn replay_is_deterministic() {
+    let (mut a, mut b) = (db(), db());
+    for (_, cmd, _) in history() {
+        let ra = apply(&mut a, &cmd);
+        let rb = apply(&mut b, &cmd);
+        assert_eq!(ra, rb);
+    }
+    assert_eq!(digest(&a), digest(&b));
+}
+
+#[test]
+fn pool_exhaustion_is_per_owner() {
+    let mut c = db();
+    let i = ids();
+    // 127.77.0.0/30: .0 network, .1 lobby, .3 broadcast: one address to hand out.
+    for cmd in [
+        init("127.77.0.0/30", 10),
+        account(i.alice, "alice"),
+        account(i.bob, "bob"),
+    ] {
+        assert!(apply(&mut c, &cmd).is_ok());
+    }
+    assert!(created("127.77.0.2")(&apply(
+        &mut c,
+        &vm(i.vm1, i.alice, "a1")
+    )));
+    let before = digest(&c);
+    let r = apply(&mut c, &vm(i.vm2, i.alice, "a2"));
+    assert!(matches!(r, Err(ApplyError::PoolExhausted { .. })), "{r:?}");
+    assert_eq!(before, digest(&c));
+    assert!(
+        created("127.77.0.2")(&apply(&mut c, &vm(i.vmb, i.bob, "b1"))),
+        "bob still gets one"
+    );
+}

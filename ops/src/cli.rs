@@ -1,0 +1,390 @@
+//! Command line: argument parsing, exit codes (0 ok, 1 failure, 2 bad usage or config) and the
+//! human output of `boxd admin`.
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::Duration;
+
+use boxd_controlplane::membership::Member;
+use boxd_controlplane::model::{Role, Vm};
+use clap::{Parser, Subcommand};
+
+use crate::admin::{self, Request};
+use crate::config::{Config, DEFAULT_TOML, default_data_dir};
+use crate::node::{self, NodeError, Start};
+use crate::status::NodeStatus;
+
+/// boxd: a cloud whose interface is SSH. One binary for every role.
+#[derive(Parser, Debug)]
+#[command(name = "boxd", version, propagate_version = true)]
+struct Cli {
+    /// Data directory [default: /var/lib/boxd as root, else $XDG_DATA_HOME/boxd]
+    #[arg(long, global = true, env = "BOXD_DATA_DIR", value_name = "DIR")]
+    data_dir: Option<PathBuf>,
+    /// Config file (TOML); without one the embedded defaults apply (`boxd config default`)
+    #[arg(long, global = true, env = "BOXD_CONFIG", value_name = "FILE")]
+    config: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand, Debug)]
+enum Cmd {
+    /// Run a single node with every role and embedded defaults, in the foreground
+    Up,
+    /// Found a new cluster with this node as its first control node, in the foreground
+    Init,
+    /// Join an existing cluster through any of its members, in the foreground
+    Join {
+        /// Raft/gRPC address of any member (IP:PORT)
+        addr: String,
+        /// Join token from `boxd admin join-token` (or printed by `boxd init`)
+        #[arg(long)]
+        token: String,
+        /// Roles for this node, comma-separated [default: node.roles from the config]
+        #[arg(long, value_delimiter = ',')]
+        role: Vec<Role>,
+    },
+    /// Resume a node whose data directory already holds its identity
+    Run,
+    /// Ask the running node over its admin socket
+    Admin {
+        /// Print the raw JSON reply
+        #[arg(long, global = true)]
+        json: bool,
+        #[command(subcommand)]
+        command: AdminCmd,
+    },
+    /// Configuration helpers
+    Config {
+        #[command(subcommand)]
+        command: ConfigCmd,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum AdminCmd {
+    /// Node, Raft and replication status
+    Status,
+    /// Cluster members with their roles and replication lag
+    Members,
+    /// VMs in the local replica
+    Vms,
+    /// Create a token that lets a node join with the given roles
+    JoinToken {
+        /// Roles the joining node may take, comma-separated
+        #[arg(long, value_delimiter = ',', required = true)]
+        role: Vec<Role>,
+        /// Validity, e.g. 30m, 24h, 7d
+        #[arg(long, default_value = "24h", value_parser = parse_duration)]
+        ttl: Duration,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum ConfigCmd {
+    /// Print the full default configuration with comments
+    Default,
+    /// Validate the file given with --config
+    Check,
+}
+
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (num, unit) = s.split_at(split);
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("`{s}` is not a duration: use e.g. 90s, 30m, 24h or 7d"))?;
+    let mult = match unit {
+        "" | "s" => 1,
+        "m" => 60,
+        "h" => 3600,
+        "d" => 86_400,
+        _ => return Err(format!("unknown unit `{unit}`: use s, m, h or d")),
+    };
+    n.checked_mul(mult)
+        .map(Duration::from_secs)
+        .ok_or_else(|| format!("`{s}` is too long"))
+}
+
+fn fail(code: u8, msg: impl std::fmt::Display) -> ExitCode {
+    eprintln!("boxd: {msg}");
+    ExitCode::from(code)
+}
+
+fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("BOXD_LOG").unwrap_or_else(|_| {
+        tracing_subscriber::EnvFilter::new("info,openraft=warn,h2=warn,tower=warn,hyper=warn")
+    });
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+}
+
+/// Entry point of the binary.
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Cmd::Config {
+            command: ConfigCmd::Default,
+        } => {
+            print!("{DEFAULT_TOML}");
+            ExitCode::SUCCESS
+        }
+        Cmd::Config {
+            command: ConfigCmd::Check,
+        } => match Config::load(cli.config.as_deref()) {
+            Ok(_) => {
+                println!("config ok");
+                ExitCode::SUCCESS
+            }
+            Err(e) => fail(2, e),
+        },
+        Cmd::Admin { json, command } => {
+            let data_dir = cli.data_dir.unwrap_or_else(default_data_dir);
+            let cfg = match Config::load(cli.config.as_deref()) {
+                Ok(c) => c,
+                Err(e) => return fail(2, e),
+            };
+            admin_command(&cfg.admin_socket(&data_dir), json, command)
+        }
+        cmd => {
+            let mut cfg = match Config::load(cli.config.as_deref()) {
+                Ok(c) => c,
+                Err(e) => return fail(2, e),
+            };
+            let start = match cmd {
+                Cmd::Up => {
+                    cfg.node.roles = Role::ALL.to_vec();
+                    Start::Up
+                }
+                Cmd::Init => Start::Init,
+                Cmd::Join { addr, token, role } => {
+                    if !role.is_empty() {
+                        let mut roles = role;
+                        roles.sort();
+                        roles.dedup();
+                        cfg.node.roles = roles;
+                    }
+                    Start::Join { seed: addr, token }
+                }
+                Cmd::Run => Start::Run,
+                Cmd::Admin { .. } | Cmd::Config { .. } => unreachable!("handled above"),
+            };
+            let data_dir = cli.data_dir.unwrap_or_else(default_data_dir);
+            init_logging();
+            run_node(start, cfg, data_dir)
+        }
+    }
+}
+
+fn run_node(start: Start, cfg: Config, data_dir: PathBuf) -> ExitCode {
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name("boxd-control")
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => return fail(1, format!("cannot start the runtime: {e}")),
+    };
+    let result = rt.block_on(node::run(start, cfg, data_dir, shutdown_signal()));
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(NodeError::Usage(m)) => fail(2, m),
+        Err(NodeError::Failed(m)) => fail(1, m),
+    }
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    match signal(SignalKind::terminate()) {
+        Ok(mut term) => {
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = term.recv() => {}
+            }
+        }
+        Err(_) => {
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
+}
+
+fn admin_command(socket: &Path, json: bool, command: AdminCmd) -> ExitCode {
+    let req = match &command {
+        AdminCmd::Status => Request::Status,
+        AdminCmd::Members => Request::Members,
+        AdminCmd::Vms => Request::Vms,
+        AdminCmd::JoinToken { role, ttl } => Request::JoinToken {
+            roles: role.clone(),
+            ttl_secs: ttl.as_secs(),
+        },
+    };
+    let rt = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => return fail(1, format!("cannot start the runtime: {e}")),
+    };
+    let reply = match rt.block_on(admin::call(socket, &req)) {
+        Ok(r) => r,
+        Err(e) => return fail(1, e),
+    };
+    if json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&reply).unwrap_or_default()
+        );
+        return if reply.ok {
+            ExitCode::SUCCESS
+        } else {
+            ExitCode::FAILURE
+        };
+    }
+    let Some(result) = reply.result.filter(|_| reply.ok) else {
+        return fail(1, reply.error.unwrap_or_else(|| "request failed".into()));
+    };
+    let printed = match command {
+        AdminCmd::Status => serde_json::from_value(result).map(|s| print_status(&s)),
+        AdminCmd::Members => serde_json::from_value(result).map(|m: Vec<Member>| print_members(&m)),
+        AdminCmd::Vms => serde_json::from_value(result).map(|v: Vec<Vm>| print_vms(&v)),
+        AdminCmd::JoinToken { role, .. } => {
+            let token = result["token"].as_str().unwrap_or_default();
+            let seed = result["seed"].as_str().unwrap_or_default();
+            let roles: Vec<&str> = role.iter().map(|r| r.as_str()).collect();
+            println!("{token}");
+            eprintln!(
+                "join with: boxd join {seed} --token {token} --role {}",
+                roles.join(",")
+            );
+            Ok(())
+        }
+    };
+    match printed {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => fail(1, format!("unexpected reply from boxd: {e}")),
+    }
+}
+
+fn opt<T: std::fmt::Display>(v: Option<T>) -> String {
+    v.map_or_else(|| "-".into(), |v| v.to_string())
+}
+
+fn ids(v: &[u64]) -> String {
+    if v.is_empty() {
+        "-".into()
+    } else {
+        v.iter().map(u64::to_string).collect::<Vec<_>>().join(",")
+    }
+}
+
+fn print_status(s: &NodeStatus) {
+    let r = &s.replica;
+    let serving: Vec<&str> = s.serving.iter().map(|r| r.as_str()).collect();
+    println!(
+        "node {} ({}) in cluster {}, zone {}",
+        s.node_id,
+        s.name,
+        s.cluster_id,
+        s.zone.as_deref().unwrap_or("-")
+    );
+    println!(
+        "  roles:     {} (serving: {})",
+        boxd_controlplane::model::roles_to_string(&s.roles),
+        serving.join(",")
+    );
+    println!(
+        "  raft:      {}, term {}, leader {} ({})",
+        r.state,
+        r.term,
+        opt(r.leader),
+        r.leader_addr.as_deref().unwrap_or("-")
+    );
+    println!(
+        "  log:       last {}, commit {}, applied {}, replica lag {}",
+        r.last_log_index, r.commit_index, r.applied_index, r.replica_lag
+    );
+    println!(
+        "  snapshots: at {}, purged up to {}, built {}, installed {}",
+        opt(r.snapshot_index),
+        opt(r.purged_index),
+        r.snapshots_built,
+        r.snapshots_installed
+    );
+    println!(
+        "  members:   voters {}; learners {}",
+        ids(&r.voters),
+        ids(&r.learners)
+    );
+    println!("  vms:       {}", s.vms);
+    println!("  data:      {}", s.data_dir.display());
+}
+
+fn print_members(members: &[Member]) {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64);
+    println!(
+        "{:<4} {:<16} {:<26} {:<22} {:<10} {:>6}  HEARTBEAT",
+        "ID", "NAME", "ROLES", "RAFT", "MEMBER", "LAG"
+    );
+    for m in members {
+        let hb = if m.last_heartbeat == 0 {
+            "-".into()
+        } else {
+            format!("{}s ago", now.saturating_sub(m.last_heartbeat) / 1000)
+        };
+        println!(
+            "{:<4} {:<16} {:<26} {:<22} {:<10} {:>6}  {hb}",
+            m.id,
+            m.name,
+            boxd_controlplane::model::roles_to_string(&m.roles),
+            m.raft_addr,
+            m.membership,
+            opt(m.lag)
+        );
+    }
+}
+
+fn print_vms(vms: &[Vm]) {
+    println!(
+        "{:<24} {:<16} {:<10} {:<10} {:<7} OWNER",
+        "NAME", "PUBLIC IP", "DESIRED", "OBSERVED", "WORKER"
+    );
+    for v in vms {
+        println!(
+            "{:<24} {:<16} {:<10} {:<10} {:<7} {}",
+            v.name,
+            v.public_ip,
+            v.desired,
+            v.observed,
+            opt(v.worker),
+            v.owner
+        );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("90"), Ok(Duration::from_secs(90)));
+        assert_eq!(parse_duration("30m"), Ok(Duration::from_secs(1800)));
+        assert_eq!(parse_duration("24h"), Ok(Duration::from_secs(86400)));
+        assert_eq!(parse_duration("7d"), Ok(Duration::from_secs(604_800)));
+        for bad in ["", "h", "5y", "-1h", "99999999999999999999d"] {
+            assert!(parse_duration(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn cli_definition_is_consistent() {
+        use clap::CommandFactory as _;
+        Cli::command().debug_assert();
+    }
+}

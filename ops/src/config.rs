@@ -1,0 +1,600 @@
+//! Typed configuration: TOML with `deny_unknown_fields`, a default for every field (so no file
+//! is needed), and `validate()` that names the field and the fix. `boxd config default` prints
+//! [`DEFAULT_TOML`], which a test keeps identical to `Config::default()`.
+
+use std::collections::BTreeSet;
+use std::net::{Ipv4Addr, SocketAddr};
+use std::path::{Path, PathBuf};
+
+use boxd_controlplane::RaftTuning;
+use boxd_controlplane::model::{Role, is_dns_label};
+use ipnet::Ipv4Net;
+use serde::{Deserialize, Serialize};
+
+/// The whole configuration file.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// This node.
+    pub node: NodeConfig,
+    /// Cluster-wide settings, fixed when the cluster is founded.
+    pub cluster: ClusterConfig,
+    /// Raft and the internal gRPC port.
+    pub raft: RaftConfig,
+    /// SSH front door.
+    pub ssh: SshConfig,
+    /// HTTPS front door.
+    pub https: HttpsConfig,
+    /// Authoritative DNS.
+    pub dns: DnsConfig,
+    /// Admin socket.
+    pub admin: AdminConfig,
+    /// Resources offered to VMs.
+    pub worker: WorkerConfig,
+}
+
+/// `[node]`
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct NodeConfig {
+    /// Display name; empty means the host name.
+    pub name: String,
+    /// Roles this node runs.
+    pub roles: Vec<Role>,
+    /// Seconds between heartbeats written through the log.
+    pub heartbeat_secs: u64,
+}
+
+impl Default for NodeConfig {
+    fn default() -> Self {
+        Self {
+            name: String::new(),
+            roles: Role::ALL.to_vec(),
+            heartbeat_secs: 10,
+        }
+    }
+}
+
+/// `[cluster]`
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ClusterConfig {
+    /// DNS zone VMs are named in.
+    pub zone: String,
+    /// Address of the lobby (`ssh <zone>`).
+    pub lobby: Ipv4Addr,
+    /// Public addresses handed to VMs.
+    pub public_pool: Ipv4Net,
+    /// VM quota of a new account.
+    pub max_vms_per_account: u32,
+}
+
+impl Default for ClusterConfig {
+    fn default() -> Self {
+        Self {
+            zone: "boxd.test".into(),
+            lobby: Ipv4Addr::new(127, 77, 0, 1),
+            public_pool: Ipv4Net::new(Ipv4Addr::new(127, 77, 0, 0), 16)
+                .unwrap_or_else(|_| Ipv4Net::default()),
+            max_vms_per_account: 20,
+        }
+    }
+}
+
+/// `[raft]`
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RaftConfig {
+    /// Address the Raft/gRPC port listens on.
+    pub listen: SocketAddr,
+    /// Address other members use; empty means `listen`.
+    pub advertise: String,
+    /// Leader heartbeat, milliseconds.
+    pub heartbeat_ms: u64,
+    /// Election timeout lower bound, milliseconds.
+    pub election_min_ms: u64,
+    /// Election timeout upper bound, milliseconds.
+    pub election_max_ms: u64,
+    /// Snapshot after this many entries.
+    pub snapshot_every: u64,
+    /// Entries kept after a snapshot.
+    pub logs_kept: u64,
+    /// How long a write waits for a leader, milliseconds.
+    pub write_timeout_ms: u64,
+}
+
+impl Default for RaftConfig {
+    fn default() -> Self {
+        let t = RaftTuning::default();
+        Self {
+            listen: SocketAddr::from(([127, 0, 0, 1], 7000)),
+            advertise: String::new(),
+            heartbeat_ms: t.heartbeat_ms,
+            election_min_ms: t.election_min_ms,
+            election_max_ms: t.election_max_ms,
+            snapshot_every: t.snapshot_every,
+            logs_kept: t.logs_kept,
+            write_timeout_ms: t.write_timeout_ms,
+        }
+    }
+}
+
+impl RaftConfig {
+    /// Timing handed to the replica.
+    pub fn tuning(&self) -> RaftTuning {
+        RaftTuning {
+            heartbeat_ms: self.heartbeat_ms,
+            election_min_ms: self.election_min_ms,
+            election_max_ms: self.election_max_ms,
+            snapshot_every: self.snapshot_every,
+            logs_kept: self.logs_kept,
+            write_timeout_ms: self.write_timeout_ms,
+        }
+    }
+
+    /// The address other members use.
+    pub fn advertise_addr(&self) -> String {
+        if self.advertise.is_empty() {
+            self.listen.to_string()
+        } else {
+            self.advertise.clone()
+        }
+    }
+}
+
+/// `[ssh]`
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SshConfig {
+    /// Listen address; only connections addressed to the lobby or a pool address are served.
+    pub listen: SocketAddr,
+}
+
+impl Default for SshConfig {
+    fn default() -> Self {
+        Self {
+            listen: SocketAddr::from(([0, 0, 0, 0], 2222)),
+        }
+    }
+}
+
+/// `[https]`
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HttpsConfig {
+    /// TLS listen address.
+    pub listen: SocketAddr,
+    /// Plain HTTP listen address that redirects to HTTPS.
+    pub redirect_listen: SocketAddr,
+}
+
+impl Default for HttpsConfig {
+    fn default() -> Self {
+        Self {
+            listen: SocketAddr::from(([0, 0, 0, 0], 8443)),
+            redirect_listen: SocketAddr::from(([0, 0, 0, 0], 8080)),
+        }
+    }
+}
+
+/// `[dns]`
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DnsConfig {
+    /// UDP and TCP listen address.
+    pub listen: SocketAddr,
+}
+
+impl Default for DnsConfig {
+    fn default() -> Self {
+        Self {
+            listen: SocketAddr::from(([127, 0, 0, 1], 5353)),
+        }
+    }
+}
+
+/// `[admin]`
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct AdminConfig {
+    /// Socket path; empty means `<data-dir>/admin.sock`.
+    pub socket: String,
+}
+
+/// `[worker]`
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct WorkerConfig {
+    /// vCPUs offered to VMs; 0 means four per host CPU.
+    pub vcpus: u32,
+    /// Memory offered to VMs in MiB; 0 means the host's memory minus 1 GiB.
+    pub memory_mib: u64,
+    /// Disk offered to VMs in GiB; 0 means the free space of the data directory.
+    pub disk_gib: u64,
+}
+
+/// A configuration problem, naming the field and the fix.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        /// Path.
+        path: PathBuf,
+        /// Cause.
+        source: std::io::Error,
+    },
+    /// The file is not valid TOML for this schema.
+    #[error("config file {path}: {message}")]
+    Parse {
+        /// Path.
+        path: PathBuf,
+        /// Field, position and cause.
+        message: String,
+    },
+    /// A value is out of bounds.
+    #[error("config field `{field}`: {message}")]
+    Invalid {
+        /// Dotted field name.
+        field: &'static str,
+        /// What is wrong and what to do.
+        message: String,
+    },
+}
+
+fn invalid(field: &'static str, message: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        field,
+        message: message.into(),
+    }
+}
+
+impl Config {
+    /// Parses TOML text (`path` is only used in messages).
+    pub fn parse(text: &str, path: &Path) -> Result<Self, ConfigError> {
+        let de = toml::Deserializer::parse(text).map_err(|e| ConfigError::Parse {
+            path: path.to_owned(),
+            message: e.to_string().trim_end().replace('\n', "\n  "),
+        })?;
+        let cfg: Config = serde_path_to_error::deserialize(de).map_err(|e| {
+            let field = e.path().to_string();
+            let inner = e.into_inner();
+            let span = inner
+                .span()
+                .map(|s| line_col(text, s.start))
+                .map(|(l, c)| format!(" (line {l}, column {c})"))
+                .unwrap_or_default();
+            let message = inner.message().trim_end().to_owned();
+            ConfigError::Parse {
+                path: path.to_owned(),
+                message: if field == "." || field.is_empty() {
+                    format!("{message}{span}")
+                } else {
+                    format!("field `{field}`: {message}{span}")
+                },
+            }
+        })?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    /// Reads and validates `path`, or returns the defaults when `path` is `None`.
+    pub fn load(path: Option<&Path>) -> Result<Self, ConfigError> {
+        match path {
+            None => Ok(Self::default()),
+            Some(p) => {
+                let text = std::fs::read_to_string(p).map_err(|source| ConfigError::Read {
+                    path: p.to_owned(),
+                    source,
+                })?;
+                Self::parse(&text, p)
+            }
+        }
+    }
+
+    /// Checks values that types cannot express.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let zone = &self.cluster.zone;
+        if zone.is_empty() || zone.len() > 200 || !zone.split('.').all(is_dns_label) {
+            return Err(invalid(
+                "cluster.zone",
+                format!(
+                    "`{zone}` is not a DNS zone: use dot-separated labels of lowercase letters, digits and '-', e.g. \"boxd.test\""
+                ),
+            ));
+        }
+        let settings = boxd_controlplane::model::ClusterSettings {
+            cluster_id: uuid::Uuid::nil(),
+            zone: zone.clone(),
+            lobby: self.cluster.lobby,
+            public_pool: self.cluster.public_pool,
+            max_vms_per_account: self.cluster.max_vms_per_account,
+            created_at: 0,
+        };
+        if settings.assignable_count() == 0 {
+            return Err(invalid(
+                "cluster.public_pool",
+                format!(
+                    "{} leaves no address for VMs once the lobby, network and broadcast addresses are excluded: use a larger pool",
+                    self.cluster.public_pool
+                ),
+            ));
+        }
+        if self.cluster.max_vms_per_account == 0 {
+            return Err(invalid(
+                "cluster.max_vms_per_account",
+                "0 would forbid every VM: use 1 or more",
+            ));
+        }
+        let roles: BTreeSet<Role> = self.node.roles.iter().copied().collect();
+        if roles.is_empty() {
+            return Err(invalid(
+                "node.roles",
+                "a node needs at least one role: use some of \"control\", \"worker\", \"proxy\", \"dns\"",
+            ));
+        }
+        if roles.len() != self.node.roles.len() {
+            return Err(invalid(
+                "node.roles",
+                "a role is listed twice: list each once",
+            ));
+        }
+        if self.node.heartbeat_secs == 0 {
+            return Err(invalid("node.heartbeat_secs", "use 1 or more seconds"));
+        }
+        let r = &self.raft;
+        if r.heartbeat_ms == 0 {
+            return Err(invalid("raft.heartbeat_ms", "use 1 or more milliseconds"));
+        }
+        if r.election_min_ms < 3 * r.heartbeat_ms {
+            return Err(invalid(
+                "raft.election_min_ms",
+                format!(
+                    "{} ms is less than three heartbeats ({} ms): raise it, or lower raft.heartbeat_ms",
+                    r.election_min_ms,
+                    3 * r.heartbeat_ms
+                ),
+            ));
+        }
+        if r.election_max_ms <= r.election_min_ms {
+            return Err(invalid(
+                "raft.election_max_ms",
+                format!(
+                    "must be greater than raft.election_min_ms ({} ms)",
+                    r.election_min_ms
+                ),
+            ));
+        }
+        if r.snapshot_every == 0 {
+            return Err(invalid("raft.snapshot_every", "use 1 or more entries"));
+        }
+        if r.write_timeout_ms < r.election_max_ms {
+            return Err(invalid(
+                "raft.write_timeout_ms",
+                "must be at least raft.election_max_ms, or writes fail during every election",
+            ));
+        }
+        if !r.advertise.is_empty() && r.advertise.parse::<SocketAddr>().is_err() {
+            return Err(invalid(
+                "raft.advertise",
+                format!(
+                    "`{}` is not IP:PORT (leave it empty to use raft.listen)",
+                    r.advertise
+                ),
+            ));
+        }
+        if r.advertise.is_empty() && r.listen.ip().is_unspecified() {
+            return Err(invalid(
+                "raft.advertise",
+                format!(
+                    "raft.listen is {} which other nodes cannot dial: set raft.advertise to this node's reachable IP:PORT",
+                    r.listen
+                ),
+            ));
+        }
+        let listeners: [(&'static str, SocketAddr); 4] = [
+            ("ssh.listen", self.ssh.listen),
+            ("https.listen", self.https.listen),
+            ("https.redirect_listen", self.https.redirect_listen),
+            ("raft.listen", self.raft.listen),
+        ];
+        for (i, (name, addr)) in listeners.iter().enumerate() {
+            if let Some((other, _)) = listeners[..i].iter().find(|(_, a)| {
+                a.port() == addr.port()
+                    && (a.ip() == addr.ip()
+                        || a.ip().is_unspecified()
+                        || addr.ip().is_unspecified())
+            }) {
+                return Err(invalid(
+                    name,
+                    format!("{addr} collides with {other}: give each listener its own port"),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// The admin socket path for `data_dir`.
+    pub fn admin_socket(&self, data_dir: &Path) -> PathBuf {
+        if self.admin.socket.is_empty() {
+            data_dir.join("admin.sock")
+        } else {
+            PathBuf::from(&self.admin.socket)
+        }
+    }
+}
+
+fn line_col(text: &str, offset: usize) -> (usize, usize) {
+    let before = &text[..offset.min(text.len())];
+    let line = before.matches('\n').count() + 1;
+    let col = before.len() - before.rfind('\n').map_or(0, |i| i + 1) + 1;
+    (line, col)
+}
+
+/// The default data directory: `/var/lib/boxd` as root, else `$XDG_DATA_HOME/boxd` (or
+/// `~/.local/share/boxd`).
+pub fn default_data_dir() -> PathBuf {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    let root = unsafe { libc::geteuid() } == 0;
+    if root {
+        return PathBuf::from("/var/lib/boxd");
+    }
+    if let Some(x) = std::env::var_os("XDG_DATA_HOME").filter(|v| !v.is_empty()) {
+        return PathBuf::from(x).join("boxd");
+    }
+    let home = std::env::var_os("HOME").unwrap_or_else(|| ".".into());
+    PathBuf::from(home).join(".local/share/boxd")
+}
+
+/// The full default configuration with comments (`boxd config default`).
+pub const DEFAULT_TOML: &str = r#"# boxd configuration. Every field is optional: a missing field takes the value shown here.
+# `boxd up` needs no file at all; these are its embedded defaults.
+
+[node]
+# Display name of this node; empty means the host name.
+name = ""
+# Roles this node runs: control (Raft voter, API, scheduler), worker (runs VMs),
+# proxy (SSH and HTTPS front door), dns (authoritative DNS). Non-control roles replicate
+# the state as Raft learners.
+roles = ["control", "worker", "proxy", "dns"]
+# Seconds between heartbeats this node writes through the log.
+heartbeat_secs = 10
+
+[cluster]
+# Fixed when the cluster is founded (`boxd init` / `boxd up`); later changes are ignored.
+# DNS zone: VMs are <name>.<zone>.
+zone = "boxd.test"
+# Lobby address: `ssh <zone>` resolves here.
+lobby = "127.77.0.1"
+# Public addresses handed to VMs (the lobby, network and broadcast addresses excluded).
+# An address is unique among one owner's VMs and shared across owners.
+public_pool = "127.77.0.0/16"
+# VM quota of a new account.
+max_vms_per_account = 20
+
+[raft]
+# Raft and internal gRPC port.
+listen = "127.0.0.1:7000"
+# Address other nodes dial; empty means `listen`.
+advertise = ""
+# Leader heartbeat and election timeouts, milliseconds.
+heartbeat_ms = 100
+election_min_ms = 500
+election_max_ms = 1000
+# Build a snapshot after this many log entries; keep this many entries after it.
+snapshot_every = 10000
+logs_kept = 1000
+# How long a write waits for a leader before failing, milliseconds.
+write_timeout_ms = 10000
+
+[ssh]
+# Listens on every address; serves only connections addressed to the lobby or a pool address.
+listen = "0.0.0.0:2222"
+
+[https]
+listen = "0.0.0.0:8443"
+# Plain HTTP, redirected to HTTPS.
+redirect_listen = "0.0.0.0:8080"
+
+[dns]
+# UDP and TCP.
+listen = "127.0.0.1:5353"
+
+[admin]
+# Unix socket for `boxd admin`; empty means <data-dir>/admin.sock. Mode 0600.
+socket = ""
+
+[worker]
+# Resources offered to VMs; 0 means detect: four vCPUs per host CPU, host memory minus 1 GiB,
+# free space of the data directory.
+vcpus = 0
+memory_mib = 0
+disk_gib = 0
+"#;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn keys(t: &toml::Table, prefix: &str, out: &mut Vec<String>) {
+        for (k, v) in t {
+            let name = format!("{prefix}{k}");
+            match v {
+                toml::Value::Table(inner) => keys(inner, &format!("{name}."), out),
+                _ => out.push(name),
+            }
+        }
+    }
+
+    #[test]
+    fn default_text_is_the_default_config_and_names_every_field() {
+        let parsed = Config::parse(DEFAULT_TOML, Path::new("default")).unwrap();
+        assert_eq!(parsed, Config::default());
+        let mut documented = Vec::new();
+        keys(
+            &DEFAULT_TOML.parse::<toml::Table>().unwrap(),
+            "",
+            &mut documented,
+        );
+        let mut all = Vec::new();
+        keys(
+            &toml::Table::try_from(Config::default()).unwrap(),
+            "",
+            &mut all,
+        );
+        documented.sort();
+        all.sort();
+        assert_eq!(documented, all);
+    }
+
+    #[test]
+    fn empty_file_is_the_default() {
+        assert_eq!(
+            Config::parse("", Path::new("x")).unwrap(),
+            Config::default()
+        );
+    }
+
+    fn err(text: &str) -> String {
+        Config::parse(text, Path::new("boxd.toml"))
+            .unwrap_err()
+            .to_string()
+    }
+
+    #[test]
+    fn errors_name_the_field_and_the_fix() {
+        let cases = [
+            ("[cluster]\nzone = 5\n", "cluster.zone"),
+            ("[cluster]\nzonee = \"x\"\n", "zonee"),
+            ("[clusterr]\n", "clusterr"),
+            ("[cluster]\nzone = \"Boxd Test\"\n", "cluster.zone"),
+            ("[cluster]\nlobby = \"300.1.1.1\"\n", "cluster.lobby"),
+            (
+                "[cluster]\npublic_pool = \"127.77.0.1/32\"\n",
+                "cluster.public_pool",
+            ),
+            ("[node]\nroles = []\n", "node.roles"),
+            ("[node]\nroles = [\"web\"]\n", "node.roles"),
+            ("[raft]\nelection_min_ms = 100\n", "raft.election_min_ms"),
+            ("[raft]\nlisten = \"0.0.0.0:7000\"\n", "raft.advertise"),
+            ("[ssh]\nlisten = \"0.0.0.0:7000\"\n", "raft.listen"),
+            ("[raft]\nheartbeat_ms = -1\n", "raft.heartbeat_ms"),
+            ("not toml", "boxd.toml"),
+        ];
+        for (text, field) in cases {
+            let e = err(text);
+            assert!(e.contains(field), "{text:?} -> {e}");
+        }
+        assert!(err("[cluster]\nzone = 5\n").contains("line 2"));
+    }
+
+    #[test]
+    fn advertise_defaults_to_listen() {
+        let c = Config::default();
+        assert_eq!(c.raft.advertise_addr(), "127.0.0.1:7000");
+        assert_eq!(
+            c.admin_socket(Path::new("/d")),
+            PathBuf::from("/d/admin.sock")
+        );
+    }
+}

@@ -1,0 +1,10 @@
+//! The `boxd` binary's library: configuration, the admin socket, node composition and the CLI
+//! entry points. The binary (`main.rs`) only parses arguments and calls [`cli::main`].
+
+pub mod admin;
+pub mod cli;
+pub mod config;
+pub mod host;
+pub mod identity;
+pub mod node;
+pub mod status;

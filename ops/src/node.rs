@@ -1,0 +1,421 @@
+//! Running a node: composes the roles this build has into one process, around the replica.
+//!
+//! Start-up order: lock the data directory, bind the Raft/gRPC port (fail early and clearly),
+//! settle the node's identity (found, join or resume), open the replica and serve the internal
+//! gRPC services, open the admin socket, then start the role loops. "ready" is printed once the
+//! node has a leader and has applied what it knew to be committed.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use boxd_controlplane::membership::{self, Founding, SelfInfo};
+use boxd_controlplane::model::{Role, Roles, roles_to_string};
+use boxd_controlplane::rpc::{pb, server};
+use boxd_controlplane::{Replica, ReplicaConfig, SystemClock, controller, token};
+use tokio::net::{TcpListener, UnixListener};
+use tokio::sync::watch;
+use uuid::Uuid;
+
+use crate::admin;
+use crate::config::Config;
+use crate::identity::Identity;
+use crate::status::AdminContext;
+
+/// How the node starts.
+#[derive(Clone, Debug)]
+pub enum Start {
+    /// Single node, every role: found a cluster on first start, resume afterwards.
+    Up,
+    /// Found a cluster (resume if this data directory already holds one).
+    Init,
+    /// Join the cluster that `seed` belongs to (resume if already joined).
+    Join {
+        /// Any member's Raft/gRPC address.
+        seed: String,
+        /// Join token.
+        token: String,
+    },
+    /// Resume a node whose data directory is initialised.
+    Run,
+}
+
+/// Why the node stopped with an error.
+#[derive(Debug, thiserror::Error)]
+pub enum NodeError {
+    /// The invocation or environment is wrong (exit code 2).
+    #[error("{0}")]
+    Usage(String),
+    /// Something failed at run time (exit code 1).
+    #[error("{0}")]
+    Failed(String),
+}
+
+fn failed(context: &str) -> impl FnOnce(String) -> NodeError + '_ {
+    move |e| NodeError::Failed(format!("{context}: {e}"))
+}
+
+/// Roles whose services this build contains.
+pub const BUILT_ROLES: [Role; 1] = [Role::Control];
+
+/// Runs a node until `shutdown` resolves.
+pub async fn run(
+    start: Start,
+    cfg: Config,
+    data_dir: PathBuf,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> Result<(), NodeError> {
+    create_private_dir(&data_dir).map_err(|e| {
+        NodeError::Usage(format!(
+            "cannot create data directory {}: {e} (choose another with --data-dir)",
+            data_dir.display()
+        ))
+    })?;
+    let _lock = lock(&data_dir)?;
+    let existing = Identity::load(&data_dir).map_err(NodeError::Usage)?;
+    if matches!(start, Start::Run) && existing.is_none() {
+        return Err(NodeError::Usage(format!(
+            "{} holds no node yet: run `boxd init`, `boxd join` or `boxd up` first",
+            data_dir.display()
+        )));
+    }
+    let listener = TcpListener::bind(cfg.raft.listen).await.map_err(|e| {
+        NodeError::Usage(format!(
+            "cannot listen on raft.listen {}: {e} (is another boxd running? set raft.listen in the config)",
+            cfg.raft.listen
+        ))
+    })?;
+    let roles: Roles = cfg.node.roles.iter().copied().collect();
+    let me = SelfInfo {
+        uuid: existing.as_ref().map_or_else(Uuid::new_v4, |i| i.uuid),
+        name: if cfg.node.name.is_empty() {
+            crate::host::hostname()
+        } else {
+            cfg.node.name.clone()
+        },
+        roles: roles.clone(),
+        capacity: crate::host::capacity(&cfg.worker, &data_dir),
+    };
+    let advertise = cfg.raft.advertise_addr();
+    let identity = match existing {
+        Some(id) => {
+            if let Start::Join { .. } = start {
+                tracing::info!("already a member of cluster {}; resuming", id.cluster_id);
+            }
+            id
+        }
+        None => {
+            let id = match &start {
+                Start::Up | Start::Init => founder_identity(me.uuid),
+                Start::Join { seed, token } => join(seed, token, &me, &advertise).await?,
+                Start::Run => unreachable!("checked above"),
+            };
+            id.store(&data_dir)
+                .map_err(|e| NodeError::Failed(format!("cannot write node identity: {e}")))?;
+            id
+        }
+    };
+
+    let replica = Replica::open(
+        ReplicaConfig {
+            data_dir: data_dir.clone(),
+            node_id: identity.node_id,
+            advertise: advertise.clone(),
+            peer_key: identity.peer_key.clone(),
+            tuning: cfg.raft.tuning(),
+        },
+        Arc::new(SystemClock),
+    )
+    .await
+    .map_err(|e| NodeError::Failed(format!("cannot open the replica: {e}")))?;
+
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let grpc = tokio::spawn(serve_grpc(
+        listener,
+        server::services(&replica, &identity.peer_key),
+        stop_rx.clone(),
+    ));
+
+    let socket_path = cfg.admin_socket(&data_dir);
+    let admin_listener = bind_admin(&socket_path)?;
+    let ctx = Arc::new(AdminContext {
+        replica: Arc::clone(&replica),
+        identity: identity.clone(),
+        name: me.name.clone(),
+        roles: roles.clone(),
+        data_dir: data_dir.clone(),
+    });
+    let admin_task = tokio::spawn(admin::serve(admin_listener, ctx, stop_rx.clone()));
+
+    let not_built: Vec<&str> = roles
+        .iter()
+        .filter(|r| !BUILT_ROLES.contains(r))
+        .map(|r| r.as_str())
+        .collect();
+    if !not_built.is_empty() {
+        tracing::warn!(
+            roles = %not_built.join(","),
+            "these roles are not built into this boxd yet: the node replicates state for them but serves nothing"
+        );
+    }
+
+    let settle = settle(
+        Arc::clone(&replica),
+        start.clone(),
+        identity.clone(),
+        me.clone(),
+        cfg.clone(),
+        stop_rx.clone(),
+        Ready {
+            socket: socket_path.clone(),
+            data_dir: data_dir.clone(),
+            advertise,
+        },
+    );
+    let settle = tokio::spawn(settle);
+
+    let result = tokio::select! {
+        () = shutdown => Ok(()),
+        reason = replica.fatal() => {
+            tracing::error!(%reason, "raft stopped on a fatal error; exiting");
+            Err(NodeError::Failed(format!("raft stopped: {reason}")))
+        }
+    };
+    tracing::info!("shutting down");
+    let _ = stop_tx.send(true);
+    settle.abort();
+    let _ = admin_task.await;
+    replica.shutdown().await;
+    let _ = grpc.await;
+    let _ = std::fs::remove_file(&socket_path);
+    result
+}
+
+struct Ready {
+    socket: PathBuf,
+    data_dir: PathBuf,
+    advertise: String,
+}
+
+/// Brings the node into the cluster (found / catch up / register), prints "ready" and starts
+/// the role loops.
+async fn settle(
+    replica: Arc<Replica>,
+    start: Start,
+    identity: Identity,
+    me: SelfInfo,
+    cfg: Config,
+    stop: watch::Receiver<bool>,
+    ready: Ready,
+) {
+    // A founder that crashed before its settings were committed founds again (idempotent);
+    // every other start waits for the cluster and (re-)registers this node.
+    let settled = replica.reader().settings().await.ok().flatten().is_some();
+    match &identity.secret {
+        Some(secret) if !settled => {
+            let founding = Founding {
+                zone: cfg.cluster.zone.clone(),
+                lobby: cfg.cluster.lobby,
+                public_pool: cfg.cluster.public_pool,
+                max_vms_per_account: cfg.cluster.max_vms_per_account,
+            };
+            let mut delay = Duration::from_millis(200);
+            loop {
+                tracing::info!("founding the cluster");
+                match membership::found(&replica, identity.cluster_id, secret, &founding, &me).await
+                {
+                    Ok(()) => break,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "founding the cluster: retrying");
+                        tokio::time::sleep(delay).await;
+                        delay = (delay * 2).min(Duration::from_secs(5));
+                    }
+                }
+            }
+        }
+        _ => {
+            loop {
+                tracing::info!("waiting for a leader and catching up");
+                match replica.wait_ready(Duration::from_secs(30)).await {
+                    Ok(leader) => {
+                        tracing::info!(leader, "caught up");
+                        break;
+                    }
+                    Err(e) => tracing::warn!(error = %e, "waiting for the cluster"),
+                }
+            }
+            let id = identity.secret.as_ref().map(|_| replica.id());
+            loop {
+                match membership::register(&replica, id, &me).await {
+                    Ok(_) => break,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "registering this node: retrying");
+                        tokio::time::sleep(Duration::from_secs(1)).await;
+                    }
+                }
+            }
+        }
+    }
+
+    let serving: Vec<&str> = me
+        .roles
+        .iter()
+        .filter(|r| BUILT_ROLES.contains(r))
+        .map(|r| r.as_str())
+        .collect();
+    println!(
+        "boxd ready: node={} roles={} serving={} cluster={} zone={} raft={} admin={} data={}",
+        replica.id(),
+        roles_to_string(&me.roles),
+        serving.join(","),
+        identity.cluster_id,
+        replica
+            .view()
+            .current()
+            .zone()
+            .unwrap_or(cfg.cluster.zone.as_str()),
+        ready.advertise,
+        ready.socket.display(),
+        ready.data_dir.display(),
+    );
+    if matches!(start, Start::Init) {
+        let others: Roles = Role::ALL
+            .into_iter()
+            .filter(|r| *r != Role::Control)
+            .collect();
+        if let Ok(t) =
+            membership::join_token(&replica, others.clone(), Duration::from_secs(24 * 3600)).await
+        {
+            println!(
+                "join other nodes (token valid 24 h): boxd join {} --token {t} --role {}",
+                ready.advertise,
+                roles_to_string(&others)
+            );
+        }
+    }
+
+    let heartbeat = Duration::from_secs(cfg.node.heartbeat_secs);
+    tokio::spawn(controller::heartbeat(
+        Arc::clone(&replica),
+        me.capacity,
+        heartbeat,
+        stop.clone(),
+    ));
+    if me.roles.contains(&Role::Control) {
+        let liveness = cfg.node.heartbeat_secs.saturating_mul(3000);
+        tokio::spawn(controller::leader_duties(replica, liveness, stop));
+    }
+}
+
+fn founder_identity(uuid: Uuid) -> Identity {
+    let secret = hex::encode(rand::random::<[u8; 32]>());
+    // The secret is freshly generated hex, so deriving the peer key cannot fail.
+    let peer_key = token::peer_key(&secret).unwrap_or_default();
+    Identity {
+        uuid,
+        node_id: 1,
+        cluster_id: Uuid::new_v4(),
+        peer_key,
+        secret: Some(secret),
+    }
+}
+
+async fn join(
+    seed: &str,
+    token: &str,
+    me: &SelfInfo,
+    advertise: &str,
+) -> Result<Identity, NodeError> {
+    let req = pb::JoinRequest {
+        token: token.to_owned(),
+        uuid: me.uuid.to_string(),
+        name: me.name.clone(),
+        roles: me.roles.iter().map(|r| r.as_str().to_owned()).collect(),
+        raft_addr: advertise.to_owned(),
+        vcpus: me.capacity.vcpus,
+        memory_mib: me.capacity.memory_mib,
+        disk_gib: me.capacity.disk_gib,
+    };
+    let reply = membership::request_join(seed, req, Duration::from_secs(60))
+        .await
+        .map_err(|s| match s.code() {
+            tonic::Code::PermissionDenied | tonic::Code::InvalidArgument => {
+                NodeError::Usage(format!("join refused by {seed}: {}", s.message()))
+            }
+            _ => NodeError::Failed(format!("cannot join through {seed}: {}", s.message())),
+        })?;
+    let cluster_id = reply
+        .cluster_id
+        .parse()
+        .map_err(|_| NodeError::Failed("the cluster sent a malformed cluster id".into()))?;
+    tracing::info!(node = reply.node_id, %cluster_id, "joined");
+    Ok(Identity {
+        uuid: me.uuid,
+        node_id: reply.node_id,
+        cluster_id,
+        peer_key: reply.peer_key,
+        secret: None,
+    })
+}
+
+async fn serve_grpc(
+    listener: TcpListener,
+    services: server::Services,
+    mut stop: watch::Receiver<bool>,
+) {
+    let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+    let result = tonic::transport::Server::builder()
+        .tcp_nodelay(true)
+        .add_service(services.raft)
+        .add_service(services.cluster)
+        .add_service(services.join)
+        .serve_with_incoming_shutdown(
+            incoming,
+            async move { controller::stopped(&mut stop).await },
+        )
+        .await;
+    if let Err(e) = result {
+        tracing::error!(error = %e, "gRPC server stopped");
+    }
+}
+
+fn create_private_dir(dir: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::DirBuilderExt as _;
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+}
+
+fn lock(dir: &Path) -> Result<std::fs::File, NodeError> {
+    let path = dir.join("lock");
+    let f = std::fs::File::create(&path)
+        .map_err(|e| NodeError::Usage(format!("cannot create {}: {e}", path.display())))?;
+    match f.try_lock() {
+        Ok(()) => Ok(f),
+        Err(std::fs::TryLockError::WouldBlock) => Err(NodeError::Usage(format!(
+            "{} is in use by another boxd process: stop it, or pass another --data-dir",
+            dir.display()
+        ))),
+        Err(std::fs::TryLockError::Error(e)) => {
+            Err(failed("locking the data directory")(e.to_string()))
+        }
+    }
+}
+
+fn bind_admin(path: &Path) -> Result<UnixListener, NodeError> {
+    use std::os::unix::fs::PermissionsExt as _;
+    if path.exists() {
+        // The data directory lock is ours, so a socket file left here is stale.
+        let _ = std::fs::remove_file(path);
+    }
+    let listener = UnixListener::bind(path).map_err(|e| {
+        NodeError::Usage(format!(
+            "cannot create the admin socket {}: {e} (set admin.socket in the config)",
+            path.display()
+        ))
+    })?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
+        .map_err(|e| failed("admin socket permissions")(e.to_string()))?;
+    Ok(listener)
+}

@@ -1,0 +1,225 @@
+//! Harness for end-to-end tests: starts the built `boxd` binary as separate processes, reads
+//! their "ready" lines, talks to their admin sockets and kills them like an operator (or a
+//! crash) would. Nothing here reaches into boxd's internals.
+
+#![allow(clippy::unwrap_used, clippy::missing_panics_doc)]
+
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+/// The `boxd` binary under test: `$BOXD_BIN`, or `target/<profile>/boxd` next to this test.
+pub fn boxd_bin() -> PathBuf {
+    if let Some(p) = std::env::var_os("BOXD_BIN") {
+        return PathBuf::from(p);
+    }
+    let exe = std::env::current_exe().unwrap();
+    // target/<profile>/deps/<test> -> target/<profile>/boxd
+    let bin = exe.parent().unwrap().parent().unwrap().join("boxd");
+    assert!(
+        bin.exists(),
+        "{} is missing: build it first with `cargo build -p boxd` (ops/test does)",
+        bin.display()
+    );
+    bin
+}
+
+/// A running (or stopped) boxd process.
+pub struct Node {
+    /// Its data directory.
+    pub data_dir: PathBuf,
+    /// Its config file.
+    pub config: PathBuf,
+    child: Option<Child>,
+    lines: mpsc::Receiver<String>,
+    /// Where its stderr goes.
+    pub log: PathBuf,
+}
+
+/// Writes a config file for a node listening on `raft` with fast test timings.
+pub fn write_config(dir: &Path, name: &str, raft: &str, extra: &str) -> PathBuf {
+    let p = dir.join(format!("{name}.toml"));
+    std::fs::write(
+        &p,
+        format!(
+            "[node]\nname = \"{name}\"\nheartbeat_secs = 60\n\n[raft]\nlisten = \"{raft}\"\n{extra}\n"
+        ),
+    )
+    .unwrap();
+    p
+}
+
+impl Node {
+    /// Starts `boxd <args> --data-dir <dir> --config <config>`.
+    pub fn start(args: &[&str], data_dir: &Path, config: &Path) -> Node {
+        let log = data_dir.with_extension("log");
+        let stderr = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log)
+            .unwrap();
+        let mut child = Command::new(boxd_bin())
+            .args(args)
+            .arg("--data-dir")
+            .arg(data_dir)
+            .arg("--config")
+            .arg(config)
+            .env("BOXD_LOG", "info,openraft=warn")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(stderr)
+            .spawn()
+            .unwrap();
+        let (tx, rx) = mpsc::channel();
+        let out = child.stdout.take().unwrap();
+        std::thread::spawn(move || {
+            for line in BufReader::new(out).lines().map_while(Result::ok) {
+                if tx.send(line).is_err() {
+                    return;
+                }
+            }
+        });
+        Node {
+            data_dir: data_dir.to_owned(),
+            config: config.to_owned(),
+            child: Some(child),
+            lines: rx,
+            log,
+        }
+    }
+
+    /// Waits for the "boxd ready:" line and returns it.
+    pub fn wait_ready(&self, timeout: Duration) -> String {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(l) if l.starts_with("boxd ready:") => return l,
+                Ok(_) => {}
+                Err(_) => panic!(
+                    "{} not ready within {timeout:?}; log:\n{}",
+                    self.data_dir.display(),
+                    std::fs::read_to_string(&self.log).unwrap_or_default()
+                ),
+            }
+        }
+    }
+
+    /// Further stdout lines received so far.
+    pub fn drain_stdout(&self) -> Vec<String> {
+        self.lines.try_iter().collect()
+    }
+
+    /// Sends SIGKILL and reaps the process.
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Sends SIGTERM and waits for the exit status.
+    pub fn terminate(&mut self) -> std::process::ExitStatus {
+        let mut c = self.child.take().expect("node is running");
+        let pid = i32::try_from(c.id()).unwrap();
+        // SAFETY: kill(2) with a pid we spawned and a valid signal number.
+        unsafe { libc::kill(pid, libc::SIGTERM) };
+        c.wait().unwrap()
+    }
+
+    /// Whether the process is still running.
+    pub fn is_running(&mut self) -> bool {
+        self.child
+            .as_mut()
+            .is_some_and(|c| c.try_wait().unwrap().is_none())
+    }
+
+    /// The admin socket path.
+    pub fn socket(&self) -> PathBuf {
+        self.data_dir.join("admin.sock")
+    }
+
+    /// Opens an admin connection.
+    pub fn admin(&self) -> Admin {
+        Admin::connect(&self.socket())
+    }
+
+    /// `status` result.
+    pub fn status(&self) -> Value {
+        self.admin().ok(&serde_json::json!({"op": "status"}))
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+/// A connection to an admin socket.
+pub struct Admin {
+    reader: BufReader<UnixStream>,
+    writer: UnixStream,
+}
+
+impl Admin {
+    /// Connects, retrying for a few seconds while the node starts.
+    pub fn connect(path: &Path) -> Admin {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            match UnixStream::connect(path) {
+                Ok(s) => {
+                    // A hung node fails the test instead of hanging it.
+                    s.set_read_timeout(Some(Duration::from_secs(120))).unwrap();
+                    return Admin {
+                        reader: BufReader::new(s.try_clone().unwrap()),
+                        writer: s,
+                    };
+                }
+                Err(e) if Instant::now() < deadline => {
+                    let _ = e;
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+                Err(e) => panic!("admin socket {}: {e}", path.display()),
+            }
+        }
+    }
+
+    /// Sends one raw line and returns the reply object.
+    pub fn raw(&mut self, line: &[u8]) -> Value {
+        self.writer.write_all(line).unwrap();
+        self.writer.write_all(b"\n").unwrap();
+        let mut reply = String::new();
+        self.reader.read_line(&mut reply).unwrap();
+        serde_json::from_str(&reply).unwrap_or_else(|e| panic!("bad reply {reply:?}: {e}"))
+    }
+
+    /// Sends a request and returns the whole reply.
+    pub fn call(&mut self, req: &Value) -> Value {
+        self.raw(req.to_string().as_bytes())
+    }
+
+    /// Sends a request that must succeed and returns its result.
+    pub fn ok(&mut self, req: &Value) -> Value {
+        let r = self.call(req);
+        assert_eq!(r["ok"], true, "{req} -> {r}");
+        r["result"].clone()
+    }
+}
+
+/// Polls `f` until it returns `Some` or `timeout` passes.
+pub fn eventually<T>(timeout: Duration, what: &str, mut f: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
