@@ -225,6 +225,17 @@ impl Command {
     }
 }
 
+/// One log entry: the commands that reached the leader while the previous entry was being
+/// made durable. openraft 0.9 flushes each entry before it takes the next client write, so
+/// proposing one command per entry would cost one fsync per command; batching them costs one
+/// fsync per batch. Every command is applied on its own (a refusal touches only itself).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct Batch(pub Vec<Command>);
+
+/// The answers to a `Batch`, one per command, in order.
+pub type BatchResponse = Vec<Response>;
+
 /// What applying a command produced.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "outcome", rename_all = "snake_case")]

@@ -41,8 +41,11 @@ pub async fn heartbeat(
     }
 }
 
-/// On the leader: after every View change (and at least every second), places waiting VMs and
-/// promotes caught-up control learners.
+/// Most VMs one scheduler pass considers; the rest wait for the next pass.
+const PASS_LIMIT: usize = 512;
+
+/// On the leader: after View changes (coalesced over 50 ms, so a burst of writes costs one pass)
+/// and at least every second, places waiting VMs and promotes caught-up control learners.
 pub async fn leader_duties(
     replica: Arc<Replica>,
     liveness: Millis,
@@ -59,30 +62,36 @@ pub async fn leader_duties(
             }
         }
         tokio::select! {
-            _ = changed.changed() => {}
+            _ = changed.changed() => {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                changed.mark_unchanged();
+            }
             _ = tokio::time::sleep(Duration::from_secs(1)) => {}
             _ = stopped(&mut shutdown) => return,
         }
     }
 }
 
-/// One scheduler pass: proposes `PlaceVm` for every waiting VM that fits somewhere.
+/// One scheduler pass: proposes `PlaceVm` for waiting VMs that fit somewhere. Costs O(nodes)
+/// when nothing waits or no worker is alive, O(nodes + PASS_LIMIT) otherwise.
 pub async fn place_waiting(replica: &Replica, liveness: Millis) -> Result<usize, String> {
-    let (nodes, usage, waiting) = replica
+    let now = replica.now();
+    let (workers, waiting) = replica
         .reader()
-        .read(|c| {
-            Ok((
-                rows::nodes(c)?,
-                rows::usage_by_worker(c)?,
-                rows::unplaced_vms(c)?,
-            ))
+        .read(move |c| {
+            let workers = scheduler::live_workers(&rows::nodes(c)?, now, liveness);
+            let waiting = if workers.is_empty() {
+                Vec::new()
+            } else {
+                rows::unplaced_vms(c, PASS_LIMIT)?
+            };
+            Ok((workers, waiting))
         })
         .await
         .map_err(|e| e.to_string())?;
     if waiting.is_empty() {
         return Ok(0);
     }
-    let workers = scheduler::live_workers(&nodes, &usage, replica.now(), liveness);
     let plan = scheduler::plan(workers, &waiting);
     let mut placed = 0;
     for (vm, worker) in plan {

@@ -27,9 +27,10 @@ macro_rules! uuid_id {
         pub struct $name(pub Uuid);
 
         impl $name {
-            /// A fresh random id (for proposers; apply never generates ids).
+            /// A fresh id (for proposers; apply never generates ids). Time-ordered (UUIDv7), so
+            /// new rows land at the end of the id index instead of on a random page.
             pub fn random() -> Self {
-                Self(Uuid::new_v4())
+                Self(Uuid::now_v7())
             }
         }
 
@@ -403,6 +404,8 @@ pub struct Node {
     pub raft_addr: String,
     /// What it offers to VMs (workers).
     pub capacity: Capacity,
+    /// What the VMs placed on it take.
+    pub used: Capacity,
     /// Last heartbeat written through the log.
     pub last_heartbeat: Millis,
     /// When it joined.
@@ -418,6 +421,8 @@ pub struct Account {
     pub name: String,
     /// Largest number of VMs it may own.
     pub max_vms: u32,
+    /// VMs it owns now.
+    pub vm_count: u32,
     /// Creation time.
     pub created_at: Millis,
 }

@@ -12,7 +12,7 @@ use openraft::error::{ClientWriteError, InitializeError, RaftError};
 use openraft::{BasicNode, ServerState};
 use serde::{Deserialize, Serialize};
 
-use crate::command::{ApplyError, Command, Outcome};
+use crate::command::{ApplyError, Batch, Command, Outcome};
 use crate::model::{Millis, NodeId};
 use crate::raft::Raft;
 use crate::raft::log_store::{LogDbError, LogStore};
@@ -136,10 +136,17 @@ pub struct Replica {
     sm_stats: Arc<SmStats>,
     clock: Arc<dyn Clock>,
     write_timeout: Duration,
-    /// Longest wait for one attempt at a write before it is retried.
-    attempt_timeout: Duration,
     election_max: Duration,
+    proposals: tokio::sync::mpsc::Sender<Proposal>,
 }
+
+/// A command waiting for the proposer, with where its answer goes.
+type Proposal = (Command, tokio::sync::oneshot::Sender<WriteReply>);
+
+/// Most commands in one log entry.
+const MAX_BATCH: usize = 1024;
+/// Log entries proposed and not yet applied at once (openraft pipelines them).
+const IN_FLIGHT: usize = 2;
 
 /// What `boxd admin status` reports about the replica.
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -182,7 +189,7 @@ impl Replica {
         std::fs::create_dir_all(&cfg.data_dir).map_err(SmError::Io)?;
         let view = ViewHandle::new();
         let sm = StateMachine::open(&cfg.data_dir, Arc::clone(&view))?;
-        let reader = StateReader::open(sm.state_path())?;
+        let reader = sm.reader();
         let sm_stats = sm.stats();
         let log = LogStore::open(&cfg.data_dir.join("raft-log.db"))?;
         let committed = log.committed_index();
@@ -210,6 +217,13 @@ impl Replica {
         )
         .await
         .map_err(|e| OpenError::Raft(e.to_string()))?;
+        let (proposals, queue) = tokio::sync::mpsc::channel(4 * MAX_BATCH);
+        tokio::spawn(propose(
+            raft.clone(),
+            cfg.node_id,
+            queue,
+            Duration::from_millis(3 * t.election_max_ms),
+        ));
         Ok(Arc::new(Self {
             id: cfg.node_id,
             advertise: cfg.advertise,
@@ -221,8 +235,8 @@ impl Replica {
             sm_stats,
             clock,
             write_timeout: Duration::from_millis(t.write_timeout_ms),
-            attempt_timeout: Duration::from_millis(3 * t.election_max_ms),
             election_max: Duration::from_millis(t.election_max_ms),
+            proposals,
         }))
     }
 
@@ -288,11 +302,7 @@ impl Replica {
 
     /// The current leader's id and address, if known.
     pub fn leader(&self) -> Option<(NodeId, String)> {
-        let m = self.raft.metrics();
-        let m = m.borrow();
-        let id = m.current_leader?;
-        let addr = m.membership_config.membership().get_node(&id)?.addr.clone();
-        Some((id, addr))
+        leader_of(&self.raft)
     }
 
     /// Appends `cmd` to the log through the leader and returns the log's answer.
@@ -326,29 +336,18 @@ impl Replica {
     }
 
     /// Appends `cmd` if this node is the leader; never forwards (the receiving end of a
-    /// forwarded write).
-    ///
-    /// An attempt is bounded: openraft 0.9 restarts a former leader as leader at once, and a
-    /// write it accepts before learning of the newer term never completes. The caller retries,
-    /// which is safe because creates are idempotent by id.
+    /// forwarded write). Commands from all callers are batched into log entries by the
+    /// proposer task.
     pub async fn write_here(&self, cmd: Command) -> WriteReply {
-        let attempt = tokio::time::timeout(self.attempt_timeout, self.raft.client_write(cmd)).await;
-        let Ok(result) = attempt else {
-            return WriteReply::NotLeader {
-                leader: self.leader().filter(|(id, _)| *id != self.id),
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        if self.proposals.send((cmd, tx)).await.is_err() {
+            return WriteReply::Failed {
+                reason: "the proposer has stopped".into(),
             };
-        };
-        match result {
-            Ok(r) => WriteReply::Applied { response: r.data },
-            Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f))) => {
-                WriteReply::NotLeader {
-                    leader: f.leader_id.zip(f.leader_node.map(|n| n.addr)),
-                }
-            }
-            Err(e) => WriteReply::Failed {
-                reason: e.to_string(),
-            },
         }
+        rx.await.unwrap_or_else(|_| WriteReply::Failed {
+            reason: "the proposer dropped the write".into(),
+        })
     }
 
     async fn forward(&self, addr: &str, cmd: &Command) -> Result<WriteReply, String> {
@@ -455,5 +454,75 @@ impl Replica {
         if let Err(e) = self.raft.shutdown().await {
             tracing::warn!(error = %e, "raft shutdown");
         }
+    }
+}
+
+fn leader_of(raft: &Raft) -> Option<(NodeId, String)> {
+    let m = raft.metrics();
+    let m = m.borrow();
+    let id = m.current_leader?;
+    let addr = m.membership_config.membership().get_node(&id)?.addr.clone();
+    Some((id, addr))
+}
+
+/// The proposer: takes every command queued since the last proposal into one log entry, with up
+/// to `IN_FLIGHT` entries outstanding. openraft 0.9 waits for each entry's fsync before taking
+/// the next client write, so this is what turns concurrent writers into group commits.
+///
+/// An attempt is bounded by `attempt_timeout`: openraft 0.9 restarts a former leader as leader
+/// at once, and an entry it accepts before learning of the newer term never completes. The
+/// callers then retry elsewhere, which is safe because creates are idempotent by id.
+async fn propose(
+    raft: Raft,
+    me: NodeId,
+    mut queue: tokio::sync::mpsc::Receiver<Proposal>,
+    attempt_timeout: Duration,
+) {
+    let slots = Arc::new(tokio::sync::Semaphore::new(IN_FLIGHT));
+    while let Some(first) = queue.recv().await {
+        let Ok(permit) = Arc::clone(&slots).acquire_owned().await else {
+            return;
+        };
+        let mut batch = vec![first];
+        while batch.len() < MAX_BATCH {
+            match queue.try_recv() {
+                Ok(p) => batch.push(p),
+                Err(_) => break,
+            }
+        }
+        let (commands, waiters): (Vec<Command>, Vec<_>) = batch.into_iter().unzip();
+        let raft = raft.clone();
+        tokio::spawn(async move {
+            let attempt = tokio::time::timeout(attempt_timeout, raft.client_write(Batch(commands)));
+            let replies: Vec<WriteReply> = match attempt.await {
+                Ok(Ok(r)) => r
+                    .data
+                    .into_iter()
+                    .map(|response| WriteReply::Applied { response })
+                    .collect(),
+                Ok(Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f)))) => {
+                    let leader = f.leader_id.zip(f.leader_node.map(|n| n.addr));
+                    vec![WriteReply::NotLeader { leader }; waiters.len()]
+                }
+                Ok(Err(e)) => vec![
+                    WriteReply::Failed {
+                        reason: e.to_string()
+                    };
+                    waiters.len()
+                ],
+                Err(_) => {
+                    let leader = leader_of(&raft).filter(|(id, _)| *id != me);
+                    vec![WriteReply::NotLeader { leader }; waiters.len()]
+                }
+            };
+            let mut replies = replies.into_iter();
+            for w in waiters {
+                let reply = replies.next().unwrap_or_else(|| WriteReply::Failed {
+                    reason: "the log returned fewer answers than commands".into(),
+                });
+                let _ = w.send(reply);
+            }
+            drop(permit);
+        });
     }
 }

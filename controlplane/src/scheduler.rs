@@ -26,12 +26,7 @@ impl WorkerLoad {
 }
 
 /// Workers that count as alive at `now`: worker role and a heartbeat within `liveness`.
-pub fn live_workers(
-    nodes: &[Node],
-    usage: &[(NodeId, Capacity)],
-    now: Millis,
-    liveness: Millis,
-) -> Vec<WorkerLoad> {
+pub fn live_workers(nodes: &[Node], now: Millis, liveness: Millis) -> Vec<WorkerLoad> {
     nodes
         .iter()
         .filter(|n| n.roles.contains(&Role::Worker))
@@ -39,11 +34,7 @@ pub fn live_workers(
         .map(|n| WorkerLoad {
             node: n.id,
             capacity: n.capacity,
-            used: usage
-                .iter()
-                .find(|(id, _)| *id == n.id)
-                .map(|(_, u)| *u)
-                .unwrap_or_default(),
+            used: n.used,
         })
         .collect()
 }
@@ -202,25 +193,25 @@ mod tests {
 
     #[test]
     fn liveness_filters_stale_and_non_workers() {
-        let node = |id, roles: &str, hb| Node {
+        let node = |id, roles: &str, hb, used| Node {
             id,
             uuid: uuid::Uuid::from_u128(u128::from(id)),
             name: format!("n{id}"),
             roles: crate::model::parse_roles(roles).unwrap(),
             raft_addr: "127.0.0.1:7000".into(),
             capacity: cap(4, 4096),
+            used,
             last_heartbeat: hb,
             joined_at: 0,
         };
         let nodes = vec![
-            node(1, "control,worker", 10_000),
-            node(2, "worker", 1_000),
-            node(3, "dns", 10_000),
+            node(1, "control,worker", 10_000, u(1, 512)),
+            node(2, "worker", 1_000, Capacity::default()),
+            node(3, "dns", 10_000, Capacity::default()),
         ];
-        let usage = vec![(1, cap(1, 512))];
-        let live = live_workers(&nodes, &usage, 10_500, 5_000);
+        let live = live_workers(&nodes, 10_500, 5_000);
         assert_eq!(live.len(), 1);
         assert_eq!(live[0].node, 1);
-        assert_eq!(live[0].used, cap(1, 512));
+        assert_eq!(live[0].used, u(1, 512));
     }
 }

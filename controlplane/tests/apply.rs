@@ -10,7 +10,7 @@ use boxd_controlplane::command::{ApplyError, Command, Outcome, Response};
 use boxd_controlplane::model::{
     AccountId, Capacity, Desired, Fingerprint, Observed, TokenId, VmId, VmSpec, parse_roles,
 };
-use boxd_controlplane::store::apply::{Touched, apply_command};
+use boxd_controlplane::store::apply::Applier;
 use boxd_controlplane::store::{rows, schema};
 use rusqlite::Connection;
 use uuid::Uuid;
@@ -50,11 +50,7 @@ fn digest(c: &Connection) -> String {
 }
 
 fn apply(c: &mut Connection, cmd: &Command) -> Response {
-    let mut tx = c.transaction().unwrap();
-    let mut touched = Touched::default();
-    let r = apply_command(&mut tx, cmd, &mut touched).unwrap();
-    tx.commit().unwrap();
-    r
+    Applier::default().apply(c, cmd).unwrap()
 }
 
 const SECRET: &str = "0123456789abcdef0123456789abcdef";
@@ -484,6 +480,15 @@ fn history() -> Vec<(&'static str, Command, Check)> {
         ),
         ("purge it", Command::PurgeVm { vm: i.vm2 }, Box::new(done)),
         (
+            "the freed capacity takes bob's vm",
+            Command::PlaceVm {
+                vm: i.vmb,
+                worker: 2,
+                at: 12,
+            },
+            Box::new(done),
+        ),
+        (
             "token with a bad hash",
             Command::CreateApiToken {
                 id: i.tok,
@@ -654,4 +659,79 @@ fn pool_exhaustion_is_per_owner() {
         created("127.77.0.2")(&apply(&mut c, &vm(i.vmb, i.bob, "b1"))),
         "bob still gets one"
     );
+}
+
+/// Random creates and deletes for two owners: every create must get exactly the lowest address
+/// the naive model (scan of everything in use) would give.
+#[test]
+fn allocation_matches_the_lowest_free_model() {
+    let mut c = db();
+    let i = ids();
+    // 127.77.0.0/27 with the lobby at .1: addresses .2 ..= .30 (29 of them).
+    for cmd in [
+        init("127.77.0.0/27", 1000),
+        account(i.alice, "alice"),
+        account(i.bob, "bob"),
+    ] {
+        assert!(apply(&mut c, &cmd).is_ok());
+    }
+    let assignable: Vec<u32> = (2..=30)
+        .map(|h| u32::from(Ipv4Addr::new(127, 77, 0, h)))
+        .collect();
+    let mut live: Vec<(VmId, AccountId, u32)> = Vec::new();
+    let mut seed = 0x2545_f491_4f6c_dd1du64;
+    let mut rand = move || {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        seed
+    };
+    for step in 0..2000 {
+        let owner = if rand() % 2 == 0 { i.alice } else { i.bob };
+        let mine: Vec<u32> = live
+            .iter()
+            .filter(|(_, o, _)| *o == owner)
+            .map(|x| x.2)
+            .collect();
+        if rand() % 3 == 0 && !mine.is_empty() {
+            let victim = live
+                .iter()
+                .enumerate()
+                .filter(|(_, (_, o, _))| *o == owner)
+                .nth(rand() as usize % mine.len())
+                .map(|(k, _)| k)
+                .unwrap();
+            let (vm, _, _) = live.remove(victim);
+            let r = apply(
+                &mut c,
+                &Command::DeleteVm {
+                    by: owner,
+                    vm,
+                    at: 1,
+                },
+            );
+            assert!(r.is_ok(), "step {step}: {r:?}");
+        } else {
+            let expect = assignable.iter().find(|a| !mine.contains(a)).copied();
+            let id = VmId(Uuid::from_u128(10_000 + step));
+            let r = apply(&mut c, &vm(id, owner, &format!("s{step}")));
+            match expect {
+                Some(ip) => {
+                    assert_eq!(
+                        r,
+                        Ok(Outcome::VmCreated {
+                            id,
+                            public_ip: Ipv4Addr::from(ip)
+                        }),
+                        "step {step}"
+                    );
+                    live.push((id, owner, ip));
+                }
+                None => assert!(
+                    matches!(r, Err(ApplyError::PoolExhausted { .. })),
+                    "step {step}: {r:?}"
+                ),
+            }
+        }
+    }
 }

@@ -123,9 +123,23 @@ fn init_logging() {
         .init();
 }
 
+/// Restores the default SIGPIPE action so that `boxd admin ... | head` ends quietly like other
+/// Unix tools instead of failing on a closed stdout. Not used for node commands: a server must
+/// see EPIPE on its sockets, not die.
+fn default_sigpipe() {
+    // SAFETY: setting a signal disposition to SIG_DFL has no memory-safety preconditions; it is
+    // done before any other thread exists.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
+}
+
 /// Entry point of the binary.
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
+    if matches!(cli.command, Cmd::Admin { .. } | Cmd::Config { .. }) {
+        default_sigpipe();
+    }
     match cli.command {
         Cmd::Config {
             command: ConfigCmd::Default,
@@ -214,9 +228,9 @@ async fn shutdown_signal() {
 
 fn admin_command(socket: &Path, json: bool, command: AdminCmd) -> ExitCode {
     let req = match &command {
-        AdminCmd::Status => Request::Status,
-        AdminCmd::Members => Request::Members,
-        AdminCmd::Vms => Request::Vms,
+        AdminCmd::Status => Request::Status {},
+        AdminCmd::Members => Request::Members {},
+        AdminCmd::Vms => Request::Vms {},
         AdminCmd::JoinToken { role, ttl } => Request::JoinToken {
             roles: role.clone(),
             ttl_secs: ttl.as_secs(),

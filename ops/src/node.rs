@@ -71,6 +71,9 @@ pub async fn run(
             data_dir.display()
         ))
     })?;
+    let data_dir = data_dir
+        .canonicalize()
+        .map_err(|e| NodeError::Usage(format!("data directory {}: {e}", data_dir.display())))?;
     let _lock = lock(&data_dir)?;
     let existing = Identity::load(&data_dir).map_err(NodeError::Usage)?;
     if matches!(start, Start::Run) && existing.is_none() {
@@ -363,9 +366,15 @@ async fn serve_grpc(
     services: server::Services,
     mut stop: watch::Receiver<bool>,
 ) {
-    let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+    use tokio_stream::StreamExt as _;
+    // The builder's tcp_nodelay applies only to listeners tonic binds itself; without it here
+    // Nagle and delayed ACKs add ~40 ms to Raft round trips.
+    let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener).map(|s| {
+        s.inspect(|s| {
+            let _ = s.set_nodelay(true);
+        })
+    });
     let result = tonic::transport::Server::builder()
-        .tcp_nodelay(true)
         .add_service(services.raft)
         .add_service(services.cluster)
         .add_service(services.join)

@@ -60,7 +60,7 @@ fn to_value<T: Serialize>(v: &T) -> Result<Value, String> {
 impl Handler for AdminContext {
     async fn handle(&self, req: Request) -> Result<Value, String> {
         match req {
-            Request::Status => {
+            Request::Status {} => {
                 let view = self.replica.view().snapshot();
                 to_value(&NodeStatus {
                     node_id: self.replica.id(),
@@ -79,12 +79,12 @@ impl Handler for AdminContext {
                     replica: self.replica.status(),
                 })
             }
-            Request::Members => to_value(
+            Request::Members {} => to_value(
                 &membership::members(&self.replica)
                     .await
                     .map_err(|e| e.to_string())?,
             ),
-            Request::Vms => to_value(
+            Request::Vms {} => to_value(
                 &self
                     .replica
                     .reader()

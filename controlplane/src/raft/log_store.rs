@@ -43,15 +43,82 @@ pub enum LogDbError {
 /// The Raft log store.
 pub struct LogStore {
     db: SqliteThread,
+    /// The most recent entries, so that apply and replication (which read what was just
+    /// appended) need neither the writer thread nor a decode.
+    cache: Arc<Mutex<EntryCache>>,
     committed: Arc<AtomicU64>,
     /// Appends waiting for the writer thread; the first one queued schedules the job that
     /// commits them all.
     pending: Arc<Mutex<Vec<PendingAppend>>>,
+    /// The latest commit index openraft reported, written with the next append's transaction.
+    committed_pending: Arc<Mutex<Option<LogId>>>,
 }
 
 /// A reader of the same log, for openraft's replication tasks.
 pub struct LogReader {
     db: SqliteThread,
+    cache: Arc<Mutex<EntryCache>>,
+}
+
+/// Entries kept in memory after the newest append.
+const CACHE_ENTRIES: usize = 4096;
+
+/// A contiguous run of the newest entries, mirroring the log: appends extend it, truncation
+/// and purging cut it. A read is served from it only when it holds the whole range.
+#[derive(Default)]
+struct EntryCache {
+    entries: std::collections::VecDeque<Entry>,
+}
+
+impl EntryCache {
+    fn first_index(&self) -> Option<u64> {
+        self.entries.front().map(|e| e.log_id.index)
+    }
+
+    fn append(&mut self, new: &[Entry]) {
+        let Some(first) = new.first() else { return };
+        // Keep the cache contiguous: drop anything at or after the new entries' start, and
+        // start over if there would be a gap.
+        let next = self.entries.back().map(|e| e.log_id.index + 1);
+        if next.is_some_and(|n| first.log_id.index > n) {
+            self.entries.clear();
+        }
+        self.truncate(first.log_id.index);
+        self.entries.extend(new.iter().cloned());
+        while self.entries.len() > CACHE_ENTRIES {
+            self.entries.pop_front();
+        }
+    }
+
+    fn truncate(&mut self, from: u64) {
+        while self.entries.back().is_some_and(|e| e.log_id.index >= from) {
+            self.entries.pop_back();
+        }
+    }
+
+    fn purge(&mut self, upto: u64) {
+        while self.entries.front().is_some_and(|e| e.log_id.index <= upto) {
+            self.entries.pop_front();
+        }
+    }
+
+    /// The entries in `[start, end)` if the cache holds all of them that exist.
+    fn get(&self, start: i64, end: i64) -> Option<Vec<Entry>> {
+        let first = i64::try_from(self.first_index()?).ok()?;
+        if start < first {
+            return None;
+        }
+        Some(
+            self.entries
+                .iter()
+                .filter(|e| {
+                    let i = i64::try_from(e.log_id.index).unwrap_or(i64::MAX);
+                    i >= start && i < end
+                })
+                .cloned()
+                .collect(),
+        )
+    }
 }
 
 impl LogStore {
@@ -63,7 +130,9 @@ impl LogStore {
         Ok(Self {
             db,
             committed: Arc::new(AtomicU64::new(committed.map_or(0, |l| l.index))),
+            cache: Arc::default(),
             pending: Arc::default(),
+            committed_pending: Arc::default(),
         })
     }
 
@@ -120,11 +189,22 @@ fn read_range(c: &Connection, start: i64, end: i64) -> Result<Vec<Entry>, LogDbE
     Ok(out)
 }
 
-async fn read_entries<RB>(db: &SqliteThread, range: RB) -> Result<Vec<Entry>, StoreError>
+async fn read_entries<RB>(
+    db: &SqliteThread,
+    cache: &Mutex<EntryCache>,
+    range: RB,
+) -> Result<Vec<Entry>, StoreError>
 where
     RB: RangeBounds<u64>,
 {
     let (start, end) = bounds(&range);
+    let cached = cache
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .get(start, end);
+    if let Some(entries) = cached {
+        return Ok(entries);
+    }
     db.call(move |c| read_range(c, start, end))
         .await
         .map_err(read_err)?
@@ -136,7 +216,7 @@ impl RaftLogReader<TypeConfig> for LogStore {
         &mut self,
         range: RB,
     ) -> Result<Vec<Entry>, StoreError> {
-        read_entries(&self.db, range).await
+        read_entries(&self.db, &self.cache, range).await
     }
 }
 
@@ -145,15 +225,22 @@ impl RaftLogReader<TypeConfig> for LogReader {
         &mut self,
         range: RB,
     ) -> Result<Vec<Entry>, StoreError> {
-        read_entries(&self.db, range).await
+        read_entries(&self.db, &self.cache, range).await
     }
 }
 
 /// Serialised entries waiting to be committed, with the callbacks to fire afterwards.
 type PendingAppend = (Vec<(i64, Vec<u8>)>, LogFlushed<TypeConfig>);
 
-fn write_entries(c: &mut Connection, batch: &[PendingAppend]) -> Result<(), LogDbError> {
+fn write_entries(
+    c: &mut Connection,
+    batch: &[PendingAppend],
+    committed: Option<LogId>,
+) -> Result<(), LogDbError> {
     let tx = c.transaction()?;
+    if let Some(committed) = committed {
+        kv_put(&tx, "committed", &Some(committed))?;
+    }
     {
         let mut stmt =
             tx.prepare_cached("INSERT OR REPLACE INTO log (idx, entry) VALUES (?1, ?2)")?;
@@ -196,6 +283,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     async fn get_log_reader(&mut self) -> Self::LogReader {
         LogReader {
             db: self.db.clone(),
+            cache: Arc::clone(&self.cache),
         }
     }
 
@@ -216,20 +304,28 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             .map_err(read_err)
     }
 
+    /// openraft awaits this on every commit, on its core task. It must not wait for the disk:
+    /// the value is written with the next append's transaction (no fsync of its own). Losing
+    /// the latest value in a crash only means re-learning the commit index from the leader.
     async fn save_committed(&mut self, committed: Option<LogId>) -> Result<(), StoreError> {
         if let Some(c) = &committed {
             self.committed.fetch_max(c.index, Ordering::Relaxed);
         }
-        // Not fsynced on its own: it rides along with the next log commit, and losing it only
-        // means re-learning the commit index from the leader.
-        self.db
-            .call(move |c| kv_put(c, "committed", &committed))
-            .await
-            .map_err(write_err)?
-            .map_err(write_err)
+        *self
+            .committed_pending
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = committed;
+        Ok(())
     }
 
     async fn read_committed(&mut self) -> Result<Option<LogId>, StoreError> {
+        let pending = *self
+            .committed_pending
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        if pending.is_some() {
+            return Ok(pending);
+        }
         self.db
             .call(|c| kv_get(c, "committed"))
             .await
@@ -246,11 +342,16 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         I: IntoIterator<Item = Entry> + Send,
         I::IntoIter: Send,
     {
-        let mut rows = Vec::new();
-        for e in entries {
-            let raw = serde_json::to_vec(&e).map_err(write_err)?;
+        let entries: Vec<Entry> = entries.into_iter().collect();
+        let mut rows = Vec::with_capacity(entries.len());
+        for e in &entries {
+            let raw = serde_json::to_vec(e).map_err(write_err)?;
             rows.push((sql_index(e.log_id.index), raw));
         }
+        self.cache
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .append(&entries);
         // Group commit. Only openraft's core calls `append`/`truncate`/`purge` (through
         // `&mut self`, one at a time, awaiting the others), so no non-append job can sit between
         // the scheduled job and an append that joins its batch.
@@ -263,11 +364,14 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             return Ok(());
         }
         let pending = Arc::clone(&self.pending);
+        let committed = Arc::clone(&self.committed_pending);
         self.db
             .send(move |c| {
                 let batch =
                     std::mem::take(&mut *pending.lock().unwrap_or_else(PoisonError::into_inner));
-                let result = write_entries(c, &batch);
+                let committed = *committed.lock().unwrap_or_else(PoisonError::into_inner);
+                let result = write_entries(c, &batch, committed);
+                tracing::debug!(appends = batch.len(), "log batch committed");
                 for (_, cb) in batch {
                     cb.log_io_completed(match &result {
                         Ok(()) => Ok(()),
@@ -279,6 +383,10 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     }
 
     async fn truncate(&mut self, log_id: LogId) -> Result<(), StoreError> {
+        self.cache
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .truncate(log_id.index);
         let from = sql_index(log_id.index);
         self.db
             .call(move |c| c.execute("DELETE FROM log WHERE idx >= ?1", params![from]))
@@ -289,6 +397,10 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     }
 
     async fn purge(&mut self, log_id: LogId) -> Result<(), StoreError> {
+        self.cache
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .purge(log_id.index);
         self.db
             .call(move |c| -> Result<(), LogDbError> {
                 let tx = c.transaction()?;

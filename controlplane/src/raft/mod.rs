@@ -1,5 +1,5 @@
 //! openraft glue: the type configuration, the SQLite log store and state machine, and the gRPC
-//! network between nodes. Nothing here decides anything about VMs; it moves `Command`s into the
+//! network between nodes. Nothing here decides anything about VMs; it moves batches of `Command`s into the
 //! same order on every node and hands them to `store::apply`.
 
 pub mod log_store;
@@ -8,14 +8,15 @@ pub mod state_machine;
 
 use openraft::{AnyError, BasicNode, StorageError, StorageIOError};
 
-use crate::command::{Command, Response};
+use crate::command::{Batch, BatchResponse};
 use crate::model::NodeId;
 
 openraft::declare_raft_types!(
-    /// boxd's Raft types: commands in, apply results out, SQLite backup files as snapshots.
+    /// boxd's Raft types: batches of commands in, one answer per command out, SQLite backup
+    /// files as snapshots.
     pub TypeConfig:
-        D = Command,
-        R = Response,
+        D = Batch,
+        R = BatchResponse,
         NodeId = NodeId,
         Node = BasicNode,
         SnapshotData = tokio::fs::File,

@@ -1,10 +1,14 @@
 //! The state machine: applies committed entries to `state.db` and publishes the View; builds and
 //! installs snapshots with SQLite's online backup API.
 //!
-//! `state.db` runs with `synchronous=NORMAL`: a commit survives a process crash, and after a power
-//! loss the log (fsynced) replays whatever the last transactions lost. Before a snapshot lets
-//! openraft purge the log, a full WAL checkpoint makes the state file itself durable up to the
-//! snapshot point.
+//! Durability comes from the Raft log, not from this file. Like etcd's backend, the state
+//! machine keeps one SQLite transaction open across applies and commits it every
+//! `COMMIT_EVERY` (or `COMMIT_COMMANDS` commands, or when its thread has been idle for
+//! `COMMIT_IDLE`), so a burst of batches rewrites each index page once instead of once per
+//! batch. A crash loses at most that uncommitted tail, and openraft re-applies it from the log
+//! on restart. `state.db` runs with `synchronous=NORMAL` for the same reason. Before a snapshot
+//! lets openraft purge the log, the transaction is committed and a full WAL checkpoint makes the
+//! file durable up to the snapshot point.
 //!
 //! Snapshots are self-contained SQLite files in `<data>/snapshots/`: `<id>.db` with
 //! `<id>.meta.json` beside it and `current` naming the latest. A lagging node receives the file
@@ -23,8 +27,8 @@ use serde::{Deserialize, Serialize};
 use super::{
     Entry, LogId, SnapshotMeta, StoreError, StoredMembership, TypeConfig, read_err, write_err,
 };
-use crate::command::{Outcome, Response};
-use crate::store::apply::{Touched, apply_command};
+use crate::command::BatchResponse;
+use crate::store::apply::Applier;
 use crate::store::sqlite::{Durability, SqliteThread};
 use crate::store::{full_view, rows, schema, view_changes};
 use crate::view::ViewHandle;
@@ -101,7 +105,20 @@ impl StateMachine {
         let state_path = dir.join("state.db");
         let snapshot_dir = dir.join("snapshots");
         std::fs::create_dir_all(&snapshot_dir)?;
-        let db = SqliteThread::open("boxd-state", &state_path, Durability::Normal)?;
+        let idle: crate::store::sqlite::IdleHook = (
+            COMMIT_IDLE,
+            Box::new(|c: &mut Connection| {
+                if let Err(e) = commit_open(c) {
+                    tracing::error!(error = %e, "committing the state database failed");
+                }
+            }),
+        );
+        let db = SqliteThread::open_with_idle(
+            "boxd-state",
+            &state_path,
+            Durability::Normal,
+            Some(idle),
+        )?;
         db.call_blocking(|c| schema::migrate(c))??;
         let sm = Self {
             db,
@@ -127,6 +144,11 @@ impl StateMachine {
         &self.state_path
     }
 
+    /// Queries on this state machine's connection.
+    pub fn reader(&self) -> crate::store::StateReader {
+        crate::store::StateReader::new(self.db.clone())
+    }
+
     /// Counters.
     pub fn stats(&self) -> Arc<SmStats> {
         Arc::clone(&self.stats)
@@ -142,8 +164,32 @@ impl StateMachine {
     }
 }
 
+/// Commit after this long with a transaction open...
+const COMMIT_EVERY: std::time::Duration = std::time::Duration::from_millis(20);
+/// ...or after this many commands...
+const COMMIT_COMMANDS: usize = 4096;
+/// ...or when no apply arrived for this long.
+const COMMIT_IDLE: std::time::Duration = std::time::Duration::from_millis(5);
+
+thread_local! {
+    /// When the open transaction began and how many commands it holds. The state database is
+    /// only ever written from its own thread, so thread-local bookkeeping is exact.
+    static OPEN_TX: std::cell::Cell<Option<(std::time::Instant, usize)>> =
+        const { std::cell::Cell::new(None) };
+}
+
+/// Commits the state machine's open transaction, if any.
+fn commit_open(c: &Connection) -> rusqlite::Result<()> {
+    if !c.is_autocommit() {
+        c.execute_batch("COMMIT")?;
+    }
+    OPEN_TX.with(|t| t.set(None));
+    Ok(())
+}
+
 /// Replaces the live database's contents with the snapshot file at `src`.
 fn restore(live: &mut Connection, src: &Path) -> Result<(), SmError> {
+    commit_open(live)?;
     let src = Connection::open_with_flags(src, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)?;
     src.busy_timeout(crate::store::sqlite::BUSY_TIMEOUT)?;
     {
@@ -246,7 +292,10 @@ impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
         // the log entries the snapshot contains. Runs on the writer's thread: it is the only
         // writer, so the checkpoint cannot collide with an apply.
         self.db
-            .call(|c| c.query_row("PRAGMA wal_checkpoint(FULL)", [], |_| Ok(())))
+            .call(|c| {
+                commit_open(c)?;
+                c.query_row("PRAGMA wal_checkpoint(FULL)", [], |_| Ok(()))
+            })
             .await
             .map_err(write_err)?
             .map_err(write_err)?;
@@ -262,21 +311,34 @@ impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
     }
 }
 
-type Applied = (Vec<Response>, Vec<crate::view::ViewChange>, u64);
+type Applied = (Vec<BatchResponse>, Vec<crate::view::ViewChange>, u64);
 
 fn apply_entries(c: &mut Connection, entries: Vec<Entry>) -> Result<Applied, SmError> {
-    let mut tx = c.transaction()?;
-    let mut touched = Touched::default();
+    if c.is_autocommit() {
+        c.execute_batch("BEGIN")?;
+        OPEN_TX.with(|t| t.set(Some((std::time::Instant::now(), 0))));
+    }
+    // The transaction stays open after this function: it is committed by `commit_open`.
+    let tx: &Connection = c;
+    let mut applier = Applier::default();
     let mut responses = Vec::with_capacity(entries.len());
     let mut last = None;
+    let mut commands = 0;
     for e in entries {
         let response = match &e.payload {
-            EntryPayload::Blank => Ok(Outcome::Done),
-            EntryPayload::Normal(cmd) => apply_command(&mut tx, cmd, &mut touched)?,
+            EntryPayload::Blank => Vec::new(),
+            EntryPayload::Normal(batch) => {
+                commands += batch.0.len();
+                batch
+                    .0
+                    .iter()
+                    .map(|cmd| applier.apply(tx, cmd))
+                    .collect::<Result<_, _>>()?
+            }
             EntryPayload::Membership(m) => {
                 let stored = StoredMembership::new(Some(e.log_id), m.clone());
-                rows::set_meta(&tx, "last_membership", &serde_json::to_string(&stored)?)?;
-                Ok(Outcome::Done)
+                rows::set_meta(tx, "last_membership", &serde_json::to_string(&stored)?)?;
+                Vec::new()
             }
         };
         responses.push(response);
@@ -284,11 +346,20 @@ fn apply_entries(c: &mut Connection, entries: Vec<Entry>) -> Result<Applied, SmE
     }
     let mut index = 0;
     if let Some(last) = last {
-        rows::set_meta(&tx, "last_applied", &serde_json::to_string(&last)?)?;
+        rows::set_meta(tx, "last_applied", &serde_json::to_string(&last)?)?;
         index = last.index;
     }
-    let changes = view_changes(&tx, &touched)?;
-    tx.commit()?;
+    let changes = view_changes(tx, &applier.touched)?;
+    let (since, held) = OPEN_TX
+        .with(std::cell::Cell::get)
+        .unwrap_or((std::time::Instant::now(), 0));
+    let held = held + commands;
+    if since.elapsed() >= COMMIT_EVERY || held >= COMMIT_COMMANDS {
+        commit_open(c)?;
+    } else {
+        OPEN_TX.with(|t| t.set(Some((since, held))));
+    }
+    tracing::debug!(entries = responses.len(), commands, "applied");
     Ok((responses, changes, index))
 }
 
@@ -303,7 +374,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             .map_err(read_err)
     }
 
-    async fn apply<I>(&mut self, entries: I) -> Result<Vec<Response>, StoreError>
+    async fn apply<I>(&mut self, entries: I) -> Result<Vec<BatchResponse>, StoreError>
     where
         I: IntoIterator<Item = Entry> + Send,
         I::IntoIter: Send,

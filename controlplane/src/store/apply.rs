@@ -9,7 +9,7 @@
 use std::collections::BTreeSet;
 use std::net::Ipv4Addr;
 
-use rusqlite::{Connection, Transaction, params};
+use rusqlite::{Connection, OptionalExtension, params};
 
 use super::rows::{self, sql_u64};
 use crate::command::{ApplyError, Command, Outcome, Response};
@@ -60,24 +60,41 @@ impl From<ApplyError> for Fail {
     }
 }
 
-/// Applies `cmd` inside `tx`. `Ok(Err(_))` means refused with state unchanged; `Err(_)` is a
-/// storage failure.
-pub fn apply_command(
-    tx: &mut Transaction<'_>,
-    cmd: &Command,
-    touched: &mut Touched,
-) -> rusqlite::Result<Response> {
-    let sp = tx.savepoint()?;
-    let mut local = Touched::default();
-    match apply_one(&sp, cmd, &mut local) {
-        Ok(outcome) => {
-            sp.commit()?;
-            touched.merge(local);
-            Ok(Ok(outcome))
+/// Applies the commands of one transaction, collecting what they changed.
+#[derive(Debug, Default)]
+pub struct Applier {
+    /// What the applied commands changed.
+    pub touched: Touched,
+    /// Cluster settings read once per transaction (only `InitCluster` changes them).
+    settings: Option<ClusterSettings>,
+}
+
+impl Applier {
+    /// Applies `cmd` on `c` (inside the caller's transaction, if one is open) in a savepoint of
+    /// its own. `Ok(Err(_))` means refused with state unchanged; `Err(_)` is a storage failure.
+    pub fn apply(&mut self, c: &Connection, cmd: &Command) -> rusqlite::Result<Response> {
+        exec(c, "SAVEPOINT apply_command", [])?;
+        let mut local = Touched::default();
+        match apply_one(c, cmd, &mut local, &mut self.settings) {
+            Ok(outcome) => {
+                exec(c, "RELEASE apply_command", [])?;
+                if local.settings {
+                    self.settings = None;
+                }
+                self.touched.merge(local);
+                Ok(Ok(outcome))
+            }
+            Err(Fail::Reject(e)) => {
+                exec(c, "ROLLBACK TO apply_command", [])?;
+                exec(c, "RELEASE apply_command", [])?;
+                Ok(Err(e))
+            }
+            Err(Fail::Sql(e)) => {
+                let _ = exec(c, "ROLLBACK TO apply_command", []);
+                let _ = exec(c, "RELEASE apply_command", []);
+                Err(e)
+            }
         }
-        // Dropping the savepoint rolls it back.
-        Err(Fail::Reject(e)) => Ok(Err(e)),
-        Err(Fail::Sql(e)) => Err(e),
     }
 }
 
@@ -95,8 +112,16 @@ fn not_found(what: &str, id: impl ToString) -> Fail {
     })
 }
 
-fn settings(conn: &Connection) -> Result<ClusterSettings, Fail> {
-    rows::settings(conn)?.ok_or(Fail::Reject(ApplyError::NotInitialized))
+fn settings(
+    conn: &Connection,
+    cache: &mut Option<ClusterSettings>,
+) -> Result<ClusterSettings, Fail> {
+    if let Some(s) = cache {
+        return Ok(s.clone());
+    }
+    let s = rows::settings(conn)?.ok_or(Fail::Reject(ApplyError::NotInitialized))?;
+    *cache = Some(s.clone());
+    Ok(s)
 }
 
 fn zone_problem(zone: &str) -> Option<&'static str> {
@@ -121,7 +146,12 @@ fn text_problem(s: &str, max: usize) -> Option<String> {
     }
 }
 
-fn apply_one(c: &Connection, cmd: &Command, t: &mut Touched) -> Result<Outcome, Fail> {
+fn apply_one(
+    c: &Connection,
+    cmd: &Command,
+    t: &mut Touched,
+    cache: &mut Option<ClusterSettings>,
+) -> Result<Outcome, Fail> {
     match cmd {
         Command::InitCluster {
             cluster_id,
@@ -148,7 +178,8 @@ fn apply_one(c: &Connection, cmd: &Command, t: &mut Touched) -> Result<Outcome, 
             if secret.len() < 32 || !secret.bytes().all(|b| b.is_ascii_hexdigit()) {
                 return Err(invalid("cluster secret", "expected at least 32 hex digits"));
             }
-            c.execute(
+            exec(
+                c,
                 "INSERT INTO cluster (one, cluster_id, secret, zone, lobby, public_pool,
                      max_vms_per_account, created_at)
                  VALUES (1, ?1, ?2, ?3, ?4, ?5, ?6, ?7)",
@@ -175,7 +206,7 @@ fn apply_one(c: &Connection, cmd: &Command, t: &mut Touched) -> Result<Outcome, 
             capacity,
             at,
         } => {
-            settings(c)?;
+            settings(c, cache)?;
             if let Some(p) = text_problem(name, 253) {
                 return Err(invalid("node name", p));
             }
@@ -195,7 +226,8 @@ fn apply_one(c: &Connection, cmd: &Command, t: &mut Touched) -> Result<Outcome, 
                 .or_else(ignore_no_rows)?;
             let id = match existing {
                 Some(existing) => {
-                    c.execute(
+                    exec(
+                        c,
                         "UPDATE nodes SET name = ?2, roles = ?3, raft_addr = ?4, vcpus = ?5,
                              memory_mib = ?6, disk_gib = ?7 WHERE id = ?1",
                         params![
@@ -224,14 +256,15 @@ fn apply_one(c: &Connection, cmd: &Command, t: &mut Touched) -> Result<Outcome, 
                         }
                         None => {
                             let max: Option<i64> =
-                                c.query_row("SELECT MAX(id) FROM nodes", [], |r| r.get(0))?;
+                                one(c, "SELECT MAX(id) FROM nodes", [], |r| r.get(0))?;
                             max.map_or(1, |m| u64::try_from(m).unwrap_or(0) + 1)
                         }
                     };
                     if id == 0 {
                         return Err(invalid("node id 0", "node ids start at 1"));
                     }
-                    c.execute(
+                    exec(
+                        c,
                         "INSERT INTO nodes (id, uuid, name, roles, raft_addr, vcpus, memory_mib,
                              disk_gib, last_heartbeat, joined_at)
                          VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?9)",
@@ -254,7 +287,8 @@ fn apply_one(c: &Connection, cmd: &Command, t: &mut Touched) -> Result<Outcome, 
         }
 
         Command::Heartbeat { node, capacity, at } => {
-            let n = c.execute(
+            let n = exec(
+                c,
                 "UPDATE nodes SET last_heartbeat = MAX(last_heartbeat, ?2), vcpus = ?3,
                      memory_mib = ?4, disk_gib = ?5 WHERE id = ?1",
                 params![
@@ -277,7 +311,7 @@ fn apply_one(c: &Connection, cmd: &Command, t: &mut Touched) -> Result<Outcome, 
             max_vms,
             at,
         } => {
-            let s = settings(c)?;
+            let s = settings(c, cache)?;
             if let Some(existing) = rows::account(c, *id)? {
                 return if existing.name == *name {
                     Ok(Outcome::Done)
@@ -292,7 +326,8 @@ fn apply_one(c: &Connection, cmd: &Command, t: &mut Touched) -> Result<Outcome, 
             if let Some(p) = text_problem(name, 128) {
                 return Err(invalid(format!("account name `{name}`"), p));
             }
-            let taken: bool = c.query_row(
+            let taken: bool = one(
+                c,
                 "SELECT EXISTS (SELECT 1 FROM accounts WHERE name = ?1)",
                 params![name],
                 |r| r.get(0),
@@ -300,7 +335,8 @@ fn apply_one(c: &Connection, cmd: &Command, t: &mut Touched) -> Result<Outcome, 
             if taken {
                 return Err(ApplyError::AccountNameTaken { name: name.clone() }.into());
             }
-            c.execute(
+            exec(
+                c,
                 "INSERT INTO accounts (id, name, max_vms, created_at) VALUES (?1, ?2, ?3, ?4)",
                 params![
                     id.to_string(),
@@ -318,7 +354,7 @@ fn apply_one(c: &Connection, cmd: &Command, t: &mut Touched) -> Result<Outcome, 
             public_key,
             at,
         } => {
-            settings(c)?;
+            settings(c, cache)?;
             if rows::account(c, *account)?.is_none() {
                 return Err(not_found("account", account));
             }
@@ -355,7 +391,8 @@ fn apply_one(c: &Connection, cmd: &Command, t: &mut Touched) -> Result<Outcome, 
                 }
                 None => return Err(not_found("key", fingerprint)),
             }
-            let count: i64 = c.query_row(
+            let count: i64 = one(
+                c,
                 "SELECT COUNT(*) FROM ssh_keys WHERE account = ?1",
                 params![account.to_string()],
                 |r| r.get(0),
@@ -363,7 +400,8 @@ fn apply_one(c: &Connection, cmd: &Command, t: &mut Touched) -> Result<Outcome, 
             if count <= 1 {
                 return Err(ApplyError::LastKey.into());
             }
-            c.execute(
+            exec(
+                c,
                 "DELETE FROM ssh_keys WHERE fingerprint = ?1",
                 params![fingerprint.as_str()],
             )?;
@@ -379,7 +417,7 @@ fn apply_one(c: &Connection, cmd: &Command, t: &mut Touched) -> Result<Outcome, 
             at,
             expires_at,
         } => {
-            settings(c)?;
+            settings(c, cache)?;
             if rows::account(c, *account)?.is_none() {
                 return Err(not_found("account", account));
             }
@@ -408,7 +446,8 @@ fn apply_one(c: &Connection, cmd: &Command, t: &mut Touched) -> Result<Outcome, 
                     .into())
                 };
             }
-            c.execute(
+            exec(
+                c,
                 "INSERT INTO api_tokens (id, account, name, hash, created_at, expires_at)
                  VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
                 params![
@@ -443,7 +482,8 @@ fn apply_one(c: &Connection, cmd: &Command, t: &mut Touched) -> Result<Outcome, 
                 }
                 None => return Err(not_found("token", id)),
             }
-            c.execute(
+            exec(
+                c,
                 "DELETE FROM api_tokens WHERE id = ?1",
                 params![id.to_string()],
             )?;
@@ -457,7 +497,7 @@ fn apply_one(c: &Connection, cmd: &Command, t: &mut Touched) -> Result<Outcome, 
             at,
             expires_at,
         } => {
-            settings(c)?;
+            settings(c, cache)?;
             if !(8..=64).contains(&code.len()) || !code.bytes().all(|b| b.is_ascii_alphanumeric()) {
                 return Err(invalid(
                     "registration code",
@@ -492,7 +532,8 @@ fn apply_one(c: &Connection, cmd: &Command, t: &mut Touched) -> Result<Outcome, 
                 }
                 .into());
             }
-            c.execute(
+            exec(
+                c,
                 "INSERT INTO registrations (code, fingerprint, public_key, created_at, expires_at)
                  VALUES (?1, ?2, ?3, ?4, ?5)",
                 params![
@@ -531,7 +572,11 @@ fn apply_one(c: &Connection, cmd: &Command, t: &mut Touched) -> Result<Outcome, 
                 return Err(ApplyError::KeyTaken { fingerprint: fp }.into());
             }
             insert_key(c, &fp, *account, &public_key, *at)?;
-            c.execute("DELETE FROM registrations WHERE code = ?1", params![code])?;
+            exec(
+                c,
+                "DELETE FROM registrations WHERE code = ?1",
+                params![code],
+            )?;
             t.keys.insert(fp);
             Ok(Outcome::Done)
         }
@@ -544,7 +589,7 @@ fn apply_one(c: &Connection, cmd: &Command, t: &mut Touched) -> Result<Outcome, 
             http_port,
             at,
         } => {
-            let s = settings(c)?;
+            let s = settings(c, cache)?;
             if let Some(existing) = rows::vm(c, *id)? {
                 return if existing.owner == *owner && existing.name == *name {
                     Ok(Outcome::VmCreated {
@@ -572,32 +617,20 @@ fn apply_one(c: &Connection, cmd: &Command, t: &mut Touched) -> Result<Outcome, 
             if rows::vm_by_name(c, name)?.is_some() {
                 return Err(ApplyError::NameTaken { name: name.clone() }.into());
             }
-            let owned: i64 = c.query_row(
-                "SELECT COUNT(*) FROM vms WHERE owner = ?1",
-                params![owner.to_string()],
-                |r| r.get(0),
-            )?;
-            if owned >= i64::from(account.max_vms) {
+            if account.vm_count >= account.max_vms {
                 return Err(ApplyError::QuotaExceeded {
                     limit: account.max_vms,
                 }
                 .into());
             }
-            let used = {
-                let mut stmt = c.prepare_cached(
-                    "SELECT public_ip FROM vms WHERE owner = ?1 ORDER BY public_ip",
-                )?;
-                stmt.query_map(params![owner.to_string()], |r| r.get::<_, i64>(0))?
-                    .collect::<Result<Vec<i64>, _>>()?
-            };
-            let used = used.into_iter().filter_map(|v| u32::try_from(v).ok());
-            let Some(public_ip) = lowest_free_address(&s, used) else {
+            let Some(public_ip) = allocate_address(c, &s, *owner)? else {
                 return Err(ApplyError::PoolExhausted {
                     pool: s.public_pool,
                 }
                 .into());
             };
-            c.execute(
+            exec(
+                c,
                 "INSERT INTO vms (id, name, owner, vcpus, memory_mib, disk_gib, image, desired,
                      observed, worker, private_ip, public_ip, http_port, created_at, updated_at)
                  VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, 'running', 'pending', NULL, NULL, ?8, ?9,
@@ -614,6 +647,11 @@ fn apply_one(c: &Connection, cmd: &Command, t: &mut Touched) -> Result<Outcome, 
                     http_port,
                     sql_u64(*at)
                 ],
+            )?;
+            exec(
+                c,
+                "UPDATE accounts SET vm_count = vm_count + 1 WHERE id = ?1",
+                params![owner.to_string()],
             )?;
             t.vms.insert(*id);
             Ok(Outcome::VmCreated { id: *id, public_ip })
@@ -641,11 +679,16 @@ fn apply_one(c: &Connection, cmd: &Command, t: &mut Touched) -> Result<Outcome, 
             if !node.roles.contains(&Role::Worker) {
                 return Err(cannot("it does not have the worker role".into()));
             }
-            let used = node_usage(c, *worker)?;
-            if !node.capacity.saturating_sub(&used).fits(&v.spec.capacity()) {
+            if !node
+                .capacity
+                .saturating_sub(&node.used)
+                .fits(&v.spec.capacity())
+            {
                 return Err(cannot("not enough free capacity".into()));
             }
-            c.execute(
+            add_usage(c, *worker, &v.spec, 1)?;
+            exec(
+                c,
                 "UPDATE vms SET worker = ?2, updated_at = ?3,
                      observed = CASE observed WHEN 'pending' THEN 'placed' ELSE observed END
                  WHERE id = ?1",
@@ -662,7 +705,8 @@ fn apply_one(c: &Connection, cmd: &Command, t: &mut Touched) -> Result<Outcome, 
             at,
         } => {
             owned_vm(c, *vm, *by)?;
-            c.execute(
+            exec(
+                c,
                 "UPDATE vms SET desired = ?2, updated_at = ?3 WHERE id = ?1",
                 params![vm.to_string(), desired.as_str(), sql_u64(*at)],
             )?;
@@ -692,7 +736,8 @@ fn apply_one(c: &Connection, cmd: &Command, t: &mut Touched) -> Result<Outcome, 
                     "a placed VM is never pending",
                 ));
             }
-            c.execute(
+            exec(
+                c,
                 "UPDATE vms SET observed = ?2, private_ip = ?3, updated_at = ?4 WHERE id = ?1",
                 params![
                     vm.to_string(),
@@ -707,9 +752,26 @@ fn apply_one(c: &Connection, cmd: &Command, t: &mut Touched) -> Result<Outcome, 
 
         Command::DeleteVm { by, vm, at } => {
             let v = owned_vm(c, *vm, *by)?;
-            c.execute("DELETE FROM vms WHERE id = ?1", params![vm.to_string()])?;
+            exec(c, "DELETE FROM vms WHERE id = ?1", params![vm.to_string()])?;
+            exec(
+                c,
+                "UPDATE accounts SET vm_count = MAX(0, vm_count - 1) WHERE id = ?1",
+                params![v.owner.to_string()],
+            )?;
+            let freed = exec(
+                c,
+                "INSERT OR IGNORE INTO free_public_ips (owner, ip) VALUES (?1, ?2)",
+                params![v.owner.to_string(), u32::from(v.public_ip)],
+            )?;
+            exec(
+                c,
+                "UPDATE accounts SET freed_ips = freed_ips + ?2 WHERE id = ?1",
+                params![v.owner.to_string(), i64::try_from(freed).unwrap_or(0)],
+            )?;
             if let Some(worker) = v.worker {
-                c.execute(
+                add_usage(c, worker, &v.spec, -1)?;
+                exec(
+                    c,
                     "INSERT OR REPLACE INTO deleted_vms (id, worker, deleted_at)
                      VALUES (?1, ?2, ?3)",
                     params![vm.to_string(), sql_u64(worker), sql_u64(*at)],
@@ -720,13 +782,29 @@ fn apply_one(c: &Connection, cmd: &Command, t: &mut Touched) -> Result<Outcome, 
         }
 
         Command::PurgeVm { vm } => {
-            c.execute(
+            exec(
+                c,
                 "DELETE FROM deleted_vms WHERE id = ?1",
                 params![vm.to_string()],
             )?;
             Ok(Outcome::Done)
         }
     }
+}
+
+/// `execute` through the statement cache (apply runs the same statements for every command).
+fn exec(c: &Connection, sql: &str, p: impl rusqlite::Params) -> rusqlite::Result<usize> {
+    c.prepare_cached(sql)?.execute(p)
+}
+
+/// `query_row` through the statement cache.
+fn one<T>(
+    c: &Connection,
+    sql: &str,
+    p: impl rusqlite::Params,
+    f: impl FnOnce(&rusqlite::Row<'_>) -> rusqlite::Result<T>,
+) -> rusqlite::Result<T> {
+    c.prepare_cached(sql)?.query_row(p, f)
 }
 
 fn ignore_no_rows<T>(e: rusqlite::Error) -> rusqlite::Result<Option<T>> {
@@ -743,7 +821,8 @@ fn insert_key(
     public_key: &str,
     at: u64,
 ) -> rusqlite::Result<()> {
-    c.execute(
+    exec(
+        c,
         "INSERT INTO ssh_keys (fingerprint, account, public_key, added_at) VALUES (?1, ?2, ?3, ?4)",
         params![fp.as_str(), account.to_string(), public_key, sql_u64(at)],
     )?;
@@ -767,49 +846,94 @@ fn owned_vm(
     }
 }
 
-fn node_usage(c: &Connection, node: NodeId) -> rusqlite::Result<crate::model::Capacity> {
+/// Adds (`sign` 1) or removes (`sign` -1) a VM's resources from a node's usage.
+fn add_usage(
+    c: &Connection,
+    node: NodeId,
+    spec: &crate::model::VmSpec,
+    sign: i64,
+) -> rusqlite::Result<()> {
     c.prepare_cached(
-        "SELECT COALESCE(SUM(vcpus), 0), COALESCE(SUM(memory_mib), 0), COALESCE(SUM(disk_gib), 0)
-         FROM vms WHERE worker = ?1",
+        "UPDATE nodes SET used_vcpus = MAX(0, used_vcpus + ?2),
+             used_memory_mib = MAX(0, used_memory_mib + ?3),
+             used_disk_gib = MAX(0, used_disk_gib + ?4)
+         WHERE id = ?1",
     )?
-    .query_row(params![sql_u64(node)], |r| {
-        let n = |i: usize| r.get::<_, i64>(i).map(|v| u64::try_from(v).unwrap_or(0));
-        Ok(crate::model::Capacity {
-            vcpus: u32::try_from(n(0)?).unwrap_or(u32::MAX),
-            memory_mib: n(1)?,
-            disk_gib: n(2)?,
-        })
-    })
+    .execute(params![
+        sql_u64(node),
+        sign * i64::from(spec.vcpus),
+        sign * sql_u64(spec.memory_mib),
+        sign * sql_u64(spec.disk_gib)
+    ])?;
+    Ok(())
 }
 
-/// The lowest assignable pool address that is not in `used` (ascending).
-pub fn lowest_free_address(
-    s: &ClusterSettings,
-    used: impl Iterator<Item = u32>,
-) -> Option<Ipv4Addr> {
-    let first = u32::from(s.public_pool.network());
+/// The first assignable pool address at or after `from`.
+pub fn next_assignable(s: &ClusterSettings, from: u32) -> Option<Ipv4Addr> {
     let last = u32::from(s.public_pool.broadcast());
-    let next_assignable = |mut ip: u32| -> Option<u32> {
-        loop {
-            if ip > last {
-                return None;
-            }
-            if s.is_assignable(Ipv4Addr::from(ip)) {
-                return Some(ip);
-            }
-            ip = ip.checked_add(1)?;
-        }
+    (from.max(u32::from(s.public_pool.network()))..=last)
+        .map(Ipv4Addr::from)
+        .find(|ip| s.is_assignable(*ip))
+}
+
+/// Takes the owner's lowest free pool address: the lowest address freed by a deletion, or the
+/// first assignable one above the owner's high-water mark, whichever is lower. Allocation always
+/// takes the lowest, so every free address at or below the mark is in `free_public_ips`; an
+/// owner who never deleted a VM costs no lookup beyond its account row.
+fn allocate_address(
+    c: &Connection,
+    s: &ClusterSettings,
+    owner: crate::model::AccountId,
+) -> rusqlite::Result<Option<Ipv4Addr>> {
+    let owner = owner.to_string();
+    let (high_water, freed): (Option<i64>, i64) = one(
+        c,
+        "SELECT ip_high_water, freed_ips FROM accounts WHERE id = ?1",
+        params![owner],
+        |r| Ok((r.get(0)?, r.get(1)?)),
+    )?;
+    let lowest_freed = if freed > 0 {
+        one(
+            c,
+            "SELECT ip FROM free_public_ips WHERE owner = ?1 ORDER BY ip LIMIT 1",
+            params![owner],
+            |r| r.get::<_, i64>(0),
+        )
+        .optional()?
+        .and_then(|f| u32::try_from(f).ok())
+        .map(Ipv4Addr::from)
+    } else {
+        None
     };
-    let mut cand = next_assignable(first)?;
-    for u in used {
-        if u < cand {
-            continue;
+    let above = match high_water.and_then(|h| u32::try_from(h).ok()) {
+        None => next_assignable(s, 0),
+        Some(h) => h.checked_add(1).and_then(|n| next_assignable(s, n)),
+    };
+    let pick = match (lowest_freed, above) {
+        (Some(f), Some(a)) => Some(f.min(a)),
+        (f, a) => f.or(a),
+    };
+    match pick {
+        Some(ip) if Some(ip) == lowest_freed => {
+            exec(
+                c,
+                "DELETE FROM free_public_ips WHERE owner = ?1 AND ip = ?2",
+                params![owner, u32::from(ip)],
+            )?;
+            exec(
+                c,
+                "UPDATE accounts SET freed_ips = freed_ips - 1 WHERE id = ?1",
+                params![owner],
+            )?;
         }
-        if u == cand {
-            cand = next_assignable(cand.checked_add(1)?)?;
-        } else {
-            break;
+        Some(ip) => {
+            exec(
+                c,
+                "UPDATE accounts SET ip_high_water = ?2 WHERE id = ?1",
+                params![owner, u32::from(ip)],
+            )?;
         }
+        None => {}
     }
-    Some(Ipv4Addr::from(cand))
+    Ok(pick)
 }

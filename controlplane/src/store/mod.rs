@@ -6,8 +6,6 @@ pub mod rows;
 pub mod schema;
 pub mod sqlite;
 
-use std::path::Path;
-
 use rusqlite::Connection;
 
 use crate::model::{ClusterSettings, Node, Vm};
@@ -61,19 +59,18 @@ pub enum ReadError {
     Closed(#[from] Closed),
 }
 
-/// Read-only queries against the local replica, on their own connection and thread so they
-/// never wait behind apply.
+/// Queries against the local replica. They run on the state machine's own connection, so
+/// they see everything applied, including the tail not yet committed to SQLite (see
+/// `raft::state_machine`); they queue behind applies, which are short.
 #[derive(Clone)]
 pub struct StateReader {
     db: SqliteThread,
 }
 
 impl StateReader {
-    /// Opens `state.db` read-only.
-    pub fn open(path: &Path) -> rusqlite::Result<Self> {
-        Ok(Self {
-            db: SqliteThread::open_read_only("boxd-state-read", path)?,
-        })
+    /// Reads through `db`, the state machine's connection.
+    pub fn new(db: SqliteThread) -> Self {
+        Self { db }
     }
 
     /// Runs an arbitrary read on the reader's thread.

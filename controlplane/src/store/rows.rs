@@ -135,31 +135,12 @@ pub fn vms_of(conn: &Connection, owner: AccountId) -> rusqlite::Result<Vec<Vm>> 
     .collect()
 }
 
-/// VMs that wait for a worker, oldest first.
-pub fn unplaced_vms(conn: &Connection) -> rusqlite::Result<Vec<Vm>> {
+/// Up to `limit` VMs that wait for a worker, oldest first (the `vms_by_worker` index serves this).
+pub fn unplaced_vms(conn: &Connection, limit: usize) -> rusqlite::Result<Vec<Vm>> {
     conn.prepare_cached(&format!(
-        "SELECT {VM_COLUMNS} FROM vms WHERE worker IS NULL ORDER BY created_at, id"
+        "SELECT {VM_COLUMNS} FROM vms WHERE worker IS NULL ORDER BY created_at, id LIMIT ?1"
     ))?
-    .query_map([], vm_row)?
-    .collect()
-}
-
-/// Resources taken on each worker by the VMs placed there.
-pub fn usage_by_worker(conn: &Connection) -> rusqlite::Result<Vec<(NodeId, Capacity)>> {
-    conn.prepare_cached(
-        "SELECT worker, SUM(vcpus), SUM(memory_mib), SUM(disk_gib)
-         FROM vms WHERE worker IS NOT NULL GROUP BY worker ORDER BY worker",
-    )?
-    .query_map([], |r| {
-        Ok((
-            unsigned(r, 0)?,
-            Capacity {
-                vcpus: unsigned(r, 1)?,
-                memory_mib: unsigned(r, 2)?,
-                disk_gib: unsigned(r, 3)?,
-            },
-        ))
-    })?
+    .query_map(params![i64::try_from(limit).unwrap_or(i64::MAX)], vm_row)?
     .collect()
 }
 
@@ -176,13 +157,18 @@ fn node_row(r: &Row<'_>) -> rusqlite::Result<Node> {
             memory_mib: unsigned(r, 6)?,
             disk_gib: unsigned(r, 7)?,
         },
-        last_heartbeat: unsigned(r, 8)?,
-        joined_at: unsigned(r, 9)?,
+        used: Capacity {
+            vcpus: unsigned(r, 8)?,
+            memory_mib: unsigned(r, 9)?,
+            disk_gib: unsigned(r, 10)?,
+        },
+        last_heartbeat: unsigned(r, 11)?,
+        joined_at: unsigned(r, 12)?,
     })
 }
 
-const NODE_COLUMNS: &str =
-    "id, uuid, name, roles, raft_addr, vcpus, memory_mib, disk_gib, last_heartbeat, joined_at";
+const NODE_COLUMNS: &str = "id, uuid, name, roles, raft_addr, vcpus, memory_mib, disk_gib,
+    used_vcpus, used_memory_mib, used_disk_gib, last_heartbeat, joined_at";
 
 /// One node by id.
 pub fn node(conn: &Connection, id: NodeId) -> rusqlite::Result<Option<Node>> {
@@ -200,16 +186,19 @@ pub fn nodes(conn: &Connection) -> rusqlite::Result<Vec<Node>> {
 
 /// One account by id.
 pub fn account(conn: &Connection, id: AccountId) -> rusqlite::Result<Option<Account>> {
-    conn.prepare_cached("SELECT id, name, max_vms, created_at FROM accounts WHERE id = ?1")?
-        .query_row(params![id.to_string()], |r| {
-            Ok(Account {
-                id: AccountId(uuid(r, 0)?),
-                name: r.get(1)?,
-                max_vms: unsigned(r, 2)?,
-                created_at: unsigned(r, 3)?,
-            })
+    conn.prepare_cached(
+        "SELECT id, name, max_vms, vm_count, created_at FROM accounts WHERE id = ?1",
+    )?
+    .query_row(params![id.to_string()], |r| {
+        Ok(Account {
+            id: AccountId(uuid(r, 0)?),
+            name: r.get(1)?,
+            max_vms: unsigned(r, 2)?,
+            vm_count: unsigned(r, 3)?,
+            created_at: unsigned(r, 4)?,
         })
-        .optional()
+    })
+    .optional()
 }
 
 /// The account a key belongs to.

@@ -31,6 +31,10 @@ CREATE TABLE IF NOT EXISTS nodes (
     vcpus          INTEGER NOT NULL,
     memory_mib     INTEGER NOT NULL,
     disk_gib       INTEGER NOT NULL,
+    -- Taken by VMs placed here; maintained by apply (PlaceVm adds, DeleteVm subtracts).
+    used_vcpus      INTEGER NOT NULL DEFAULT 0,
+    used_memory_mib INTEGER NOT NULL DEFAULT 0,
+    used_disk_gib   INTEGER NOT NULL DEFAULT 0,
     last_heartbeat INTEGER NOT NULL,
     joined_at      INTEGER NOT NULL
 );
@@ -38,6 +42,12 @@ CREATE TABLE IF NOT EXISTS accounts (
     id         TEXT PRIMARY KEY,
     name       TEXT NOT NULL UNIQUE,
     max_vms    INTEGER NOT NULL,
+    -- VMs owned now; maintained by apply so the quota check is O(1).
+    vm_count   INTEGER NOT NULL DEFAULT 0,
+    -- Highest public address ever handed to this account, and how many addresses at or below
+    -- it are free again (listed in free_public_ips).
+    ip_high_water INTEGER,
+    freed_ips     INTEGER NOT NULL DEFAULT 0,
     created_at INTEGER NOT NULL
 );
 CREATE TABLE IF NOT EXISTS ssh_keys (
@@ -80,7 +90,17 @@ CREATE TABLE IF NOT EXISTS vms (
     updated_at INTEGER NOT NULL,
     UNIQUE (owner, public_ip)
 );
-CREATE INDEX IF NOT EXISTS vms_by_worker ON vms (worker);
+-- Serves both "VMs on worker N" and "unplaced VMs, oldest first" (worker IS NULL). Not a
+-- partial index: SQLite re-prepares statements whose parameters touch a partial index's
+-- condition, which cost 10% of apply's CPU.
+CREATE INDEX IF NOT EXISTS vms_by_worker ON vms (worker, created_at, id);
+-- Addresses freed by deletions, per owner: with accounts.ip_high_water, "lowest free address"
+-- is min(lowest freed, next after the high-water mark), O(log n).
+CREATE TABLE IF NOT EXISTS free_public_ips (
+    owner TEXT NOT NULL,
+    ip    INTEGER NOT NULL,
+    PRIMARY KEY (owner, ip)
+) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS deleted_vms (
     id         TEXT PRIMARY KEY,
     worker     INTEGER,

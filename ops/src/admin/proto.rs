@@ -17,12 +17,14 @@ pub const MAX_LINE: usize = 1 << 20;
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "op", rename_all = "kebab-case", deny_unknown_fields)]
 pub enum Request {
+    // The unit-like requests are empty struct variants: serde ignores unknown fields on unit
+    // variants of internally tagged enums, and a typo must not pass silently.
     /// Node and replica status.
-    Status,
+    Status {},
     /// Cluster members.
-    Members,
+    Members {},
     /// Every VM in the local replica.
-    Vms,
+    Vms {},
     /// Mint a join token.
     JoinToken {
         /// Roles the joining node may take.
@@ -99,8 +101,11 @@ mod tests {
 
     #[test]
     fn parses_each_request() {
-        assert_eq!(parse_request(br#"{"op":"status"}"#), Ok(Request::Status));
-        assert_eq!(parse_request(br#"{"op":"members"}"#), Ok(Request::Members));
+        assert_eq!(parse_request(br#"{"op":"status"}"#), Ok(Request::Status {}));
+        assert_eq!(
+            parse_request(br#"{"op":"members"}"#),
+            Ok(Request::Members {})
+        );
         assert_eq!(
             parse_request(br#"{"op":"join-token","roles":["worker"]}"#),
             Ok(Request::JoinToken {

@@ -1,0 +1,430 @@
+//! Shared pieces of the side-by-side benchmarks: starting boxd and peer clusters as real
+//! processes on loopback, clients for each, and latency statistics.
+//!
+//! Benchmarks never assert on speed; they print numbers and ratios for people to read.
+
+#![allow(clippy::unwrap_used, clippy::missing_panics_doc, missing_docs)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, Result, bail};
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::net::UnixStream;
+use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
+
+/// etcd's API subset (see `proto/etcd.proto`).
+#[allow(clippy::all, clippy::pedantic)]
+pub mod etcdpb {
+    tonic::include_proto!("etcdserverpb");
+}
+
+/// A child process killed when dropped.
+pub struct Proc(pub Child);
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// The release `boxd` binary (`$BOXD_BIN` overrides).
+pub fn boxd_bin() -> PathBuf {
+    if let Some(p) = std::env::var_os("BOXD_BIN") {
+        return p.into();
+    }
+    let exe = std::env::current_exe().unwrap();
+    let bin = exe.parent().unwrap().parent().unwrap().join("boxd");
+    assert!(
+        bin.exists(),
+        "{} is missing: run `cargo build --release -p boxd` first (ops/bench does)",
+        bin.display()
+    );
+    bin
+}
+
+/// Latency samples of one run.
+#[derive(Clone, Debug, Default)]
+pub struct Samples {
+    /// Per-operation latencies.
+    pub latencies: Vec<Duration>,
+    /// Wall time of the whole run.
+    pub elapsed: Duration,
+}
+
+impl Samples {
+    /// Percentile `p` (0..=100) in microseconds.
+    pub fn percentile_us(&self, p: f64) -> f64 {
+        let mut v: Vec<u128> = self.latencies.iter().map(Duration::as_micros).collect();
+        v.sort_unstable();
+        if v.is_empty() {
+            return 0.0;
+        }
+        let i = ((p / 100.0) * (v.len() - 1) as f64).round() as usize;
+        v[i.min(v.len() - 1)] as f64
+    }
+
+    /// Operations per second.
+    pub fn throughput(&self) -> f64 {
+        self.latencies.len() as f64 / self.elapsed.as_secs_f64()
+    }
+}
+
+/// The median of `xs`.
+pub fn median(mut xs: Vec<f64>) -> f64 {
+    xs.sort_by(|a, b| a.total_cmp(b));
+    if xs.is_empty() { 0.0 } else { xs[xs.len() / 2] }
+}
+
+/// Something that performs one durable write per call.
+pub trait Writer: Send {
+    /// Writes one record (`i` makes it unique).
+    fn write(&mut self, i: u64) -> impl std::future::Future<Output = Result<()>> + Send;
+}
+
+/// Runs `writers` concurrently, each doing `per_writer` sequential writes.
+pub async fn run<W: Writer + 'static>(writers: Vec<W>, per_writer: u64) -> Result<Samples> {
+    let start = Instant::now();
+    let tasks: Vec<_> = writers
+        .into_iter()
+        .enumerate()
+        .map(|(n, mut w)| {
+            tokio::spawn(async move {
+                let mut lat = Vec::with_capacity(per_writer as usize);
+                for i in 0..per_writer {
+                    let t = Instant::now();
+                    w.write((n as u64) << 32 | i).await?;
+                    lat.push(t.elapsed());
+                }
+                anyhow::Ok(lat)
+            })
+        })
+        .collect();
+    let mut latencies = Vec::new();
+    for t in tasks {
+        latencies.extend(t.await??);
+    }
+    Ok(Samples {
+        latencies,
+        elapsed: start.elapsed(),
+    })
+}
+
+fn wait_for(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) -> Result<()> {
+    let deadline = Instant::now() + timeout;
+    while !f() {
+        if Instant::now() > deadline {
+            bail!("timed out waiting for {what}");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    Ok(())
+}
+
+/// A boxd cluster of `n` control nodes on 127.0.33.{1..n}:7000.
+pub struct BoxdCluster {
+    pub procs: Vec<Proc>,
+    pub dirs: Vec<PathBuf>,
+    _tmp: tempfile::TempDir,
+}
+
+fn admin_sync(socket: &Path, req: &serde_json::Value) -> Result<serde_json::Value> {
+    use std::io::{BufRead, Write};
+    let mut s = std::os::unix::net::UnixStream::connect(socket)?;
+    writeln!(s, "{req}")?;
+    let mut line = String::new();
+    std::io::BufReader::new(s).read_line(&mut line)?;
+    let v: serde_json::Value = serde_json::from_str(&line)?;
+    if v["ok"] != true {
+        bail!("admin {req}: {v}");
+    }
+    Ok(v["result"].clone())
+}
+
+impl BoxdCluster {
+    /// Starts and forms the cluster under `base` (a directory on the disk being measured).
+    pub fn start(n: usize, base: &Path) -> Result<Self> {
+        let tmp = tempfile::tempdir_in(base)?;
+        let mut procs = Vec::new();
+        let mut dirs = Vec::new();
+        let mut token = String::new();
+        for i in 0..n {
+            let dir = tmp.path().join(format!("boxd{i}"));
+            std::fs::create_dir_all(&dir)?;
+            let cfg = dir.join("boxd.toml");
+            std::fs::write(
+                &cfg,
+                format!(
+                    "[node]\nroles = [\"control\"]\nheartbeat_secs = 3600\n[raft]\nlisten = \"127.0.33.{}:7000\"\n",
+                    i + 1
+                ),
+            )?;
+            let data = dir.join("data");
+            let mut cmd = Command::new(boxd_bin());
+            if i == 0 {
+                cmd.arg("init");
+            } else {
+                cmd.args([
+                    "join",
+                    "127.0.33.1:7000",
+                    "--token",
+                    &token,
+                    "--role",
+                    "control",
+                ]);
+            }
+            let child = cmd
+                .arg("--data-dir")
+                .arg(&data)
+                .arg("--config")
+                .arg(&cfg)
+                .env(
+                    "BOXD_LOG",
+                    std::env::var("BENCH_BOXD_LOG").unwrap_or_else(|_| "warn".into()),
+                )
+                .stdout(Stdio::null())
+                .stderr(std::fs::File::create(format!("/tmp/bench-boxd{i}.log"))?)
+                .spawn()
+                .context("starting boxd")?;
+            procs.push(Proc(child));
+            let socket = data.join("admin.sock");
+            wait_for("boxd admin socket", Duration::from_secs(30), || {
+                admin_sync(&socket, &serde_json::json!({"op": "status"}))
+                    .is_ok_and(|s| s["replica"]["leader"].is_u64())
+            })?;
+            if i == 0 {
+                token = admin_sync(
+                    &socket,
+                    &serde_json::json!({"op": "join-token", "roles": ["control"]}),
+                )?["token"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .to_owned();
+            }
+            dirs.push(data);
+        }
+        let leader = dirs[0].join("admin.sock");
+        wait_for("all voters", Duration::from_secs(30), || {
+            admin_sync(&leader, &serde_json::json!({"op": "status"}))
+                .is_ok_and(|s| s["replica"]["voters"].as_array().map_or(0, Vec::len) == n)
+        })?;
+        Ok(Self {
+            procs,
+            dirs,
+            _tmp: tmp,
+        })
+    }
+
+    /// The leader's admin socket.
+    pub fn leader_socket(&self) -> Result<PathBuf> {
+        let s = admin_sync(
+            &self.dirs[0].join("admin.sock"),
+            &serde_json::json!({"op": "status"}),
+        )?;
+        let leader = s["replica"]["leader"].as_u64().context("no leader")?;
+        Ok(self.dirs[usize::try_from(leader)? - 1].join("admin.sock"))
+    }
+
+    /// Process ids (for CPU accounting).
+    pub fn pids(&self) -> Vec<u32> {
+        self.procs.iter().map(|p| p.0.id()).collect()
+    }
+}
+
+/// A boxd writer: one admin connection creating VMs for its own account.
+pub struct BoxdWriter {
+    r: BufReader<OwnedReadHalf>,
+    w: OwnedWriteHalf,
+    account: String,
+    line: String,
+}
+
+impl BoxdWriter {
+    /// Connects and creates this writer's account.
+    pub async fn connect(socket: &Path) -> Result<Self> {
+        let (r, w) = UnixStream::connect(socket).await?.into_split();
+        let mut me = Self {
+            r: BufReader::new(r),
+            w,
+            account: uuid::Uuid::new_v4().to_string(),
+            line: String::new(),
+        };
+        let req = serde_json::json!({"op": "write", "command": {
+            "type": "create_account", "id": me.account, "name": format!("bench-{}", me.account),
+            "max_vms": 4_000_000_000u32, "at": 0}});
+        me.call(&req).await?;
+        Ok(me)
+    }
+
+    async fn call(&mut self, req: &serde_json::Value) -> Result<serde_json::Value> {
+        let mut bytes = serde_json::to_vec(req)?;
+        bytes.push(b'\n');
+        self.w.write_all(&bytes).await?;
+        self.line.clear();
+        self.r.read_line(&mut self.line).await?;
+        let v: serde_json::Value = serde_json::from_str(&self.line)?;
+        if v["ok"] != true || v["result"]["refused"].is_object() {
+            bail!("boxd write failed: {v}");
+        }
+        Ok(v)
+    }
+}
+
+/// The record both systems store: the JSON of a VM creation (~300 bytes).
+pub fn record(account: &str, i: u64) -> serde_json::Value {
+    // Time-ordered, as boxd's own proposers generate ids.
+    let id = uuid::Uuid::now_v7();
+    serde_json::json!({
+        "type": "create_vm", "id": id, "owner": account,
+        "name": format!("b{i:x}-{}", &uuid::Uuid::new_v4().simple().to_string()[..12]), "http_port": 80, "at": 0,
+        "spec": {"vcpus": 1, "memory_mib": 512, "disk_gib": 4, "image": "minimal"}
+    })
+}
+
+impl Writer for BoxdWriter {
+    async fn write(&mut self, i: u64) -> Result<()> {
+        let cmd = record(&self.account, i);
+        self.call(&serde_json::json!({"op": "write", "command": cmd}))
+            .await
+            .map(drop)
+    }
+}
+
+/// An etcd cluster of `n` members on 127.0.33.{11..}:2379/2380.
+pub struct EtcdCluster {
+    pub procs: Vec<Proc>,
+    pub endpoints: Vec<String>,
+    _tmp: tempfile::TempDir,
+}
+
+impl EtcdCluster {
+    /// Starts the members (Debian's `etcd`).
+    pub fn start(n: usize, base: &Path) -> Result<Self> {
+        let tmp = tempfile::tempdir_in(base)?;
+        let ip = |i: usize| format!("127.0.33.{}", 11 + i);
+        let initial: Vec<String> = (0..n)
+            .map(|i| format!("e{i}=http://{}:2380", ip(i)))
+            .collect();
+        let mut procs = Vec::new();
+        let mut endpoints = Vec::new();
+        for i in 0..n {
+            let dir = tmp.path().join(format!("etcd{i}"));
+            let client = format!("http://{}:2379", ip(i));
+            let peer = format!("http://{}:2380", ip(i));
+            let child = Command::new("etcd")
+                .args(["--name", &format!("e{i}")])
+                .arg("--data-dir")
+                .arg(&dir)
+                .args([
+                    "--listen-client-urls",
+                    &client,
+                    "--advertise-client-urls",
+                    &client,
+                ])
+                .args([
+                    "--listen-peer-urls",
+                    &peer,
+                    "--initial-advertise-peer-urls",
+                    &peer,
+                ])
+                .args(["--initial-cluster", &initial.join(",")])
+                .args([
+                    "--initial-cluster-state",
+                    "new",
+                    "--initial-cluster-token",
+                    "bench",
+                ])
+                .args(["--log-level", "error"])
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .context("starting etcd (apt-get install etcd-server)")?;
+            procs.push(Proc(child));
+            endpoints.push(client);
+        }
+        Ok(Self {
+            procs,
+            endpoints,
+            _tmp: tmp,
+        })
+    }
+
+    /// Waits for a leader and returns its client URL.
+    pub async fn leader(&self) -> Result<String> {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            for ep in &self.endpoints {
+                let Ok(mut c) =
+                    etcdpb::maintenance_client::MaintenanceClient::connect(ep.clone()).await
+                else {
+                    continue;
+                };
+                if let Ok(s) = c.status(etcdpb::StatusRequest {}).await {
+                    let s = s.into_inner();
+                    if s.leader != 0 && s.header.is_some_and(|h| h.member_id == s.leader) {
+                        return Ok(ep.clone());
+                    }
+                }
+            }
+            if Instant::now() > deadline {
+                bail!("etcd elected no leader");
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// Process ids (for CPU accounting).
+    pub fn pids(&self) -> Vec<u32> {
+        self.procs.iter().map(|p| p.0.id()).collect()
+    }
+}
+
+/// An etcd writer: one gRPC connection putting the same records.
+pub struct EtcdWriter {
+    kv: etcdpb::kv_client::KvClient<tonic::transport::Channel>,
+    account: String,
+}
+
+impl EtcdWriter {
+    /// Connects to `endpoint`.
+    pub async fn connect(endpoint: &str) -> Result<Self> {
+        Ok(Self {
+            kv: etcdpb::kv_client::KvClient::connect(endpoint.to_owned()).await?,
+            account: uuid::Uuid::new_v4().to_string(),
+        })
+    }
+}
+
+impl Writer for EtcdWriter {
+    async fn write(&mut self, i: u64) -> Result<()> {
+        let value = serde_json::to_vec(&record(&self.account, i))?;
+        let key = format!("/boxd/vms/{}/{i:x}", self.account).into_bytes();
+        self.kv
+            .put(etcdpb::PutRequest {
+                key,
+                value,
+                ..Default::default()
+            })
+            .await?;
+        Ok(())
+    }
+}
+
+/// CPU seconds (user + system) consumed so far by `pids`, from /proc.
+pub fn cpu_seconds(pids: &[u32]) -> f64 {
+    // SAFETY: sysconf has no preconditions.
+    let ticks = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    pids.iter()
+        .filter_map(|p| std::fs::read_to_string(format!("/proc/{p}/stat")).ok())
+        .filter_map(|s| {
+            // Fields after the command name (which may contain spaces) start after ')'.
+            let rest = s.rsplit_once(')')?.1;
+            let f: Vec<&str> = rest.split_whitespace().collect();
+            let utime: f64 = f.get(11)?.parse().ok()?;
+            let stime: f64 = f.get(12)?.parse().ok()?;
+            Some((utime + stime) / ticks)
+        })
+        .sum()
+}
