@@ -19,6 +19,15 @@ fn now_ms() -> u64 {
         .as_millis() as u64
 }
 
+/// Runs `boxd` with `args` to completion.
+fn boxd<I, S>(args: I) -> std::process::Output
+where
+    I: IntoIterator<Item = S>,
+    S: AsRef<std::ffi::OsStr>,
+{
+    Command::new(boxd_bin()).args(args).output().unwrap()
+}
+
 fn field(ready: &str, key: &str) -> String {
     ready
         .split_whitespace()
@@ -40,11 +49,12 @@ fn config_default_prints_a_file_that_checks() {
     assert!(text.contains("listen = \"127.0.0.1:5353\""));
     let path = dir.path().join("boxd.toml");
     std::fs::write(&path, &text).unwrap();
-    let out = Command::new(boxd_bin())
-        .args(["config", "check", "--config"])
-        .arg(&path)
-        .output()
-        .unwrap();
+    let out = boxd([
+        "config".as_ref(),
+        "check".as_ref(),
+        "--config".as_ref(),
+        path.as_os_str(),
+    ]);
     assert!(out.status.success(), "{out:?}");
     assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "config ok");
 }
@@ -63,14 +73,13 @@ fn bad_config_exits_2_names_the_field_and_writes_nothing() {
         std::fs::write(&cfg, text).unwrap();
         let data = dir.path().join(format!("data{i}"));
         for cmd in ["up", "init", "run"] {
-            let out = Command::new(boxd_bin())
-                .arg(cmd)
-                .arg("--data-dir")
-                .arg(&data)
-                .arg("--config")
-                .arg(&cfg)
-                .output()
-                .unwrap();
+            let out = boxd([
+                cmd.as_ref(),
+                "--data-dir".as_ref(),
+                data.as_os_str(),
+                "--config".as_ref(),
+                cfg.as_os_str(),
+            ]);
             let stderr = String::from_utf8_lossy(&out.stderr);
             assert_eq!(out.status.code(), Some(2), "{cmd} {text:?}: {stderr}");
             assert!(stderr.contains(field), "{cmd} {text:?}: {stderr}");
@@ -78,11 +87,13 @@ fn bad_config_exits_2_names_the_field_and_writes_nothing() {
             assert!(!data.exists(), "{cmd} {text:?} wrote {}", data.display());
         }
     }
-    let out = Command::new(boxd_bin())
-        .args(["config", "check", "--config"])
-        .arg(dir.path().join("missing.toml"))
-        .output()
-        .unwrap();
+    let missing = dir.path().join("missing.toml");
+    let out = boxd([
+        "config".as_ref(),
+        "check".as_ref(),
+        "--config".as_ref(),
+        missing.as_os_str(),
+    ]);
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("missing.toml"));
 }
@@ -91,26 +102,25 @@ fn bad_config_exits_2_names_the_field_and_writes_nothing() {
 fn run_without_a_node_and_unknown_flags_exit_2() {
     let dir = tempfile::tempdir().unwrap();
     let cfg = write_config(dir.path(), "n", "127.0.32.9:7000", "");
-    let out = Command::new(boxd_bin())
-        .arg("run")
-        .arg("--data-dir")
-        .arg(dir.path().join("d"))
-        .arg("--config")
-        .arg(&cfg)
-        .output()
-        .unwrap();
+    let data = dir.path().join("d");
+    let out = boxd([
+        "run".as_ref(),
+        "--data-dir".as_ref(),
+        data.as_os_str(),
+        "--config".as_ref(),
+        cfg.as_os_str(),
+    ]);
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("boxd init"));
-    let out = Command::new(boxd_bin())
-        .args(["up", "--bogus"])
-        .output()
-        .unwrap();
+    let out = boxd(["up", "--bogus"]);
     assert_eq!(out.status.code(), Some(2));
-    let out = Command::new(boxd_bin())
-        .args(["admin", "status", "--data-dir"])
-        .arg(dir.path().join("nowhere"))
-        .output()
-        .unwrap();
+    let nowhere = dir.path().join("nowhere");
+    let out = boxd([
+        "admin".as_ref(),
+        "status".as_ref(),
+        "--data-dir".as_ref(),
+        nowhere.as_os_str(),
+    ]);
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("is `boxd up` running"));
 }
@@ -172,12 +182,12 @@ fn up_serves_admin_schedules_and_resumes_after_sigterm() {
 
     // The human commands work against the same socket.
     for cmd in [["admin", "status"], ["admin", "members"], ["admin", "vms"]] {
-        let out = Command::new(boxd_bin())
-            .args(cmd)
-            .arg("--data-dir")
-            .arg(&data)
-            .output()
-            .unwrap();
+        let out = boxd([
+            cmd[0].as_ref(),
+            cmd[1].as_ref(),
+            "--data-dir".as_ref(),
+            data.as_os_str(),
+        ]);
         assert!(out.status.success(), "{cmd:?}: {out:?}");
         let text = String::from_utf8_lossy(&out.stdout);
         if cmd[1] == "vms" {
@@ -189,14 +199,13 @@ fn up_serves_admin_schedules_and_resumes_after_sigterm() {
     }
 
     // A second boxd on the same data directory is refused.
-    let out = Command::new(boxd_bin())
-        .arg("up")
-        .arg("--data-dir")
-        .arg(&data)
-        .arg("--config")
-        .arg(&cfg)
-        .output()
-        .unwrap();
+    let out = boxd([
+        "up".as_ref(),
+        "--data-dir".as_ref(),
+        data.as_os_str(),
+        "--config".as_ref(),
+        cfg.as_os_str(),
+    ]);
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("in use"));
 

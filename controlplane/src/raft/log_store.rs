@@ -417,3 +417,73 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             .map_err(write_err)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use openraft::{CommittedLeaderId, EntryPayload};
+
+    use super::*;
+
+    fn entry(term: u64, index: u64) -> Entry {
+        Entry {
+            log_id: openraft::LogId::new(CommittedLeaderId::new(term, 1), index),
+            payload: EntryPayload::Blank,
+        }
+    }
+
+    fn indexes(v: &Option<Vec<Entry>>) -> Option<Vec<u64>> {
+        v.as_ref()
+            .map(|v| v.iter().map(|e| e.log_id.index).collect())
+    }
+
+    #[test]
+    fn cache_serves_only_ranges_it_holds_entirely() {
+        let mut c = EntryCache::default();
+        assert_eq!(indexes(&c.get(1, 5)), None, "empty cache serves nothing");
+        c.append(&(5..10).map(|i| entry(1, i)).collect::<Vec<_>>());
+        assert_eq!(indexes(&c.get(5, 8)), Some(vec![5, 6, 7]));
+        assert_eq!(
+            indexes(&c.get(8, 100)),
+            Some(vec![8, 9]),
+            "past the end: what exists"
+        );
+        assert_eq!(
+            indexes(&c.get(4, 8)),
+            None,
+            "starts before the cache: go to disk"
+        );
+    }
+
+    #[test]
+    fn cache_follows_truncate_purge_and_overwrite() {
+        let mut c = EntryCache::default();
+        c.append(&(1..=6).map(|i| entry(1, i)).collect::<Vec<_>>());
+        c.truncate(5);
+        assert_eq!(indexes(&c.get(1, 10)), Some(vec![1, 2, 3, 4]));
+        // A new leader overwrites from index 3 with term 2.
+        c.append(&[entry(2, 3), entry(2, 4)]);
+        let got = c.get(1, 10).unwrap();
+        assert_eq!(
+            got.iter()
+                .map(|e| e.log_id.leader_id.term)
+                .collect::<Vec<_>>(),
+            vec![1, 1, 2, 2]
+        );
+        c.purge(2);
+        assert_eq!(indexes(&c.get(3, 10)), Some(vec![3, 4]));
+        assert_eq!(indexes(&c.get(2, 10)), None);
+        // A gap (entries installed by snapshot elsewhere) restarts the cache.
+        c.append(&[entry(3, 100)]);
+        assert_eq!(indexes(&c.get(100, 101)), Some(vec![100]));
+        assert_eq!(indexes(&c.get(4, 101)), None);
+    }
+
+    #[test]
+    fn cache_is_bounded() {
+        let mut c = EntryCache::default();
+        let n = u64::try_from(CACHE_ENTRIES).unwrap() + 10;
+        c.append(&(1..=n).map(|i| entry(1, i)).collect::<Vec<_>>());
+        assert_eq!(c.entries.len(), CACHE_ENTRIES);
+        assert_eq!(c.first_index(), Some(11));
+    }
+}
