@@ -164,10 +164,10 @@ impl StateMachine {
     }
 }
 
-/// Commit after this long with a transaction open...
-const COMMIT_EVERY: std::time::Duration = std::time::Duration::from_millis(20);
-/// ...or after this many commands...
-const COMMIT_COMMANDS: usize = 4096;
+/// Commit after this long with a transaction open (etcd's backend batch interval)...
+const COMMIT_EVERY: std::time::Duration = std::time::Duration::from_millis(100);
+/// ...or after this many commands (etcd's batch limit)...
+const COMMIT_COMMANDS: usize = 10_000;
 /// ...or when no apply arrived for this long.
 const COMMIT_IDLE: std::time::Duration = std::time::Duration::from_millis(5);
 

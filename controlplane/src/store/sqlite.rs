@@ -73,6 +73,8 @@ impl SqliteThread {
         // 64 MiB page cache and memory-mapped reads: the state of a large cluster stays hot.
         conn.pragma_update(None, "cache_size", -65_536)?;
         conn.pragma_update(None, "mmap_size", 256 << 20)?;
+        // Savepoint sub-journals in memory, not in temporary files.
+        conn.pragma_update(None, "temp_store", "MEMORY")?;
         conn.busy_timeout(BUSY_TIMEOUT)?;
         conn.set_prepared_statement_cache_capacity(128);
         let checkpointer = Connection::open(path)?;
