@@ -199,6 +199,14 @@ pub enum Command {
         /// VM.
         vm: VmId,
     },
+    /// Publishes TXT records at `name` in the zone (e.g. `_acme-challenge.myapp`), replacing
+    /// any there; no values removes them.
+    SetTxt {
+        /// Owner name relative to the zone apex; empty for the apex itself.
+        name: String,
+        /// One TXT record per value (each at most 255 bytes).
+        values: Vec<String>,
+    },
 }
 
 impl Command {
@@ -221,6 +229,7 @@ impl Command {
             Command::ReportVm { .. } => "report_vm",
             Command::DeleteVm { .. } => "delete_vm",
             Command::PurgeVm { .. } => "purge_vm",
+            Command::SetTxt { .. } => "set_txt",
         }
     }
 }

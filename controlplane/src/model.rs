@@ -525,9 +525,14 @@ pub fn is_dns_label(s: &str) -> bool {
         && b[b.len() - 1] != b'-'
 }
 
+/// Names the zone uses itself.
+pub const RESERVED_VM_NAMES: [&str; 1] = ["ns1"];
+
 /// Why a VM name is refused, or `None` when it is fine.
 pub fn vm_name_problem(name: &str) -> Option<&'static str> {
-    if name.is_empty() {
+    if RESERVED_VM_NAMES.contains(&name) {
+        Some("the name is reserved for the zone's name server: pick another")
+    } else if name.is_empty() {
         Some("a name cannot be empty")
     } else if name.len() > 63 {
         Some("a name has at most 63 characters")
@@ -570,7 +575,16 @@ mod tests {
         for ok in ["a", "myapp", "my-app-2", &"a".repeat(63)] {
             assert_eq!(vm_name_problem(ok), None, "{ok}");
         }
-        for bad in ["", "-a", "a-", "MyApp", "a.b", "a_b", &"a".repeat(64)] {
+        for bad in [
+            "",
+            "-a",
+            "a-",
+            "MyApp",
+            "a.b",
+            "a_b",
+            "ns1",
+            &"a".repeat(64),
+        ] {
             assert!(vm_name_problem(bad).is_some(), "{bad}");
         }
     }

@@ -72,6 +72,10 @@ pub enum ViewChange {
     KeyUpsert(Fingerprint, AccountId),
     /// A key was removed.
     KeyRemove(Fingerprint),
+    /// TXT records now at a name (relative to the zone).
+    TxtUpsert(String, Arc<[String]>),
+    /// TXT records at a name were removed.
+    TxtRemove(String),
 }
 
 /// An immutable routing snapshot. Cheap to clone.
@@ -83,6 +87,7 @@ pub struct View {
     by_id: HashMap<VmId, Arc<VmRoute>>,
     by_owner_ip: HashMap<(AccountId, Ipv4Addr), Arc<VmRoute>>,
     by_name: HashMap<String, Arc<VmRoute>>,
+    txt: HashMap<String, Arc<[String]>>,
 }
 
 impl View {
@@ -118,6 +123,12 @@ impl View {
                 }
                 ViewChange::KeyRemove(fp) => {
                     self.keys.remove(&fp);
+                }
+                ViewChange::TxtUpsert(name, values) => {
+                    self.txt.insert(name, values);
+                }
+                ViewChange::TxtRemove(name) => {
+                    self.txt.remove(&name);
                 }
             }
         }
@@ -203,6 +214,22 @@ impl View {
         } else {
             self.by_name.get(label)
         }
+    }
+
+    /// TXT records at `name` (relative to the zone, lowercase; empty for the apex).
+    pub fn txt(&self, name: &str) -> Option<&Arc<[String]>> {
+        self.txt.get(name)
+    }
+
+    /// Every TXT owner name and its records (unordered).
+    pub fn txt_records(&self) -> impl Iterator<Item = (&String, &Arc<[String]>)> {
+        self.txt.iter()
+    }
+
+    /// Replaces the TXT records wholesale (building a View from full state).
+    pub fn with_txt(mut self, txt: impl IntoIterator<Item = (String, Vec<String>)>) -> Self {
+        self.txt = txt.into_iter().map(|(n, v)| (n, Arc::from(v))).collect();
+        self
     }
 
     /// Number of VMs.

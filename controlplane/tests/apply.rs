@@ -569,6 +569,30 @@ fn history() -> Vec<(&'static str, Command, Check)> {
             Box::new(done),
         ),
         (
+            "TXT for an ACME challenge",
+            Command::SetTxt {
+                name: "_acme-challenge.app".into(),
+                values: vec!["tok1".into(), "tok2".into()],
+            },
+            Box::new(done),
+        ),
+        (
+            "TXT owner with a bad label",
+            Command::SetTxt {
+                name: "Bad Name".into(),
+                values: vec!["x".into()],
+            },
+            err(|e| matches!(e, ApplyError::Invalid { .. })),
+        ),
+        (
+            "TXT value too long",
+            Command::SetTxt {
+                name: "x".into(),
+                values: vec!["v".repeat(256)],
+            },
+            err(|e| matches!(e, ApplyError::Invalid { .. })),
+        ),
+        (
             "complete twice",
             Command::CompleteRegistration {
                 code: "abcdefgh12".into(),

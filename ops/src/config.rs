@@ -3,7 +3,7 @@
 //! [`DEFAULT_TOML`], which a test keeps identical to `Config::default()`.
 
 use std::collections::BTreeSet;
-use std::net::{Ipv4Addr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 
 use boxd_controlplane::RaftTuning;
@@ -183,12 +183,42 @@ impl Default for HttpsConfig {
 pub struct DnsConfig {
     /// UDP and TCP listen address.
     pub listen: SocketAddr,
+    /// CPUs to run shards on, one pinned shard each; empty means every CPU.
+    pub cpus: Vec<usize>,
+    /// TTL of answers, seconds.
+    pub ttl: u32,
+    /// TTL of negative answers (the SOA minimum), seconds.
+    pub negative_ttl: u32,
+    /// Address of `ns1.<zone>`, the zone's name server (NS glue).
+    pub nameserver: Ipv4Addr,
+    /// CAs named in the apex CAA records.
+    pub caa_issuers: Vec<String>,
+    /// Addresses allowed to transfer the zone (AXFR/IXFR over TCP).
+    pub secondaries: Vec<IpAddr>,
+    /// Close idle TCP connections after this many seconds.
+    pub tcp_idle_secs: u64,
+    /// Close a TCP connection after this many queries.
+    pub tcp_max_queries: u32,
+    /// Response rate limit per client network (/24, /56), responses per second; 0 is off.
+    pub rrl_responses_per_second: u32,
+    /// Over the limit, every `rrl_slip`-th response is sent truncated; 0 drops them all.
+    pub rrl_slip: u32,
 }
 
 impl Default for DnsConfig {
     fn default() -> Self {
         Self {
             listen: SocketAddr::from(([127, 0, 0, 1], 5353)),
+            cpus: Vec::new(),
+            ttl: 60,
+            negative_ttl: 60,
+            nameserver: Ipv4Addr::LOCALHOST,
+            caa_issuers: vec!["letsencrypt.org".into()],
+            secondaries: Vec::new(),
+            tcp_idle_secs: 10,
+            tcp_max_queries: 1000,
+            rrl_responses_per_second: 0,
+            rrl_slip: 2,
         }
     }
 }
@@ -392,11 +422,42 @@ impl Config {
                 ),
             ));
         }
-        let listeners: [(&'static str, SocketAddr); 4] = [
+        let d = &self.dns;
+        if d.ttl == 0 || d.negative_ttl == 0 {
+            return Err(invalid("dns.ttl", "TTLs must be at least 1 second"));
+        }
+        if d.tcp_idle_secs == 0 || d.tcp_max_queries == 0 {
+            return Err(invalid(
+                "dns.tcp_idle_secs",
+                "TCP limits must be at least 1 (second, query)",
+            ));
+        }
+        if let Some(ca) = d.caa_issuers.iter().find(|ca| {
+            ca.is_empty() || !ca.split('.').all(|l| is_dns_label(&l.to_ascii_lowercase()))
+        }) {
+            return Err(invalid(
+                "dns.caa_issuers",
+                format!(
+                    "`{ca}` is not a domain name: use the CA's domain, e.g. \"letsencrypt.org\""
+                ),
+            ));
+        }
+        let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+        if let Some(c) = d.cpus.iter().find(|c| **c >= cpus) {
+            return Err(invalid(
+                "dns.cpus",
+                format!(
+                    "CPU {c} does not exist: this host has CPUs 0 to {}",
+                    cpus - 1
+                ),
+            ));
+        }
+        let listeners: [(&'static str, SocketAddr); 5] = [
             ("ssh.listen", self.ssh.listen),
             ("https.listen", self.https.listen),
             ("https.redirect_listen", self.https.redirect_listen),
             ("raft.listen", self.raft.listen),
+            ("dns.listen", self.dns.listen),
         ];
         for (i, (name, addr)) in listeners.iter().enumerate() {
             if let Some((other, _)) = listeners[..i].iter().find(|(_, a)| {
@@ -497,8 +558,26 @@ listen = "0.0.0.0:8443"
 redirect_listen = "0.0.0.0:8080"
 
 [dns]
-# UDP and TCP.
+# Authoritative DNS for the zone, UDP and TCP.
 listen = "127.0.0.1:5353"
+# CPUs to run shards on, one pinned shard each (SO_REUSEPORT); empty means every CPU.
+cpus = []
+# TTL of answers, and of negative answers (the SOA minimum), seconds.
+ttl = 60
+negative_ttl = 60
+# Address of ns1.<zone>, the zone's name server.
+nameserver = "127.0.0.1"
+# CAs named in the apex CAA records.
+caa_issuers = ["letsencrypt.org"]
+# Addresses allowed to transfer the zone (AXFR/IXFR over TCP); everyone else is refused.
+secondaries = []
+# TCP: close idle connections after this many seconds, or after this many queries.
+tcp_idle_secs = 10
+tcp_max_queries = 1000
+# Response rate limiting per client network (/24 or /56); 0 is off (the default, for
+# loopback). Over the limit every rrl_slip-th response is sent truncated, the rest dropped.
+rrl_responses_per_second = 0
+rrl_slip = 2
 
 [admin]
 # Unix socket for `boxd admin`; empty means <data-dir>/admin.sock. Mode 0600.
@@ -579,6 +658,9 @@ mod tests {
             ("[raft]\nlisten = \"0.0.0.0:7000\"\n", "raft.advertise"),
             ("[ssh]\nlisten = \"0.0.0.0:7000\"\n", "raft.listen"),
             ("[raft]\nheartbeat_ms = -1\n", "raft.heartbeat_ms"),
+            ("[dns]\ncpus = [999]\n", "dns.cpus"),
+            ("[dns]\ncaa_issuers = [\"not a name\"]\n", "dns.caa_issuers"),
+            ("[dns]\nlisten = \"0.0.0.0:7000\"\n", "dns.listen"),
             ("not toml", "boxd.toml"),
         ];
         for (text, field) in cases {

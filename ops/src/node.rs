@@ -56,7 +56,7 @@ fn failed(context: &str) -> impl FnOnce(String) -> NodeError + '_ {
 }
 
 /// Roles whose services this build contains.
-pub const BUILT_ROLES: [Role; 1] = [Role::Control];
+pub const BUILT_ROLES: [Role; 2] = [Role::Control, Role::Dns];
 
 /// Runs a node until `shutdown` resolves.
 pub async fn run(
@@ -89,6 +89,11 @@ pub async fn run(
         ))
     })?;
     let roles: Roles = cfg.node.roles.iter().copied().collect();
+    let dns_sockets = if roles.contains(&Role::Dns) {
+        Some(bind_dns(&cfg)?)
+    } else {
+        None
+    };
     let me = SelfInfo {
         uuid: existing.as_ref().map_or_else(Uuid::new_v4, |i| i.uuid),
         name: if cfg.node.name.is_empty() {
@@ -132,6 +137,12 @@ pub async fn run(
     .await
     .map_err(|e| NodeError::Failed(format!("cannot open the replica: {e}")))?;
 
+    let dns = match dns_sockets {
+        Some(sockets) => Some(start_dns(&cfg, sockets, Arc::clone(replica.view()))?),
+        None => None,
+    };
+    let dns_addr = dns.as_ref().map(boxd_dns::server::DnsServer::local_addr);
+
     let (stop_tx, stop_rx) = watch::channel(false);
     let grpc = tokio::spawn(serve_grpc(
         listener,
@@ -173,6 +184,7 @@ pub async fn run(
             socket: socket_path.clone(),
             data_dir: data_dir.clone(),
             advertise,
+            dns: dns_addr,
         },
     );
     let settle = tokio::spawn(settle);
@@ -188,6 +200,9 @@ pub async fn run(
     let _ = stop_tx.send(true);
     settle.abort();
     let _ = admin_task.await;
+    if let Some(dns) = dns {
+        let _ = tokio::task::spawn_blocking(move || dns.stop()).await;
+    }
     replica.shutdown().await;
     let _ = grpc.await;
     let _ = std::fs::remove_file(&socket_path);
@@ -198,6 +213,7 @@ struct Ready {
     socket: PathBuf,
     data_dir: PathBuf,
     advertise: String,
+    dns: Option<std::net::SocketAddr>,
 }
 
 /// Brings the node into the cluster (found / catch up / register), prints "ready" and starts
@@ -266,8 +282,9 @@ async fn settle(
         .filter(|r| BUILT_ROLES.contains(r))
         .map(|r| r.as_str())
         .collect();
+    let dns = ready.dns.map(|a| format!(" dns={a}")).unwrap_or_default();
     println!(
-        "boxd ready: node={} roles={} serving={} cluster={} zone={} raft={} admin={} data={}",
+        "boxd ready: node={} roles={} serving={} cluster={} zone={} raft={}{dns} admin={} data={}",
         replica.id(),
         roles_to_string(&me.roles),
         serving.join(","),
@@ -308,6 +325,52 @@ async fn settle(
         let liveness = cfg.node.heartbeat_secs.saturating_mul(3000);
         tokio::spawn(controller::leader_duties(replica, liveness, stop));
     }
+}
+
+/// Shards for the DNS role: one per configured CPU, or one per CPU of the host.
+fn dns_cpus(cfg: &Config) -> Vec<usize> {
+    if cfg.dns.cpus.is_empty() {
+        (0..std::thread::available_parallelism().map_or(1, |n| n.get())).collect()
+    } else {
+        cfg.dns.cpus.clone()
+    }
+}
+
+fn bind_dns(cfg: &Config) -> Result<boxd_dns::server::Sockets, NodeError> {
+    boxd_dns::server::Sockets::bind(cfg.dns.listen, dns_cpus(cfg).len()).map_err(|e| {
+        NodeError::Usage(format!(
+            "cannot listen on dns.listen {}: {e} (is another DNS server running? set dns.listen in the config)",
+            cfg.dns.listen
+        ))
+    })
+}
+
+fn start_dns(
+    cfg: &Config,
+    sockets: boxd_dns::server::Sockets,
+    view: Arc<boxd_controlplane::ViewHandle>,
+) -> Result<boxd_dns::server::DnsServer, NodeError> {
+    let d = &cfg.dns;
+    let engine = boxd_dns::Engine::new(boxd_dns::ZoneConfig {
+        ttl: d.ttl,
+        negative_ttl: d.negative_ttl,
+        nameserver: d.nameserver,
+        caa_issuers: d.caa_issuers.clone(),
+        secondaries: d.secondaries.clone(),
+        ..boxd_dns::ZoneConfig::default()
+    });
+    let server = boxd_dns::server::ServerConfig {
+        cpus: dns_cpus(cfg),
+        tcp_idle: Duration::from_secs(d.tcp_idle_secs),
+        tcp_max_queries: d.tcp_max_queries,
+        rrl: boxd_dns::rrl::RrlConfig {
+            responses_per_second: d.rrl_responses_per_second,
+            slip: d.rrl_slip,
+        },
+        ..boxd_dns::server::ServerConfig::default()
+    };
+    boxd_dns::server::DnsServer::start(sockets, server, engine, view)
+        .map_err(|e| NodeError::Failed(format!("cannot start DNS: {e}")))
 }
 
 fn founder_identity(uuid: Uuid) -> Identity {

@@ -42,12 +42,14 @@ pub struct Node {
 }
 
 /// Writes a config file for a node listening on `raft` with fast test timings.
+/// Every listener goes on the raft address's IP (unique per test), so tests run in parallel.
 pub fn write_config(dir: &Path, name: &str, raft: &str, extra: &str) -> PathBuf {
     let p = dir.join(format!("{name}.toml"));
+    let ip = raft.rsplit_once(':').map_or(raft, |(ip, _)| ip);
     std::fs::write(
         &p,
         format!(
-            "[node]\nname = \"{name}\"\nheartbeat_secs = 60\n\n[raft]\nlisten = \"{raft}\"\n{extra}\n"
+            "[node]\nname = \"{name}\"\nheartbeat_secs = 60\n\n[dns]\nlisten = \"{ip}:5353\"\ncpus = [0]\n\n[raft]\nlisten = \"{raft}\"\n{extra}\n"
         ),
     )
     .unwrap();

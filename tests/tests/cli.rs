@@ -134,7 +134,8 @@ fn up_serves_admin_schedules_and_resumes_after_sigterm() {
     let ready = node.wait_ready(Duration::from_secs(30));
     assert_eq!(field(&ready, "node"), "1");
     assert_eq!(field(&ready, "zone"), "boxd.test");
-    assert_eq!(field(&ready, "serving"), "control");
+    assert_eq!(field(&ready, "serving"), "control,dns");
+    assert_eq!(field(&ready, "dns"), "127.0.32.1:5353");
     let cluster = field(&ready, "cluster");
 
     let mode = std::fs::metadata(node.socket())

@@ -27,6 +27,8 @@ pub struct Touched {
     pub keys: BTreeSet<Fingerprint>,
     /// Cluster settings were written.
     pub settings: bool,
+    /// TXT owner names written.
+    pub txt: BTreeSet<String>,
 }
 
 impl Touched {
@@ -35,11 +37,12 @@ impl Touched {
         self.vms.extend(other.vms);
         self.keys.extend(other.keys);
         self.settings |= other.settings;
+        self.txt.extend(other.txt);
     }
 
     /// Whether nothing changed.
     pub fn is_empty(&self) -> bool {
-        self.vms.is_empty() && self.keys.is_empty() && !self.settings
+        self.vms.is_empty() && self.keys.is_empty() && !self.settings && self.txt.is_empty()
     }
 }
 
@@ -131,6 +134,28 @@ fn zone_problem(zone: &str) -> Option<&'static str> {
         Some("use dot-separated labels of lowercase letters, digits and '-'")
     } else {
         None
+    }
+}
+
+/// Why `name` cannot own TXT records: dot-separated labels of lowercase letters, digits, '-' and
+/// '_' (for `_acme-challenge`), relative to the zone; empty means the apex.
+fn txt_owner_problem(name: &str) -> Option<&'static str> {
+    if name.is_empty() {
+        return None;
+    }
+    if name.len() > 200 {
+        return Some("a name has at most 200 characters");
+    }
+    let ok = name.split('.').all(|l| {
+        !l.is_empty()
+            && l.len() <= 63
+            && l.bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_')
+    });
+    if ok {
+        None
+    } else {
+        Some("use dot-separated labels of lowercase letters, digits, '-' and '_'")
     }
 }
 
@@ -778,6 +803,36 @@ fn apply_one(
                 )?;
             }
             t.vms.insert(*vm);
+            Ok(Outcome::Done)
+        }
+
+        Command::SetTxt { name, values } => {
+            settings(c, cache)?;
+            if let Some(p) = txt_owner_problem(name) {
+                return Err(invalid(format!("TXT owner `{name}`"), p));
+            }
+            if values.len() > 16 {
+                return Err(invalid("TXT values", "at most 16 records per name"));
+            }
+            if let Some(v) = values.iter().find(|v| v.len() > 255) {
+                return Err(invalid(
+                    format!("TXT value of {} bytes", v.len()),
+                    "a TXT string holds at most 255 bytes",
+                ));
+            }
+            if values.is_empty() {
+                exec(c, "DELETE FROM dns_txt WHERE name = ?1", params![name])?;
+            } else {
+                let vals = serde_json::to_string(values)
+                    .map_err(|e| invalid("TXT values", e.to_string()))?;
+                exec(
+                    c,
+                    "INSERT INTO dns_txt (name, vals) VALUES (?1, ?2)
+                     ON CONFLICT (name) DO UPDATE SET vals = excluded.vals",
+                    params![name, vals],
+                )?;
+            }
+            t.txt.insert(name.clone());
             Ok(Outcome::Done)
         }
 

@@ -34,6 +34,12 @@ pub fn view_changes(c: &Connection, touched: &Touched) -> rusqlite::Result<Vec<V
             None => ViewChange::KeyRemove(fp.clone()),
         });
     }
+    for name in &touched.txt {
+        out.push(match rows::txt(c, name)? {
+            Some(v) => ViewChange::TxtUpsert(name.clone(), v.into()),
+            None => ViewChange::TxtRemove(name.clone()),
+        });
+    }
     Ok(out)
 }
 
@@ -45,7 +51,8 @@ pub fn full_view(c: &Connection, applied: u64) -> rusqlite::Result<View> {
         rows::settings(c)?,
         vms.iter().map(VmRoute::from),
         rows::keys(c)?,
-    ))
+    )
+    .with_txt(rows::all_txt(c)?))
 }
 
 /// A failure reading the local replica.

@@ -231,3 +231,26 @@ pub fn set_meta(conn: &Connection, key: &str, value: &str) -> rusqlite::Result<(
     .execute(params![key, value])?;
     Ok(())
 }
+
+/// TXT records at `name` (relative to the zone), if any.
+pub fn txt(conn: &Connection, name: &str) -> rusqlite::Result<Option<Vec<String>>> {
+    let raw: Option<String> = conn
+        .prepare_cached("SELECT vals FROM dns_txt WHERE name = ?1")?
+        .query_row(params![name], |r| r.get(0))
+        .optional()?;
+    raw.map(|s| serde_json::from_str(&s).map_err(|e| bad(0, e)))
+        .transpose()
+}
+
+/// Every TXT owner and its records.
+pub fn all_txt(conn: &Connection) -> rusqlite::Result<Vec<(String, Vec<String>)>> {
+    conn.prepare_cached("SELECT name, vals FROM dns_txt")?
+        .query_map([], |r| {
+            let vals: String = r.get(1)?;
+            Ok((
+                r.get(0)?,
+                serde_json::from_str(&vals).map_err(|e| bad(1, e))?,
+            ))
+        })?
+        .collect()
+}

@@ -101,6 +101,11 @@ CREATE TABLE IF NOT EXISTS free_public_ips (
     ip    INTEGER NOT NULL,
     PRIMARY KEY (owner, ip)
 ) WITHOUT ROWID;
+-- TXT records published in the zone (ACME challenges and the like); vals is a JSON array.
+CREATE TABLE IF NOT EXISTS dns_txt (
+    name TEXT PRIMARY KEY,
+    vals TEXT NOT NULL
+);
 CREATE TABLE IF NOT EXISTS deleted_vms (
     id         TEXT PRIMARY KEY,
     worker     INTEGER,

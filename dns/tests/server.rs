@@ -1,0 +1,77 @@
+//! The glommio server over real loopback sockets: UDP and TCP (several queries per
+//! connection), two shards sharing the port, and a clean stop.
+
+#![allow(clippy::unwrap_used, missing_docs)]
+
+use std::io::{Read, Write};
+use std::net::{Ipv4Addr, TcpStream, UdpSocket};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use boxd_dns::server::{DnsServer, ServerConfig, Sockets};
+use boxd_dns::{Engine, MemZone, ZoneConfig};
+use hickory_proto::op::{Message, MessageType, OpCode, Query, ResponseCode};
+use hickory_proto::rr::{Name, RData, RecordType};
+
+fn query(id: u16, name: &str) -> Vec<u8> {
+    let mut m = Message::new(id, MessageType::Query, OpCode::Query);
+    m.add_query(Query::query(Name::from_ascii(name).unwrap(), RecordType::A));
+    m.to_vec().unwrap()
+}
+
+#[test]
+fn udp_and_tcp_on_two_shards() {
+    let mut zone = MemZone {
+        apex: "boxd.test".into(),
+        ..MemZone::default()
+    };
+    zone.vms.insert("web".into(), Ipv4Addr::new(127, 77, 0, 2));
+    let sockets = Sockets::bind("127.0.0.1:0".parse().unwrap(), 2).unwrap();
+    let addr = sockets.local_addr();
+    let server = DnsServer::start(
+        sockets,
+        ServerConfig::default(),
+        Engine::new(ZoneConfig::default()),
+        Arc::new(Mutex::new(zone)),
+    )
+    .unwrap();
+
+    let client = UdpSocket::bind("127.0.0.1:0").unwrap();
+    client
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    for id in 0..50u16 {
+        client.send_to(&query(id, "web.boxd.test."), addr).unwrap();
+        let mut buf = [0u8; 512];
+        let n = client.recv(&mut buf).unwrap();
+        let m = Message::from_vec(&buf[..n]).unwrap();
+        assert_eq!(m.metadata.id, id);
+        assert!(matches!(m.answers[0].data, RData::A(a) if a.0 == Ipv4Addr::new(127, 77, 0, 2)));
+    }
+
+    let mut tcp = TcpStream::connect(addr).unwrap();
+    tcp.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    for (id, name, rcode) in [
+        (1, "web.boxd.test.", ResponseCode::NoError),
+        (2, "x.boxd.test.", ResponseCode::NXDomain),
+    ] {
+        let q = query(id, name);
+        tcp.write_all(&u16::try_from(q.len()).unwrap().to_be_bytes())
+            .unwrap();
+        tcp.write_all(&q).unwrap();
+        let mut len = [0u8; 2];
+        tcp.read_exact(&mut len).unwrap();
+        let mut msg = vec![0u8; usize::from(u16::from_be_bytes(len))];
+        tcp.read_exact(&mut msg).unwrap();
+        let m = Message::from_vec(&msg).unwrap();
+        assert_eq!((m.metadata.id, m.metadata.response_code), (id, rcode));
+    }
+    server.stop();
+    // Stopped: nothing answers any more.
+    client
+        .set_read_timeout(Some(Duration::from_millis(300)))
+        .unwrap();
+    client.send_to(&query(99, "web.boxd.test."), addr).unwrap();
+    let mut buf = [0u8; 512];
+    assert!(client.recv(&mut buf).is_err());
+}
