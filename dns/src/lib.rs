@@ -9,6 +9,7 @@
 
 pub mod engine;
 pub mod fastpath;
+pub mod mmsg;
 pub mod rrl;
 pub mod server;
 pub mod zone;

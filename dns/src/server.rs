@@ -9,7 +9,7 @@
 use std::cell::{Cell, RefCell};
 use std::io;
 use std::net::{SocketAddr, TcpListener, UdpSocket};
-use std::os::fd::{FromRawFd as _, IntoRawFd as _};
+use std::os::fd::{AsRawFd as _, FromRawFd as _, IntoRawFd as _};
 use std::rc::Rc;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -19,7 +19,10 @@ use boxd_controlplane::ViewHandle;
 use futures_lite::{AsyncReadExt as _, AsyncWriteExt as _};
 use glommio::{LocalExecutorBuilder, Placement};
 
+use socket2::SockAddr;
+
 use crate::engine::{Action, Engine, Transport};
+use crate::mmsg::Batch;
 use crate::rrl::{self, RateLimiter, RrlConfig, Verdict};
 use crate::zone::ZoneView;
 
@@ -124,8 +127,8 @@ pub struct DnsServer {
 
 /// I/O memory per executor: small, so that the default 8 MiB memlock limit suffices.
 const IO_MEMORY: usize = 512 << 10;
-/// Concurrent UDP receive loops per shard (keeps several receives queued in io_uring).
-const UDP_TASKS: usize = 4;
+/// Concurrent UDP loops per shard; each drains up to `mmsg::BATCH` datagrams per wake-up.
+const UDP_TASKS: usize = 2;
 
 impl DnsServer {
     /// Starts one shard per socket pair.
@@ -212,37 +215,56 @@ async fn serve_udp<S: ZoneSource>(
     rrl: Rc<RefCell<RateLimiter>>,
     epoch: Instant,
 ) {
-    let mut buf = vec![0u8; 4096];
-    let mut out = Vec::with_capacity(4096);
+    let fd = udp.as_raw_fd();
+    let mut batch = Box::<Batch>::default();
     loop {
-        let (n, peer) = match udp.recv_from(&mut buf).await {
+        // Wait for one datagram through glommio, then take whatever else is queued at once.
+        let (n, peer) = match udp.recv_from(&mut batch.queries[0]).await {
             Ok(r) => r,
             Err(e) => {
                 tracing::debug!(error = %e, "DNS UDP receive");
                 continue;
             }
         };
-        let action =
-            source.with(|z| engine.answer(z, &buf[..n], Transport::Udp, peer.ip(), &mut out));
-        if action != Action::Reply {
-            continue;
-        }
-        let verdict = {
+        batch.lens[0] = n;
+        batch.peers[0] = SockAddr::from(peer);
+        let count = 1 + batch.recv(fd, 1).unwrap_or(0);
+        let now = u64::try_from(epoch.elapsed().as_millis()).unwrap_or(u64::MAX);
+        source.with(|z| {
             let mut limiter = rrl.borrow_mut();
-            if limiter.enabled() {
-                let now = u64::try_from(epoch.elapsed().as_millis()).unwrap_or(u64::MAX);
-                limiter.check(peer.ip(), now)
-            } else {
-                Verdict::Send
+            let b = &mut *batch;
+            for i in 0..count {
+                let out = &mut b.responses[i];
+                let Some(peer) = b.peers[i].as_socket() else {
+                    out.clear();
+                    continue;
+                };
+                let query = &b.queries[i][..b.lens[i]];
+                if engine.answer(z, query, Transport::Udp, peer.ip(), out) != Action::Reply {
+                    out.clear();
+                    continue;
+                }
+                if limiter.enabled() {
+                    match limiter.check(peer.ip(), now) {
+                        Verdict::Send => {}
+                        Verdict::Slip => rrl::truncate(out),
+                        Verdict::Drop => out.clear(),
+                    }
+                }
             }
-        };
-        match verdict {
-            Verdict::Send => {}
-            Verdict::Slip => rrl::truncate(&mut out),
-            Verdict::Drop => continue,
-        }
-        if let Err(e) = udp.send_to(&out, peer).await {
-            tracing::debug!(error = %e, %peer, "DNS UDP send");
+        });
+        match batch.send(fd, count) {
+            Ok(unsent) => {
+                // The socket buffer was full: wait for room through glommio.
+                for i in unsent {
+                    if let Some(peer) = batch.peers[i].as_socket()
+                        && let Err(e) = udp.send_to(&batch.responses[i], peer).await
+                    {
+                        tracing::debug!(error = %e, %peer, "DNS UDP send");
+                    }
+                }
+            }
+            Err(e) => tracing::debug!(error = %e, "DNS UDP sendmmsg"),
         }
     }
 }
