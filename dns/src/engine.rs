@@ -53,6 +53,14 @@ enum Found {
 
 const MAX_TRANSFER_MESSAGE: usize = 16 * 1024;
 
+/// The record sections of a response.
+#[derive(Default)]
+struct Sections {
+    answers: Vec<Record>,
+    authorities: Vec<Record>,
+    additionals: Vec<Record>,
+}
+
 impl Engine {
     /// An engine presenting zones with `cfg`.
     pub fn new(cfg: ZoneConfig) -> Self {
@@ -105,9 +113,7 @@ impl Engine {
                 &msg,
                 ResponseCode::NotImp,
                 false,
-                Vec::new(),
-                Vec::new(),
-                Vec::new(),
+                Sections::default(),
                 transport,
                 out,
             );
@@ -117,9 +123,7 @@ impl Engine {
                 &msg,
                 ResponseCode::FormErr,
                 false,
-                Vec::new(),
-                Vec::new(),
-                Vec::new(),
+                Sections::default(),
                 transport,
                 out,
             );
@@ -129,9 +133,7 @@ impl Engine {
                 &msg,
                 ResponseCode::BADVERS,
                 false,
-                Vec::new(),
-                Vec::new(),
-                Vec::new(),
+                Sections::default(),
                 transport,
                 out,
             );
@@ -142,9 +144,7 @@ impl Engine {
                 &msg,
                 ResponseCode::Refused,
                 false,
-                Vec::new(),
-                Vec::new(),
-                Vec::new(),
+                Sections::default(),
                 transport,
                 out,
             );
@@ -154,9 +154,7 @@ impl Engine {
                 &msg,
                 ResponseCode::Refused,
                 false,
-                Vec::new(),
-                Vec::new(),
-                Vec::new(),
+                Sections::default(),
                 transport,
                 out,
             );
@@ -166,9 +164,7 @@ impl Engine {
                 &msg,
                 ResponseCode::Refused,
                 false,
-                Vec::new(),
-                Vec::new(),
-                Vec::new(),
+                Sections::default(),
                 transport,
                 out,
             );
@@ -182,9 +178,7 @@ impl Engine {
                         &msg,
                         ResponseCode::Refused,
                         true,
-                        Vec::new(),
-                        Vec::new(),
-                        Vec::new(),
+                        Sections::default(),
                         transport,
                         out,
                     ),
@@ -192,9 +186,7 @@ impl Engine {
                         &msg,
                         ResponseCode::NotAuth,
                         false,
-                        Vec::new(),
-                        Vec::new(),
-                        Vec::new(),
+                        Sections::default(),
                         transport,
                         out,
                     ),
@@ -204,9 +196,7 @@ impl Engine {
                             &msg,
                             ResponseCode::NoError,
                             true,
-                            Vec::new(),
-                            Vec::new(),
-                            Vec::new(),
+                            Sections::default(),
                             transport,
                             out,
                         );
@@ -220,44 +210,28 @@ impl Engine {
             }
             _ => {}
         }
-        match self.resolve(zone, &apex_name, q, &rel) {
-            Found::Answer(answers, additionals) => self.reply(
-                &msg,
+        let (rcode, sections) = match self.resolve(zone, &apex_name, q, &rel) {
+            Found::Answer(answers, additionals) => (
                 ResponseCode::NoError,
-                true,
-                answers,
-                Vec::new(),
-                additionals,
-                transport,
-                out,
+                Sections {
+                    answers,
+                    additionals,
+                    ..Sections::default()
+                },
             ),
-            Found::NoData => {
-                let soa = vec![self.soa(zone, &apex_name, true)];
-                self.reply(
-                    &msg,
-                    ResponseCode::NoError,
-                    true,
-                    Vec::new(),
-                    soa,
-                    Vec::new(),
-                    transport,
-                    out,
-                )
-            }
-            Found::NxDomain => {
-                let soa = vec![self.soa(zone, &apex_name, true)];
-                self.reply(
-                    &msg,
-                    ResponseCode::NXDomain,
-                    true,
-                    Vec::new(),
-                    soa,
-                    Vec::new(),
-                    transport,
-                    out,
-                )
-            }
-        }
+            found @ (Found::NoData | Found::NxDomain) => (
+                if matches!(found, Found::NxDomain) {
+                    ResponseCode::NXDomain
+                } else {
+                    ResponseCode::NoError
+                },
+                Sections {
+                    authorities: vec![self.soa(zone, &apex_name, true)],
+                    ..Sections::default()
+                },
+            ),
+        };
+        self.reply(&msg, rcode, true, sections, transport, out)
     }
 
     fn soa<Z: ZoneView + ?Sized>(&self, zone: &Z, apex: &Name, negative: bool) -> Record {
@@ -395,15 +369,12 @@ impl Engine {
         }
     }
 
-    #[allow(clippy::too_many_arguments)]
     fn reply(
         &self,
         req: &Message,
         rcode: ResponseCode,
         authoritative: bool,
-        answers: Vec<Record>,
-        authorities: Vec<Record>,
-        additionals: Vec<Record>,
+        sections: Sections,
         transport: Transport,
         out: &mut Vec<u8>,
     ) -> Action {
@@ -427,9 +398,9 @@ impl Engine {
             e.set_rcode_high(rcode.high());
             m.edns = Some(e);
         }
-        m.answers = answers;
-        m.authorities = authorities;
-        m.additionals = additionals;
+        m.answers = sections.answers;
+        m.authorities = sections.authorities;
+        m.additionals = sections.additionals;
         let Ok(bytes) = m.to_vec() else {
             return Action::Drop;
         };
