@@ -60,6 +60,24 @@ enum Cmd {
         #[command(subcommand)]
         command: ConfigCmd,
     },
+    /// Run one VM in this process (started by the worker; see vmm/DESIGN.md)
+    Vmm {
+        /// VM config (JSON)
+        #[arg(long, value_name = "FILE")]
+        config: PathBuf,
+        /// Where to serve the VM's API (HTTP/1.1 over a Unix socket)
+        #[arg(long, value_name = "PATH")]
+        api_sock: PathBuf,
+        /// Do not install the seccomp filter (for debugging the VMM only)
+        #[arg(long)]
+        no_seccomp: bool,
+    },
+    /// Print what virtualization this host offers VMs: hardware, emulated or none
+    Host {
+        /// Print JSON
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -137,7 +155,10 @@ fn default_sigpipe() {
 /// Entry point of the binary.
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
-    if matches!(cli.command, Cmd::Admin { .. } | Cmd::Config { .. }) {
+    if matches!(
+        cli.command,
+        Cmd::Admin { .. } | Cmd::Config { .. } | Cmd::Host { .. }
+    ) {
         default_sigpipe();
     }
     match cli.command {
@@ -156,6 +177,27 @@ pub fn main() -> ExitCode {
             }
             Err(e) => fail(2, e),
         },
+        Cmd::Vmm {
+            config,
+            api_sock,
+            no_seccomp,
+        } => {
+            init_logging();
+            ExitCode::from(boxd_vmm::process::run(&boxd_vmm::process::Options {
+                config: &config,
+                api_sock: &api_sock,
+                seccomp: !no_seccomp,
+            }))
+        }
+        Cmd::Host { json } => {
+            let r = boxd_vmm::host::detect();
+            if json {
+                println!("{}", serde_json::json!(r));
+            } else {
+                println!("virtualization: {} ({})", r.virtualization, r.reason);
+            }
+            ExitCode::SUCCESS
+        }
         Cmd::Admin { json, command } => {
             let data_dir = cli.data_dir.unwrap_or_else(default_data_dir);
             let cfg = match Config::load(cli.config.as_deref()) {
@@ -185,7 +227,9 @@ pub fn main() -> ExitCode {
                     Start::Join { seed: addr, token }
                 }
                 Cmd::Run => Start::Run,
-                Cmd::Admin { .. } | Cmd::Config { .. } => unreachable!("handled above"),
+                Cmd::Admin { .. } | Cmd::Config { .. } | Cmd::Vmm { .. } | Cmd::Host { .. } => {
+                    unreachable!("handled above")
+                }
             };
             let data_dir = cli.data_dir.unwrap_or_else(default_data_dir);
             init_logging();

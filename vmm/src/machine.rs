@@ -1,0 +1,337 @@
+//! One VM from config to end: build (memory, kernel, boot tables, devices, vCPUs), run the
+//! vCPU threads, pause/resume/shut down on request, and report why it ended.
+
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Condvar, Mutex, PoisonError};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use kvm_ioctls::VcpuFd;
+use vmm_sys_util::eventfd::EventFd;
+use vmm_sys_util::signal::Killable;
+
+use crate::arch::{boot, mptable, regs};
+use crate::config::VmConfig;
+use crate::devices::PioBus;
+use crate::devices::serial::{COM1_GSI, ConsoleOut, IrqTrigger, Uart};
+use crate::vstate::vcpu;
+use crate::vstate::vm::{Vm, VmError};
+
+/// Why a VM could not be started.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// KVM or memory.
+    #[error(transparent)]
+    Vm(#[from] VmError),
+    /// The kernel, command line or initramfs.
+    #[error(transparent)]
+    Boot(#[from] boot::BootError),
+    /// Boot tables.
+    #[error(transparent)]
+    Regs(#[from] regs::RegsError),
+    /// The MP table.
+    #[error(transparent)]
+    MpTable(#[from] mptable::MpTableError),
+    /// A host resource (eventfd, log file, thread, signal handler).
+    #[error("{0}: {1}")]
+    Host(&'static str, std::io::Error),
+}
+
+/// How the VM ended.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Ending {
+    /// The guest reset the machine (i8042), as Linux's `reboot` does: a clean end.
+    Reset,
+    /// A vCPU triple-faulted; a PC would reset.
+    TripleFault(u8),
+    /// Shut down through the API.
+    Shutdown,
+    /// Something went wrong; the message says what.
+    Failed(String),
+}
+
+impl Ending {
+    /// The VMM process's exit code for this ending.
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            Self::Reset | Self::Shutdown => 0,
+            Self::TripleFault(_) => 3,
+            Self::Failed(_) => 1,
+        }
+    }
+}
+
+/// Run state as the API reports it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RunState {
+    /// vCPUs run.
+    Running,
+    /// vCPUs are parked.
+    Paused,
+    /// The VM has ended or is ending.
+    Stopped,
+}
+
+/// Counters for `GET /metrics`.
+#[derive(Default, Debug)]
+pub struct Metrics {
+    /// All vCPU exits.
+    pub exits: AtomicU64,
+    /// Port I/O exits.
+    pub io_exits: AtomicU64,
+    /// MMIO exits.
+    pub mmio_exits: AtomicU64,
+}
+
+struct State {
+    run: RunState,
+    ending: Option<Ending>,
+}
+
+/// What the vCPU threads and the API share.
+pub struct Control {
+    state: Mutex<State>,
+    changed: Condvar,
+    parked: AtomicUsize,
+    /// Legacy port I/O devices.
+    pub pio: PioBus,
+    /// Counters.
+    pub metrics: Metrics,
+    /// The most recent console output.
+    pub console: Arc<Mutex<Vec<u8>>>,
+    /// When the vCPUs started.
+    pub started: Instant,
+    /// vCPUs.
+    pub vcpus: u8,
+    /// Memory in MiB.
+    pub memory_mib: u64,
+}
+
+impl Control {
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Blocks while paused; false once the VM is ending.
+    pub fn wait_runnable(&self) -> bool {
+        let mut s = self.lock();
+        loop {
+            match s.run {
+                RunState::Running => return true,
+                RunState::Stopped => return false,
+                RunState::Paused => {
+                    self.parked.fetch_add(1, Ordering::SeqCst);
+                    s = self.changed.wait(s).unwrap_or_else(PoisonError::into_inner);
+                    self.parked.fetch_sub(1, Ordering::SeqCst);
+                }
+            }
+        }
+    }
+
+    /// Ends the VM (the first ending wins).
+    pub fn end(&self, why: Ending) {
+        let mut s = self.lock();
+        if s.ending.is_none() {
+            s.ending = Some(why);
+        }
+        s.run = RunState::Stopped;
+        self.changed.notify_all();
+    }
+
+    /// Current run state.
+    pub fn run_state(&self) -> RunState {
+        self.lock().run
+    }
+
+    /// Blocks until the VM ends.
+    pub fn wait_end(&self) -> Ending {
+        let mut s = self.lock();
+        loop {
+            if let Some(e) = &s.ending {
+                return e.clone();
+            }
+            s = self.changed.wait(s).unwrap_or_else(PoisonError::into_inner);
+        }
+    }
+
+    fn set_run(&self, to: RunState) -> RunState {
+        let mut s = self.lock();
+        let was = s.run;
+        if was != RunState::Stopped {
+            s.run = to;
+            self.changed.notify_all();
+        }
+        was
+    }
+}
+
+/// A built VM, not yet running.
+pub struct Machine {
+    vm: Vm,
+    vcpus: Vec<VcpuFd>,
+    ctl: Arc<Control>,
+    _serial_evt: EventFd,
+}
+
+/// A running VM: its vCPU threads and their shared control.
+pub struct Running {
+    _vm: Vm,
+    threads: Mutex<Vec<JoinHandle<()>>>,
+    ctl: Arc<Control>,
+    _serial_evt: EventFd,
+}
+
+impl Machine {
+    /// Builds everything the config asks for; nothing runs yet.
+    pub fn build(cfg: &VmConfig) -> Result<Self, StartError> {
+        let vm = Vm::new(cfg.memory_mib)?;
+        let mem = vm.memory();
+        let loaded = boot::load_kernel(mem, &cfg.boot.kernel)?;
+        boot::configure_linux(
+            mem,
+            cfg.memory_mib << 20,
+            &cfg.boot.cmdline,
+            &loaded,
+            cfg.boot.initrd.as_deref(),
+        )?;
+        regs::write_boot_tables(mem)?;
+        mptable::write(mem, cfg.vcpus)?;
+
+        let serial_evt =
+            EventFd::new(libc::EFD_NONBLOCK).map_err(|e| StartError::Host("eventfd", e))?;
+        vm.register_irqfd(&serial_evt, COM1_GSI)?;
+        let log = match &cfg.serial_log {
+            Some(p) => Some(
+                std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(p)
+                    .map_err(|e| StartError::Host("opening the serial log", e))?,
+            ),
+            None => None,
+        };
+        let console = Arc::new(Mutex::new(Vec::new()));
+        let trigger = IrqTrigger(
+            serial_evt
+                .try_clone()
+                .map_err(|e| StartError::Host("eventfd", e))?,
+        );
+        let uart = Uart::new(trigger, ConsoleOut::new(log, console.clone()));
+
+        let vcpus = (0..cfg.vcpus)
+            .map(|id| vm.create_vcpu(id, cfg.vcpus, loaded.entry))
+            .collect::<Result<Vec<_>, _>>()?;
+        let ctl = Arc::new(Control {
+            state: Mutex::new(State {
+                run: RunState::Running,
+                ending: None,
+            }),
+            changed: Condvar::new(),
+            parked: AtomicUsize::new(0),
+            pio: PioBus::new(uart),
+            metrics: Metrics::default(),
+            console,
+            started: Instant::now(),
+            vcpus: cfg.vcpus,
+            memory_mib: cfg.memory_mib,
+        });
+        Ok(Self {
+            vm,
+            vcpus,
+            ctl,
+            _serial_evt: serial_evt,
+        })
+    }
+
+    /// Starts one thread per vCPU, running.
+    pub fn start(self) -> Result<Running, StartError> {
+        let r = self.start_paused()?;
+        r.resume();
+        Ok(r)
+    }
+
+    /// Starts one thread per vCPU, parked until [`Running::resume`]: the caller can finish
+    /// setting up the process (API thread, seccomp filter) before the guest runs.
+    pub fn start_paused(self) -> Result<Running, StartError> {
+        self.ctl.set_run(RunState::Paused);
+        vcpu::install_kick_handler().map_err(|e| StartError::Host("signal handler", e))?;
+        let mut threads = Vec::new();
+        for (id, fd) in self.vcpus.into_iter().enumerate() {
+            let ctl = self.ctl.clone();
+            let id = id as u8;
+            let t = std::thread::Builder::new()
+                .name(format!("vcpu{id}"))
+                .spawn(move || vcpu::run(id, fd, ctl))
+                .map_err(|e| StartError::Host("starting a vCPU thread", e))?;
+            threads.push(t);
+        }
+        // Every vCPU thread is past its start-up (glibc registers rseq, sets its signal mask)
+        // and parked before this returns, so a seccomp filter installed next applies to
+        // threads that only run the loop.
+        let n = usize::from(self.ctl.vcpus);
+        while self.ctl.parked.load(Ordering::SeqCst) < n {
+            if threads.iter().any(JoinHandle::is_finished) {
+                break;
+            }
+            std::thread::sleep(Duration::from_micros(100));
+        }
+        Ok(Running {
+            _vm: self.vm,
+            threads: Mutex::new(threads),
+            ctl: self.ctl,
+            _serial_evt: self._serial_evt,
+        })
+    }
+}
+
+impl Running {
+    /// The shared control (state, metrics, console).
+    pub fn control(&self) -> &Arc<Control> {
+        &self.ctl
+    }
+
+    fn kick_until(&self, mut done: impl FnMut(&[JoinHandle<()>]) -> bool) {
+        let threads = self.threads.lock().unwrap_or_else(PoisonError::into_inner);
+        // A kick that lands between the vCPU's state check and its KVM_RUN is lost, so kick
+        // again until every vCPU has noticed.
+        for _ in 0..5000 {
+            if done(&threads) {
+                return;
+            }
+            for t in threads.iter().filter(|t| !t.is_finished()) {
+                _ = t.kill(vcpu::kick_signal());
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        tracing::warn!("vCPUs did not answer kicks within 5 s");
+    }
+
+    /// Parks every vCPU; returns once all are parked. False if the VM is not running.
+    pub fn pause(&self) -> bool {
+        if self.ctl.set_run(RunState::Paused) != RunState::Running {
+            return self.ctl.run_state() == RunState::Paused;
+        }
+        let n = usize::from(self.ctl.vcpus);
+        self.kick_until(|_| self.ctl.parked.load(Ordering::SeqCst) >= n);
+        true
+    }
+
+    /// Lets parked vCPUs run again. False if the VM has ended.
+    pub fn resume(&self) -> bool {
+        self.ctl.set_run(RunState::Running) != RunState::Stopped
+    }
+
+    /// Ends the VM and waits for the vCPU threads; returns why it ended.
+    pub fn stop(&self, why: Ending) -> Ending {
+        self.ctl.end(why);
+        self.kick_until(|ts| ts.iter().all(JoinHandle::is_finished));
+        self.ctl.wait_end()
+    }
+
+    /// Blocks until the VM ends by itself or is stopped, then reaps the vCPUs.
+    pub fn wait(&self) -> Ending {
+        let e = self.ctl.wait_end();
+        self.stop(e)
+    }
+}
