@@ -162,6 +162,54 @@ fn test_guest_boots_and_its_reset_ends_the_process() {
 }
 
 #[test]
+fn test_guest_uses_virtio_blk_disks_on_pci() {
+    if kvm().is_none() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let token = uuid::Uuid::new_v4().simple().to_string()[..12].to_owned();
+    let mut rw = vec![0u8; 1 << 20];
+    let magic = format!("BOXD-DISK {token}\n");
+    rw[..magic.len()].copy_from_slice(magic.as_bytes());
+    std::fs::write(d.join("rw.img"), &rw).unwrap();
+    let mut ro = vec![0u8; 64 << 10];
+    ro[..9].copy_from_slice(b"READONLY\n");
+    std::fs::write(d.join("ro.img"), &ro).unwrap();
+    let cfg = d.join("vm.json");
+    let v = serde_json::json!({
+        "memory_mib": 32,
+        "boot": {"kernel": boxd_vmm::TEST_GUEST},
+        "serial_log": d.join("serial.log"),
+        "disks": [
+            {"path": d.join("rw.img"), "id": "boxd-rw"},
+            {"path": d.join("ro.img"), "read_only": true},
+        ],
+    });
+    std::fs::write(&cfg, v.to_string()).unwrap();
+    let mut vmm = spawn(d, &cfg);
+    assert_eq!(wait_exit(&mut vmm, Duration::from_secs(60)), 0);
+    let out = serial(d);
+    for want in [
+        "boxd-guest: pci 00:0 0x0000000012378086".to_owned(),
+        "boxd-guest: pci 00:1 0x0000000010421af4".to_owned(),
+        format!("boxd-guest: blk0 capacity 2048 rw id boxd-rw sector0 BOXD-DISK {token}"),
+        "boxd-guest: blk0 write status 0 flush status 0 read status 0 data same".to_owned(),
+        "boxd-guest: blk0 past-end status 1".to_owned(),
+        "boxd-guest: blk1 capacity 128 ro id disk1 sector0 READONLY".to_owned(),
+        "boxd-guest: blk1 write status 1 flush status 0 read status 0 data differs".to_owned(),
+        "boxd-guest: done".to_owned(),
+    ] {
+        assert!(out.contains(&want), "missing {want:?} in serial:\n{out}");
+    }
+    // The guest's writes reached the image file; the read-only image is untouched.
+    let disk = std::fs::read(d.join("rw.img")).unwrap();
+    let pattern: Vec<u8> = (0..1024u32).map(|i| (i * 7 + 1) as u8).collect();
+    assert_eq!(&disk[1024..2048], &pattern[..]);
+    assert_eq!(std::fs::read(d.join("ro.img")).unwrap(), ro);
+}
+
+#[test]
 fn api_pause_resume_console_metrics_shutdown() {
     let Some((dir, mut vmm)) = start_guest("wait", 2) else {
         return;

@@ -11,6 +11,10 @@ typedef unsigned long u64;
 static inline void outb(u16 port, u8 v) { __asm__ volatile("outb %0, %1" : : "a"(v), "Nd"(port)); }
 static inline u8 inb(u16 port) { u8 v; __asm__ volatile("inb %1, %0" : "=a"(v) : "Nd"(port)); return v; }
 
+static inline void outl(u16 port, u32 v) { __asm__ volatile("outl %0, %1" : : "a"(v), "Nd"(port)); }
+static inline u32 inl(u16 port) { u32 v; __asm__ volatile("inl %1, %0" : "=a"(v) : "Nd"(port)); return v; }
+static inline void barrier(void) { __asm__ volatile("mfence" ::: "memory"); }
+
 #define COM1 0x3f8
 
 static void putc_serial(char c) {
@@ -125,6 +129,230 @@ static void tick_forever(void) {
     }
 }
 
+/* ---- PCI (configuration mechanism #1) ---- */
+
+static u32 pci_read32(u8 dev, u8 reg) {
+    outl(0xcf8, 0x80000000u | ((u32)dev << 11) | (reg & 0xfc));
+    return inl(0xcfc);
+}
+
+static void pci_write32(u8 dev, u8 reg, u32 v) {
+    outl(0xcf8, 0x80000000u | ((u32)dev << 11) | (reg & 0xfc));
+    outl(0xcfc, v);
+}
+
+static u8 pci_read8(u8 dev, u8 reg) { return (u8)(pci_read32(dev, reg) >> ((reg & 3) * 8)); }
+
+/* ---- virtio-pci modern ---- */
+
+struct virtio_pci {
+    u8 dev;
+    volatile u8 *common, *isr, *devcfg, *notify;
+    u32 notify_mult;
+};
+
+struct vq_desc { u64 addr; u32 len; u16 flags; u16 next; };
+struct vq_avail { u16 flags; u16 idx; u16 ring[8]; u16 used_event; };
+struct vq_used_elem { u32 id; u32 len; };
+struct vq_used { u16 flags; u16 idx; struct vq_used_elem ring[8]; u16 avail_event; };
+
+#define QSZ 8
+static struct vq_desc desc_tbl[QSZ] __attribute__((aligned(16)));
+static struct vq_avail avail_ring __attribute__((aligned(2)));
+static struct vq_used used_ring __attribute__((aligned(4)));
+
+#define C8(o) (*(volatile u8 *)(vp->common + (o)))
+#define C16(o) (*(volatile u16 *)(vp->common + (o)))
+#define C32(o) (*(volatile u32 *)(vp->common + (o)))
+
+/* Finds the BAR-0 regions from the vendor capabilities, as a driver must. */
+static int virtio_find(struct virtio_pci *vp, u8 dev) {
+    vp->dev = dev;
+    pci_write32(dev, 0x04, pci_read32(dev, 0x04) | 0x6); /* memory space, bus master */
+    u64 bar = pci_read32(dev, 0x10) & ~0xfu;
+    if (!(pci_read32(dev, 0x04) & (1u << 20)))
+        return -1;
+    for (u8 p = pci_read8(dev, 0x34); p; p = pci_read8(dev, p + 1)) {
+        if (pci_read8(dev, p) != 0x09)
+            continue;
+        u8 type = pci_read8(dev, p + 3);
+        u32 off = pci_read32(dev, p + 8);
+        volatile u8 *at = (volatile u8 *)(bar + off);
+        if (type == 1) vp->common = at;
+        if (type == 2) { vp->notify = at; vp->notify_mult = pci_read32(dev, p + 16); }
+        if (type == 3) vp->isr = at;
+        if (type == 4) vp->devcfg = at;
+    }
+    return (vp->common && vp->notify && vp->isr && vp->devcfg) ? 0 : -2;
+}
+
+/* The virtio 1.x initialisation sequence with one queue of QSZ entries. */
+static int virtio_init(struct virtio_pci *vp, u64 want_features) {
+    C8(0x14) = 0;
+    while (C8(0x14) != 0)
+        ;
+    C8(0x14) = 1;       /* ACKNOWLEDGE */
+    C8(0x14) = 1 | 2;   /* DRIVER */
+    C32(0x00) = 0;
+    u64 f = C32(0x04);
+    C32(0x00) = 1;
+    f |= (u64)C32(0x04) << 32;
+    if (!(f & (1ul << 32)))
+        return -1;
+    f &= want_features | (1ul << 32);
+    C32(0x08) = 0; C32(0x0c) = (u32)f;
+    C32(0x08) = 1; C32(0x0c) = (u32)(f >> 32);
+    C8(0x14) = 1 | 2 | 8; /* FEATURES_OK */
+    if (!(C8(0x14) & 8))
+        return -2;
+    C16(0x16) = 0;
+    if (C16(0x18) < QSZ)
+        return -3;
+    C16(0x18) = QSZ;
+    C32(0x20) = (u32)(u64)desc_tbl; C32(0x24) = 0;
+    C32(0x28) = (u32)(u64)&avail_ring; C32(0x2c) = 0;
+    C32(0x30) = (u32)(u64)&used_ring; C32(0x34) = 0;
+    avail_ring.idx = 0;
+    used_ring.idx = 0;
+    C16(0x1c) = 1;
+    if (C16(0x1c) != 1)
+        return -4;
+    C8(0x14) = 1 | 2 | 8 | 4; /* DRIVER_OK */
+    return 0;
+}
+
+/* Posts the chain starting at descriptor 0 and polls the used ring for it. */
+static int virtio_submit(struct virtio_pci *vp, u32 *used_len) {
+    u16 idx = avail_ring.idx;
+    avail_ring.ring[idx % QSZ] = 0;
+    barrier();
+    avail_ring.idx = idx + 1;
+    barrier();
+    u16 notify_off = C16(0x1e);
+    *(volatile u16 *)(vp->notify + notify_off * vp->notify_mult) = 0;
+    for (u64 spin = 0; spin < 100000000; spin++) {
+        barrier();
+        if (*(volatile u16 *)&used_ring.idx == (u16)(idx + 1)) {
+            *used_len = used_ring.ring[idx % QSZ].len;
+            (void)*vp->isr; /* acknowledge */
+            return 0;
+        }
+    }
+    return -1;
+}
+
+/* ---- virtio-blk ---- */
+
+struct blk_hdr { u32 type; u32 reserved; u64 sector; };
+static struct blk_hdr blk_req;
+static u8 blk_status;
+static u8 blk_buf[1024] __attribute__((aligned(512)));
+static u8 blk_check[1024] __attribute__((aligned(512)));
+
+/* One request: header, optional data buffer (device-writable for reads), status. */
+static int blk_do(struct virtio_pci *vp, u32 type, u64 sector, u8 *buf, u32 len, int dev_writes) {
+    blk_req.type = type;
+    blk_req.reserved = 0;
+    blk_req.sector = sector;
+    blk_status = 0xee;
+    desc_tbl[0] = (struct vq_desc){(u64)&blk_req, sizeof blk_req, 1, 1};
+    if (len) {
+        desc_tbl[1] = (struct vq_desc){(u64)buf, len, (u16)(1 | (dev_writes ? 2 : 0)), 2};
+        desc_tbl[2] = (struct vq_desc){(u64)&blk_status, 1, 2, 0};
+    } else {
+        desc_tbl[0].next = 2;
+        desc_tbl[2] = (struct vq_desc){(u64)&blk_status, 1, 2, 0};
+    }
+    u32 used = 0;
+    if (virtio_submit(vp, &used) != 0)
+        return -100;
+    return blk_status;
+}
+
+static void blk_test(u8 dev, int n) {
+    struct virtio_pci vps = {0}, *vp = &vps;
+    puts_serial("boxd-guest: blk");
+    put_dec((u64)n);
+    if (virtio_find(vp, dev) != 0) {
+        puts_serial(" no virtio capabilities\n");
+        return;
+    }
+    int rc = virtio_init(vp, (1ul << 9) | (1ul << 5)); /* FLUSH, RO */
+    if (rc != 0) {
+        puts_serial(" init failed ");
+        put_dec((u64)-rc);
+        puts_serial("\n");
+        return;
+    }
+    u64 cap = *(volatile u32 *)vp->devcfg | ((u64)*(volatile u32 *)(vp->devcfg + 4) << 32);
+    C32(0x00) = 0;
+    int ro = (C32(0x04) >> 5) & 1;
+    puts_serial(" capacity ");
+    put_dec(cap);
+    puts_serial(ro ? " ro" : " rw");
+
+    /* The id string. */
+    for (int i = 0; i < 21; i++) blk_buf[i] = 0;
+    if (blk_do(vp, 8, 0, blk_buf, 20, 1) == 0) {
+        puts_serial(" id ");
+        puts_serial((const char *)blk_buf);
+    }
+    /* Sector 0 as the host wrote it: a text line. */
+    if (blk_do(vp, 0, 0, blk_buf, 512, 1) == 0) {
+        blk_buf[40] = 0;
+        for (int i = 0; i < 40; i++)
+            if (blk_buf[i] == '\n') blk_buf[i] = 0;
+        puts_serial(" sector0 ");
+        puts_serial((const char *)blk_buf);
+    } else {
+        puts_serial(" read failed");
+    }
+    puts_serial("\n");
+
+    /* Sectors 2-3: write a pattern, flush, read back, compare. */
+    for (int i = 0; i < 1024; i++) blk_buf[i] = (u8)(i * 7 + n + 1);
+    int w = blk_do(vp, 1, 2, blk_buf, 1024, 0);
+    int f = blk_do(vp, 4, 0, 0, 0, 0);
+    for (int i = 0; i < 1024; i++) blk_check[i] = 0;
+    int r = blk_do(vp, 0, 2, blk_check, 1024, 1);
+    int same = 1;
+    for (int i = 0; i < 1024; i++)
+        if (blk_check[i] != blk_buf[i]) same = 0;
+    puts_serial("boxd-guest: blk");
+    put_dec((u64)n);
+    puts_serial(" write status ");
+    put_dec((u64)w);
+    puts_serial(" flush status ");
+    put_dec((u64)f);
+    puts_serial(" read status ");
+    put_dec((u64)r);
+    puts_serial(same ? " data same\n" : " data differs\n");
+
+    /* Past the end of the disk: an error status, not a crash. */
+    int past = blk_do(vp, 0, cap, blk_check, 512, 1);
+    puts_serial("boxd-guest: blk");
+    put_dec((u64)n);
+    puts_serial(" past-end status ");
+    put_dec((u64)past);
+    puts_serial("\n");
+}
+
+static void pci_scan(void) {
+    int blk = 0;
+    for (u8 dev = 0; dev < 32; dev++) {
+        u32 id = pci_read32(dev, 0);
+        if ((id & 0xffff) == 0xffff)
+            continue;
+        puts_serial("boxd-guest: pci 00:");
+        put_dec(dev);
+        puts_serial(" ");
+        put_hex(id);
+        puts_serial("\n");
+        if (id == 0x10421af4)
+            blk_test(dev, blk++);
+    }
+}
+
 void guest_main(const u8 *zero_page) {
     line("hello");
     int cpus = count_cpus();
@@ -134,7 +362,7 @@ void guest_main(const u8 *zero_page) {
     else
         put_dec((u64)cpus);
     puts_serial("\n");
-    (void)put_hex;
+    pci_scan();
     if (cmdline_has(zero_page, "wait"))
         tick_forever();
     line("done");

@@ -27,7 +27,27 @@ pub struct VmConfig {
     /// File the serial console is appended to (created if missing).
     #[serde(default)]
     pub serial_log: Option<PathBuf>,
+    /// virtio-blk disks, in PCI slot order.
+    #[serde(default)]
+    pub disks: Vec<DiskConfig>,
 }
+
+/// One virtio-blk disk.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct DiskConfig {
+    /// Raw image file; its size (rounded down to 512 bytes) is the disk's capacity.
+    pub path: PathBuf,
+    /// Refuse writes (and open the file read-only).
+    #[serde(default)]
+    pub read_only: bool,
+    /// What the guest reads as the disk's serial (up to 20 bytes; default `disk<N>`).
+    #[serde(default)]
+    pub id: Option<String>,
+}
+
+/// Most devices of all kinds on the PCI bus.
+pub const MAX_DEVICES: usize = 8;
 
 /// The kernel and what goes with it.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
@@ -136,6 +156,23 @@ impl VmConfig {
                 "boot.initrd",
                 format!("{} is not a readable file", i.display()),
             ));
+        }
+        if self.disks.len() > MAX_DEVICES {
+            return Err(bad(
+                "disks",
+                format!("has {} entries: at most {MAX_DEVICES}", self.disks.len()),
+            ));
+        }
+        for d in &self.disks {
+            if !d.path.is_file() {
+                return Err(bad(
+                    "disks[].path",
+                    format!("{} is not a readable file", d.path.display()),
+                ));
+            }
+            if d.id.as_ref().is_some_and(|i| i.len() > 20) {
+                return Err(bad("disks[].id", "is longer than 20 bytes".into()));
+            }
         }
         if self.boot.cmdline.len() >= crate::arch::layout::CMDLINE_MAX {
             return Err(bad(

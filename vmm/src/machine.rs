@@ -10,10 +10,12 @@ use kvm_ioctls::VcpuFd;
 use vmm_sys_util::eventfd::EventFd;
 use vmm_sys_util::signal::Killable;
 
-use crate::arch::{boot, mptable, regs};
+use crate::arch::{boot, layout, mptable, regs};
 use crate::config::VmConfig;
 use crate::devices::PioBus;
+use crate::devices::pci::PciBus;
 use crate::devices::serial::{COM1_GSI, ConsoleOut, IrqTrigger, Uart};
+use crate::devices::virtio::{self, block::Block, pci::VirtioPci};
 use crate::vstate::vcpu;
 use crate::vstate::vm::{Vm, VmError};
 
@@ -171,7 +173,7 @@ pub struct Machine {
     vm: Vm,
     vcpus: Vec<VcpuFd>,
     ctl: Arc<Control>,
-    _serial_evt: EventFd,
+    _irq_evts: Vec<EventFd>,
 }
 
 /// A running VM: its vCPU threads and their shared control.
@@ -179,7 +181,7 @@ pub struct Running {
     _vm: Vm,
     threads: Mutex<Vec<JoinHandle<()>>>,
     ctl: Arc<Control>,
-    _serial_evt: EventFd,
+    _irq_evts: Vec<EventFd>,
 }
 
 impl Machine {
@@ -219,6 +221,35 @@ impl Machine {
         );
         let uart = Uart::new(trigger, ConsoleOut::new(log, console.clone()));
 
+        let mut functions = Vec::new();
+        let mut irq_evts = Vec::new();
+        for (i, d) in cfg.disks.iter().enumerate() {
+            let id = d.id.clone().unwrap_or_else(|| format!("disk{i}"));
+            let blk = Block::open(&d.path, d.read_only, &id).map_err(|e| {
+                StartError::Host(
+                    "opening a disk image",
+                    std::io::Error::new(e.kind(), format!("{}: {e}", d.path.display())),
+                )
+            })?;
+            let slot = functions.len();
+            let gsi = layout::PCI_IRQS[slot];
+            let evt =
+                EventFd::new(libc::EFD_NONBLOCK).map_err(|e| StartError::Host("eventfd", e))?;
+            vm.register_irqfd(&evt, u32::from(gsi))?;
+            let bar = layout::PCI_MMIO_BASE + slot as u64 * virtio::pci::BAR_SIZE;
+            let f = VirtioPci::new(
+                Box::new(blk),
+                mem.clone(),
+                bar as u32,
+                gsi,
+                evt.try_clone()
+                    .map_err(|e| StartError::Host("eventfd", e))?,
+            )
+            .map_err(|e| StartError::Host("virtio queue", std::io::Error::other(e.to_string())))?;
+            irq_evts.push(evt);
+            functions.push(f);
+        }
+
         let vcpus = (0..cfg.vcpus)
             .map(|id| vm.create_vcpu(id, cfg.vcpus, loaded.entry))
             .collect::<Result<Vec<_>, _>>()?;
@@ -229,18 +260,19 @@ impl Machine {
             }),
             changed: Condvar::new(),
             parked: AtomicUsize::new(0),
-            pio: PioBus::new(uart),
+            pio: PioBus::new(uart, PciBus::new(functions)),
             metrics: Metrics::default(),
             console,
             started: Instant::now(),
             vcpus: cfg.vcpus,
             memory_mib: cfg.memory_mib,
         });
+        irq_evts.push(serial_evt);
         Ok(Self {
             vm,
             vcpus,
             ctl,
-            _serial_evt: serial_evt,
+            _irq_evts: irq_evts,
         })
     }
 
@@ -280,7 +312,7 @@ impl Machine {
             _vm: self.vm,
             threads: Mutex::new(threads),
             ctl: self.ctl,
-            _serial_evt: self._serial_evt,
+            _irq_evts: self._irq_evts,
         })
     }
 }

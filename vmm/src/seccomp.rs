@@ -12,11 +12,15 @@ pub const BLOCKED_EXIT: i32 = 31;
 
 /// Syscalls the VMM makes after setup, by what makes them.
 const ALLOWED: &[libc::c_long] = &[
-    // vCPUs, irqfds, the serial log, the API.
+    // vCPUs, irqfds, the serial log, disk images, the API.
     libc::SYS_ioctl,
     libc::SYS_read,
     libc::SYS_write,
     libc::SYS_readv,
+    libc::SYS_pread64,
+    libc::SYS_pwrite64,
+    libc::SYS_preadv,
+    libc::SYS_pwritev,
     libc::SYS_writev,
     libc::SYS_lseek,
     libc::SYS_fsync,

@@ -25,6 +25,7 @@ fn guest(vcpus: u8, log: Option<PathBuf>) -> VmConfig {
             initrd: None,
         },
         serial_log: log,
+        disks: Vec::new(),
     }
 }
 

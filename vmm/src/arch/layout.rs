@@ -11,7 +11,8 @@ pub const BOOT_STACK: u64 = 0x8ff0;
 pub const PML4: u64 = 0x9000;
 /// Page directory pointer table.
 pub const PDPTE: u64 = 0xa000;
-/// Page directory (512 × 2 MiB pages: the first GiB identity-mapped).
+/// Four page directories (4 × 512 × 2 MiB pages: the first 4 GiB identity-mapped),
+/// 0xb000..0xf000.
 pub const PDE: u64 = 0xb000;
 /// Linux `boot_params` ("zero page").
 pub const ZERO_PAGE: u64 = 0x7000;
@@ -29,3 +30,7 @@ pub const HIMEM: u64 = 0x10_0000;
 pub const MMIO_GAP_START: u64 = 0xc000_0000;
 /// Size of that gap.
 pub const MMIO_GAP_SIZE: u64 = 0x4000_0000;
+/// Where PCI BARs are placed: the bottom of the MMIO gap.
+pub const PCI_MMIO_BASE: u64 = MMIO_GAP_START;
+/// Interrupt lines given to PCI functions (INTx), in order: free ISA lines.
+pub const PCI_IRQS: [u8; 8] = [5, 9, 10, 11, 12, 14, 15, 6];

@@ -25,7 +25,7 @@ const X86_CR4_PAE: u64 = 0x20;
 const EFER_LME: u64 = 0x100;
 const EFER_LMA: u64 = 0x400;
 
-/// Writes the GDT, IDT and identity-mapping page tables (first GiB, 2 MiB pages) into memory.
+/// Writes the GDT, IDT and identity-mapping page tables (first 4 GiB, 2 MiB pages).
 pub fn write_boot_tables(mem: &GuestMemoryMmap) -> Result<(), RegsError> {
     for (i, e) in gdt::TABLE.iter().enumerate() {
         mem.write_obj(*e, GuestAddress(layout::BOOT_GDT + (i as u64) * 8))
@@ -35,11 +35,16 @@ pub fn write_boot_tables(mem: &GuestMemoryMmap) -> Result<(), RegsError> {
         .map_err(|e| RegsError::Memory("IDT", e))?;
     mem.write_obj(layout::PDPTE | 0x03, GuestAddress(layout::PML4))
         .map_err(|e| RegsError::Memory("PML4", e))?;
-    mem.write_obj(layout::PDE | 0x03, GuestAddress(layout::PDPTE))
-        .map_err(|e| RegsError::Memory("PDPTE", e))?;
-    for i in 0..512u64 {
-        mem.write_obj((i << 21) | 0x83, GuestAddress(layout::PDE + i * 8))
-            .map_err(|e| RegsError::Memory("PDE", e))?;
+    // Four page directories of 2 MiB pages identity-map the first 4 GiB, so a guest reaches
+    // PCI BARs in the 32-bit MMIO gap before it builds page tables of its own.
+    for d in 0..4u64 {
+        let pd = layout::PDE + d * 0x1000;
+        mem.write_obj(pd | 0x03, GuestAddress(layout::PDPTE + d * 8))
+            .map_err(|e| RegsError::Memory("PDPTE", e))?;
+        for i in 0..512u64 {
+            mem.write_obj(((d << 30) | (i << 21)) | 0x83, GuestAddress(pd + i * 8))
+                .map_err(|e| RegsError::Memory("PDE", e))?;
+        }
     }
     Ok(())
 }

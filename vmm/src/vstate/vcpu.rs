@@ -44,13 +44,13 @@ pub fn run(id: u8, mut vcpu: VcpuFd, ctl: Arc<Control>) {
                     return;
                 }
             }
-            Ok(VcpuExit::MmioRead(_, data)) => {
-                // Nothing is mapped there: reads float high, as on a bus with no device.
+            Ok(VcpuExit::MmioRead(addr, data)) => {
                 ctl.metrics.mmio_exits.fetch_add(1, Ordering::Relaxed);
-                data.fill(0xff);
+                ctl.pio.mmio_read(addr, data);
             }
-            Ok(VcpuExit::MmioWrite(..)) => {
+            Ok(VcpuExit::MmioWrite(addr, data)) => {
                 ctl.metrics.mmio_exits.fetch_add(1, Ordering::Relaxed);
+                ctl.pio.mmio_write(addr, data);
             }
             Ok(VcpuExit::Hlt | VcpuExit::IrqWindowOpen) => {}
             Ok(VcpuExit::Shutdown) => {

@@ -1,0 +1,48 @@
+//! virtio devices (logic: queues in, completions out) and the virtio-PCI transport that wires
+//! them to the guest. A device never sees PCI, eventfds or threads: the transport hands it a
+//! queue and guest memory when the guest notifies, and raises the interrupt it asks for.
+
+pub mod block;
+pub mod pci;
+
+use virtio_queue::Queue;
+use vm_memory::GuestMemoryMmap;
+
+/// `VIRTIO_F_VERSION_1`: the modern (virtio 1.x) interface, the only one offered.
+pub const F_VERSION_1: u64 = 1 << 32;
+
+/// A virtio device's logic.
+pub trait VirtioDevice: Send {
+    /// virtio device type (2 = block, 1 = net, 19 = vsock).
+    fn device_type(&self) -> u16;
+    /// PCI class code (class, subclass, prog-if) for the transport.
+    fn pci_class(&self) -> u32;
+    /// Largest size of each queue; the count is the number of queues.
+    fn queue_max_sizes(&self) -> &[u16];
+    /// Feature bits offered (the transport adds `VIRTIO_F_VERSION_1`).
+    fn features(&self) -> u64;
+    /// Reads the device-specific configuration space.
+    fn read_config(&self, offset: u64, data: &mut [u8]);
+    /// The driver writes the device-specific configuration space (ignored unless meaningful).
+    fn write_config(&mut self, _offset: u64, _data: &[u8]) {}
+    /// The driver set DRIVER_OK with these accepted features.
+    fn activate(&mut self, _features: u64) {}
+    /// The driver reset the device.
+    fn reset(&mut self) {}
+    /// The guest made buffers available on queue `index`: consume them. Returns whether the
+    /// guest should be interrupted.
+    fn process_queue(&mut self, index: u16, queue: &mut Queue, mem: &GuestMemoryMmap) -> bool;
+}
+
+/// Copies `src` (a little-endian config structure) into `data` from `offset`, reading zeros
+/// past its end.
+pub fn read_config_bytes(src: &[u8], offset: u64, data: &mut [u8]) {
+    for (i, b) in data.iter_mut().enumerate() {
+        *b = usize::try_from(offset)
+            .ok()
+            .and_then(|o| o.checked_add(i))
+            .and_then(|o| src.get(o))
+            .copied()
+            .unwrap_or(0);
+    }
+}
