@@ -209,6 +209,123 @@ fn test_guest_uses_virtio_blk_disks_on_pci() {
     assert_eq!(std::fs::read(d.join("ro.img")).unwrap(), ro);
 }
 
+/// A network namespace this test made, deleted when dropped.
+struct Netns(String);
+
+impl Netns {
+    fn new(name: &str) -> Self {
+        let _ = Command::new("ip").args(["netns", "del", name]).status();
+        let ok = Command::new("ip")
+            .args(["netns", "add", name])
+            .status()
+            .unwrap();
+        assert!(
+            ok.success(),
+            "ip netns add {name} (needs root and iproute2)"
+        );
+        Self(name.to_owned())
+    }
+
+    fn ip(&self, args: &[&str]) {
+        let ok = Command::new("ip")
+            .arg("-n")
+            .arg(&self.0)
+            .args(args)
+            .status()
+            .unwrap();
+        assert!(ok.success(), "ip -n {} {args:?}", self.0);
+    }
+
+    fn exec(&self) -> Command {
+        let mut c = Command::new("ip");
+        c.args(["netns", "exec", &self.0]);
+        c
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = Command::new("ip").args(["netns", "del", &self.0]).status();
+    }
+}
+
+/// Answers the first frame of ethertype 0x88b5 on `tap` with one addressed to its sender.
+const RESPONDER: &str = r#"
+import socket, sys
+tap, token = sys.argv[1], sys.argv[2]
+s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(0x88b5))
+s.bind((tap, 0))
+s.settimeout(60)
+print("ready", flush=True)
+while True:
+    f = s.recv(2048)
+    if f[12:14] != b"\x88\xb5":
+        continue
+    print("got", f[14:].rstrip(b"\0").decode(errors="replace"), "from", f[6:12].hex(":"), flush=True)
+    reply = f[6:12] + bytes.fromhex("020000000001") + b"\x88\xb5" + ("boxd-host pong " + token).encode()
+    s.send(reply + bytes(max(0, 60 - len(reply))))
+    break
+"#;
+
+#[test]
+fn test_guest_exchanges_frames_over_virtio_net_and_a_tap() {
+    if kvm().is_none() {
+        return;
+    }
+    let id = format!("{:04x}", std::process::id() & 0xffff);
+    let ns = Netns::new(&format!("boxd-vmm-net-{id}"));
+    let tap = format!("bxt{id}");
+    ns.ip(&["tuntap", "add", "dev", &tap, "mode", "tap"]);
+    ns.ip(&["link", "set", &tap, "up"]);
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let token = uuid::Uuid::new_v4().simple().to_string()[..12].to_owned();
+    let mut responder = ns
+        .exec()
+        .args(["python3", "-c", RESPONDER, &tap, &token])
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut out = std::io::BufReader::new(responder.stdout.take().unwrap());
+    let mut line = String::new();
+    std::io::BufRead::read_line(&mut out, &mut line).unwrap();
+    assert_eq!(line.trim(), "ready");
+
+    let cfg = d.join("vm.json");
+    let v = serde_json::json!({
+        "memory_mib": 32,
+        "boot": {"kernel": boxd_vmm::TEST_GUEST},
+        "serial_log": d.join("serial.log"),
+        "net": [{"tap": tap, "mac": "52:54:00:12:34:56"}],
+    });
+    std::fs::write(&cfg, v.to_string()).unwrap();
+    let mut vmm = ns
+        .exec()
+        .arg(boxd_bin())
+        .arg("vmm")
+        .arg("--config")
+        .arg(&cfg)
+        .arg("--api-sock")
+        .arg(d.join("api.sock"))
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(d.join("vmm.log")).unwrap())
+        .spawn()
+        .unwrap();
+    let code = wait_exit(&mut vmm, Duration::from_secs(60));
+    let serial_out = serial(d);
+    assert_eq!(code, 0, "serial:\n{serial_out}");
+    line.clear();
+    std::io::BufRead::read_line(&mut out, &mut line).unwrap();
+    assert_eq!(line.trim(), "got boxd-guest ping from 52:54:00:12:34:56");
+    let want =
+        format!("boxd-guest: net0 mac 52:54:00:12:34:56 sent received boxd-host pong {token}");
+    assert!(
+        serial_out.contains(&want),
+        "missing {want:?} in serial:\n{serial_out}"
+    );
+    responder.wait().unwrap();
+}
+
 #[test]
 fn api_pause_resume_console_metrics_shutdown() {
     let Some((dir, mut vmm)) = start_guest("wait", 2) else {

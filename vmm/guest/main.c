@@ -152,14 +152,18 @@ struct virtio_pci {
 };
 
 struct vq_desc { u64 addr; u32 len; u16 flags; u16 next; };
-struct vq_avail { u16 flags; u16 idx; u16 ring[8]; u16 used_event; };
-struct vq_used_elem { u32 id; u32 len; };
-struct vq_used { u16 flags; u16 idx; struct vq_used_elem ring[8]; u16 avail_event; };
-
 #define QSZ 8
-static struct vq_desc desc_tbl[QSZ] __attribute__((aligned(16)));
-static struct vq_avail avail_ring __attribute__((aligned(2)));
-static struct vq_used used_ring __attribute__((aligned(4)));
+struct vq_avail { u16 flags; u16 idx; u16 ring[QSZ]; u16 used_event; };
+struct vq_used_elem { u32 id; u32 len; };
+struct vq_used { u16 flags; u16 idx; struct vq_used_elem ring[QSZ]; u16 avail_event; };
+
+/* One split virtqueue of QSZ entries in guest memory. */
+struct vq {
+    struct vq_desc desc[QSZ] __attribute__((aligned(16)));
+    struct vq_avail avail __attribute__((aligned(4)));
+    struct vq_used used __attribute__((aligned(4)));
+    u16 index, notify_off, seen_used;
+};
 
 #define C8(o) (*(volatile u8 *)(vp->common + (o)))
 #define C16(o) (*(volatile u16 *)(vp->common + (o)))
@@ -186,8 +190,8 @@ static int virtio_find(struct virtio_pci *vp, u8 dev) {
     return (vp->common && vp->notify && vp->isr && vp->devcfg) ? 0 : -2;
 }
 
-/* The virtio 1.x initialisation sequence with one queue of QSZ entries. */
-static int virtio_init(struct virtio_pci *vp, u64 want_features) {
+/* Reset, acknowledge, negotiate (VERSION_1 required). */
+static int virtio_begin(struct virtio_pci *vp, u64 want_features) {
     C8(0x14) = 0;
     while (C8(0x14) != 0)
         ;
@@ -205,37 +209,47 @@ static int virtio_init(struct virtio_pci *vp, u64 want_features) {
     C8(0x14) = 1 | 2 | 8; /* FEATURES_OK */
     if (!(C8(0x14) & 8))
         return -2;
-    C16(0x16) = 0;
-    if (C16(0x18) < QSZ)
-        return -3;
-    C16(0x18) = QSZ;
-    C32(0x20) = (u32)(u64)desc_tbl; C32(0x24) = 0;
-    C32(0x28) = (u32)(u64)&avail_ring; C32(0x2c) = 0;
-    C32(0x30) = (u32)(u64)&used_ring; C32(0x34) = 0;
-    avail_ring.idx = 0;
-    used_ring.idx = 0;
-    C16(0x1c) = 1;
-    if (C16(0x1c) != 1)
-        return -4;
-    C8(0x14) = 1 | 2 | 8 | 4; /* DRIVER_OK */
     return 0;
 }
 
-/* Posts the chain starting at descriptor 0 and polls the used ring for it. */
-static int virtio_submit(struct virtio_pci *vp, u32 *used_len) {
-    u16 idx = avail_ring.idx;
-    avail_ring.ring[idx % QSZ] = 0;
+static int virtio_queue(struct virtio_pci *vp, u16 index, struct vq *q) {
+    C16(0x16) = index;
+    if (C16(0x18) < QSZ)
+        return -3;
+    C16(0x18) = QSZ;
+    C32(0x20) = (u32)(u64)q->desc; C32(0x24) = 0;
+    C32(0x28) = (u32)(u64)&q->avail; C32(0x2c) = 0;
+    C32(0x30) = (u32)(u64)&q->used; C32(0x34) = 0;
+    q->avail.idx = 0;
+    q->used.idx = 0;
+    q->seen_used = 0;
+    q->index = index;
+    q->notify_off = C16(0x1e);
+    C16(0x1c) = 1;
+    return C16(0x1c) == 1 ? 0 : -4;
+}
+
+static void virtio_ready(struct virtio_pci *vp) { C8(0x14) = 1 | 2 | 8 | 4; /* DRIVER_OK */ }
+
+/* Makes the chain at descriptor `head` available and rings the doorbell. */
+static void virtio_post(struct virtio_pci *vp, struct vq *q, u16 head) {
+    u16 idx = q->avail.idx;
+    q->avail.ring[idx % QSZ] = head;
     barrier();
-    avail_ring.idx = idx + 1;
+    q->avail.idx = idx + 1;
     barrier();
-    u16 notify_off = C16(0x1e);
-    *(volatile u16 *)(vp->notify + notify_off * vp->notify_mult) = 0;
-    for (u64 spin = 0; spin < 100000000; spin++) {
+    *(volatile u16 *)(vp->notify + q->notify_off * vp->notify_mult) = q->index;
+}
+
+/* Waits for the device to return the next chain; its used length, or -1 after `spins`. */
+static long virtio_wait(struct virtio_pci *vp, struct vq *q, u64 spins) {
+    for (u64 spin = 0; spin < spins; spin++) {
         barrier();
-        if (*(volatile u16 *)&used_ring.idx == (u16)(idx + 1)) {
-            *used_len = used_ring.ring[idx % QSZ].len;
-            (void)*vp->isr; /* acknowledge */
-            return 0;
+        if (*(volatile u16 *)&q->used.idx != q->seen_used) {
+            u32 len = q->used.ring[q->seen_used % QSZ].len;
+            q->seen_used++;
+            (void)*vp->isr; /* acknowledge the interrupt */
+            return len;
         }
     }
     return -1;
@@ -249,8 +263,11 @@ static u8 blk_status;
 static u8 blk_buf[1024] __attribute__((aligned(512)));
 static u8 blk_check[1024] __attribute__((aligned(512)));
 
+static struct vq blk_q;
+
 /* One request: header, optional data buffer (device-writable for reads), status. */
 static int blk_do(struct virtio_pci *vp, u32 type, u64 sector, u8 *buf, u32 len, int dev_writes) {
+    struct vq_desc *desc_tbl = blk_q.desc;
     blk_req.type = type;
     blk_req.reserved = 0;
     blk_req.sector = sector;
@@ -263,8 +280,8 @@ static int blk_do(struct virtio_pci *vp, u32 type, u64 sector, u8 *buf, u32 len,
         desc_tbl[0].next = 2;
         desc_tbl[2] = (struct vq_desc){(u64)&blk_status, 1, 2, 0};
     }
-    u32 used = 0;
-    if (virtio_submit(vp, &used) != 0)
+    virtio_post(vp, &blk_q, 0);
+    if (virtio_wait(vp, &blk_q, 1ul << 32) < 0)
         return -100;
     return blk_status;
 }
@@ -277,7 +294,11 @@ static void blk_test(u8 dev, int n) {
         puts_serial(" no virtio capabilities\n");
         return;
     }
-    int rc = virtio_init(vp, (1ul << 9) | (1ul << 5)); /* FLUSH, RO */
+    int rc = virtio_begin(vp, (1ul << 9) | (1ul << 5)); /* FLUSH, RO */
+    if (rc == 0)
+        rc = virtio_queue(vp, 0, &blk_q);
+    if (rc == 0)
+        virtio_ready(vp);
     if (rc != 0) {
         puts_serial(" init failed ");
         put_dec((u64)-rc);
@@ -337,8 +358,83 @@ static void blk_test(u8 dev, int n) {
     puts_serial("\n");
 }
 
+/* ---- virtio-net ---- */
+
+static struct vq net_rx, net_tx;
+static u8 rx_frame[2048];
+static u8 tx_frame[12 + 64];
+
+static void net_test(u8 dev, int n) {
+    struct virtio_pci vps = {0}, *vp = &vps;
+    puts_serial("boxd-guest: net");
+    put_dec((u64)n);
+    int rc = virtio_find(vp, dev);
+    if (rc == 0)
+        rc = virtio_begin(vp, 1ul << 5); /* MAC */
+    if (rc == 0)
+        rc = virtio_queue(vp, 0, &net_rx);
+    if (rc == 0)
+        rc = virtio_queue(vp, 1, &net_tx);
+    if (rc != 0) {
+        puts_serial(" init failed\n");
+        return;
+    }
+    virtio_ready(vp);
+    u8 mac[6];
+    for (int i = 0; i < 6; i++)
+        mac[i] = vp->devcfg[i];
+    puts_serial(" mac ");
+    for (int i = 0; i < 6; i++) {
+        static const char hx[] = "0123456789abcdef";
+        char b[4] = {hx[mac[i] >> 4], hx[mac[i] & 15], i < 5 ? ':' : 0, 0};
+        puts_serial(b);
+    }
+    /* A receive buffer first, then a broadcast frame of the local experimental ethertype. */
+    net_rx.desc[0] = (struct vq_desc){(u64)rx_frame, sizeof rx_frame, 2, 0};
+    virtio_post(vp, &net_rx, 0);
+    for (int i = 0; i < (int)sizeof tx_frame; i++) tx_frame[i] = 0;
+    u8 *eth = tx_frame + 12;
+    for (int i = 0; i < 6; i++) { eth[i] = 0xff; eth[6 + i] = mac[i]; }
+    eth[12] = 0x88; eth[13] = 0xb5;
+    const char *msg = "boxd-guest ping";
+    for (int i = 0; msg[i]; i++) eth[14 + i] = (u8)msg[i];
+    net_tx.desc[0] = (struct vq_desc){(u64)tx_frame, sizeof tx_frame, 0, 0};
+    virtio_post(vp, &net_tx, 0);
+    long sent = virtio_wait(vp, &net_tx, 1ul << 32);
+    puts_serial(sent < 0 ? " send timeout" : " sent");
+    /* Other traffic (IPv6 neighbour discovery on a fresh link) may arrive first: skip frames
+     * of other ethertypes, handing the buffer back each time. */
+    long got = -1;
+    for (int tries = 0; tries < 64; tries++) {
+        got = virtio_wait(vp, &net_rx, 1ul << 34);
+        if (got < 0 || (got >= 12 + 14 && rx_frame[12 + 12] == 0x88 && rx_frame[12 + 13] == 0xb5))
+            break;
+        got = -1;
+        virtio_post(vp, &net_rx, 0);
+    }
+    if (got < 12 + 14) {
+        puts_serial(" no reply\n");
+        return;
+    }
+    u8 *r = rx_frame + 12;
+    int to_me = 1;
+    for (int i = 0; i < 6; i++)
+        if (r[i] != mac[i]) to_me = 0;
+    puts_serial(to_me ? " received " : " received (not to me) ");
+    char text[49];
+    int t = 0;
+    for (long i = 12 + 14; i < got && t < 48; i++) {
+        u8 c = rx_frame[i];
+        if (c < 0x20 || c > 0x7e) break;
+        text[t++] = (char)c;
+    }
+    text[t] = 0;
+    puts_serial(text);
+    puts_serial("\n");
+}
+
 static void pci_scan(void) {
-    int blk = 0;
+    int blk = 0, net = 0;
     for (u8 dev = 0; dev < 32; dev++) {
         u32 id = pci_read32(dev, 0);
         if ((id & 0xffff) == 0xffff)
@@ -350,6 +446,8 @@ static void pci_scan(void) {
         puts_serial("\n");
         if (id == 0x10421af4)
             blk_test(dev, blk++);
+        if (id == 0x10411af4)
+            net_test(dev, net++);
     }
 }
 

@@ -30,6 +30,20 @@ pub struct VmConfig {
     /// virtio-blk disks, in PCI slot order.
     #[serde(default)]
     pub disks: Vec<DiskConfig>,
+    /// virtio-net interfaces, each on a tap, after the disks in slot order.
+    #[serde(default)]
+    pub net: Vec<NetConfig>,
+}
+
+/// One virtio-net interface.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct NetConfig {
+    /// Tap interface to attach to (created if missing, which needs CAP_NET_ADMIN).
+    pub tap: String,
+    /// MAC address `aa:bb:cc:dd:ee:ff` (default: 52:54:00 + three bytes from the tap name).
+    #[serde(default)]
+    pub mac: Option<String>,
 }
 
 /// One virtio-blk disk.
@@ -157,11 +171,33 @@ impl VmConfig {
                 format!("{} is not a readable file", i.display()),
             ));
         }
-        if self.disks.len() > MAX_DEVICES {
+        if self.disks.len() + self.net.len() > MAX_DEVICES {
             return Err(bad(
                 "disks",
-                format!("has {} entries: at most {MAX_DEVICES}", self.disks.len()),
+                format!(
+                    "and `net` have {} entries together: at most {MAX_DEVICES}",
+                    self.disks.len() + self.net.len()
+                ),
             ));
+        }
+        for n in &self.net {
+            if n.tap.is_empty() || n.tap.len() > 15 || n.tap.contains(['/', ' ']) {
+                return Err(bad(
+                    "net[].tap",
+                    format!(
+                        "`{}` is not an interface name (1-15 bytes, no / or space)",
+                        n.tap
+                    ),
+                ));
+            }
+            if let Some(m) = &n.mac
+                && crate::devices::virtio::net::parse_mac(m).is_none()
+            {
+                return Err(bad(
+                    "net[].mac",
+                    format!("`{m}` is not a MAC address: write it as 52:54:00:12:34:56"),
+                ));
+            }
         }
         for d in &self.disks {
             if !d.path.is_file() {

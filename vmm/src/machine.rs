@@ -15,7 +15,10 @@ use crate::config::VmConfig;
 use crate::devices::PioBus;
 use crate::devices::pci::PciBus;
 use crate::devices::serial::{COM1_GSI, ConsoleOut, IrqTrigger, Uart};
-use crate::devices::virtio::{self, block::Block, pci::VirtioPci};
+use crate::devices::virtio::io::IoThread;
+use crate::devices::virtio::net::{Net, parse_mac};
+use crate::devices::virtio::tap::Tap;
+use crate::devices::virtio::{self, VirtioDevice, block::Block, pci::VirtioPci};
 use crate::vstate::vcpu;
 use crate::vstate::vm::{Vm, VmError};
 
@@ -173,6 +176,7 @@ pub struct Machine {
     vm: Vm,
     vcpus: Vec<VcpuFd>,
     ctl: Arc<Control>,
+    io: IoThread,
     _irq_evts: Vec<EventFd>,
 }
 
@@ -180,6 +184,7 @@ pub struct Machine {
 pub struct Running {
     _vm: Vm,
     threads: Mutex<Vec<JoinHandle<()>>>,
+    io_stop: Option<EventFd>,
     ctl: Arc<Control>,
     _irq_evts: Vec<EventFd>,
 }
@@ -221,8 +226,7 @@ impl Machine {
         );
         let uart = Uart::new(trigger, ConsoleOut::new(log, console.clone()));
 
-        let mut functions = Vec::new();
-        let mut irq_evts = Vec::new();
+        let mut devices: Vec<Box<dyn VirtioDevice>> = Vec::new();
         for (i, d) in cfg.disks.iter().enumerate() {
             let id = d.id.clone().unwrap_or_else(|| format!("disk{i}"));
             let blk = Block::open(&d.path, d.read_only, &id).map_err(|e| {
@@ -231,14 +235,32 @@ impl Machine {
                     std::io::Error::new(e.kind(), format!("{}: {e}", d.path.display())),
                 )
             })?;
-            let slot = functions.len();
+            devices.push(Box::new(blk));
+        }
+        for n in &cfg.net {
+            let tap = Tap::open(&n.tap).map_err(|e| {
+                StartError::Host(
+                    "opening a tap",
+                    std::io::Error::new(e.kind(), format!("{}: {e}", n.tap)),
+                )
+            })?;
+            let mac = n
+                .mac
+                .as_deref()
+                .and_then(parse_mac)
+                .unwrap_or_else(|| default_mac(&n.tap));
+            devices.push(Box::new(Net::new(tap, mac)));
+        }
+        let mut functions = Vec::new();
+        let mut irq_evts = Vec::new();
+        for (slot, dev) in devices.into_iter().enumerate() {
             let gsi = layout::PCI_IRQS[slot];
             let evt =
                 EventFd::new(libc::EFD_NONBLOCK).map_err(|e| StartError::Host("eventfd", e))?;
             vm.register_irqfd(&evt, u32::from(gsi))?;
             let bar = layout::PCI_MMIO_BASE + slot as u64 * virtio::pci::BAR_SIZE;
             let f = VirtioPci::new(
-                Box::new(blk),
+                dev,
                 mem.clone(),
                 bar as u32,
                 gsi,
@@ -247,8 +269,9 @@ impl Machine {
             )
             .map_err(|e| StartError::Host("virtio queue", std::io::Error::other(e.to_string())))?;
             irq_evts.push(evt);
-            functions.push(f);
+            functions.push(Arc::new(Mutex::new(f)));
         }
+        let io = IoThread::new(&functions).map_err(|e| StartError::Host("epoll", e))?;
 
         let vcpus = (0..cfg.vcpus)
             .map(|id| vm.create_vcpu(id, cfg.vcpus, loaded.entry))
@@ -272,6 +295,7 @@ impl Machine {
             vm,
             vcpus,
             ctl,
+            io,
             _irq_evts: irq_evts,
         })
     }
@@ -298,12 +322,33 @@ impl Machine {
                 .map_err(|e| StartError::Host("starting a vCPU thread", e))?;
             threads.push(t);
         }
+        // The device I/O thread, when a device waits on host descriptors. It reports in before
+        // start_paused returns, for the same reason as the vCPUs below.
+        let mut io_stop = None;
+        if !self.io.is_empty() {
+            io_stop = Some(
+                self.io
+                    .stopper()
+                    .map_err(|e| StartError::Host("eventfd", e))?,
+            );
+            let (up_tx, up_rx) = std::sync::mpsc::channel();
+            let io = self.io;
+            let t = std::thread::Builder::new()
+                .name("devices".into())
+                .spawn(move || {
+                    _ = up_tx.send(());
+                    io.run();
+                })
+                .map_err(|e| StartError::Host("starting the device I/O thread", e))?;
+            _ = up_rx.recv();
+            threads.push(t);
+        }
         // Every vCPU thread is past its start-up (glibc registers rseq, sets its signal mask)
         // and parked before this returns, so a seccomp filter installed next applies to
         // threads that only run the loop.
         let n = usize::from(self.ctl.vcpus);
         while self.ctl.parked.load(Ordering::SeqCst) < n {
-            if threads.iter().any(JoinHandle::is_finished) {
+            if threads.iter().take(n).any(JoinHandle::is_finished) {
                 break;
             }
             std::thread::sleep(Duration::from_micros(100));
@@ -311,6 +356,7 @@ impl Machine {
         Ok(Running {
             _vm: self.vm,
             threads: Mutex::new(threads),
+            io_stop,
             ctl: self.ctl,
             _irq_evts: self._irq_evts,
         })
@@ -357,6 +403,9 @@ impl Running {
     /// Ends the VM and waits for the vCPU threads; returns why it ended.
     pub fn stop(&self, why: Ending) -> Ending {
         self.ctl.end(why);
+        if let Some(s) = &self.io_stop {
+            _ = s.write(1);
+        }
         self.kick_until(|ts| ts.iter().all(JoinHandle::is_finished));
         self.ctl.wait_end()
     }
@@ -366,4 +415,12 @@ impl Running {
         let e = self.ctl.wait_end();
         self.stop(e)
     }
+}
+
+/// A locally administered MAC from the tap name: 52:54:00 and three bytes of its FNV-1a hash.
+fn default_mac(tap: &str) -> [u8; 6] {
+    let h = tap.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3)
+    });
+    [0x52, 0x54, 0x00, (h >> 16) as u8, (h >> 8) as u8, h as u8]
 }

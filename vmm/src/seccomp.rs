@@ -38,6 +38,8 @@ const ALLOWED: &[libc::c_long] = &[
     libc::SYS_newfstatat,
     libc::SYS_statx,
     libc::SYS_poll,
+    libc::SYS_epoll_wait,
+    libc::SYS_epoll_pwait,
     libc::SYS_ppoll,
     // Threads waiting on each other; kicks; timers.
     libc::SYS_futex,

@@ -1,7 +1,7 @@
 //! PCI bus 0 through configuration mechanism #1 (ports 0xcf8/0xcfc): a host bridge at
 //! device 0 and the virtio functions at devices 1.., plus the MMIO dispatch to their BARs.
 
-use std::sync::{Mutex, PoisonError};
+use std::sync::{Arc, Mutex, PoisonError};
 
 use super::virtio::pci::VirtioPci;
 
@@ -13,7 +13,7 @@ pub const CONFIG_DATA: u16 = 0xcfc;
 /// Bus 0.
 pub struct PciBus {
     address: Mutex<u32>,
-    functions: Vec<Mutex<VirtioPci>>,
+    functions: Vec<Arc<Mutex<VirtioPci>>>,
 }
 
 /// Host bridge config space: Intel 440FX-style ids, class "host bridge".
@@ -27,10 +27,10 @@ fn host_bridge(reg: u8) -> u32 {
 
 impl PciBus {
     /// A bus holding these functions at devices 1, 2, ...
-    pub fn new(functions: Vec<VirtioPci>) -> Self {
+    pub fn new(functions: Vec<Arc<Mutex<VirtioPci>>>) -> Self {
         Self {
             address: Mutex::new(0),
-            functions: functions.into_iter().map(Mutex::new).collect(),
+            functions,
         }
     }
 

@@ -268,7 +268,10 @@ impl VirtioDevice for Block {
         read_config_bytes(&self.config, offset, data);
     }
 
-    fn process_queue(&mut self, _index: u16, queue: &mut Queue, mem: &GuestMemoryMmap) -> bool {
+    fn process_queue(&mut self, index: u16, queues: &mut [Queue], mem: &GuestMemoryMmap) -> bool {
+        let Some(queue) = queues.get_mut(usize::from(index)) else {
+            return false;
+        };
         let mut used_any = false;
         while let Some(chain) = queue.pop_descriptor_chain(mem) {
             let head = chain.head_index();
@@ -347,7 +350,7 @@ mod tests {
         let vq = MockSplitQueue::new(mem, 16);
         vq.add_desc_chains(descs, 0).expect("chain");
         let mut q: Queue = vq.create_queue().expect("queue");
-        let irq = blk.process_queue(0, &mut q, mem);
+        let irq = blk.process_queue(0, std::slice::from_mut(&mut q), mem);
         let used = vq.used().ring().ref_at(0).expect("used").load();
         let status: u8 = mem.read_obj(GuestAddress(STATUS)).expect("status");
         (status, used.len(), irq)
@@ -486,7 +489,7 @@ mod tests {
         vq.avail().ring().ref_at(0).expect("avail").store(0);
         vq.avail().idx().store(1);
         let mut q: Queue = vq.create_queue().expect("queue");
-        blk.process_queue(0, &mut q, &mem);
+        blk.process_queue(0, std::slice::from_mut(&mut q), &mem);
         assert_eq!(q.next_used(), 1, "the looping chain was completed");
     }
 }

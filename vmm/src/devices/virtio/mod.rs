@@ -3,7 +3,12 @@
 //! queue and guest memory when the guest notifies, and raises the interrupt it asks for.
 
 pub mod block;
+pub mod io;
+pub mod net;
 pub mod pci;
+pub mod tap;
+
+use std::os::fd::RawFd;
 
 use virtio_queue::Queue;
 use vm_memory::GuestMemoryMmap;
@@ -29,9 +34,18 @@ pub trait VirtioDevice: Send {
     fn activate(&mut self, _features: u64) {}
     /// The driver reset the device.
     fn reset(&mut self) {}
-    /// The guest made buffers available on queue `index`: consume them. Returns whether the
-    /// guest should be interrupted.
-    fn process_queue(&mut self, index: u16, queue: &mut Queue, mem: &GuestMemoryMmap) -> bool;
+    /// The guest made buffers available on queue `index` of `queues`: consume them. Returns
+    /// whether the guest should be interrupted.
+    fn process_queue(&mut self, index: u16, queues: &mut [Queue], mem: &GuestMemoryMmap) -> bool;
+    /// Host file descriptors whose readiness the device waits for (a tap, sockets), watched
+    /// edge-triggered by the I/O thread.
+    fn host_fds(&self) -> Vec<RawFd> {
+        Vec::new()
+    }
+    /// `fd` (one of [`Self::host_fds`]) became ready. Returns whether to interrupt the guest.
+    fn host_event(&mut self, _fd: RawFd, _queues: &mut [Queue], _mem: &GuestMemoryMmap) -> bool {
+        false
+    }
 }
 
 /// Copies `src` (a little-endian config structure) into `data` from `offset`, reading zeros

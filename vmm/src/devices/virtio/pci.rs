@@ -341,13 +341,32 @@ impl VirtioPci {
         if self.status & status::DRIVER_OK == 0 {
             return;
         }
-        let Some(q) = self.queues.get_mut(usize::from(index)) else {
-            return;
-        };
-        if !q.ready() {
+        if !self
+            .queues
+            .get(usize::from(index))
+            .is_some_and(QueueT::ready)
+        {
             return;
         }
-        if self.device.process_queue(index, q, &self.mem) {
+        if self
+            .device
+            .process_queue(index, &mut self.queues, &self.mem)
+        {
+            self.raise();
+        }
+    }
+
+    /// Host descriptors the device waits on.
+    pub fn host_fds(&self) -> Vec<std::os::fd::RawFd> {
+        self.device.host_fds()
+    }
+
+    /// A host descriptor of the device became ready.
+    pub fn host_event(&mut self, fd: std::os::fd::RawFd) {
+        if self.status & status::DRIVER_OK == 0 {
+            return;
+        }
+        if self.device.host_event(fd, &mut self.queues, &self.mem) {
             self.raise();
         }
     }
