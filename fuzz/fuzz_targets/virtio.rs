@@ -1,7 +1,7 @@
 //! Any bytes as what a guest puts on a virtio queue: up to 8 descriptors (address, length,
 //! flags, next) and 16 bytes of payload, processed by a real device: virtio-blk over a real
-//! (temporary) disk image, or virtio-net's transmit or receive queue over a socketpair (with
-//! a frame waiting). Never a panic; every chain made available is completed; the image keeps
+//! (temporary) disk image, virtio-net's transmit or receive queue over a socketpair (with
+//! a frame waiting), or virtio-vsock's transmit queue (packets from the guest). Never a panic; every chain made available is completed; the image keeps
 //! its size.
 #![no_main]
 
@@ -10,8 +10,10 @@ use std::sync::OnceLock;
 use boxd_vmm::devices::virtio::VirtioDevice;
 use boxd_vmm::devices::virtio::block::Block;
 use boxd_vmm::devices::virtio::net::Net;
+use boxd_vmm::devices::virtio::vsock::Vsock;
 use libfuzzer_sys::fuzz_target;
 use std::os::unix::net::UnixDatagram;
+use std::sync::atomic::{AtomicU64, Ordering};
 use virtio_queue::desc::{RawDescriptor, split::Descriptor};
 use virtio_queue::mock::MockSplitQueue;
 use virtio_queue::{Queue, QueueT};
@@ -68,19 +70,30 @@ fuzz_target!(|data: &[u8]| {
         )));
     }
     // The top bits of the count byte choose the device and queue.
-    let (mut dev, index): (Box<dyn VirtioDevice>, u16) = match data[0] >> 6 {
-        0 | 1 => (
+    let kind = data[0] >> 5;
+    let mut uds = None;
+    let (mut dev, index): (Box<dyn VirtioDevice>, u16) = match kind {
+        0..=3 => (
             Box::new(Block::open(image().path(), false, "fuzz").expect("open")),
             0,
         ),
-        kind => {
+        4 | 5 => {
             let (a, b) = UnixDatagram::pair().expect("pair");
             a.set_nonblocking(true).expect("nonblocking");
             b.send(&rest[..rest.len().min(200)]).expect("frame");
             (
                 Box::new(Net::new(a, [2, 0, 0, 0, 0, 1])),
-                if kind == 2 { 0 } else { 1 },
+                if kind == 4 { 0 } else { 1 },
             )
+        }
+        _ => {
+            static N: AtomicU64 = AtomicU64::new(0);
+            let p = image()
+                .path()
+                .with_extension(format!("vsock{}", N.fetch_add(1, Ordering::Relaxed)));
+            let v = Vsock::new(3, &p).expect("vsock");
+            uds = Some(p);
+            (Box::new(v), 1)
         }
     };
     let vq = MockSplitQueue::new(&mem, 16);
@@ -93,8 +106,11 @@ fuzz_target!(|data: &[u8]| {
     let mut queues = [q0, q1];
     let heads = vq.avail().idx().load();
     dev.process_queue(index, &mut queues, &mem);
+    if let Some(p) = uds {
+        let _ = std::fs::remove_file(p);
+    }
     let q = &queues[usize::from(index)];
-    if index == 0 && data[0] >> 6 == 2 {
+    if kind == 4 {
         // Receive: chains are taken while frames last (one here).
         assert!(q.next_used() <= heads);
     } else {

@@ -327,6 +327,87 @@ fn test_guest_exchanges_frames_over_virtio_net_and_a_tap() {
 }
 
 #[test]
+fn test_guest_talks_to_host_unix_sockets_over_virtio_vsock() {
+    use std::io::{BufRead, BufReader, Write};
+    use std::os::unix::net::{UnixListener, UnixStream};
+
+    if kvm().is_none() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let uds = d.join("v.sock");
+    let token = uuid::Uuid::new_v4().simple().to_string()[..12].to_owned();
+    // Guest → host: the guest connects to host port 5000, which is `<uds>_5000`.
+    let listener = UnixListener::bind(d.join("v.sock_5000")).unwrap();
+    let cfg = d.join("vm.json");
+    let v = serde_json::json!({
+        "memory_mib": 32,
+        "boot": {"kernel": boxd_vmm::TEST_GUEST, "cmdline": "vsock_port=5000"},
+        "serial_log": d.join("serial.log"),
+        "vsock": {"guest_cid": 42, "uds_path": uds},
+    });
+    std::fs::write(&cfg, v.to_string()).unwrap();
+    let mut vmm = spawn(d, &cfg);
+    listener.set_nonblocking(true).unwrap();
+    let (conn, _) = eventually(Duration::from_secs(30), "the guest's connection", || {
+        listener.accept().ok()
+    });
+    conn.set_nonblocking(false).unwrap();
+    conn.set_read_timeout(Some(Duration::from_secs(30)))
+        .unwrap();
+    let mut r = BufReader::new(conn.try_clone().unwrap());
+    let mut line = String::new();
+    r.read_line(&mut line).unwrap();
+    assert_eq!(line, "hello from the guest\n");
+    (&conn)
+        .write_all(format!("hello guest {token}\n").as_bytes())
+        .unwrap();
+    let want =
+        format!("boxd-guest: vsock cid 42 connected to port 5000 received hello guest {token}");
+    eventually(
+        Duration::from_secs(30),
+        "the guest to print the answer",
+        || serial(d).contains(&want).then_some(()),
+    );
+
+    // A host stream that does not start with CONNECT is told so and closed.
+    let mut bad = UnixStream::connect(&uds).unwrap();
+    bad.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    bad.write_all(b"HELLO 5001\n").unwrap();
+    let mut reply = String::new();
+    BufReader::new(&bad).read_line(&mut reply).unwrap();
+    assert_eq!(reply, "ERR expected CONNECT <port>\n");
+
+    // Host → guest: CONNECT to the port the guest accepts on; bytes after the line are data.
+    let host = UnixStream::connect(&uds).unwrap();
+    host.set_read_timeout(Some(Duration::from_secs(30)))
+        .unwrap();
+    (&host)
+        .write_all(format!("CONNECT 5001\nping {token}\n").as_bytes())
+        .unwrap();
+    let mut r = BufReader::new(host.try_clone().unwrap());
+    line.clear();
+    r.read_line(&mut line).unwrap();
+    assert!(line.starts_with("OK ") && line.ends_with('\n'), "{line:?}");
+    line.clear();
+    r.read_line(&mut line).unwrap();
+    assert_eq!(line, format!("echo: ping {token}\n"));
+    drop(r);
+    drop(host);
+
+    assert_eq!(wait_exit(&mut vmm, Duration::from_secs(60)), 0);
+    let out = serial(d);
+    for want in [
+        format!("boxd-guest: vsock accepted on port 5001 received ping {token}"),
+        "boxd-guest: vsock host closed".to_owned(),
+        "boxd-guest: done".to_owned(),
+    ] {
+        assert!(out.contains(&want), "missing {want:?} in serial:\n{out}");
+    }
+}
+
+#[test]
 fn api_pause_resume_console_metrics_shutdown() {
     let Some((dir, mut vmm)) = start_guest("wait", 2) else {
         return;

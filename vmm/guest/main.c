@@ -433,6 +433,164 @@ static void net_test(u8 dev, int n) {
     puts_serial("\n");
 }
 
+/* ---- virtio-vsock ---- */
+
+struct vsock_hdr {
+    u64 src_cid, dst_cid;
+    u32 src_port, dst_port, len;
+    u16 type, op;
+    u32 flags, buf_alloc, fwd_cnt;
+} __attribute__((packed));
+
+#define VS_REQUEST 1
+#define VS_RESPONSE 2
+#define VS_RST 3
+#define VS_SHUTDOWN 4
+#define VS_RW 5
+#define VS_CREDIT_UPDATE 6
+#define VS_BUF 4096
+
+static struct vq vs_rx, vs_tx;
+static u8 vs_rx_buf[4][sizeof(struct vsock_hdr) + 1024];
+static u8 vs_tx_buf[sizeof(struct vsock_hdr) + 256];
+static u64 vs_cid;
+static u32 vs_fwd_cnt;
+
+static void vs_post_rx(struct virtio_pci *vp, u16 i) {
+    vs_rx.desc[i] = (struct vq_desc){(u64)vs_rx_buf[i], sizeof vs_rx_buf[i], 2, 0};
+    virtio_post(vp, &vs_rx, i);
+}
+
+static int vs_send(struct virtio_pci *vp, u32 src_port, u32 dst_port, u16 op, const char *data) {
+    struct vsock_hdr *h = (struct vsock_hdr *)vs_tx_buf;
+    u32 len = 0;
+    if (data)
+        while (data[len] && len < 256) { vs_tx_buf[sizeof *h + len] = (u8)data[len]; len++; }
+    *h = (struct vsock_hdr){vs_cid, 2, src_port, dst_port, len, 1, op, 0, VS_BUF, vs_fwd_cnt};
+    vs_tx.desc[0] = (struct vq_desc){(u64)vs_tx_buf, (u32)(sizeof *h + len), 0, 0};
+    virtio_post(vp, &vs_tx, 0);
+    return virtio_wait(vp, &vs_tx, 1ul << 32) < 0 ? -1 : 0;
+}
+
+/* Waits for a packet other than a credit update; copies its data into `text` (NUL-ended) and
+ * returns its header, or 0 on timeout. The buffer goes back to the device. */
+static struct vsock_hdr vs_last;
+static struct vsock_hdr *vs_recv(struct virtio_pci *vp, char *text, int max) {
+    for (int tries = 0; tries < 64; tries++) {
+        if (virtio_wait(vp, &vs_rx, 1ul << 34) < 0)
+            return 0;
+        u16 slot = (u16)(vs_rx.used.ring[(u16)(vs_rx.seen_used - 1) % QSZ].id % 4);
+        struct vsock_hdr *h = (struct vsock_hdr *)vs_rx_buf[slot];
+        vs_last = *h;
+        int n = 0;
+        if (h->op == VS_RW) {
+            for (u32 i = 0; i < h->len && n < max - 1; i++) {
+                u8 c = vs_rx_buf[slot][sizeof *h + i];
+                if (c >= 0x20 && c <= 0x7e) text[n++] = (char)c;
+            }
+            vs_fwd_cnt += h->len;
+        }
+        text[n] = 0;
+        vs_post_rx(vp, slot);
+        if (vs_last.op != VS_CREDIT_UPDATE)
+            return &vs_last;
+    }
+    return 0;
+}
+
+static void vsock_test(u8 dev, u64 port) {
+    struct virtio_pci vps = {0}, *vp = &vps;
+    char text[128];
+    int rc = virtio_find(vp, dev);
+    if (rc == 0)
+        rc = virtio_begin(vp, 0);
+    if (rc == 0)
+        rc = virtio_queue(vp, 0, &vs_rx);
+    if (rc == 0)
+        rc = virtio_queue(vp, 1, &vs_tx);
+    if (rc != 0) {
+        puts_serial("boxd-guest: vsock init failed\n");
+        return;
+    }
+    virtio_ready(vp);
+    vs_cid = *(volatile u32 *)vp->devcfg | ((u64)*(volatile u32 *)(vp->devcfg + 4) << 32);
+    for (u16 i = 0; i < 4; i++)
+        vs_post_rx(vp, i);
+
+    /* Guest to host: connect to host port `port`, send a line, print the answer. */
+    puts_serial("boxd-guest: vsock cid ");
+    put_dec(vs_cid);
+    vs_fwd_cnt = 0;
+    vs_send(vp, 1234, (u32)port, VS_REQUEST, 0);
+    struct vsock_hdr *h = vs_recv(vp, text, sizeof text);
+    if (!h || h->op != VS_RESPONSE) {
+        puts_serial(" connect refused\n");
+        return;
+    }
+    puts_serial(" connected to port ");
+    put_dec(port);
+    vs_send(vp, 1234, (u32)port, VS_RW, "hello from the guest\n");
+    h = vs_recv(vp, text, sizeof text);
+    puts_serial(h && h->op == VS_RW ? " received " : " no data");
+    puts_serial(text);
+    puts_serial("\n");
+    vs_send(vp, 1234, (u32)port, VS_SHUTDOWN, 0);
+
+    /* Host to guest: accept one connection (the host wrote CONNECT <port+1>), echo a line. */
+    vs_fwd_cnt = 0;
+    h = vs_recv(vp, text, sizeof text);
+    while (h && h->op != VS_REQUEST)
+        h = vs_recv(vp, text, sizeof text);
+    if (!h) {
+        puts_serial("boxd-guest: vsock no incoming connection\n");
+        return;
+    }
+    u32 peer = h->src_port, mine = h->dst_port;
+    vs_send(vp, mine, peer, VS_RESPONSE, 0);
+    h = vs_recv(vp, text, sizeof text);
+    if (!h || h->op != VS_RW) {
+        puts_serial("boxd-guest: vsock accepted but no data\n");
+        return;
+    }
+    puts_serial("boxd-guest: vsock accepted on port ");
+    put_dec(mine);
+    puts_serial(" received ");
+    puts_serial(text);
+    puts_serial("\n");
+    char echo[160] = "echo: ";
+    int e = 6;
+    for (int i = 0; text[i] && e < 150; i++) echo[e++] = text[i];
+    echo[e++] = '\n';
+    echo[e] = 0;
+    vs_send(vp, mine, peer, VS_RW, echo);
+    /* Wait for the host to close: a SHUTDOWN or RST ends it. */
+    h = vs_recv(vp, text, sizeof text);
+    puts_serial(h && (h->op == VS_SHUTDOWN || h->op == VS_RST) ? "boxd-guest: vsock host closed\n"
+                                                                 : "boxd-guest: vsock no close\n");
+    vs_send(vp, mine, peer, VS_RST, 0);
+}
+
+/* The number after `word=` on the command line, or `dflt`. */
+static u64 cmdline_num(const u8 *zero_page, const char *word, u64 dflt) {
+    const char *c = (const char *)(u64)(*(const u32 *)(zero_page + 0x228));
+    if (!c)
+        return dflt;
+    for (; *c; c++) {
+        int i = 0;
+        while (word[i] && c[i] == word[i])
+            i++;
+        if (!word[i] && c[i] == '=') {
+            u64 v = 0;
+            for (c += i + 1; *c >= '0' && *c <= '9'; c++)
+                v = v * 10 + (u64)(*c - '0');
+            return v;
+        }
+    }
+    return dflt;
+}
+
+static const u8 *boot_zero_page;
+
 static void pci_scan(void) {
     int blk = 0, net = 0;
     for (u8 dev = 0; dev < 32; dev++) {
@@ -448,10 +606,13 @@ static void pci_scan(void) {
             blk_test(dev, blk++);
         if (id == 0x10411af4)
             net_test(dev, net++);
+        if (id == 0x10531af4)
+            vsock_test(dev, cmdline_num(boot_zero_page, "vsock_port", 5000));
     }
 }
 
 void guest_main(const u8 *zero_page) {
+    boot_zero_page = zero_page;
     line("hello");
     int cpus = count_cpus();
     puts_serial("boxd-guest: cpus ");

@@ -33,6 +33,20 @@ pub struct VmConfig {
     /// virtio-net interfaces, each on a tap, after the disks in slot order.
     #[serde(default)]
     pub net: Vec<NetConfig>,
+    /// A virtio-vsock device, after the network interfaces.
+    #[serde(default)]
+    pub vsock: Option<VsockConfig>,
+}
+
+/// The vsock device.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct VsockConfig {
+    /// The guest's context id (3 or more; 0-2 are reserved).
+    pub guest_cid: u64,
+    /// Unix socket the host connects to (`CONNECT <port>\n`); guest connections to host
+    /// port P go to `<uds_path>_<P>`.
+    pub uds_path: PathBuf,
 }
 
 /// One virtio-net interface.
@@ -178,6 +192,34 @@ impl VmConfig {
                     "and `net` have {} entries together: at most {MAX_DEVICES}",
                     self.disks.len() + self.net.len()
                 ),
+            ));
+        }
+        if let Some(v) = &self.vsock {
+            if v.guest_cid < 3 || v.guest_cid > u64::from(u32::MAX) {
+                return Err(bad(
+                    "vsock.guest_cid",
+                    format!("is {}: use 3 to 4294967295 (0-2 are reserved)", v.guest_cid),
+                ));
+            }
+            let dir_ok = v
+                .uds_path
+                .parent()
+                .is_some_and(|d| d.as_os_str().is_empty() || d.is_dir());
+            if !dir_ok || v.uds_path.as_os_str().len() > 100 {
+                return Err(bad(
+                    "vsock.uds_path",
+                    format!(
+                        "{} must be in an existing directory and under 100 bytes long",
+                        v.uds_path.display()
+                    ),
+                ));
+            }
+        }
+        let devices = self.disks.len() + self.net.len() + usize::from(self.vsock.is_some());
+        if devices > MAX_DEVICES {
+            return Err(bad(
+                "disks",
+                format!("`net` and `vsock` make {devices} devices: at most {MAX_DEVICES}"),
             ));
         }
         for n in &self.net {

@@ -18,6 +18,7 @@ use crate::devices::serial::{COM1_GSI, ConsoleOut, IrqTrigger, Uart};
 use crate::devices::virtio::io::IoThread;
 use crate::devices::virtio::net::{Net, parse_mac};
 use crate::devices::virtio::tap::Tap;
+use crate::devices::virtio::vsock::Vsock;
 use crate::devices::virtio::{self, VirtioDevice, block::Block, pci::VirtioPci};
 use crate::vstate::vcpu;
 use crate::vstate::vm::{Vm, VmError};
@@ -250,6 +251,15 @@ impl Machine {
                 .and_then(parse_mac)
                 .unwrap_or_else(|| default_mac(&n.tap));
             devices.push(Box::new(Net::new(tap, mac)));
+        }
+        if let Some(v) = &cfg.vsock {
+            let dev = Vsock::new(v.guest_cid, &v.uds_path).map_err(|e| {
+                StartError::Host(
+                    "binding the vsock socket",
+                    std::io::Error::new(e.kind(), format!("{}: {e}", v.uds_path.display())),
+                )
+            })?;
+            devices.push(Box::new(dev));
         }
         let mut functions = Vec::new();
         let mut irq_evts = Vec::new();

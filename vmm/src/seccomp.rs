@@ -5,7 +5,10 @@
 
 use std::collections::BTreeMap;
 
-use seccompiler::{BpfProgram, SeccompAction, SeccompFilter, TargetArch};
+use seccompiler::{
+    BpfProgram, SeccompAction, SeccompCmpArgLen, SeccompCmpOp, SeccompCondition, SeccompFilter,
+    SeccompRule, TargetArch,
+};
 
 /// Exit status after a blocked syscall.
 pub const BLOCKED_EXIT: i32 = 31;
@@ -26,6 +29,10 @@ const ALLOWED: &[libc::c_long] = &[
     libc::SYS_fsync,
     libc::SYS_fdatasync,
     libc::SYS_accept4,
+    // vsock: guest connections to host ports connect Unix sockets (`socket` is allowed for
+    // AF_UNIX only, below).
+    libc::SYS_connect,
+    libc::SYS_epoll_ctl,
     libc::SYS_recvfrom,
     libc::SYS_sendto,
     libc::SYS_recvmsg,
@@ -69,8 +76,15 @@ const ALLOWED: &[libc::c_long] = &[
 
 /// Compiles the filter.
 pub fn filter() -> Result<BpfProgram, seccompiler::BackendError> {
-    let rules: BTreeMap<i64, Vec<seccompiler::SeccompRule>> =
+    let mut rules: BTreeMap<i64, Vec<SeccompRule>> =
         ALLOWED.iter().map(|s| (*s, Vec::new())).collect();
+    let unix_only = SeccompCondition::new(
+        0,
+        SeccompCmpArgLen::Dword,
+        SeccompCmpOp::Eq,
+        libc::AF_UNIX as u64,
+    )?;
+    rules.insert(libc::SYS_socket, vec![SeccompRule::new(vec![unix_only])?]);
     SeccompFilter::new(
         rules,
         SeccompAction::Trap,

@@ -27,6 +27,7 @@ fn guest(vcpus: u8, log: Option<PathBuf>) -> VmConfig {
         serial_log: log,
         disks: Vec::new(),
         net: Vec::new(),
+        vsock: None,
     }
 }
 

@@ -30,6 +30,13 @@ fn seccomp_child() {
     let v: Vec<u8> = vec![7; 1 << 20];
     std::thread::sleep(std::time::Duration::from_millis(1));
     eprintln!("still alive {}", v.len());
+    if case == "socket" {
+        // Unix sockets are allowed (vsock), IP sockets are not.
+        let unix = std::os::unix::net::UnixDatagram::unbound();
+        eprintln!("unix socket ok: {}", unix.is_ok());
+        let r = std::net::UdpSocket::bind("127.0.0.1:0");
+        eprintln!("not reached: {r:?}");
+    }
     if case == "blocked" {
         // openat is outside the filter: opening files after setup is not something a VMM does.
         let r = std::fs::File::open("/etc/hostname");
@@ -57,4 +64,17 @@ fn allowed_syscalls_work_and_a_blocked_one_is_named_and_fatal() {
         "{err}"
     );
     assert!(!err.contains("not reached"), "{err}");
+
+    let udp = child("socket");
+    let err = String::from_utf8_lossy(&udp.stderr);
+    assert_eq!(
+        udp.status.code(),
+        Some(boxd_vmm::seccomp::BLOCKED_EXIT),
+        "{err}"
+    );
+    assert!(err.contains("unix socket ok: true"), "{err}");
+    assert!(
+        err.contains(&format!("seccomp blocked syscall {}", libc::SYS_socket)),
+        "{err}"
+    );
 }

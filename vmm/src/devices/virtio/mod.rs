@@ -7,6 +7,7 @@ pub mod io;
 pub mod net;
 pub mod pci;
 pub mod tap;
+pub mod vsock;
 
 use std::os::fd::RawFd;
 
