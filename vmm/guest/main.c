@@ -102,10 +102,20 @@ static int scan_mp(u64 from, u64 to) {
     return 0;
 }
 
-/* Whether the kernel command line (Linux boot protocol: boot_params.hdr.cmd_line_ptr at
- * offset 0x228 of the zero page) contains the word `w`. */
-static int cmdline_has(const u8 *zero_page, const char *w) {
-    const char *c = (const char *)(u64)(*(const u32 *)(zero_page + 0x228));
+/* The kernel command line: from the Linux zero page (boot_params.hdr.cmd_line_ptr at 0x228)
+ * or from PVH's hvm_start_info (cmdline_paddr at 24). */
+static const u8 *boot_zero_page, *boot_pvh;
+static const char *cmdline(void) {
+    if (boot_zero_page)
+        return (const char *)(u64)(*(const u32 *)(boot_zero_page + 0x228));
+    if (boot_pvh)
+        return (const char *)(*(const u64 *)(boot_pvh + 24));
+    return 0;
+}
+
+/* Whether the command line contains the word `w`. */
+static int cmdline_has(const char *w) {
+    const char *c = cmdline();
     if (!c)
         return 0;
     for (; *c; c++) {
@@ -571,8 +581,8 @@ static void vsock_test(u8 dev, u64 port) {
 }
 
 /* The number after `word=` on the command line, or `dflt`. */
-static u64 cmdline_num(const u8 *zero_page, const char *word, u64 dflt) {
-    const char *c = (const char *)(u64)(*(const u32 *)(zero_page + 0x228));
+static u64 cmdline_num(const char *word, u64 dflt) {
+    const char *c = cmdline();
     if (!c)
         return dflt;
     for (; *c; c++) {
@@ -588,8 +598,6 @@ static u64 cmdline_num(const u8 *zero_page, const char *word, u64 dflt) {
     }
     return dflt;
 }
-
-static const u8 *boot_zero_page;
 
 static void pci_scan(void) {
     int blk = 0, net = 0;
@@ -607,12 +615,13 @@ static void pci_scan(void) {
         if (id == 0x10411af4)
             net_test(dev, net++);
         if (id == 0x10531af4)
-            vsock_test(dev, cmdline_num(boot_zero_page, "vsock_port", 5000));
+            vsock_test(dev, cmdline_num("vsock_port", 5000));
     }
 }
 
-void guest_main(const u8 *zero_page) {
+void guest_main(const u8 *zero_page, const u8 *pvh_start_info) {
     boot_zero_page = zero_page;
+    boot_pvh = pvh_start_info;
     line("hello");
     int cpus = count_cpus();
     puts_serial("boxd-guest: cpus ");
@@ -622,7 +631,7 @@ void guest_main(const u8 *zero_page) {
         put_dec((u64)cpus);
     puts_serial("\n");
     pci_scan();
-    if (cmdline_has(zero_page, "wait"))
+    if (cmdline_has("wait"))
         tick_forever();
     line("done");
     /* Pulse the reset line through the keyboard controller. */
