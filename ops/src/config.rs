@@ -166,6 +166,20 @@ pub struct HttpsConfig {
     pub listen: SocketAddr,
     /// Plain HTTP listen address that redirects to HTTPS.
     pub redirect_listen: SocketAddr,
+    /// CPUs to run shards on, one pinned shard each; empty means every CPU.
+    pub cpus: Vec<usize>,
+    /// Operator's certificate chain (PEM) for `*.<zone>`; empty: a local CA made by boxd.
+    pub cert: PathBuf,
+    /// Its private key (PEM).
+    pub key: PathBuf,
+    /// Seconds a client has for its TLS handshake and request head.
+    pub header_timeout_secs: u64,
+    /// Seconds to wait for a VM to accept a connection before answering 502.
+    pub connect_timeout_secs: u64,
+    /// Most open client connections per shard.
+    pub max_connections_per_shard: usize,
+    /// Most TLS handshakes in progress per shard.
+    pub max_handshakes_per_shard: usize,
 }
 
 impl Default for HttpsConfig {
@@ -173,6 +187,13 @@ impl Default for HttpsConfig {
         Self {
             listen: SocketAddr::from(([0, 0, 0, 0], 8443)),
             redirect_listen: SocketAddr::from(([0, 0, 0, 0], 8080)),
+            cpus: Vec::new(),
+            cert: PathBuf::new(),
+            key: PathBuf::new(),
+            header_timeout_secs: 10,
+            connect_timeout_secs: 3,
+            max_connections_per_shard: 10_000,
+            max_handshakes_per_shard: 256,
         }
     }
 }
@@ -443,13 +464,40 @@ impl Config {
             ));
         }
         let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
-        if let Some(c) = d.cpus.iter().find(|c| **c >= cpus) {
+        for (field, list) in [("dns.cpus", &d.cpus), ("https.cpus", &self.https.cpus)] {
+            if let Some(c) = list.iter().find(|c| **c >= cpus) {
+                return Err(invalid(
+                    field,
+                    format!(
+                        "CPU {c} does not exist: this host has CPUs 0 to {}",
+                        cpus - 1
+                    ),
+                ));
+            }
+        }
+        let h = &self.https;
+        if h.cert.as_os_str().is_empty() != h.key.as_os_str().is_empty() {
             return Err(invalid(
-                "dns.cpus",
-                format!(
-                    "CPU {c} does not exist: this host has CPUs 0 to {}",
-                    cpus - 1
-                ),
+                "https.cert",
+                "set both https.cert and https.key, or neither (for a local CA)",
+            ));
+        }
+        for (field, path) in [("https.cert", &h.cert), ("https.key", &h.key)] {
+            if !path.as_os_str().is_empty() && !path.is_file() {
+                return Err(invalid(
+                    field,
+                    format!("{} is not a readable file", path.display()),
+                ));
+            }
+        }
+        if h.header_timeout_secs == 0
+            || h.connect_timeout_secs == 0
+            || h.max_connections_per_shard == 0
+            || h.max_handshakes_per_shard == 0
+        {
+            return Err(invalid(
+                "https.header_timeout_secs",
+                "HTTPS timeouts and limits must be at least 1",
             ));
         }
         let listeners: [(&'static str, SocketAddr); 5] = [
@@ -553,9 +601,23 @@ write_timeout_ms = 10000
 listen = "0.0.0.0:2222"
 
 [https]
+# Listens on every address; serves only connections addressed to the lobby or a pool address.
 listen = "0.0.0.0:8443"
 # Plain HTTP, redirected to HTTPS.
 redirect_listen = "0.0.0.0:8080"
+# CPUs to run shards on, one pinned shard each (SO_REUSEPORT); empty means every CPU.
+cpus = []
+# Certificate chain and key (PEM) for *.<zone> and <zone>. Empty: boxd makes a local CA and a
+# wildcard certificate in <data-dir>/tls/ (the ready line names the CA for curl --cacert).
+cert = ""
+key = ""
+# Seconds a client has for its TLS handshake and request head (slowloris).
+header_timeout_secs = 10
+# Seconds to wait for a VM to accept before answering 502.
+connect_timeout_secs = 3
+# Open client connections, and TLS handshakes in progress, per shard.
+max_connections_per_shard = 10000
+max_handshakes_per_shard = 256
 
 [dns]
 # Authoritative DNS for the zone, UDP and TCP.

@@ -56,7 +56,7 @@ fn failed(context: &str) -> impl FnOnce(String) -> NodeError + '_ {
 }
 
 /// Roles whose services this build contains.
-pub const BUILT_ROLES: [Role; 2] = [Role::Control, Role::Dns];
+pub const BUILT_ROLES: [Role; 3] = [Role::Control, Role::Proxy, Role::Dns];
 
 /// Runs a node until `shutdown` resolves.
 pub async fn run(
@@ -91,6 +91,11 @@ pub async fn run(
     let roles: Roles = cfg.node.roles.iter().copied().collect();
     let dns_sockets = if roles.contains(&Role::Dns) {
         Some(bind_dns(&cfg)?)
+    } else {
+        None
+    };
+    let https_listeners = if roles.contains(&Role::Proxy) {
+        Some(bind_https(&cfg)?)
     } else {
         None
     };
@@ -142,6 +147,16 @@ pub async fn run(
         None => None,
     };
     let dns_addr = dns.as_ref().map(boxd_dns::server::DnsServer::local_addr);
+    let (https, https_ready) = match https_listeners {
+        Some(l) => {
+            let (server, ready) = start_https(&cfg, &data_dir, l, Arc::clone(replica.view()))?;
+            (Some(server), Some(ready))
+        }
+        None => (None, None),
+    };
+    if roles.contains(&Role::Proxy) {
+        tracing::warn!("the SSH front door is not built yet: the proxy role serves HTTPS only");
+    }
 
     let (stop_tx, stop_rx) = watch::channel(false);
     let grpc = tokio::spawn(serve_grpc(
@@ -185,6 +200,7 @@ pub async fn run(
             data_dir: data_dir.clone(),
             advertise,
             dns: dns_addr,
+            https: https_ready,
         },
     );
     let settle = tokio::spawn(settle);
@@ -203,6 +219,9 @@ pub async fn run(
     if let Some(dns) = dns {
         let _ = tokio::task::spawn_blocking(move || dns.stop()).await;
     }
+    if let Some(https) = https {
+        let _ = tokio::task::spawn_blocking(move || https.stop()).await;
+    }
     replica.shutdown().await;
     let _ = grpc.await;
     let _ = std::fs::remove_file(&socket_path);
@@ -214,6 +233,13 @@ struct Ready {
     data_dir: PathBuf,
     advertise: String,
     dns: Option<std::net::SocketAddr>,
+    https: Option<HttpsReady>,
+}
+
+/// What the ready line says about HTTPS.
+struct HttpsReady {
+    addr: std::net::SocketAddr,
+    ca: Option<PathBuf>,
 }
 
 /// Brings the node into the cluster (found / catch up / register), prints "ready" and starts
@@ -283,8 +309,19 @@ async fn settle(
         .map(|r| r.as_str())
         .collect();
     let dns = ready.dns.map(|a| format!(" dns={a}")).unwrap_or_default();
+    let https = ready
+        .https
+        .as_ref()
+        .map(|h| {
+            let ca =
+                h.ca.as_ref()
+                    .map(|c| format!(" ca={}", c.display()))
+                    .unwrap_or_default();
+            format!(" https={}{ca}", h.addr)
+        })
+        .unwrap_or_default();
     println!(
-        "boxd ready: node={} roles={} serving={} cluster={} zone={} raft={}{dns} admin={} data={}",
+        "boxd ready: node={} roles={} serving={} cluster={} zone={} raft={}{dns}{https} admin={} data={}",
         replica.id(),
         roles_to_string(&me.roles),
         serving.join(","),
@@ -490,4 +527,69 @@ fn bind_admin(path: &Path) -> Result<UnixListener, NodeError> {
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
         .map_err(|e| failed("admin socket permissions")(e.to_string()))?;
     Ok(listener)
+}
+
+/// Shards for the HTTPS front door: one per configured CPU, or one per CPU of the host.
+fn https_cpus(cfg: &Config) -> Vec<usize> {
+    if cfg.https.cpus.is_empty() {
+        (0..std::thread::available_parallelism().map_or(1, |n| n.get())).collect()
+    } else {
+        cfg.https.cpus.clone()
+    }
+}
+
+fn https_config(cfg: &Config) -> boxd_dataplane::https::HttpsConfig {
+    let h = &cfg.https;
+    boxd_dataplane::https::HttpsConfig {
+        listen: h.listen,
+        redirect_listen: Some(h.redirect_listen),
+        cpus: https_cpus(cfg),
+        header_timeout: Duration::from_secs(h.header_timeout_secs),
+        connect_timeout: Duration::from_secs(h.connect_timeout_secs),
+        max_connections: h.max_connections_per_shard,
+        max_handshakes: h.max_handshakes_per_shard,
+        ..boxd_dataplane::https::HttpsConfig::default()
+    }
+}
+
+fn bind_https(cfg: &Config) -> Result<boxd_dataplane::https::Listeners, NodeError> {
+    boxd_dataplane::https::Listeners::bind(&https_config(cfg), https_cpus(cfg).len()).map_err(
+        |e| {
+            NodeError::Usage(format!(
+                "cannot listen on https.listen {} / https.redirect_listen {}: {e} (set them in the config)",
+                cfg.https.listen, cfg.https.redirect_listen
+            ))
+        },
+    )
+}
+
+fn start_https(
+    cfg: &Config,
+    data_dir: &std::path::Path,
+    listeners: boxd_dataplane::https::Listeners,
+    view: Arc<boxd_controlplane::view::ViewHandle>,
+) -> Result<(boxd_dataplane::https::HttpsServer, HttpsReady), NodeError> {
+    use boxd_dataplane::https::tls;
+    let zone = view
+        .current()
+        .zone()
+        .map_or_else(|| cfg.cluster.zone.clone(), str::to_owned);
+    let files = if cfg.https.cert.as_os_str().is_empty() {
+        tls::local_ca(&data_dir.join("tls"), &zone)
+            .map_err(|e| NodeError::Failed(format!("cannot make the local CA: {e}")))?
+    } else {
+        tls::CertFiles {
+            cert: cfg.https.cert.clone(),
+            key: cfg.https.key.clone(),
+            ca: None,
+        }
+    };
+    let key = tls::load(&files).map_err(|e| NodeError::Usage(format!("https certificate: {e}")))?;
+    let tls_cfg =
+        tls::server_config(key).map_err(|e| NodeError::Failed(format!("TLS setup: {e}")))?;
+    let addr = listeners.local_addr();
+    let server =
+        boxd_dataplane::https::HttpsServer::start(listeners, https_config(cfg), tls_cfg, view)
+            .map_err(|e| NodeError::Failed(format!("cannot start HTTPS: {e}")))?;
+    Ok((server, HttpsReady { addr, ca: files.ca }))
 }

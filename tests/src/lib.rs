@@ -49,7 +49,9 @@ pub fn write_config(dir: &Path, name: &str, raft: &str, extra: &str) -> PathBuf 
     std::fs::write(
         &p,
         format!(
-            "[node]\nname = \"{name}\"\nheartbeat_secs = 60\n\n[dns]\nlisten = \"{ip}:5353\"\ncpus = [0]\n\n[raft]\nlisten = \"{raft}\"\n{extra}\n"
+            "[node]\nname = \"{name}\"\nheartbeat_secs = 60\n\n[dns]\nlisten = \"{ip}:5353\"\ncpus = [0]\n\n\
+             [https]\nlisten = \"{ip}:8443\"\nredirect_listen = \"{ip}:8080\"\ncpus = [0]\n\n\
+             [raft]\nlisten = \"{raft}\"\n{extra}\n"
         ),
     )
     .unwrap();

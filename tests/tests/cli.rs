@@ -134,8 +134,10 @@ fn up_serves_admin_schedules_and_resumes_after_sigterm() {
     let ready = node.wait_ready(Duration::from_secs(30));
     assert_eq!(field(&ready, "node"), "1");
     assert_eq!(field(&ready, "zone"), "boxd.test");
-    assert_eq!(field(&ready, "serving"), "control,dns");
+    assert_eq!(field(&ready, "serving"), "control,proxy,dns");
     assert_eq!(field(&ready, "dns"), "127.0.32.1:5353");
+    assert_eq!(field(&ready, "https"), "127.0.32.1:8443");
+    assert!(field(&ready, "ca").ends_with("/tls/ca.crt"), "{ready}");
     let cluster = field(&ready, "cluster");
 
     let mode = std::fs::metadata(node.socket())

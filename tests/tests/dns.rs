@@ -81,9 +81,10 @@ fn dig_and_kdig_get_what_a_resolver_expects() {
     let dir = tempfile::tempdir().unwrap();
     let cfg = write_config(dir.path(), "dns", &format!("{IP}:7000"), "");
     // Let the secondary transfer the zone.
-    let text = std::fs::read_to_string(&cfg).unwrap().replace(
+    let text = std::fs::read_to_string(&cfg).unwrap().replacen(
         "cpus = [0]\n",
         &format!("cpus = [0]\nsecondaries = [\"{SECONDARY}\"]\n"),
+        1,
     );
     std::fs::write(&cfg, text).unwrap();
     let node = Node::start(&["up"], &dir.path().join("data"), &cfg);

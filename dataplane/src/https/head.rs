@@ -1,0 +1,348 @@
+//! HTTP/1.1 heads as the proxy sees them: parsed with httparse, rewritten for the next hop
+//! (hop-by-hop fields dropped, `X-Forwarded-*` and `Forwarded` added). Sans-io: bytes in,
+//! bytes out; the fuzz target drives it with arbitrary input.
+
+use std::net::IpAddr;
+
+/// Result of parsing a head from the bytes read so far.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Parse<T> {
+    /// Read more.
+    Partial,
+    /// A complete head.
+    Complete(T),
+    /// Not HTTP/1.x, or over a limit: the message says which.
+    Invalid(String),
+}
+
+/// A request head.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Request {
+    /// Method.
+    pub method: String,
+    /// Request target.
+    pub target: String,
+    /// Host header (port and trailing dot removed, lower case), if any.
+    pub host: Option<String>,
+    /// The client asks to switch protocols (WebSocket).
+    pub upgrade: bool,
+    /// Bytes of the head in the buffer.
+    pub len: usize,
+    headers: Vec<(String, Vec<u8>)>,
+}
+
+/// A response head.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Response {
+    /// Status code.
+    pub status: u16,
+    /// Bytes of the head in the buffer.
+    pub len: usize,
+    reason: String,
+    headers: Vec<(String, Vec<u8>)>,
+}
+
+/// Fields that belong to one connection, never forwarded (RFC 9110 7.6.1).
+const HOP_BY_HOP: &[&str] = &[
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "proxy-authenticate",
+    "proxy-authorization",
+    "te",
+    "trailer",
+    "upgrade",
+];
+
+fn owned(headers: &[httparse::Header<'_>]) -> Vec<(String, Vec<u8>)> {
+    headers
+        .iter()
+        .map(|h| (h.name.to_ascii_lowercase(), h.value.to_vec()))
+        .collect()
+}
+
+/// Names the Connection field lists, which are hop-by-hop too.
+fn connection_tokens(headers: &[(String, Vec<u8>)]) -> Vec<String> {
+    headers
+        .iter()
+        .filter(|(n, _)| n == "connection")
+        .flat_map(|(_, v)| {
+            String::from_utf8_lossy(v)
+                .split(',')
+                .map(|t| t.trim().to_ascii_lowercase())
+                .filter(|t| !t.is_empty())
+                .collect::<Vec<_>>()
+        })
+        .collect()
+}
+
+/// Strips a port and a trailing dot from a Host value and lower-cases it.
+pub fn normalize_host(v: &str) -> Option<String> {
+    let v = v.trim();
+    let host = if let Some(rest) = v.strip_prefix('[') {
+        // [v6]:port — not a VM name, but keep it as it is.
+        rest.split(']').next()?
+    } else {
+        v.rsplit_once(':').map_or(v, |(h, p)| {
+            if p.bytes().all(|b| b.is_ascii_digit()) {
+                h
+            } else {
+                v
+            }
+        })
+    };
+    let host = host.strip_suffix('.').unwrap_or(host);
+    (!host.is_empty()).then(|| host.to_ascii_lowercase())
+}
+
+/// Parses a request head.
+pub fn parse_request(buf: &[u8], max_headers: usize, max_bytes: usize) -> Parse<Request> {
+    let mut headers = vec![httparse::EMPTY_HEADER; max_headers];
+    let mut req = httparse::Request::new(&mut headers);
+    match req.parse(buf) {
+        Ok(httparse::Status::Partial) if buf.len() >= max_bytes => {
+            Parse::Invalid(format!("request head larger than {max_bytes} bytes"))
+        }
+        Ok(httparse::Status::Partial) => Parse::Partial,
+        Err(httparse::Error::TooManyHeaders) => {
+            Parse::Invalid(format!("more than {max_headers} header fields"))
+        }
+        Err(e) => Parse::Invalid(format!("malformed request: {e}")),
+        Ok(httparse::Status::Complete(len)) if len > max_bytes => {
+            Parse::Invalid(format!("request head larger than {max_bytes} bytes"))
+        }
+        Ok(httparse::Status::Complete(len)) => {
+            let headers = owned(req.headers);
+            let host = headers
+                .iter()
+                .find(|(n, _)| n == "host")
+                .and_then(|(_, v)| std::str::from_utf8(v).ok())
+                .and_then(normalize_host);
+            let upgrade = headers.iter().any(|(n, _)| n == "upgrade")
+                && connection_tokens(&headers).iter().any(|t| t == "upgrade");
+            Parse::Complete(Request {
+                method: req.method.unwrap_or("GET").to_owned(),
+                target: req.path.unwrap_or("/").to_owned(),
+                host,
+                upgrade,
+                len,
+                headers,
+            })
+        }
+    }
+}
+
+/// Parses a response head.
+pub fn parse_response(buf: &[u8], max_headers: usize, max_bytes: usize) -> Parse<Response> {
+    let mut headers = vec![httparse::EMPTY_HEADER; max_headers];
+    let mut resp = httparse::Response::new(&mut headers);
+    match resp.parse(buf) {
+        Ok(httparse::Status::Partial) if buf.len() >= max_bytes => {
+            Parse::Invalid(format!("response head larger than {max_bytes} bytes"))
+        }
+        Ok(httparse::Status::Partial) => Parse::Partial,
+        Err(e) => Parse::Invalid(format!("malformed response: {e}")),
+        Ok(httparse::Status::Complete(len)) => match resp.code {
+            Some(status @ 100..=599) => Parse::Complete(Response {
+                status,
+                len,
+                reason: resp.reason.unwrap_or("").to_owned(),
+                headers: owned(resp.headers),
+            }),
+            other => Parse::Invalid(format!("response status {other:?} is not 100-599")),
+        },
+    }
+}
+
+fn push_field(out: &mut Vec<u8>, name: &str, value: &[u8]) {
+    out.extend_from_slice(name.as_bytes());
+    out.extend_from_slice(b": ");
+    out.extend_from_slice(value);
+    out.extend_from_slice(b"\r\n");
+}
+
+fn forwarded_for(ip: IpAddr) -> String {
+    match ip {
+        IpAddr::V4(v4) => v4.to_string(),
+        IpAddr::V6(v6) => format!("\"[{v6}]\""),
+    }
+}
+
+impl Request {
+    /// The head to send the VM: HTTP/1.1, hop-by-hop fields removed, `Connection: close`
+    /// (or the upgrade kept), and who asked: `X-Forwarded-For` (appended), `X-Forwarded-Proto`,
+    /// `X-Forwarded-Host`, `Forwarded` (RFC 7239).
+    pub fn forward(&self, client: IpAddr, host: &str) -> Vec<u8> {
+        let drop = connection_tokens(&self.headers);
+        let mut out = Vec::with_capacity(512);
+        out.extend_from_slice(self.method.as_bytes());
+        out.push(b' ');
+        out.extend_from_slice(self.target.as_bytes());
+        out.extend_from_slice(b" HTTP/1.1\r\n");
+        let mut xff: Option<Vec<u8>> = None;
+        for (name, value) in &self.headers {
+            if name == "x-forwarded-for" {
+                let v = xff.get_or_insert_with(Vec::new);
+                if !v.is_empty() {
+                    v.extend_from_slice(b", ");
+                }
+                v.extend_from_slice(value);
+                continue;
+            }
+            if HOP_BY_HOP.contains(&name.as_str())
+                || drop.contains(name)
+                || name.starts_with("x-forwarded-proto")
+                || name == "x-forwarded-host"
+            {
+                continue;
+            }
+            push_field(&mut out, name, value);
+        }
+        if self.upgrade {
+            if let Some((_, v)) = self.headers.iter().find(|(n, _)| n == "upgrade") {
+                push_field(&mut out, "upgrade", v);
+            }
+            push_field(&mut out, "connection", b"upgrade");
+        } else {
+            push_field(&mut out, "connection", b"close");
+        }
+        let mut chain = xff.unwrap_or_default();
+        if !chain.is_empty() {
+            chain.extend_from_slice(b", ");
+        }
+        chain.extend_from_slice(client.to_string().as_bytes());
+        push_field(&mut out, "x-forwarded-for", &chain);
+        push_field(&mut out, "x-forwarded-proto", b"https");
+        push_field(&mut out, "x-forwarded-host", host.as_bytes());
+        let fwd = format!("for={};proto=https;host=\"{host}\"", forwarded_for(client));
+        push_field(&mut out, "forwarded", fwd.as_bytes());
+        out.extend_from_slice(b"\r\n");
+        out
+    }
+}
+
+impl Response {
+    /// The head to send the client: hop-by-hop fields removed and `Connection: close`, except
+    /// for `101 Switching Protocols`, which keeps its upgrade.
+    pub fn forward(&self) -> Vec<u8> {
+        let drop = connection_tokens(&self.headers);
+        let mut out = Vec::with_capacity(512);
+        out.extend_from_slice(format!("HTTP/1.1 {} {}\r\n", self.status, self.reason).as_bytes());
+        for (name, value) in &self.headers {
+            if self.status == 101 && (name == "upgrade" || name == "connection") {
+                push_field(&mut out, name, value);
+                continue;
+            }
+            if HOP_BY_HOP.contains(&name.as_str()) || drop.contains(name) {
+                continue;
+            }
+            push_field(&mut out, name, value);
+        }
+        if self.status != 101 {
+            push_field(&mut out, "connection", b"close");
+        }
+        out.extend_from_slice(b"\r\n");
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn req(s: &str) -> Request {
+        match parse_request(s.as_bytes(), 64, 16384) {
+            Parse::Complete(r) => r,
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn hosts() {
+        assert_eq!(
+            normalize_host("MyApp.Boxd.Test:8443"),
+            Some("myapp.boxd.test".into())
+        );
+        assert_eq!(
+            normalize_host("myapp.boxd.test."),
+            Some("myapp.boxd.test".into())
+        );
+        assert_eq!(normalize_host("[::1]:80"), Some("::1".into()));
+        assert_eq!(normalize_host(""), None);
+    }
+
+    #[test]
+    fn request_forwarding() {
+        let r = req(
+            "POST /up?x=1 HTTP/1.1\r\nHost: A.boxd.test:8443\r\nConnection: keep-alive, X-Secret\r\n\
+             X-Secret: 1\r\nKeep-Alive: 5\r\nX-Forwarded-For: 10.0.0.1\r\nX-Forwarded-Proto: http\r\n\
+             Content-Length: 3\r\n\r\nabc",
+        );
+        assert_eq!(r.host.as_deref(), Some("a.boxd.test"));
+        assert!(!r.upgrade);
+        let out = String::from_utf8(r.forward("192.0.2.7".parse().expect("ip"), "a.boxd.test"))
+            .expect("utf8");
+        assert!(out.starts_with("POST /up?x=1 HTTP/1.1\r\n"), "{out}");
+        assert!(out.contains("content-length: 3\r\n"));
+        assert!(out.contains("connection: close\r\n"));
+        assert!(
+            out.contains("x-forwarded-for: 10.0.0.1, 192.0.2.7\r\n"),
+            "{out}"
+        );
+        assert!(out.contains("x-forwarded-proto: https\r\n"));
+        assert!(out.contains("forwarded: for=192.0.2.7;proto=https;host=\"a.boxd.test\"\r\n"));
+        for gone in ["keep-alive", "x-secret", "x-forwarded-proto: http\r"] {
+            assert!(!out.contains(gone), "{gone} in {out}");
+        }
+        assert!(out.ends_with("\r\n\r\n"));
+    }
+
+    #[test]
+    fn upgrades_keep_their_fields() {
+        let r = req(
+            "GET /ws HTTP/1.1\r\nHost: a.boxd.test\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n",
+        );
+        assert!(r.upgrade);
+        let out =
+            String::from_utf8(r.forward("::1".parse().expect("ip"), "a.boxd.test")).expect("utf8");
+        assert!(
+            out.contains("upgrade: websocket\r\nconnection: upgrade\r\n"),
+            "{out}"
+        );
+        assert!(out.contains("forwarded: for=\"[::1]\""), "{out}");
+        let resp = match parse_response(
+            b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n",
+            64,
+            16384,
+        ) {
+            Parse::Complete(r) => r,
+            other => panic!("{other:?}"),
+        };
+        let out = String::from_utf8(resp.forward()).expect("utf8");
+        assert!(out.contains("upgrade: websocket") && out.contains("connection: Upgrade"));
+        assert!(!out.contains("connection: close"));
+    }
+
+    #[test]
+    fn limits_and_garbage() {
+        assert_eq!(
+            parse_request(b"GET / HTTP/1.1\r\nHost: a", 64, 16384),
+            Parse::Partial
+        );
+        assert!(matches!(
+            parse_request(b"\x16\x03\x01garbage\r\n\r\n", 64, 16384),
+            Parse::Invalid(_)
+        ));
+        let many: String = (0..70).map(|i| format!("X-{i}: 1\r\n")).collect();
+        let r = parse_request(
+            format!("GET / HTTP/1.1\r\n{many}\r\n").as_bytes(),
+            64,
+            16384,
+        );
+        assert!(matches!(r, Parse::Invalid(m) if m.contains("64 header")));
+        let big = format!("GET / HTTP/1.1\r\nX: {}\r\n", "a".repeat(20000));
+        assert!(
+            matches!(parse_request(big.as_bytes(), 64, 16384), Parse::Invalid(m) if m.contains("larger"))
+        );
+    }
+}

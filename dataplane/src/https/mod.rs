@@ -1,0 +1,178 @@
+//! The HTTPS front door on glommio shards: one executor per configured CPU, each with its own
+//! SO_REUSEPORT listeners (TLS and the plain-HTTP redirect), terminating TLS with rustls and
+//! proxying HTTP/1.1 to the VM the SNI names, found in the lock-free View.
+
+pub mod head;
+pub mod pages;
+mod proxy;
+pub mod tls;
+
+use std::net::{SocketAddr, TcpListener};
+use std::os::fd::{FromRawFd as _, IntoRawFd as _};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use boxd_controlplane::view::ViewHandle;
+use glommio::{LocalExecutorBuilder, Placement};
+
+/// How the front door behaves.
+#[derive(Clone, Debug)]
+pub struct HttpsConfig {
+    /// TLS listen address.
+    pub listen: SocketAddr,
+    /// Plain-HTTP listen address answering with a redirect to HTTPS; `None` for none.
+    pub redirect_listen: Option<SocketAddr>,
+    /// CPUs to pin shards to, one shard each; empty means one unpinned shard.
+    pub cpus: Vec<usize>,
+    /// A client must finish its TLS handshake and request head within this (slowloris).
+    pub header_timeout: Duration,
+    /// Connecting to a VM gives up after this: 502.
+    pub connect_timeout: Duration,
+    /// Largest request or response head.
+    pub max_header_bytes: usize,
+    /// Most header fields in a head.
+    pub max_headers: usize,
+    /// Most open client connections per shard.
+    pub max_connections: usize,
+    /// Most TLS handshakes in progress per shard.
+    pub max_handshakes: usize,
+    /// Accept connections addressed to any local address (tests); otherwise only the lobby
+    /// and pool addresses the View knows.
+    pub any_address: bool,
+}
+
+impl Default for HttpsConfig {
+    fn default() -> Self {
+        Self {
+            listen: SocketAddr::from(([0, 0, 0, 0], 8443)),
+            redirect_listen: Some(SocketAddr::from(([0, 0, 0, 0], 8080))),
+            cpus: Vec::new(),
+            header_timeout: Duration::from_secs(10),
+            connect_timeout: Duration::from_secs(3),
+            max_header_bytes: 16 * 1024,
+            max_headers: 64,
+            max_connections: 10_000,
+            max_handshakes: 256,
+            any_address: false,
+        }
+    }
+}
+
+/// Bound listeners: per shard a TLS listener and maybe a redirect listener, SO_REUSEPORT.
+pub struct Listeners {
+    shards: Vec<(TcpListener, Option<TcpListener>)>,
+    addr: SocketAddr,
+    redirect_addr: Option<SocketAddr>,
+}
+
+fn listen(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let s = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+    s.set_reuse_port(true)?;
+    s.set_reuse_address(true)?;
+    s.set_tcp_nodelay(true)?;
+    s.bind(&addr.into())?;
+    s.listen(1024)?;
+    s.set_nonblocking(true)?;
+    Ok(s.into())
+}
+
+impl Listeners {
+    /// Binds `shards` listener sets.
+    pub fn bind(cfg: &HttpsConfig, shards: usize) -> std::io::Result<Self> {
+        let mut addr = cfg.listen;
+        let mut redirect_addr = cfg.redirect_listen;
+        let mut out = Vec::new();
+        for _ in 0..shards.max(1) {
+            let l = listen(addr)?;
+            // With port 0 the first bind picks the port; the other shards share it.
+            addr = l.local_addr()?;
+            let r = match redirect_addr {
+                Some(a) => {
+                    let r = listen(a)?;
+                    redirect_addr = Some(r.local_addr()?);
+                    Some(r)
+                }
+                None => None,
+            };
+            out.push((l, r));
+        }
+        Ok(Self {
+            shards: out,
+            addr,
+            redirect_addr,
+        })
+    }
+
+    /// The TLS address.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// The redirect address.
+    pub fn redirect_addr(&self) -> Option<SocketAddr> {
+        self.redirect_addr
+    }
+}
+
+/// Running shards.
+pub struct HttpsServer {
+    stop: Arc<AtomicBool>,
+    shards: Vec<glommio::ExecutorJoinHandle<()>>,
+}
+
+/// I/O memory per executor: small, so that the default 8 MiB memlock limit suffices.
+const IO_MEMORY: usize = 512 << 10;
+
+impl HttpsServer {
+    /// Starts one shard per listener set.
+    pub fn start(
+        listeners: Listeners,
+        cfg: HttpsConfig,
+        tls: Arc<rustls::ServerConfig>,
+        view: Arc<ViewHandle>,
+    ) -> std::io::Result<Self> {
+        let stop = Arc::new(AtomicBool::new(false));
+        let https_port = listeners.addr.port();
+        let mut shards = Vec::new();
+        for (i, (l, r)) in listeners.shards.into_iter().enumerate() {
+            let placement = match cfg.cpus.get(i) {
+                Some(cpu) => Placement::Fixed(*cpu),
+                None => Placement::Unbound,
+            };
+            let (stop, cfg, tls, view) = (stop.clone(), cfg.clone(), tls.clone(), view.clone());
+            let h = LocalExecutorBuilder::new(placement)
+                .name(&format!("boxd-https-{i}"))
+                .io_memory(IO_MEMORY)
+                .spawn(move || async move {
+                    // SAFETY: the descriptors come from listeners we own and give up here, so
+                    // glommio's listeners are their only owners.
+                    let l = unsafe { glommio::net::TcpListener::from_raw_fd(l.into_raw_fd()) };
+                    let shard = Rc::new(proxy::Shard::new(cfg, tls, view, https_port));
+                    glommio::spawn_local(proxy::accept_tls(l, shard.clone())).detach();
+                    if let Some(r) = r {
+                        // SAFETY: as above.
+                        let r = unsafe { glommio::net::TcpListener::from_raw_fd(r.into_raw_fd()) };
+                        glommio::spawn_local(proxy::accept_redirect(r, shard)).detach();
+                    }
+                    while !stop.load(Ordering::Relaxed) {
+                        glommio::timer::sleep(Duration::from_millis(100)).await;
+                    }
+                })
+                .map_err(|e| std::io::Error::other(format!("starting HTTPS shard {i}: {e}")))?;
+            shards.push(h);
+        }
+        Ok(Self { stop, shards })
+    }
+
+    /// Stops every shard and waits for them.
+    pub fn stop(self) {
+        self.stop.store(true, Ordering::SeqCst);
+        for h in self.shards {
+            let _ = h.join();
+        }
+    }
+}
+
+use std::rc::Rc;

@@ -1,0 +1,91 @@
+//! The friendly failure pages: what a browser shows when the name is unknown, the VM is
+//! stopped or not answering.
+
+/// A complete HTTP/1.1 response with a small HTML page; the connection closes after it.
+pub fn response(status: u16, reason: &str, title: &str, detail: &str) -> Vec<u8> {
+    let body = format!(
+        "<!doctype html>\n<html><head><meta charset=\"utf-8\"><title>{status} {title}</title></head>\n\
+         <body style=\"font-family: sans-serif; max-width: 40em; margin: 4em auto\">\n\
+         <h1>{title}</h1>\n<p>{detail}</p>\n<p><small>boxd</small></p>\n</body></html>\n",
+        title = escape(title),
+        detail = escape(detail),
+    );
+    let mut r = format!(
+        "HTTP/1.1 {status} {reason}\r\nContent-Type: text/html; charset=utf-8\r\n\
+         Content-Length: {}\r\nConnection: close\r\nCache-Control: no-store\r\n\r\n",
+        body.len()
+    )
+    .into_bytes();
+    r.extend_from_slice(body.as_bytes());
+    r
+}
+
+/// No VM by that name.
+pub fn not_found(host: &str, zone: &str) -> Vec<u8> {
+    response(
+        404,
+        "Not Found",
+        "No such VM",
+        &format!(
+            "There is no VM called \u{201c}{}\u{201d} in {zone}. VM addresses look like \
+             https://<name>.{zone}/ — list yours with `ssh {zone} ls`.",
+            host.split('.').next().unwrap_or(host)
+        ),
+    )
+}
+
+/// The VM exists but is stopped (or not wired yet).
+pub fn unavailable(name: &str, zone: &str, stopped: bool) -> Vec<u8> {
+    let detail = if stopped {
+        format!("The VM {name} is stopped. Start it with `ssh {zone} start {name}`.")
+    } else {
+        format!("The VM {name} is starting; try again in a moment.")
+    };
+    response(503, "Service Unavailable", "VM not running", &detail)
+}
+
+/// The VM did not accept the connection.
+pub fn bad_gateway(name: &str, port: u16) -> Vec<u8> {
+    response(
+        502,
+        "Bad Gateway",
+        "VM not answering",
+        &format!(
+            "The VM {name} is running but nothing answered on its port {port}. Start a web \
+             server in the VM listening on port {port}."
+        ),
+    )
+}
+
+/// The request could not be read.
+pub fn bad_request(why: &str) -> Vec<u8> {
+    response(400, "Bad Request", "Bad request", why)
+}
+
+fn escape(s: &str) -> String {
+    s.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
+        .replace('"', "&quot;")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pages_are_complete_responses() {
+        let r = String::from_utf8(not_found("nope.boxd.test", "boxd.test")).expect("utf8");
+        assert!(r.starts_with("HTTP/1.1 404 Not Found\r\n"));
+        let (head, body) = r.split_once("\r\n\r\n").expect("head");
+        let len: usize = head
+            .lines()
+            .find_map(|l| l.strip_prefix("Content-Length: "))
+            .expect("length")
+            .parse()
+            .expect("number");
+        assert_eq!(body.len(), len);
+        assert!(body.contains("nope") && body.contains("boxd.test"));
+        assert!(!body.contains("<name>"), "escaped");
+    }
+}

@@ -1,0 +1,205 @@
+//! Certificates for the zone: an operator's wildcard certificate, or a local CA that `boxd up`
+//! creates once (rcgen, ECDSA P-256) with a wildcard certificate for `*.<zone>` and `<zone>`,
+//! kept in `<data-dir>/tls/` so restarts serve the same one and `curl --cacert` keeps working.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use rustls::ServerConfig;
+use rustls::server::ResolvesServerCert;
+use rustls::sign::CertifiedKey;
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+
+/// Why certificates could not be made or loaded.
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    /// A file could not be read or written.
+    #[error("{path}: {source}")]
+    Io {
+        /// File.
+        path: PathBuf,
+        /// Cause.
+        source: std::io::Error,
+    },
+    /// A PEM file holds no usable certificate or key.
+    #[error("{path}: {reason}")]
+    Pem {
+        /// File.
+        path: PathBuf,
+        /// What is wrong and what to do.
+        reason: String,
+    },
+    /// Generating the local CA failed.
+    #[error("creating the local CA: {0}")]
+    Generate(#[from] rcgen::Error),
+    /// rustls refused the certificate or key.
+    #[error("certificate and key do not work together: {0}")]
+    Rustls(#[from] rustls::Error),
+}
+
+/// The certificate files in use.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CertFiles {
+    /// Certificate chain (PEM).
+    pub cert: PathBuf,
+    /// Private key (PEM).
+    pub key: PathBuf,
+    /// The local CA's certificate, when boxd made the certificate.
+    pub ca: Option<PathBuf>,
+}
+
+fn write(path: &Path, data: &str, mode: u32) -> Result<(), TlsError> {
+    use std::io::Write as _;
+    use std::os::unix::fs::OpenOptionsExt as _;
+    let io = |source| TlsError::Io {
+        path: path.to_owned(),
+        source,
+    };
+    let tmp = path.with_extension("tmp");
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(mode)
+        .open(&tmp)
+        .map_err(io)?;
+    f.write_all(data.as_bytes()).map_err(io)?;
+    f.sync_all().map_err(io)?;
+    std::fs::rename(&tmp, path).map_err(io)
+}
+
+/// The local CA and zone certificate in `dir`, created on first use.
+pub fn local_ca(dir: &Path, zone: &str) -> Result<CertFiles, TlsError> {
+    let files = CertFiles {
+        cert: dir.join("zone.crt"),
+        key: dir.join("zone.key"),
+        ca: Some(dir.join("ca.crt")),
+    };
+    if files.cert.exists() && files.key.exists() && dir.join("ca.crt").exists() {
+        return Ok(files);
+    }
+    std::fs::create_dir_all(dir).map_err(|source| TlsError::Io {
+        path: dir.to_owned(),
+        source,
+    })?;
+    let ca_key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
+    let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new())?;
+    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Constrained(0));
+    ca_params.distinguished_name.push(
+        rcgen::DnType::CommonName,
+        format!("boxd local CA for {zone}"),
+    );
+    ca_params.key_usages = vec![
+        rcgen::KeyUsagePurpose::KeyCertSign,
+        rcgen::KeyUsagePurpose::CrlSign,
+    ];
+    ca_params.not_before = rcgen::date_time_ymd(2024, 1, 1);
+    ca_params.not_after = rcgen::date_time_ymd(2044, 1, 1);
+    let ca_cert = ca_params.self_signed(&ca_key)?;
+    let issuer = rcgen::Issuer::new(ca_params, &ca_key);
+
+    let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
+    let mut params = rcgen::CertificateParams::new(vec![format!("*.{zone}"), zone.to_owned()])?;
+    params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, format!("*.{zone}"));
+    params.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ServerAuth];
+    params.not_before = rcgen::date_time_ymd(2024, 1, 1);
+    params.not_after = rcgen::date_time_ymd(2044, 1, 1);
+    let cert = params.signed_by(&key, &issuer)?;
+
+    write(&dir.join("ca.crt"), &ca_cert.pem(), 0o644)?;
+    write(&files.key, &key.serialize_pem(), 0o600)?;
+    write(&files.cert, &(cert.pem() + &ca_cert.pem()), 0o644)?;
+    Ok(files)
+}
+
+/// Loads a certificate chain and key into a rustls signing key.
+pub fn load(files: &CertFiles) -> Result<Arc<CertifiedKey>, TlsError> {
+    let pem_err = |path: &Path, reason: String| TlsError::Pem {
+        path: path.to_owned(),
+        reason,
+    };
+    let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(&files.cert)
+        .map_err(|e| pem_err(&files.cert, e.to_string()))?
+        .collect::<Result<_, _>>()
+        .map_err(|e| pem_err(&files.cert, e.to_string()))?;
+    if chain.is_empty() {
+        return Err(pem_err(
+            &files.cert,
+            "no CERTIFICATE block: give a PEM certificate chain".into(),
+        ));
+    }
+    let key = PrivateKeyDer::from_pem_file(&files.key).map_err(|e| {
+        pem_err(
+            &files.key,
+            format!("{e}: give a PEM private key (PKCS#8, SEC1 or PKCS#1)"),
+        )
+    })?;
+    let provider = rustls::crypto::ring::default_provider();
+    Ok(Arc::new(CertifiedKey::from_der(chain, key, &provider)?))
+}
+
+/// Serves one certificate for every name (the zone's wildcard): a client that asks for an
+/// unknown name gets the zone's certificate, never another one.
+#[derive(Debug)]
+pub struct ZoneCert(pub Arc<CertifiedKey>);
+
+impl ResolvesServerCert for ZoneCert {
+    fn resolve(&self, _hello: rustls::server::ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        Some(self.0.clone())
+    }
+}
+
+/// TLS 1.2 and 1.3, ALPN http/1.1, session tickets on, no OCSP.
+pub fn server_config(key: Arc<CertifiedKey>) -> Result<Arc<ServerConfig>, TlsError> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut cfg = ServerConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])?
+        .with_no_client_auth()
+        .with_cert_resolver(Arc::new(ZoneCert(key)));
+    cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
+    cfg.ticketer = rustls::crypto::ring::Ticketer::new()?;
+    cfg.session_storage = rustls::server::ServerSessionMemoryCache::new(4096);
+    Ok(Arc::new(cfg))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn local_ca_is_made_once_and_loads() {
+        let d = tempfile::tempdir().expect("tempdir");
+        let a = local_ca(d.path(), "boxd.test").expect("create");
+        let first = std::fs::read(&a.cert).expect("cert");
+        let b = local_ca(d.path(), "boxd.test").expect("reuse");
+        assert_eq!(a, b);
+        assert_eq!(
+            std::fs::read(&b.cert).expect("cert"),
+            first,
+            "not regenerated"
+        );
+        let key = load(&a).expect("load");
+        assert_eq!(key.cert.len(), 2, "leaf and CA");
+        server_config(key).expect("config");
+        use std::os::unix::fs::PermissionsExt as _;
+        let mode = std::fs::metadata(&a.key).expect("key").permissions().mode();
+        assert_eq!(mode & 0o777, 0o600);
+    }
+
+    #[test]
+    fn bad_files_are_named() {
+        let d = tempfile::tempdir().expect("tempdir");
+        let cert = d.path().join("c.pem");
+        std::fs::write(&cert, "not pem").expect("write");
+        let e = load(&CertFiles {
+            cert: cert.clone(),
+            key: d.path().join("missing.key"),
+            ca: None,
+        })
+        .expect_err("bad");
+        assert!(e.to_string().contains("c.pem"), "{e}");
+    }
+}

@@ -1,0 +1,30 @@
+//! Any bytes as what a client or a VM sends the HTTPS proxy: parsing a request or response
+//! head never panics, and a head the proxy forwards parses again as a complete head with the
+//! same method, target and status, with exactly one Connection field.
+#![no_main]
+
+use boxd_dataplane::https::head::{Parse, parse_request, parse_response};
+use libfuzzer_sys::fuzz_target;
+
+fuzz_target!(|data: &[u8]| {
+    if let Parse::Complete(req) = parse_request(data, 64, 16384) {
+        let out = req.forward("192.0.2.1".parse().expect("ip"), "a.boxd.test");
+        match parse_request(&out, 80, 1 << 20) {
+            Parse::Complete(again) => {
+                assert_eq!(again.method, req.method);
+                assert_eq!(again.target, req.target);
+                assert_eq!(again.len, out.len());
+            }
+            other => panic!("forwarded request does not parse: {other:?}"),
+        }
+        let text = String::from_utf8_lossy(&out).to_ascii_lowercase();
+        assert_eq!(text.matches("\r\nconnection:").count(), 1, "{text}");
+    }
+    if let Parse::Complete(resp) = parse_response(data, 64, 16384) {
+        let out = resp.forward();
+        match parse_response(&out, 80, 1 << 20) {
+            Parse::Complete(again) => assert_eq!(again.status, resp.status),
+            other => panic!("forwarded response does not parse: {other:?}"),
+        }
+    }
+});

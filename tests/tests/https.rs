@@ -1,0 +1,258 @@
+//! The HTTPS front door of `boxd up`, driven with the real curl: TLS with the local CA, SNI
+//! routing to a VM's web server (a local stand-in until workers run VMs), forwarded headers,
+//! 100 MiB streamed both ways, each failure page, the HTTP redirect, and refusal of
+//! connections to addresses that are not ours.
+
+#![allow(clippy::unwrap_used)]
+
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use boxd_tests::{Node, eventually, write_config};
+use serde_json::{Value, json};
+use uuid::Uuid;
+
+const IP: &str = "127.0.39.1";
+/// The VMs' web servers (their "private addresses").
+const BACKEND: &str = "127.0.39.10";
+const DEAD_BACKEND: &str = "127.0.39.11";
+const HTTPS_PORT: u16 = 28443;
+const HTTP_PORT: u16 = 28080;
+
+fn now_ms() -> u64 {
+    u64::try_from(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_millis(),
+    )
+    .unwrap()
+}
+
+fn write(node: &Node, command: Value) {
+    let r = node.admin().ok(&json!({"op": "write", "command": command}));
+    assert!(r["refused"].is_null(), "{command} -> {r}");
+}
+
+struct Backend(Child);
+
+impl Drop for Backend {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn backend() -> Backend {
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/fixtures/http_backend.py");
+    let mut child = Command::new("python3")
+        .args([script, BACKEND, "8000"])
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    BufReader::new(child.stdout.as_mut().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    assert_eq!(line.trim(), "ready");
+    Backend(child)
+}
+
+/// curl with the local CA, `name.boxd.test` resolved to `ip`; returns (status, body).
+fn curl(ca: &str, name: &str, ip: &str, path: &str, extra: &[&str]) -> (u16, String) {
+    let out = Command::new("curl")
+        .args([
+            "-sS",
+            "--max-time",
+            "60",
+            "--cacert",
+            ca,
+            "-o",
+            "-",
+            "-w",
+            "\n%{http_code}",
+        ])
+        .arg("--resolve")
+        .arg(format!("{name}:{HTTPS_PORT}:{ip}"))
+        .args(extra)
+        .arg(format!("https://{name}:{HTTPS_PORT}{path}"))
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let (body, code) = text.rsplit_once('\n').unwrap_or(("", "0"));
+    (code.parse().unwrap_or(0), body.to_owned())
+}
+
+fn field<'a>(ready: &'a str, key: &str) -> &'a str {
+    ready
+        .split_whitespace()
+        .find_map(|kv| kv.strip_prefix(&format!("{key}=")))
+        .unwrap_or_else(|| panic!("no {key}= in {ready}"))
+}
+
+#[test]
+fn curl_reaches_vms_through_the_https_front_door() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = write_config(dir.path(), "https", &format!("{IP}:7000"), "");
+    let text = std::fs::read_to_string(&cfg).unwrap().replace(
+        &format!("[https]\nlisten = \"{IP}:8443\"\nredirect_listen = \"{IP}:8080\""),
+        &format!(
+            "[https]\nlisten = \"0.0.0.0:{HTTPS_PORT}\"\nredirect_listen = \"0.0.0.0:{HTTP_PORT}\""
+        ),
+    );
+    std::fs::write(&cfg, text).unwrap();
+    let node = Node::start(&["up"], &dir.path().join("data"), &cfg);
+    let ready = node.wait_ready(Duration::from_secs(30));
+    assert_eq!(field(&ready, "https"), format!("0.0.0.0:{HTTPS_PORT}"));
+    let ca = field(&ready, "ca").to_owned();
+    assert!(std::path::Path::new(&ca).exists(), "{ready}");
+    let node_id = node.status()["node_id"].clone();
+
+    let _web = backend();
+    let owner = Uuid::new_v4();
+    write(
+        &node,
+        json!({"type": "create_account", "id": owner, "name": "alice", "max_vms": null, "at": now_ms()}),
+    );
+    let mut vms = Vec::new();
+    for name in ["myapp", "sleepy", "dead"] {
+        let id = Uuid::new_v4();
+        write(
+            &node,
+            json!({"type": "create_vm", "id": id, "owner": owner, "name": name, "http_port": 8000,
+            "at": now_ms(), "spec": {"vcpus": 1, "memory_mib": 512, "disk_gib": 4, "image": "minimal"}}),
+        );
+        vms.push(id);
+    }
+    // The worker's part, by hand: each VM placed here reports its private address.
+    eventually(Duration::from_secs(20), "placement", || {
+        let all = node.admin().ok(&json!({"op": "vms"}));
+        (all.as_array()
+            .unwrap()
+            .iter()
+            .all(|v| !v["worker"].is_null()))
+        .then_some(())
+    });
+    for (id, ip) in [(vms[0], BACKEND), (vms[1], BACKEND), (vms[2], DEAD_BACKEND)] {
+        write(
+            &node,
+            json!({"type": "report_vm", "vm": id, "worker": node_id, "observed": "running",
+            "private_ip": ip, "at": now_ms()}),
+        );
+    }
+    write(
+        &node,
+        json!({"type": "set_vm_desired", "by": owner, "vm": vms[1], "desired": "stopped", "at": now_ms()}),
+    );
+    let pub_ip = "127.77.0.2";
+
+    // A request reaches the VM with the forwarding headers.
+    let (code, body) = curl(&ca, "myapp.boxd.test", pub_ip, "/hello?x=1", &[]);
+    assert_eq!(code, 200, "{body}");
+    assert!(body.starts_with("GET /hello?x=1\n"), "{body}");
+    for want in [
+        "x-forwarded-proto: https",
+        "x-forwarded-host: myapp.boxd.test",
+        "forwarded: for=127.0.0.1;proto=https;host=\"myapp.boxd.test\"",
+        "connection: close",
+    ] {
+        assert!(body.contains(want), "missing {want:?} in {body}");
+    }
+    assert!(body.contains("x-forwarded-for: 127.0.0.1"), "{body}");
+    // Names are case-insensitive; TLS 1.2 works as well as 1.3.
+    let (code, _) = curl(
+        &ca,
+        "MyApp.Boxd.Test",
+        pub_ip,
+        "/",
+        &["--tlsv1.2", "--tls-max", "1.2"],
+    );
+    assert_eq!(code, 200);
+
+    // 100 MiB each way, streamed, checked by sha256.
+    let big = 100 * 1024 * 1024;
+    let file = dir.path().join("upload.bin");
+    let data: Vec<u8> = (0..big).map(|i| (i % 253) as u8).collect();
+    std::fs::write(&file, &data).unwrap();
+    let sum = |bytes: &[u8]| {
+        let out = Command::new("sha256sum")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .and_then(|mut c| {
+                use std::io::Write as _;
+                c.stdin.take().unwrap().write_all(bytes)?;
+                c.wait_with_output()
+            })
+            .unwrap();
+        String::from_utf8(out.stdout).unwrap()[..64].to_owned()
+    };
+    let (code, body) = curl(
+        &ca,
+        "myapp.boxd.test",
+        pub_ip,
+        "/upload",
+        &["--data-binary", &format!("@{}", file.display())],
+    );
+    assert_eq!(code, 200);
+    assert_eq!(body, sum(&data), "upload arrived intact");
+    let out = Command::new("curl")
+        .args(["-sS", "--max-time", "60", "--cacert", &ca, "--resolve"])
+        .arg(format!("myapp.boxd.test:{HTTPS_PORT}:{pub_ip}"))
+        .arg(format!("https://myapp.boxd.test:{HTTPS_PORT}/big/{big}"))
+        .output()
+        .unwrap();
+    assert_eq!(out.stdout.len(), big, "download length");
+    let pattern: Vec<u8> = (0..251u8).cycle().take(big).collect();
+    assert_eq!(sum(&out.stdout), sum(&pattern), "download arrived intact");
+
+    // Failure pages.
+    let (code, body) = curl(&ca, "nope.boxd.test", pub_ip, "/", &[]);
+    assert_eq!(code, 404);
+    assert!(
+        body.contains("nope") && body.contains("boxd.test"),
+        "{body}"
+    );
+    let (code, body) = curl(&ca, "sleepy.boxd.test", pub_ip, "/", &[]);
+    assert_eq!(code, 503);
+    assert!(
+        body.contains("sleepy is stopped") && body.contains("start sleepy"),
+        "{body}"
+    );
+    let (code, body) = curl(&ca, "dead.boxd.test", pub_ip, "/", &[]);
+    assert_eq!(code, 502);
+    assert!(body.contains("port 8000"), "{body}");
+
+    // Plain HTTP redirects to HTTPS.
+    let out = Command::new("curl")
+        .args([
+            "-sS",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code} %{redirect_url}",
+            "--resolve",
+        ])
+        .arg(format!("myapp.boxd.test:{HTTP_PORT}:{pub_ip}"))
+        .arg(format!("http://myapp.boxd.test:{HTTP_PORT}/a/b?c"))
+        .output()
+        .unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        format!("301 https://myapp.boxd.test:{HTTPS_PORT}/a/b?c")
+    );
+
+    // A connection to an address that is neither the lobby nor a pool address is closed.
+    let (code, _) = curl(&ca, "myapp.boxd.test", IP, "/", &[]);
+    assert_eq!(code, 0, "served on a foreign address");
+    // Over the header limit: 400 naming it.
+    let many: Vec<String> = (0..70).map(|i| format!("X-Filler-{i}: {i}")).collect();
+    let mut args = Vec::new();
+    for h in &many {
+        args.extend(["-H", h.as_str()]);
+    }
+    let (code, body) = curl(&ca, "myapp.boxd.test", pub_ip, "/", &args);
+    assert_eq!(code, 400, "{body}");
+    assert!(body.contains("more than 64 header fields"), "{body}");
+}
