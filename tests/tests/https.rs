@@ -207,6 +207,36 @@ fn curl_reaches_vms_through_the_https_front_door() {
     let pattern: Vec<u8> = (0..251u8).cycle().take(big).collect();
     assert_eq!(sum(&out.stdout), sum(&pattern), "download arrived intact");
 
+    // A WebSocket round trip through the proxy (Python's ssl client: curl here has no ws).
+    let ws = format!(
+        r#"
+import base64, os, socket, ssl, sys
+ctx = ssl.create_default_context(cafile="{ca}")
+raw = socket.create_connection(("{pub_ip}", {HTTPS_PORT}), timeout=20)
+s = ctx.wrap_socket(raw, server_hostname="myapp.boxd.test")
+key = base64.b64encode(os.urandom(16)).decode()
+s.sendall(("GET /ws HTTP/1.1\r\nHost: myapp.boxd.test\r\nUpgrade: websocket\r\n"
+           "Connection: Upgrade\r\nSec-WebSocket-Key: " + key + "\r\nSec-WebSocket-Version: 13\r\n\r\n").encode())
+head = b""
+while b"\r\n\r\n" not in head:
+    head += s.recv(1)
+print(head.split(b"\r\n")[0].decode())
+msg = b"hello over websocket"
+mask = os.urandom(4)
+s.sendall(bytes([0x81, 0x80 | len(msg)]) + mask + bytes(c ^ mask[i % 4] for i, c in enumerate(msg)))
+frame = s.recv(2)
+print(s.recv(frame[1]).decode())
+"#
+    );
+    let out = Command::new("python3").args(["-c", &ws]).output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(
+        text,
+        "HTTP/1.1 101 Switching Protocols\necho: hello over websocket\n",
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
     // Failure pages.
     let (code, body) = curl(&ca, "nope.boxd.test", pub_ip, "/", &[]);
     assert_eq!(code, 404);

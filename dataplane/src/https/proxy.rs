@@ -234,10 +234,17 @@ async fn serve_tls(stream: TcpStream, shard: &Shard) -> std::io::Result<()> {
     let (client_r, mut client_w) = futures_lite::io::split(tls);
     let (backend_r, mut backend_w) = futures_lite::io::split(backend);
     let upload = async move {
-        let _ = futures_lite::io::copy(client_r, &mut backend_w).await;
-        // The request is framed (length or chunked); the VM needs no EOF. Wait for the
-        // response side to finish.
-        std::future::pending::<()>().await;
+        // Ok: the client finished sending (TLS close_notify): pass the half-close on, so a VM
+        // waiting for more sees EOF, and let the response finish. Err: the client is gone
+        // (reset, or EOF without close_notify): nobody will read the response, so the
+        // connection ends here, whatever the VM is doing.
+        if futures_lite::io::copy(client_r, &mut backend_w)
+            .await
+            .is_ok()
+        {
+            let _ = backend_w.close().await;
+            std::future::pending::<()>().await;
+        }
     };
     let download = async move {
         let mut backend_r = backend_r;
