@@ -1,8 +1,11 @@
 //! Any bytes as what a client or a VM sends the HTTPS proxy: parsing a request or response
 //! head never panics, and a head the proxy forwards parses again as a complete head with the
-//! same method, target and status, with exactly one Connection field.
+//! same method, target and status, with exactly one Connection field; the body framing is
+//! decided without panicking; the chunked decoder finds the same end whether fed whole or in
+//! two pieces.
 #![no_main]
 
+use boxd_dataplane::https::framing::Chunked;
 use boxd_dataplane::https::head::{Parse, parse_request, parse_response};
 use libfuzzer_sys::fuzz_target;
 
@@ -17,14 +20,36 @@ fuzz_target!(|data: &[u8]| {
             }
             other => panic!("forwarded request does not parse: {other:?}"),
         }
+        let _ = req.body();
+        let _ = req.wants_close();
         let text = String::from_utf8_lossy(&out).to_ascii_lowercase();
         assert_eq!(text.matches("\r\nconnection:").count(), 1, "{text}");
     }
     if let Parse::Complete(resp) = parse_response(data, 64, 16384) {
-        let out = resp.forward();
+        let _ = resp.body("GET");
+        let out = resp.forward(data.len() % 2 == 0);
         match parse_response(&out, 80, 1 << 20) {
             Parse::Complete(again) => assert_eq!(again.status, resp.status),
             other => panic!("forwarded response does not parse: {other:?}"),
+        }
+    }
+    let mut whole = Chunked::new(256);
+    let a = whole.feed(data);
+    if let Some(&cut) = data.first() {
+        let cut = usize::from(cut) % (data.len() + 1);
+        let mut split = Chunked::new(256);
+        let b = split.feed(&data[..cut]).and_then(|n| {
+            if split.done() {
+                Ok(n)
+            } else {
+                split.feed(&data[cut..]).map(|m| cut + m)
+            }
+        });
+        if let (Ok(x), Ok(y)) = (&a, &b) {
+            assert_eq!(whole.done(), split.done());
+            if whole.done() {
+                assert_eq!(x, y, "same end");
+            }
         }
     }
 });

@@ -170,6 +170,41 @@ fn curl_reaches_vms_through_the_https_front_door() {
     );
     assert_eq!(code, 200);
 
+    // Keep-alive: two requests on one connection (curl counts new connections per transfer).
+    let out = Command::new("curl")
+        .args([
+            "-sS",
+            "--max-time",
+            "30",
+            "--cacert",
+            &ca,
+            "-w",
+            "[%{num_connects}]\n",
+        ])
+        .arg("--resolve")
+        .arg(format!("myapp.boxd.test:{HTTPS_PORT}:{pub_ip}"))
+        .arg(format!("https://myapp.boxd.test:{HTTPS_PORT}/one"))
+        .arg(format!("https://myapp.boxd.test:{HTTPS_PORT}/two"))
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    let one = text.find("GET /one\n").expect("first answer");
+    let two = text.find("GET /two\n").expect("second answer");
+    assert!(one < two, "{text}");
+    assert!(
+        text[..two].contains("[1]") && text[two..].contains("[0]"),
+        "reused: {text}"
+    );
+    // A Host that names another VM than the connection's SNI is misdirected.
+    let (code, _) = curl(
+        &ca,
+        "myapp.boxd.test",
+        pub_ip,
+        "/",
+        &["-H", "Host: dead.boxd.test"],
+    );
+    assert_eq!(code, 421);
+
     // 100 MiB each way, streamed, checked by sha256.
     let big = 100 * 1024 * 1024;
     let file = dir.path().join("upload.bin");
@@ -197,6 +232,21 @@ fn curl_reaches_vms_through_the_https_front_door() {
     );
     assert_eq!(code, 200);
     assert_eq!(body, sum(&data), "upload arrived intact");
+    // The same upload chunked (no length known in advance).
+    let (code, body) = curl(
+        &ca,
+        "myapp.boxd.test",
+        pub_ip,
+        "/upload",
+        &[
+            "-H",
+            "Transfer-Encoding: chunked",
+            "--data-binary",
+            &format!("@{}", file.display()),
+        ],
+    );
+    assert_eq!(code, 200);
+    assert_eq!(body, sum(&data), "chunked upload arrived intact");
     let out = Command::new("curl")
         .args(["-sS", "--max-time", "60", "--cacert", &ca, "--resolve"])
         .arg(format!("myapp.boxd.test:{HTTPS_PORT}:{pub_ip}"))

@@ -4,6 +4,8 @@
 
 use std::net::IpAddr;
 
+use super::framing::Body;
+
 /// Result of parsing a head from the bytes read so far.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Parse<T> {
@@ -28,6 +30,8 @@ pub struct Request {
     pub upgrade: bool,
     /// Bytes of the head in the buffer.
     pub len: usize,
+    /// HTTP/1.x minor version.
+    pub minor: u8,
     headers: Vec<(String, Vec<u8>)>,
 }
 
@@ -126,6 +130,7 @@ pub fn parse_request(buf: &[u8], max_headers: usize, max_bytes: usize) -> Parse<
                 host,
                 upgrade,
                 len,
+                minor: req.version.unwrap_or(1),
                 headers,
             })
         }
@@ -168,7 +173,63 @@ fn forwarded_for(ip: IpAddr) -> String {
     }
 }
 
+/// The body framing the fields declare: Transfer-Encoding (chunked last) or Content-Length
+/// (all copies equal). `Err` for what cannot be framed safely.
+fn declared_body(headers: &[(String, Vec<u8>)]) -> Result<Option<Body>, String> {
+    let te: Vec<String> = headers
+        .iter()
+        .filter(|(n, _)| n == "transfer-encoding")
+        .flat_map(|(_, v)| {
+            String::from_utf8_lossy(v)
+                .split(',')
+                .map(|t| t.trim().to_ascii_lowercase())
+                .filter(|t| !t.is_empty())
+                .collect::<Vec<_>>()
+        })
+        .collect();
+    let mut lengths = headers
+        .iter()
+        .filter(|(n, _)| n == "content-length")
+        .map(|(_, v)| {
+            std::str::from_utf8(v)
+                .ok()
+                .map(str::trim)
+                .filter(|t| !t.is_empty() && t.bytes().all(|b| b.is_ascii_digit()))
+                .and_then(|t| t.parse::<u64>().ok())
+                .ok_or_else(|| "bad Content-Length".to_owned())
+        });
+    let first = lengths.next().transpose()?;
+    for l in lengths {
+        if Some(l?) != first {
+            return Err("conflicting Content-Length fields".into());
+        }
+    }
+    match (te.last().map(String::as_str), first) {
+        (Some(_), Some(_)) => Err("both Transfer-Encoding and Content-Length".into()),
+        (Some("chunked"), None) => Ok(Some(Body::Chunked)),
+        (Some(_), None) => Ok(Some(Body::UntilClose)),
+        (None, Some(n)) => Ok(Some(Body::Length(n))),
+        (None, None) => Ok(None),
+    }
+}
+
 impl Request {
+    /// The request body's framing (RFC 9112 6.3): none unless declared; a transfer coding
+    /// that does not end in chunked, or both codings and a length, cannot be framed: `Err`.
+    pub fn body(&self) -> Result<Body, String> {
+        match declared_body(&self.headers)? {
+            None => Ok(Body::None),
+            Some(Body::UntilClose) => Err("request Transfer-Encoding must end in chunked".into()),
+            Some(b) => Ok(b),
+        }
+    }
+
+    /// Whether the client wants the connection closed after this exchange.
+    pub fn wants_close(&self) -> bool {
+        let tokens = connection_tokens(&self.headers);
+        self.minor == 0 || tokens.iter().any(|t| t == "close")
+    }
+
     /// The head to send the VM: HTTP/1.1, hop-by-hop fields removed, `Connection: close`
     /// (or the upgrade kept), and who asked: `X-Forwarded-For` (appended), `X-Forwarded-Proto`,
     /// `X-Forwarded-Host`, `Forwarded` (RFC 7239).
@@ -222,9 +283,24 @@ impl Request {
 }
 
 impl Response {
-    /// The head to send the client: hop-by-hop fields removed and `Connection: close`, except
-    /// for `101 Switching Protocols`, which keeps its upgrade.
-    pub fn forward(&self) -> Vec<u8> {
+    /// The response body's framing for a request with `method` (RFC 9112 6.3).
+    pub fn body(&self, method: &str) -> Body {
+        if method.eq_ignore_ascii_case("HEAD")
+            || (100..200).contains(&self.status)
+            || self.status == 204
+            || self.status == 304
+        {
+            return Body::None;
+        }
+        match declared_body(&self.headers) {
+            Ok(Some(b)) => b,
+            Ok(None) | Err(_) => Body::UntilClose,
+        }
+    }
+
+    /// The head to send the client: hop-by-hop fields removed; `Connection: close` unless
+    /// `keep_alive`; `101 Switching Protocols` keeps its upgrade.
+    pub fn forward(&self, keep_alive: bool) -> Vec<u8> {
         let drop = connection_tokens(&self.headers);
         let mut out = Vec::with_capacity(512);
         out.extend_from_slice(format!("HTTP/1.1 {} {}\r\n", self.status, self.reason).as_bytes());
@@ -238,7 +314,7 @@ impl Response {
             }
             push_field(&mut out, name, value);
         }
-        if self.status != 101 {
+        if self.status != 101 && !keep_alive {
             push_field(&mut out, "connection", b"close");
         }
         out.extend_from_slice(b"\r\n");
@@ -318,9 +394,54 @@ mod tests {
             Parse::Complete(r) => r,
             other => panic!("{other:?}"),
         };
-        let out = String::from_utf8(resp.forward()).expect("utf8");
+        let out = String::from_utf8(resp.forward(false)).expect("utf8");
         assert!(out.contains("upgrade: websocket") && out.contains("connection: Upgrade"));
         assert!(!out.contains("connection: close"));
+    }
+
+    #[test]
+    fn body_framing() {
+        let r = req("POST / HTTP/1.1\r\nContent-Length: 5\r\n\r\n");
+        assert_eq!(r.body(), Ok(Body::Length(5)));
+        assert!(!r.wants_close());
+        let r = req("POST / HTTP/1.1\r\nTransfer-Encoding: gzip, chunked\r\n\r\n");
+        assert_eq!(r.body(), Ok(Body::Chunked));
+        assert_eq!(req("GET / HTTP/1.1\r\n\r\n").body(), Ok(Body::None));
+        assert!(req("GET / HTTP/1.0\r\n\r\n").wants_close());
+        assert!(req("GET / HTTP/1.1\r\nConnection: Close\r\n\r\n").wants_close());
+        for bad in [
+            "POST / HTTP/1.1\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n",
+            "POST / HTTP/1.1\r\nContent-Length: 5\r\nContent-Length: 6\r\n\r\n",
+            "POST / HTTP/1.1\r\nContent-Length: -1\r\n\r\n",
+            "POST / HTTP/1.1\r\nContent-Length: +5\r\n\r\n",
+            "POST / HTTP/1.1\r\nTransfer-Encoding: gzip\r\n\r\n",
+        ] {
+            assert!(req(bad).body().is_err(), "{bad}");
+        }
+        let resp = |s: &str| match parse_response(s.as_bytes(), 64, 16384) {
+            Parse::Complete(r) => r,
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(
+            resp("HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\n").body("GET"),
+            Body::Length(3)
+        );
+        assert_eq!(
+            resp("HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\n").body("HEAD"),
+            Body::None
+        );
+        assert_eq!(
+            resp("HTTP/1.1 204 No Content\r\n\r\n").body("GET"),
+            Body::None
+        );
+        assert_eq!(
+            resp("HTTP/1.1 200 OK\r\n\r\n").body("GET"),
+            Body::UntilClose
+        );
+        let keep =
+            String::from_utf8(resp("HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n").forward(true))
+                .expect("utf8");
+        assert!(!keep.contains("connection"), "{keep}");
     }
 
     #[test]

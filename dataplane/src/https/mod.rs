@@ -2,6 +2,7 @@
 //! SO_REUSEPORT listeners (TLS and the plain-HTTP redirect), terminating TLS with rustls and
 //! proxying HTTP/1.1 to the VM the SNI names, found in the lock-free View.
 
+pub mod framing;
 pub mod head;
 pub mod pages;
 mod proxy;

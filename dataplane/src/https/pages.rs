@@ -57,6 +57,16 @@ pub fn bad_gateway(name: &str, port: u16) -> Vec<u8> {
     )
 }
 
+/// The Host header names another VM than the TLS connection was opened for.
+pub fn misdirected(sni: &str) -> Vec<u8> {
+    response(
+        421,
+        "Misdirected Request",
+        "Wrong connection",
+        &format!("This connection is for {sni}; open a new one for another name."),
+    )
+}
+
 /// The request could not be read.
 pub fn bad_request(why: &str) -> Vec<u8> {
     response(400, "Bad Request", "Bad request", why)

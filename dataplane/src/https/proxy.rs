@@ -1,8 +1,9 @@
 //! Connections on a shard: accept (only on our addresses, within the per-shard limits), TLS
 //! handshake, read the request head within the header deadline, route by SNI (or Host) in the
-//! View, connect to the VM, forward the rewritten head, then stream both ways until the VM
-//! closes. One request per connection for now (`Connection: close`); bodies are never
-//! buffered whole.
+//! View, connect to the VM, forward the rewritten head and the body as its framing says, then
+//! the response; the client connection is kept alive for the next request when both sides
+//! frame their bodies. Bodies are never buffered whole. Upgrades (WebSocket) become a
+//! two-way byte stream.
 
 use std::cell::Cell;
 use std::net::{IpAddr, SocketAddr};
@@ -15,6 +16,7 @@ use futures_lite::{AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _}
 use futures_rustls::TlsAcceptor;
 use glommio::net::{TcpListener, TcpStream};
 
+use super::framing::{Body, Chunked};
 use super::head::{self, Parse};
 use super::{HttpsConfig, pages};
 
@@ -175,8 +177,8 @@ async fn serve_tls(stream: TcpStream, shard: &Shard) -> std::io::Result<()> {
         return Ok(());
     };
     let client = stream.peer_addr()?.ip();
-    // The deadline covers the handshake and the request head (slowloris); lifted once the
-    // request is on its way.
+    // The deadline covers the handshake and each request head (slowloris, and the idle time
+    // of a kept-alive connection); lifted while a request is being forwarded.
     stream.set_read_timeout(Some(shard.cfg.header_timeout))?;
     let mut tls = {
         let Some(_hs) = Slot::take(&shard.handshakes, shard.cfg.max_handshakes) else {
@@ -186,52 +188,180 @@ async fn serve_tls(stream: TcpStream, shard: &Shard) -> std::io::Result<()> {
     };
     let sni = tls.get_ref().1.server_name().map(str::to_ascii_lowercase);
     let cfg = &shard.cfg;
-    let mut buf = Vec::with_capacity(2048);
-    let req = match read_head(&mut tls, &mut buf, |b| {
-        head::parse_request(b, cfg.max_headers, cfg.max_header_bytes)
-    })
-    .await?
-    {
-        Parse::Complete(r) => r,
-        Parse::Invalid(why) => return reply(&mut tls, &pages::bad_request(&why)).await,
-        Parse::Partial => return Ok(()),
-    };
-    // SNI names the VM; without SNI (an IP in the URL) the Host header does.
-    let Some(host) = sni.or_else(|| req.host.clone()) else {
-        return reply(
-            &mut tls,
-            &pages::bad_request("No server name and no Host header."),
-        )
-        .await;
-    };
-    let (route, zone) = {
-        let view = shard.view.current();
-        (
-            view.vm_by_host(&host).cloned(),
-            view.zone().unwrap_or("").to_owned(),
-        )
-    };
-    let Some(vm) = route else {
-        return reply(&mut tls, &pages::not_found(&host, &zone)).await;
-    };
-    let Some(private) = vm.private_ip.filter(|_| vm.desired == Desired::Running) else {
-        let stopped = vm.desired != Desired::Running;
-        return reply(&mut tls, &pages::unavailable(&vm.name, &zone, stopped)).await;
-    };
-    let backend_addr = SocketAddr::from((private, vm.http_port));
-    let mut backend = match TcpStream::connect_timeout(backend_addr, cfg.connect_timeout).await {
-        Ok(b) => b,
-        Err(e) => {
-            tracing::debug!(vm = %vm.name, addr = %backend_addr, error = %e, "VM did not accept");
-            return reply(&mut tls, &pages::bad_gateway(&vm.name, vm.http_port)).await;
+    // Bytes read from the client and not yet used: the start of the next request.
+    let mut buf = Vec::with_capacity(4096);
+    loop {
+        tls.get_ref().0.set_read_timeout(Some(cfg.header_timeout))?;
+        let req = match read_head(&mut tls, &mut buf, |b| {
+            head::parse_request(b, cfg.max_headers, cfg.max_header_bytes)
+        })
+        .await
+        {
+            Ok(Parse::Complete(r)) => r,
+            Ok(Parse::Invalid(why)) => return reply(&mut tls, &pages::bad_request(&why)).await,
+            Ok(Parse::Partial) => return Ok(()),
+            // A kept-alive connection the client closes (or leaves idle) between requests.
+            Err(_) if buf.is_empty() => return Ok(()),
+            Err(e) => return Err(e),
+        };
+        buf.drain(..req.len);
+        // SNI names the VM; without SNI (an IP in the URL) the Host header does. A Host that
+        // names another VM than the TLS connection is for is misdirected (RFC 9110 15.5.20).
+        let Some(host) = sni.clone().or_else(|| req.host.clone()) else {
+            let page = pages::bad_request("No server name and no Host header.");
+            return reply(&mut tls, &page).await;
+        };
+        if req.host.as_ref().is_some_and(|h| *h != host) {
+            return reply(&mut tls, &pages::misdirected(&host)).await;
         }
-    };
-    backend.set_nodelay(true)?;
-    backend.write_all(&req.forward(client, &host)).await?;
-    backend.write_all(&buf[req.len..]).await?;
-    tls.get_ref().0.set_read_timeout(None)?;
+        let (route, zone) = {
+            let view = shard.view.current();
+            (
+                view.vm_by_host(&host).cloned(),
+                view.zone().unwrap_or("").to_owned(),
+            )
+        };
+        let Some(vm) = route else {
+            return reply(&mut tls, &pages::not_found(&host, &zone)).await;
+        };
+        let Some(private) = vm.private_ip.filter(|_| vm.desired == Desired::Running) else {
+            let stopped = vm.desired != Desired::Running;
+            return reply(&mut tls, &pages::unavailable(&vm.name, &zone, stopped)).await;
+        };
+        let body = match req.body() {
+            Ok(b) => b,
+            Err(why) => return reply(&mut tls, &pages::bad_request(&why)).await,
+        };
+        let backend_addr = SocketAddr::from((private, vm.http_port));
+        let mut backend = match TcpStream::connect_timeout(backend_addr, cfg.connect_timeout).await
+        {
+            Ok(b) => b,
+            Err(e) => {
+                tracing::debug!(vm = %vm.name, addr = %backend_addr, error = %e, "VM did not accept");
+                return reply(&mut tls, &pages::bad_gateway(&vm.name, vm.http_port)).await;
+            }
+        };
+        backend.set_nodelay(true)?;
+        backend.write_all(&req.forward(client, &host)).await?;
+        tls.get_ref().0.set_read_timeout(None)?;
+        if req.upgrade {
+            backend.write_all(&buf).await?;
+            return tunnel(tls, backend, cfg, &vm.name, vm.http_port).await;
+        }
+        copy_body(&mut tls, &mut buf, &mut backend, body, cfg.max_header_bytes).await?;
 
-    let (client_r, mut client_w) = futures_lite::io::split(tls);
+        let mut rbuf = Vec::with_capacity(4096);
+        let resp = loop {
+            match read_head(&mut backend, &mut rbuf, |b| {
+                head::parse_response(b, cfg.max_headers, cfg.max_header_bytes)
+            })
+            .await
+            {
+                // Interim answers (100 Continue) pass through; the final one follows.
+                Ok(Parse::Complete(r)) if (100..200).contains(&r.status) && r.status != 101 => {
+                    tls.write_all(&r.forward(true)).await?;
+                    rbuf.drain(..r.len);
+                }
+                Ok(Parse::Complete(r)) => break r,
+                _ => return reply(&mut tls, &pages::bad_gateway(&vm.name, vm.http_port)).await,
+            }
+        };
+        let rbody = resp.body(&req.method);
+        let keep = !req.wants_close() && rbody != Body::UntilClose && resp.status != 101;
+        tls.write_all(&resp.forward(keep)).await?;
+        rbuf.drain(..resp.len);
+        if resp.status == 101 {
+            // The VM switched protocols without being asked to: carry bytes both ways.
+            tls.write_all(&rbuf).await?;
+            backend.write_all(&buf).await?;
+            return splice(tls, backend).await;
+        }
+        copy_body(
+            &mut backend,
+            &mut rbuf,
+            &mut tls,
+            rbody,
+            cfg.max_header_bytes,
+        )
+        .await?;
+        tls.flush().await?;
+        if !keep {
+            return tls.close().await;
+        }
+    }
+}
+
+/// Copies one message body from `src` to `dst` as it comes: first what is already in `buf`,
+/// then from `src`, and leaves in `buf` whatever follows the body.
+async fn copy_body<R, W>(
+    src: &mut R,
+    buf: &mut Vec<u8>,
+    dst: &mut W,
+    body: Body,
+    max_trailer: usize,
+) -> std::io::Result<()>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    let eof = || std::io::Error::from(std::io::ErrorKind::UnexpectedEof);
+    match body {
+        Body::None => Ok(()),
+        Body::Length(mut left) => {
+            let take = usize::try_from(left).unwrap_or(usize::MAX).min(buf.len());
+            dst.write_all(&buf[..take]).await?;
+            buf.drain(..take);
+            left -= take as u64;
+            let mut chunk = vec![0u8; 64 * 1024];
+            while left > 0 {
+                let want = usize::try_from(left).unwrap_or(usize::MAX).min(chunk.len());
+                let n = src.read(&mut chunk[..want]).await?;
+                if n == 0 {
+                    return Err(eof());
+                }
+                dst.write_all(&chunk[..n]).await?;
+                left -= n as u64;
+            }
+            Ok(())
+        }
+        Body::Chunked => {
+            let bad = |e: String| std::io::Error::new(std::io::ErrorKind::InvalidData, e);
+            let mut dec = Chunked::new(max_trailer);
+            let used = dec.feed(buf).map_err(bad)?;
+            dst.write_all(&buf[..used]).await?;
+            buf.drain(..used);
+            let mut chunk = vec![0u8; 64 * 1024];
+            while !dec.done() {
+                let n = src.read(&mut chunk).await?;
+                if n == 0 {
+                    return Err(eof());
+                }
+                let used = dec.feed(&chunk[..n]).map_err(bad)?;
+                dst.write_all(&chunk[..used]).await?;
+                buf.extend_from_slice(&chunk[used..n]);
+            }
+            Ok(())
+        }
+        Body::UntilClose => {
+            dst.write_all(buf).await?;
+            buf.clear();
+            futures_lite::io::copy(src, dst).await.map(|_| ())
+        }
+    }
+}
+
+/// An upgrade: forward the VM's answer, then carry bytes both ways until the VM closes.
+async fn tunnel<C>(
+    client: C,
+    backend: TcpStream,
+    cfg: &HttpsConfig,
+    name: &str,
+    port: u16,
+) -> std::io::Result<()>
+where
+    C: AsyncRead + AsyncWrite + Unpin,
+{
+    let (client_r, mut client_w) = futures_lite::io::split(client);
     let (backend_r, mut backend_w) = futures_lite::io::split(backend);
     let upload = async move {
         // Ok: the client finished sending (TLS close_notify): pass the half-close on, so a VM
@@ -255,16 +385,39 @@ async fn serve_tls(stream: TcpStream, shard: &Shard) -> std::io::Result<()> {
         .await;
         match r {
             Ok(Parse::Complete(resp)) => {
-                client_w.write_all(&resp.forward()).await?;
+                client_w.write_all(&resp.forward(false)).await?;
                 client_w.write_all(&rbuf[resp.len..]).await?;
                 futures_lite::io::copy(backend_r, &mut client_w).await?;
             }
-            _ => {
-                client_w
-                    .write_all(&pages::bad_gateway(&vm.name, vm.http_port))
-                    .await?;
-            }
+            _ => client_w.write_all(&pages::bad_gateway(name, port)).await?,
         }
+        client_w.close().await
+    };
+    futures_lite::future::or(download, async move {
+        upload.await;
+        Ok(())
+    })
+    .await
+}
+
+/// Carries bytes both ways until the VM closes (or the client vanishes).
+async fn splice<C>(client: C, backend: TcpStream) -> std::io::Result<()>
+where
+    C: AsyncRead + AsyncWrite + Unpin,
+{
+    let (client_r, mut client_w) = futures_lite::io::split(client);
+    let (backend_r, mut backend_w) = futures_lite::io::split(backend);
+    let upload = async move {
+        if futures_lite::io::copy(client_r, &mut backend_w)
+            .await
+            .is_ok()
+        {
+            let _ = backend_w.close().await;
+            std::future::pending::<()>().await;
+        }
+    };
+    let download = async move {
+        futures_lite::io::copy(backend_r, &mut client_w).await?;
         client_w.close().await
     };
     futures_lite::future::or(download, async move {
