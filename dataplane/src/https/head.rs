@@ -67,9 +67,14 @@ fn owned(headers: &[httparse::Header<'_>]) -> Vec<(String, Vec<u8>)> {
 
 /// Names the Connection field lists, which are hop-by-hop too.
 fn connection_tokens(headers: &[(String, Vec<u8>)]) -> Vec<String> {
+    tokens(headers, "connection")
+}
+
+/// The comma-separated tokens of every `name` field, lower-cased.
+fn tokens(headers: &[(String, Vec<u8>)], name: &str) -> Vec<String> {
     headers
         .iter()
-        .filter(|(n, _)| n == "connection")
+        .filter(|(n, _)| n == name)
         .flat_map(|(_, v)| {
             String::from_utf8_lossy(v)
                 .split(',')
@@ -176,17 +181,7 @@ fn forwarded_for(ip: IpAddr) -> String {
 /// The body framing the fields declare: Transfer-Encoding (chunked last) or Content-Length
 /// (all copies equal). `Err` for what cannot be framed safely.
 fn declared_body(headers: &[(String, Vec<u8>)]) -> Result<Option<Body>, String> {
-    let te: Vec<String> = headers
-        .iter()
-        .filter(|(n, _)| n == "transfer-encoding")
-        .flat_map(|(_, v)| {
-            String::from_utf8_lossy(v)
-                .split(',')
-                .map(|t| t.trim().to_ascii_lowercase())
-                .filter(|t| !t.is_empty())
-                .collect::<Vec<_>>()
-        })
-        .collect();
+    let te = tokens(headers, "transfer-encoding");
     let mut lengths = headers
         .iter()
         .filter(|(n, _)| n == "content-length")

@@ -352,8 +352,8 @@ where
 
 /// An upgrade: forward the VM's answer, then carry bytes both ways until the VM closes.
 async fn tunnel<C>(
-    client: C,
-    backend: TcpStream,
+    mut client: C,
+    mut backend: TcpStream,
     cfg: &HttpsConfig,
     name: &str,
     port: u16,
@@ -361,43 +361,17 @@ async fn tunnel<C>(
 where
     C: AsyncRead + AsyncWrite + Unpin,
 {
-    let (client_r, mut client_w) = futures_lite::io::split(client);
-    let (backend_r, mut backend_w) = futures_lite::io::split(backend);
-    let upload = async move {
-        // Ok: the client finished sending (TLS close_notify): pass the half-close on, so a VM
-        // waiting for more sees EOF, and let the response finish. Err: the client is gone
-        // (reset, or EOF without close_notify): nobody will read the response, so the
-        // connection ends here, whatever the VM is doing.
-        if futures_lite::io::copy(client_r, &mut backend_w)
-            .await
-            .is_ok()
-        {
-            let _ = backend_w.close().await;
-            std::future::pending::<()>().await;
-        }
-    };
-    let download = async move {
-        let mut backend_r = backend_r;
-        let mut rbuf = Vec::with_capacity(2048);
-        let r = read_head(&mut backend_r, &mut rbuf, |b| {
-            head::parse_response(b, cfg.max_headers, cfg.max_header_bytes)
-        })
-        .await;
-        match r {
-            Ok(Parse::Complete(resp)) => {
-                client_w.write_all(&resp.forward(false)).await?;
-                client_w.write_all(&rbuf[resp.len..]).await?;
-                futures_lite::io::copy(backend_r, &mut client_w).await?;
-            }
-            _ => client_w.write_all(&pages::bad_gateway(name, port)).await?,
-        }
-        client_w.close().await
-    };
-    futures_lite::future::or(download, async move {
-        upload.await;
-        Ok(())
+    let mut rbuf = Vec::with_capacity(2048);
+    let r = read_head(&mut backend, &mut rbuf, |b| {
+        head::parse_response(b, cfg.max_headers, cfg.max_header_bytes)
     })
-    .await
+    .await;
+    let Ok(Parse::Complete(resp)) = r else {
+        return reply(&mut client, &pages::bad_gateway(name, port)).await;
+    };
+    client.write_all(&resp.forward(false)).await?;
+    client.write_all(&rbuf[resp.len..]).await?;
+    splice(client, backend).await
 }
 
 /// Carries bytes both ways until the VM closes (or the client vanishes).
@@ -408,6 +382,10 @@ where
     let (client_r, mut client_w) = futures_lite::io::split(client);
     let (backend_r, mut backend_w) = futures_lite::io::split(backend);
     let upload = async move {
+        // Ok: the client finished sending (TLS close_notify): pass the half-close on, so a VM
+        // waiting for more sees EOF, and let the response finish. Err: the client is gone
+        // (reset, or EOF without close_notify): nobody will read the response, so the
+        // connection ends here, whatever the VM is doing.
         if futures_lite::io::copy(client_r, &mut backend_w)
             .await
             .is_ok()
