@@ -136,7 +136,9 @@ async fn serve_redirect(mut stream: TcpStream, shard: &Shard) -> std::io::Result
     if !shard.ours(stream.local_addr()?) {
         return Ok(());
     }
-    let _slot = Slot::take(&shard.connections, shard.cfg.max_connections);
+    let Some(_slot) = Slot::take(&shard.connections, shard.cfg.max_connections) else {
+        return Ok(());
+    };
     stream.set_read_timeout(Some(shard.cfg.header_timeout))?;
     let cfg = &shard.cfg;
     let mut buf = Vec::with_capacity(1024);

@@ -114,6 +114,13 @@ impl Vsock {
     /// A device with guest CID `cid` whose host side listens on `uds`.
     pub fn new(cid: u64, uds: &Path) -> std::io::Result<Self> {
         if uds.exists() {
+            // A socket someone answers on belongs to a running VMM: never take it over.
+            if UnixStream::connect(uds).is_ok() {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::AddrInUse,
+                    "a running VMM serves this vsock socket: choose another uds_path",
+                ));
+            }
             std::fs::remove_file(uds)?;
         }
         let listener = UnixListener::bind(uds)?;
@@ -814,6 +821,18 @@ mod tests {
                 (OP_RST, 7000, 1003),
             ]
         );
+    }
+
+    #[test]
+    fn a_live_socket_is_not_taken_over() {
+        let r = rig();
+        let e = Vsock::new(CID, &r.dir.path().join("v.sock"))
+            .err()
+            .expect("in use");
+        assert_eq!(e.kind(), std::io::ErrorKind::AddrInUse);
+        drop(r.dev);
+        // Once nobody answers, the stale file is replaced.
+        Vsock::new(CID, &r.dir.path().join("v.sock")).expect("stale socket replaced");
     }
 
     #[test]
