@@ -1,0 +1,289 @@
+//! HTTPS front door: boxd against HAProxy 2.6 (Debian), both terminating TLS with the same
+//! ECDSA P-256 certificate (boxd's local CA's zone certificate) and forwarding to the same
+//! backend (a small HTTP server in this process answering `ok`), a new backend connection per
+//! request in both (`option http-server-close`). Each server is pinned to CPU 0 (boxd: the
+//! whole process; HAProxy: one thread); wrk runs on CPU 1. Two workloads, `BENCH_SECONDS`
+//! (default 10) each: new TLS handshakes (one request per connection, `Connection: close`)
+//! and keep-alive requests. One wrk core can cap the rate, so the table also shows requests
+//! per server CPU-second (utime+stime from /proc over the run). `BENCH_ROUNDS` rounds
+//! (default 3), systems alternating, medians.
+//!
+//! `ops/bench https`, or `cargo build --release -p boxd && cargo bench -p boxd-benches --bench https`.
+
+#![allow(clippy::unwrap_used, missing_docs)]
+
+use std::io::{BufRead, Read, Write};
+use std::net::TcpListener;
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, Result, bail};
+use boxd_benches::{Proc, boxd_bin, cpu_seconds, median};
+
+const BOXD_IP: &str = "127.0.41.1";
+const HAPROXY_IP: &str = "127.0.41.2";
+const BACKEND: &str = "127.0.41.10:8000";
+const PORT: u16 = 29443;
+
+/// The "VM": answers every request on a connection with `ok`, closing when asked.
+fn backend() -> Result<()> {
+    let l = TcpListener::bind(BACKEND)?;
+    std::thread::spawn(move || {
+        for s in l.incoming().flatten() {
+            std::thread::spawn(move || {
+                let mut s = s;
+                let mut buf = Vec::with_capacity(2048);
+                let mut chunk = [0u8; 4096];
+                loop {
+                    while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
+                        match s.read(&mut chunk) {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                        }
+                    }
+                    let end = buf.windows(4).position(|w| w == b"\r\n\r\n").unwrap() + 4;
+                    let close = String::from_utf8_lossy(&buf[..end])
+                        .to_ascii_lowercase()
+                        .contains("connection: close");
+                    buf.drain(..end);
+                    let resp: &[u8] = if close {
+                        b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok"
+                    } else {
+                        b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
+                    };
+                    if s.write_all(resp).is_err() || close {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    Ok(())
+}
+
+fn admin(socket: &Path, cmd: serde_json::Value) -> Result<serde_json::Value> {
+    let mut s = std::os::unix::net::UnixStream::connect(socket)?;
+    writeln!(s, "{cmd}")?;
+    let mut line = String::new();
+    std::io::BufReader::new(s).read_line(&mut line)?;
+    let v: serde_json::Value = serde_json::from_str(&line)?;
+    if v["ok"] != true || !v["result"]["refused"].is_null() {
+        bail!("admin {cmd}: {v}");
+    }
+    Ok(v["result"].clone())
+}
+
+/// `boxd up` pinned to CPU 0 with one HTTPS shard, and a VM whose web server is the backend.
+fn start_boxd(dir: &Path) -> Result<(Proc, std::path::PathBuf)> {
+    let cfg = dir.join("boxd.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "[node]\nheartbeat_secs = 3600\n[raft]\nlisten = \"{BOXD_IP}:7000\"\n\
+             [dns]\nlisten = \"{BOXD_IP}:5353\"\ncpus = [0]\n\
+             [https]\nlisten = \"0.0.0.0:{PORT}\"\nredirect_listen = \"{BOXD_IP}:8080\"\ncpus = [0]\n"
+        ),
+    )?;
+    let data = dir.join("boxd-data");
+    let child = Command::new("taskset")
+        .args(["-c", "0"])
+        .arg(boxd_bin())
+        .arg("up")
+        .arg("--data-dir")
+        .arg(&data)
+        .arg("--config")
+        .arg(&cfg)
+        .env("BOXD_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(dir.join("boxd.log"))?)
+        .spawn()
+        .context("starting boxd")?;
+    let proc = Proc(child);
+    let socket = data.join("admin.sock");
+    let owner = uuid::Uuid::now_v7().to_string();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while admin(
+        &socket,
+        serde_json::json!({"op": "write", "command": {"type": "create_account", "id": owner,
+            "name": "bench", "max_vms": 10, "at": 0}}),
+    )
+    .is_err()
+    {
+        if Instant::now() > deadline {
+            bail!("boxd did not accept writes");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let vm = uuid::Uuid::now_v7().to_string();
+    admin(
+        &socket,
+        serde_json::json!({"op": "write", "command": {"type": "create_vm", "id": vm, "owner": owner,
+            "name": "myapp", "http_port": 8000, "at": 0,
+            "spec": {"vcpus": 1, "memory_mib": 512, "disk_gib": 4, "image": "minimal"}}}),
+    )?;
+    let node = admin(&socket, serde_json::json!({"op": "status"}))?["node_id"].clone();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let vms = admin(&socket, serde_json::json!({"op": "vms"}))?;
+        if !vms[0]["worker"].is_null() {
+            break;
+        }
+        if Instant::now() > deadline {
+            bail!("VM not placed");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let backend_ip = BACKEND.split(':').next().unwrap();
+    admin(
+        &socket,
+        serde_json::json!({"op": "write", "command": {"type": "report_vm", "vm": vm, "worker": node,
+            "observed": "running", "private_ip": backend_ip, "at": 0}}),
+    )?;
+    Ok((proc, data.join("tls")))
+}
+
+fn start_haproxy(dir: &Path, tls: &Path) -> Result<Proc> {
+    let pem = dir.join("haproxy.pem");
+    let mut both = std::fs::read(tls.join("zone.crt"))?;
+    both.extend(std::fs::read(tls.join("zone.key"))?);
+    std::fs::write(&pem, both)?;
+    let cfg = dir.join("haproxy.cfg");
+    std::fs::write(
+        &cfg,
+        format!(
+            "global\n  nbthread 1\n  cpu-map 1/1 0\n  ssl-default-bind-options ssl-min-ver TLSv1.2\n\
+             defaults\n  mode http\n  timeout connect 3s\n  timeout client 30s\n  timeout server 30s\n\
+               option http-server-close\n  option forwardfor\n\
+             frontend fe\n  bind {HAPROXY_IP}:{PORT} ssl crt {} alpn http/1.1\n  default_backend be\n\
+             backend be\n  server s1 {BACKEND}\n",
+            pem.display()
+        ),
+    )?;
+    let check = Command::new("haproxy")
+        .arg("-c")
+        .arg("-f")
+        .arg(&cfg)
+        .output()?;
+    if !check.status.success() {
+        bail!("haproxy config: {}", String::from_utf8_lossy(&check.stderr));
+    }
+    let child = Command::new("taskset")
+        .args(["-c", "0"])
+        .arg("haproxy")
+        .arg("-db")
+        .arg("-f")
+        .arg(&cfg)
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(dir.join("haproxy.log"))?)
+        .spawn()
+        .context("starting haproxy")?;
+    std::thread::sleep(Duration::from_millis(500));
+    Ok(Proc(child))
+}
+
+/// wrk on CPU 1 against `ip`; returns (requests/s, requests, server CPU seconds).
+fn wrk(ip: &str, pid: u32, close: bool, seconds: u32) -> Result<(f64, f64, f64)> {
+    let mut c = Command::new("taskset");
+    c.args(["-c", "1", "wrk", "-t1", "-c64", "--latency"])
+        .arg(format!("-d{seconds}s"))
+        .args(["-H", "Host: myapp.boxd.test"]);
+    if close {
+        c.args(["-H", "Connection: close"]);
+    }
+    c.arg(format!("https://{ip}:{PORT}/"));
+    let before = cpu_seconds(&[pid]);
+    let out = c.output().context("wrk")?;
+    let cpu = cpu_seconds(&[pid]) - before;
+    let text = String::from_utf8_lossy(&out.stdout);
+    let rps: f64 = text
+        .lines()
+        .find_map(|l| l.strip_prefix("Requests/sec:"))
+        .context("no Requests/sec")?
+        .trim()
+        .parse()?;
+    let total: f64 = text
+        .lines()
+        .find_map(|l| l.trim().split_once(" requests in "))
+        .context("no request count")?
+        .0
+        .trim()
+        .parse()?;
+    if text.contains("Non-2xx") || text.contains("Socket errors") && !close {
+        eprintln!("wrk reported errors against {ip}:\n{text}");
+    }
+    Ok((rps, total, cpu))
+}
+
+fn main() -> Result<()> {
+    let rounds: usize = std::env::var("BENCH_ROUNDS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(3);
+    let seconds: u32 = std::env::var("BENCH_SECONDS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(10);
+    let dir = tempfile::tempdir()?;
+    backend()?;
+    let (boxd, tls) = start_boxd(dir.path())?;
+    let haproxy = start_haproxy(dir.path(), &tls)?;
+    // Both must answer before measuring.
+    for ip in [BOXD_IP, HAPROXY_IP] {
+        let target = if ip == BOXD_IP { "127.77.0.2" } else { ip };
+        let ok = Command::new("curl")
+            .args(["-sk", "-H", "Host: myapp.boxd.test"])
+            .arg(format!("https://{target}:{PORT}/"))
+            .output()?;
+        if ok.stdout != b"ok" {
+            bail!(
+                "{ip} does not proxy: {}",
+                String::from_utf8_lossy(&ok.stdout)
+            );
+        }
+    }
+    println!(
+        "HTTPS: wrk -t1 -c64 on CPU 1, servers on CPU 0, {seconds} s per run, {rounds} rounds"
+    );
+    // [system][workload] -> (rps, per CPU-s) samples
+    let mut results: Vec<Vec<(Vec<f64>, Vec<f64>)>> = vec![vec![Default::default(); 2]; 2];
+    for round in 0..rounds {
+        let order = if round % 2 == 0 { [0, 1] } else { [1, 0] };
+        for sys in order {
+            let (ip, pid) = if sys == 0 {
+                ("127.77.0.2", boxd.0.id())
+            } else {
+                (HAPROXY_IP, haproxy.0.id())
+            };
+            for (w, close) in [(0, true), (1, false)] {
+                let (rps, total, cpu) = wrk(ip, pid, close, seconds)?;
+                results[sys][w].0.push(rps);
+                results[sys][w].1.push(total / cpu.max(1e-9));
+            }
+        }
+    }
+    let m = |v: &Vec<f64>| median(v.clone());
+    println!();
+    println!(
+        "| workload | boxd req/s | HAProxy req/s | ratio | boxd req/CPU-s | HAProxy req/CPU-s | ratio |"
+    );
+    println!("|---|---|---|---|---|---|---|");
+    for (w, name) in [
+        (0, "new TLS handshake per request"),
+        (1, "keep-alive requests"),
+    ] {
+        let (b, h) = (&results[0][w], &results[1][w]);
+        println!(
+            "| {name} | {:.0} | {:.0} | {:.2} | {:.0} | {:.0} | {:.2} |",
+            m(&b.0),
+            m(&h.0),
+            m(&b.0) / m(&h.0),
+            m(&b.1),
+            m(&h.1),
+            m(&b.1) / m(&h.1)
+        );
+    }
+    println!();
+    println!("goals: handshakes per CPU-s >= 1.5x HAProxy; keep-alive requests per CPU-s >= 1.0x");
+    Ok(())
+}
