@@ -15,7 +15,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, Result, bail};
-use boxd_benches::{Proc, boxd_bin, cpu_seconds, median};
+use boxd_benches::{Proc, cpu_seconds, median, start_boxd_up};
 
 const NAMES: usize = 10_000;
 const SECONDS: u32 = 10;
@@ -79,28 +79,12 @@ fn wait_answering(ip: &str) -> Result<()> {
 }
 
 fn start_boxd(dir: &Path) -> Result<Proc> {
-    let cfg = dir.join("boxd.toml");
-    std::fs::write(
-        &cfg,
+    let (proc, data) = start_boxd_up(
+        dir,
         "[node]\nheartbeat_secs = 3600\n[raft]\nlisten = \"127.0.38.1:7000\"\n\
          [dns]\nlisten = \"127.0.38.1:5353\"\ncpus = [0]\n\
          [https]\nlisten = \"127.0.38.1:8443\"\nredirect_listen = \"127.0.38.1:8080\"\ncpus = [0]\n",
     )?;
-    let data = dir.join("boxd-data");
-    let child = Command::new("taskset")
-        .args(["-c", "0"])
-        .arg(boxd_bin())
-        .arg("up")
-        .arg("--data-dir")
-        .arg(&data)
-        .arg("--config")
-        .arg(&cfg)
-        .env("BOXD_LOG", "warn")
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(dir.join("boxd.log"))?)
-        .spawn()
-        .context("starting boxd")?;
-    let proc = Proc(child);
     // Fill the zone through the log: one account, 10,000 VMs named like the zone file's.
     let socket = data.join("admin.sock");
     let deadline = Instant::now() + Duration::from_secs(30);

@@ -19,7 +19,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, Result, bail};
-use boxd_benches::{Proc, boxd_bin, cpu_seconds, median};
+use boxd_benches::{Proc, cpu_seconds, median, start_boxd_up};
 
 const BOXD_IP: &str = "127.0.41.1";
 const HAPROXY_IP: &str = "127.0.41.2";
@@ -76,30 +76,14 @@ fn admin(socket: &Path, cmd: serde_json::Value) -> Result<serde_json::Value> {
 
 /// `boxd up` pinned to CPU 0 with one HTTPS shard, and a VM whose web server is the backend.
 fn start_boxd(dir: &Path) -> Result<(Proc, std::path::PathBuf)> {
-    let cfg = dir.join("boxd.toml");
-    std::fs::write(
-        &cfg,
-        format!(
+    let (proc, data) = start_boxd_up(
+        dir,
+        &format!(
             "[node]\nheartbeat_secs = 3600\n[raft]\nlisten = \"{BOXD_IP}:7000\"\n\
              [dns]\nlisten = \"{BOXD_IP}:5353\"\ncpus = [0]\n\
              [https]\nlisten = \"0.0.0.0:{PORT}\"\nredirect_listen = \"{BOXD_IP}:8080\"\ncpus = [0]\n"
         ),
     )?;
-    let data = dir.join("boxd-data");
-    let child = Command::new("taskset")
-        .args(["-c", "0"])
-        .arg(boxd_bin())
-        .arg("up")
-        .arg("--data-dir")
-        .arg(&data)
-        .arg("--config")
-        .arg(&cfg)
-        .env("BOXD_LOG", "warn")
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(dir.join("boxd.log"))?)
-        .spawn()
-        .context("starting boxd")?;
-    let proc = Proc(child);
     let socket = data.join("admin.sock");
     let owner = uuid::Uuid::now_v7().to_string();
     let deadline = Instant::now() + Duration::from_secs(30);

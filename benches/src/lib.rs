@@ -428,3 +428,25 @@ pub fn cpu_seconds(pids: &[u32]) -> f64 {
         })
         .sum()
 }
+
+/// `boxd up` pinned to CPU 0 with `config` (TOML) in `dir`, logging warnings to
+/// `dir/boxd.log`. Returns the process and its data directory (admin socket inside).
+pub fn start_boxd_up(dir: &Path, config: &str) -> Result<(Proc, PathBuf)> {
+    let cfg = dir.join("boxd.toml");
+    std::fs::write(&cfg, config)?;
+    let data = dir.join("boxd-data");
+    let child = std::process::Command::new("taskset")
+        .args(["-c", "0"])
+        .arg(boxd_bin())
+        .arg("up")
+        .arg("--data-dir")
+        .arg(&data)
+        .arg("--config")
+        .arg(&cfg)
+        .env("BOXD_LOG", "warn")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(dir.join("boxd.log"))?)
+        .spawn()
+        .map_err(|e| anyhow::anyhow!("starting boxd: {e}"))?;
+    Ok((Proc(child), data))
+}
