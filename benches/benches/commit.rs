@@ -19,7 +19,8 @@ use std::time::Duration;
 
 use anyhow::Result;
 use boxd_benches::{
-    BoxdCluster, BoxdWriter, EtcdCluster, EtcdWriter, Samples, Writer, cpu_seconds, median, run,
+    BoxdCluster, BoxdWriter, EtcdCluster, EtcdWriter, Samples, Writer, cpu_seconds, env_or, median,
+    run,
 };
 
 const LATENCY_WRITES: u64 = 1000;
@@ -68,10 +69,7 @@ fn main() -> Result<()> {
     if std::env::args().any(|a| a == "--list") {
         return Ok(());
     }
-    let rounds: usize = std::env::var("BENCH_ROUNDS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(3);
+    let rounds: usize = env_or("BENCH_ROUNDS", 3);
     let base = PathBuf::from(std::env::var("BENCH_DIR").unwrap_or_else(|_| "/var/tmp".into()));
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()

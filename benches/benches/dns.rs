@@ -15,7 +15,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, Result, bail};
-use boxd_benches::{Proc, cpu_seconds, median, start_boxd_up};
+use boxd_benches::{Proc, cpu_seconds, env_or, median, start_boxd_up};
 
 const NAMES: usize = 10_000;
 const SECONDS: u32 = 10;
@@ -279,10 +279,7 @@ fn main() -> Result<()> {
     if std::env::args().any(|a| a == "--list") {
         return Ok(());
     }
-    let rounds: usize = std::env::var("BENCH_ROUNDS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(3);
+    let rounds: usize = env_or("BENCH_ROUNDS", 3);
     let base = std::env::var("BENCH_DIR").unwrap_or_else(|_| "/var/tmp".into());
     let dir = tempfile::tempdir_in(base)?;
     let zone = zone_file(dir.path())?;

@@ -19,7 +19,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, Result, bail};
-use boxd_benches::{Proc, cpu_seconds, median, start_boxd_up};
+use boxd_benches::{Proc, cpu_seconds, env_or, median, start_boxd_up};
 
 const BOXD_IP: &str = "127.0.41.1";
 const HAPROXY_IP: &str = "127.0.41.2";
@@ -200,14 +200,8 @@ fn wrk(ip: &str, pid: u32, close: bool, seconds: u32) -> Result<(f64, f64, f64)>
 }
 
 fn main() -> Result<()> {
-    let rounds: usize = std::env::var("BENCH_ROUNDS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(3);
-    let seconds: u32 = std::env::var("BENCH_SECONDS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(10);
+    let rounds: usize = env_or("BENCH_ROUNDS", 3);
+    let seconds: u32 = env_or("BENCH_SECONDS", 10);
     let dir = tempfile::tempdir()?;
     backend()?;
     let (boxd, tls) = start_boxd(dir.path())?;

@@ -19,7 +19,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, Result, bail};
-use boxd_benches::{boxd_bin, median};
+use boxd_benches::{boxd_bin, env_or, median};
 
 const MEMORY_MIB: u64 = 32;
 
@@ -137,10 +137,7 @@ fn qemu(guest: &str) -> Command {
 }
 
 fn main() -> Result<()> {
-    let rounds: usize = std::env::var("BENCH_ROUNDS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(20);
+    let rounds: usize = env_or("BENCH_ROUNDS", 20);
     let guest = boxd_vmm::TEST_GUEST;
     let host = boxd_vmm::host::detect();
     println!(

@@ -450,3 +450,12 @@ pub fn start_boxd_up(dir: &Path, config: &str) -> Result<(Proc, PathBuf)> {
         .map_err(|e| anyhow::anyhow!("starting boxd: {e}"))?;
     Ok((Proc(child), data))
 }
+
+/// A numeric setting from the environment (`BENCH_ROUNDS`, `BENCH_SECONDS`, ...), or `default`
+/// when unset or not a number.
+pub fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
