@@ -83,7 +83,8 @@ fn start_boxd(dir: &Path) -> Result<Proc> {
         dir,
         "[node]\nheartbeat_secs = 3600\n[raft]\nlisten = \"127.0.38.1:7000\"\n\
          [dns]\nlisten = \"127.0.38.1:5353\"\ncpus = [0]\n\
-         [https]\nlisten = \"127.0.38.1:8443\"\nredirect_listen = \"127.0.38.1:8080\"\ncpus = [0]\n",
+         [https]\nlisten = \"127.0.38.1:8443\"\nredirect_listen = \"127.0.38.1:8080\"\ncpus = [0]\n\
+         [ssh]\nlisten = \"127.0.38.1:2222\"\ncpus = [0]\n",
     )?;
     // Fill the zone through the log: one account, 10,000 VMs named like the zone file's.
     let socket = data.join("admin.sock");

@@ -81,7 +81,8 @@ fn start_boxd(dir: &Path) -> Result<(Proc, std::path::PathBuf)> {
         &format!(
             "[node]\nheartbeat_secs = 3600\n[raft]\nlisten = \"{BOXD_IP}:7000\"\n\
              [dns]\nlisten = \"{BOXD_IP}:5353\"\ncpus = [0]\n\
-             [https]\nlisten = \"0.0.0.0:{PORT}\"\nredirect_listen = \"{BOXD_IP}:8080\"\ncpus = [0]\n"
+             [https]\nlisten = \"0.0.0.0:{PORT}\"\nredirect_listen = \"{BOXD_IP}:8080\"\ncpus = [0]\n\
+             [ssh]\nlisten = \"{BOXD_IP}:2222\"\ncpus = [0]\n"
         ),
     )?;
     let socket = data.join("admin.sock");

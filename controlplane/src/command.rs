@@ -136,6 +136,26 @@ pub enum Command {
         /// Proposal time; an expired code is refused.
         at: Millis,
     },
+    /// On a cluster without accounts, creates the owner account with its first key; refused
+    /// once any account exists (the first key ever seen on a fresh cluster owns it).
+    ClaimOwner {
+        /// New id.
+        id: AccountId,
+        /// Account name.
+        name: String,
+        /// Fingerprint of `public_key`.
+        fingerprint: Fingerprint,
+        /// OpenSSH form.
+        public_key: String,
+        /// Proposal time.
+        at: Millis,
+    },
+    /// Stores the SSH host key every proxy presents (OpenSSH private key PEM). The first one
+    /// written stays; later ones are ignored, so proxies that race at startup agree.
+    SetSshHostKey {
+        /// OpenSSH-format private key.
+        private_key: String,
+    },
     /// Creates a VM with the lowest pool address not yet used by its owner.
     CreateVm {
         /// New id.
@@ -223,6 +243,8 @@ impl Command {
             Command::RevokeApiToken { .. } => "revoke_api_token",
             Command::CreateRegistration { .. } => "create_registration",
             Command::CompleteRegistration { .. } => "complete_registration",
+            Command::ClaimOwner { .. } => "claim_owner",
+            Command::SetSshHostKey { .. } => "set_ssh_host_key",
             Command::CreateVm { .. } => "create_vm",
             Command::PlaceVm { .. } => "place_vm",
             Command::SetVmDesired { .. } => "set_vm_desired",
@@ -335,6 +357,9 @@ pub enum ApplyError {
         /// The key.
         fingerprint: Fingerprint,
     },
+    /// `ClaimOwner` on a cluster that has accounts.
+    #[error("this cluster already has an owner")]
+    OwnerClaimed,
     /// An account's last key cannot be removed.
     #[error("cannot remove the last key of an account: add another key first")]
     LastKey,

@@ -232,6 +232,11 @@ impl View {
         self
     }
 
+    /// How many keys are bound to accounts.
+    pub fn key_count(&self) -> usize {
+        self.keys.len()
+    }
+
     /// Number of VMs.
     pub fn vm_count(&self) -> usize {
         self.by_id.len()

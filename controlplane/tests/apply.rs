@@ -759,3 +759,44 @@ fn allocation_matches_the_lowest_free_model() {
         }
     }
 }
+
+#[test]
+fn first_key_claims_the_cluster_and_host_key_is_written_once() {
+    let mut c = db();
+    let i = ids();
+    let claim = |id: AccountId, fp: &Fingerprint| Command::ClaimOwner {
+        id,
+        name: "owner".into(),
+        fingerprint: fp.clone(),
+        public_key: "ssh-ed25519 AAAA".into(),
+        at: 5,
+    };
+    assert!(done(&apply(&mut c, &init("127.77.0.0/16", 3))));
+    assert!(done(&apply(&mut c, &claim(i.alice, &i.ka))));
+    assert!(done(&apply(&mut c, &claim(i.alice, &i.ka))), "a retry");
+    let before = digest(&c);
+    let r = apply(&mut c, &claim(i.bob, &i.kb));
+    assert!(matches!(r, Err(ApplyError::OwnerClaimed)), "{r:?}");
+    assert_eq!(before, digest(&c));
+    assert_eq!(rows::key_owner(&c, &i.ka).unwrap(), Some(i.alice));
+    assert_eq!(rows::keys_of(&c, i.alice).unwrap().len(), 1);
+
+    let key = |k: &str| Command::SetSshHostKey {
+        private_key: format!("-----BEGIN OPENSSH PRIVATE KEY-----\n{k}\n"),
+    };
+    assert!(done(&apply(&mut c, &key("first"))));
+    assert!(done(&apply(&mut c, &key("second"))));
+    assert!(
+        rows::meta(&c, rows::SSH_HOST_KEY)
+            .unwrap()
+            .unwrap()
+            .contains("first")
+    );
+    let r = apply(
+        &mut c,
+        &Command::SetSshHostKey {
+            private_key: "not a key".into(),
+        },
+    );
+    assert!(matches!(r, Err(ApplyError::Invalid { .. })), "{r:?}");
+}

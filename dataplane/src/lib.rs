@@ -1,4 +1,6 @@
-//! The front door: thread-per-core shards that terminate HTTPS (and, later, SSH) and route by
-//! the control plane's lock-free [`View`](boxd_controlplane::view::View). See DESIGN.md.
+//! The front door: thread-per-core shards that terminate SSH and HTTPS and route by the
+//! control plane's lock-free [`View`](boxd_controlplane::view::View). See DESIGN.md.
 
 pub mod https;
+pub mod shard;
+pub mod ssh;

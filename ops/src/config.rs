@@ -148,12 +148,33 @@ impl RaftConfig {
 pub struct SshConfig {
     /// Listen address; only connections addressed to the lobby or a pool address are served.
     pub listen: SocketAddr,
+    /// CPUs to run shards on, one pinned shard each; empty means every CPU.
+    pub cpus: Vec<usize>,
+    /// Seconds a client has to authenticate.
+    pub auth_timeout_secs: u64,
+    /// Connections still authenticating, per shard, and per client address per shard.
+    pub max_handshakes_per_shard: usize,
+    /// See `max_handshakes_per_shard`.
+    pub max_handshakes_per_ip: usize,
+    /// Channels one connection may have open.
+    pub max_channels_per_connection: usize,
+    /// Seconds between keepalive probes (three unanswered close the connection).
+    pub keepalive_secs: u64,
+    /// Seconds `new`, `start` and `restart` wait for the VM to become reachable.
+    pub ready_timeout_secs: u64,
 }
 
 impl Default for SshConfig {
     fn default() -> Self {
         Self {
             listen: SocketAddr::from(([0, 0, 0, 0], 2222)),
+            cpus: Vec::new(),
+            auth_timeout_secs: 30,
+            max_handshakes_per_shard: 256,
+            max_handshakes_per_ip: 32,
+            max_channels_per_connection: 16,
+            keepalive_secs: 30,
+            ready_timeout_secs: 120,
         }
     }
 }
@@ -464,7 +485,11 @@ impl Config {
             ));
         }
         let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
-        for (field, list) in [("dns.cpus", &d.cpus), ("https.cpus", &self.https.cpus)] {
+        for (field, list) in [
+            ("dns.cpus", &d.cpus),
+            ("https.cpus", &self.https.cpus),
+            ("ssh.cpus", &self.ssh.cpus),
+        ] {
             if let Some(c) = list.iter().find(|c| **c >= cpus) {
                 return Err(invalid(
                     field,
@@ -498,6 +523,19 @@ impl Config {
             return Err(invalid(
                 "https.header_timeout_secs",
                 "HTTPS timeouts and limits must be at least 1",
+            ));
+        }
+        let ssh = &self.ssh;
+        if ssh.auth_timeout_secs == 0
+            || ssh.max_handshakes_per_shard == 0
+            || ssh.max_handshakes_per_ip == 0
+            || ssh.max_channels_per_connection == 0
+            || ssh.keepalive_secs == 0
+            || ssh.ready_timeout_secs == 0
+        {
+            return Err(invalid(
+                "ssh.auth_timeout_secs",
+                "SSH timeouts and limits must be at least 1",
             ));
         }
         let listeners: [(&'static str, SocketAddr); 5] = [
@@ -599,6 +637,19 @@ write_timeout_ms = 10000
 [ssh]
 # Listens on every address; serves only connections addressed to the lobby or a pool address.
 listen = "0.0.0.0:2222"
+# CPUs to run shards on, one pinned shard each (SO_REUSEPORT); empty means every CPU.
+cpus = []
+# Seconds a client has to authenticate.
+auth_timeout_secs = 30
+# Connections still authenticating, per shard and per client address per shard.
+max_handshakes_per_shard = 256
+max_handshakes_per_ip = 32
+# Channels (sessions, forwards) one connection may have open.
+max_channels_per_connection = 16
+# Seconds between keepalive probes; three unanswered close the connection.
+keepalive_secs = 30
+# Seconds `new`, `start` and `restart` wait for the VM to become reachable.
+ready_timeout_secs = 120
 
 [https]
 # Listens on every address; serves only connections addressed to the lobby or a pool address.

@@ -7,4 +7,5 @@ pub mod config;
 pub mod host;
 pub mod identity;
 pub mod node;
+pub mod ssh;
 pub mod status;

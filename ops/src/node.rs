@@ -99,6 +99,11 @@ pub async fn run(
     } else {
         None
     };
+    let ssh_listeners = if roles.contains(&Role::Proxy) {
+        Some(crate::ssh::bind(&cfg)?)
+    } else {
+        None
+    };
     let me = SelfInfo {
         uuid: existing.as_ref().map_or_else(Uuid::new_v4, |i| i.uuid),
         name: if cfg.node.name.is_empty() {
@@ -154,9 +159,6 @@ pub async fn run(
         }
         None => (None, None),
     };
-    if roles.contains(&Role::Proxy) {
-        tracing::warn!("the SSH front door is not built yet: the proxy role serves HTTPS only");
-    }
 
     let (stop_tx, stop_rx) = watch::channel(false);
     let grpc = tokio::spawn(serve_grpc(
@@ -188,6 +190,7 @@ pub async fn run(
         );
     }
 
+    let ssh_server = Arc::new(std::sync::Mutex::new(None));
     let settle = settle(
         Arc::clone(&replica),
         start.clone(),
@@ -201,6 +204,8 @@ pub async fn run(
             advertise,
             dns: dns_addr,
             https: https_ready,
+            ssh: ssh_listeners,
+            ssh_server: Arc::clone(&ssh_server),
         },
     );
     let settle = tokio::spawn(settle);
@@ -222,6 +227,10 @@ pub async fn run(
     if let Some(https) = https {
         let _ = tokio::task::spawn_blocking(move || https.stop()).await;
     }
+    let ssh = ssh_server.lock().ok().and_then(|mut s| s.take());
+    if let Some(ssh) = ssh {
+        let _ = tokio::task::spawn_blocking(move || ssh.stop()).await;
+    }
     replica.shutdown().await;
     let _ = grpc.await;
     let _ = std::fs::remove_file(&socket_path);
@@ -234,6 +243,10 @@ struct Ready {
     advertise: String,
     dns: Option<std::net::SocketAddr>,
     https: Option<HttpsReady>,
+    /// SSH listeners, started once the cluster is settled (the host key lives in the replica).
+    ssh: Option<boxd_dataplane::ssh::Listeners>,
+    /// Where the started SSH server is kept for shutdown.
+    ssh_server: Arc<std::sync::Mutex<Option<boxd_dataplane::ssh::SshServer>>>,
 }
 
 /// What the ready line says about HTTPS.
@@ -302,6 +315,20 @@ async fn settle(
         }
     }
 
+    let mut ssh_line = String::new();
+    if let Some(listeners) = ready.ssh {
+        let addr = listeners.local_addr();
+        let https_port = ready.https.as_ref().map(|h| h.addr.port());
+        match crate::ssh::start(&cfg, listeners, &replica, https_port).await {
+            Ok((server, fp)) => {
+                ssh_line = format!(" ssh={addr} ssh_host_key={fp}");
+                if let Ok(mut slot) = ready.ssh_server.lock() {
+                    *slot = Some(server);
+                }
+            }
+            Err(e) => tracing::error!(error = %e, "the SSH front door did not start"),
+        }
+    }
     let serving: Vec<&str> = me
         .roles
         .iter()
@@ -321,7 +348,7 @@ async fn settle(
         })
         .unwrap_or_default();
     println!(
-        "boxd ready: node={} roles={} serving={} cluster={} zone={} raft={}{dns}{https} admin={} data={}",
+        "boxd ready: node={} roles={} serving={} cluster={} zone={} raft={}{dns}{https}{ssh_line} admin={} data={}",
         replica.id(),
         roles_to_string(&me.roles),
         serving.join(","),
@@ -365,16 +392,8 @@ async fn settle(
 }
 
 /// Shards for the DNS role: one per configured CPU, or one per CPU of the host.
-fn dns_cpus(cfg: &Config) -> Vec<usize> {
-    if cfg.dns.cpus.is_empty() {
-        (0..std::thread::available_parallelism().map_or(1, |n| n.get())).collect()
-    } else {
-        cfg.dns.cpus.clone()
-    }
-}
-
 fn bind_dns(cfg: &Config) -> Result<boxd_dns::server::Sockets, NodeError> {
-    boxd_dns::server::Sockets::bind(cfg.dns.listen, dns_cpus(cfg).len()).map_err(|e| {
+    boxd_dns::server::Sockets::bind(cfg.dns.listen, shard_cpus(&cfg.dns.cpus).len()).map_err(|e| {
         NodeError::Usage(format!(
             "cannot listen on dns.listen {}: {e} (is another DNS server running? set dns.listen in the config)",
             cfg.dns.listen
@@ -397,7 +416,7 @@ fn start_dns(
         ..boxd_dns::ZoneConfig::default()
     });
     let server = boxd_dns::server::ServerConfig {
-        cpus: dns_cpus(cfg),
+        cpus: shard_cpus(&cfg.dns.cpus),
         tcp_idle: Duration::from_secs(d.tcp_idle_secs),
         tcp_max_queries: d.tcp_max_queries,
         rrl: boxd_dns::rrl::RrlConfig {
@@ -530,11 +549,12 @@ fn bind_admin(path: &Path) -> Result<UnixListener, NodeError> {
 }
 
 /// Shards for the HTTPS front door: one per configured CPU, or one per CPU of the host.
-fn https_cpus(cfg: &Config) -> Vec<usize> {
-    if cfg.https.cpus.is_empty() {
+/// The CPUs to run one shard each on: the configured list, or every CPU when it is empty.
+pub fn shard_cpus(configured: &[usize]) -> Vec<usize> {
+    if configured.is_empty() {
         (0..std::thread::available_parallelism().map_or(1, |n| n.get())).collect()
     } else {
-        cfg.https.cpus.clone()
+        configured.to_vec()
     }
 }
 
@@ -543,7 +563,7 @@ fn https_config(cfg: &Config) -> boxd_dataplane::https::HttpsConfig {
     boxd_dataplane::https::HttpsConfig {
         listen: h.listen,
         redirect_listen: Some(h.redirect_listen),
-        cpus: https_cpus(cfg),
+        cpus: shard_cpus(&cfg.https.cpus),
         header_timeout: Duration::from_secs(h.header_timeout_secs),
         connect_timeout: Duration::from_secs(h.connect_timeout_secs),
         max_connections: h.max_connections_per_shard,
@@ -553,7 +573,7 @@ fn https_config(cfg: &Config) -> boxd_dataplane::https::HttpsConfig {
 }
 
 fn bind_https(cfg: &Config) -> Result<boxd_dataplane::https::Listeners, NodeError> {
-    boxd_dataplane::https::Listeners::bind(&https_config(cfg), https_cpus(cfg).len()).map_err(
+    boxd_dataplane::https::Listeners::bind(&https_config(cfg), shard_cpus(&cfg.https.cpus).len()).map_err(
         |e| {
             NodeError::Usage(format!(
                 "cannot listen on https.listen {} / https.redirect_listen {}: {e} (set them in the config)",

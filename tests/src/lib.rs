@@ -51,6 +51,7 @@ pub fn write_config(dir: &Path, name: &str, raft: &str, extra: &str) -> PathBuf 
         format!(
             "[node]\nname = \"{name}\"\nheartbeat_secs = 60\n\n[dns]\nlisten = \"{ip}:5353\"\ncpus = [0]\n\n\
              [https]\nlisten = \"{ip}:8443\"\nredirect_listen = \"{ip}:8080\"\ncpus = [0]\n\n\
+             [ssh]\nlisten = \"{ip}:2222\"\ncpus = [0]\n\n\
              [raft]\nlisten = \"{raft}\"\n{extra}\n"
         ),
     )
@@ -226,4 +227,31 @@ pub fn eventually<T>(timeout: Duration, what: &str, mut f: impl FnMut() -> Optio
         assert!(Instant::now() < deadline, "timed out waiting for {what}");
         std::thread::sleep(Duration::from_millis(100));
     }
+}
+
+/// Wall-clock milliseconds, for commands written through the admin socket.
+pub fn now_ms() -> u64 {
+    u64::try_from(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_millis(),
+    )
+    .unwrap()
+}
+
+/// The value of `key=` in a ready line.
+pub fn ready_field<'a>(ready: &'a str, key: &str) -> &'a str {
+    ready
+        .split_whitespace()
+        .find_map(|kv| kv.strip_prefix(&format!("{key}=")))
+        .unwrap_or_else(|| panic!("no {key}= in {ready}"))
+}
+
+/// Writes a log command through `node`'s admin socket; panics if the log refuses it.
+pub fn write(node: &Node, command: Value) {
+    let r = node
+        .admin()
+        .ok(&serde_json::json!({"op": "write", "command": command}));
+    assert!(r["refused"].is_null(), "{command} -> {r}");
 }

@@ -6,18 +6,11 @@
 
 use std::os::unix::fs::PermissionsExt as _;
 use std::process::Command;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
-use boxd_tests::{Node, boxd_bin, eventually, write_config};
+use boxd_tests::{Node, boxd_bin, eventually, now_ms, write_config};
 use serde_json::json;
 use uuid::Uuid;
-
-fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap()
-        .as_millis() as u64
-}
 
 /// Runs `boxd` with `args` to completion.
 fn boxd<I, S>(args: I) -> std::process::Output

@@ -7,21 +7,14 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
-use boxd_tests::{Admin, Node, eventually, write_config};
+use boxd_tests::{Admin, Node, eventually, now_ms, write_config};
 use serde_json::{Value, json};
 use uuid::Uuid;
 
 const WRITES: usize = 1000;
 const WRITERS: usize = 8;
-
-fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap()
-        .as_millis() as u64
-}
 
 fn vms(node: &Node) -> Vec<Value> {
     node.admin()

@@ -5,21 +5,14 @@
 
 use std::net::UdpSocket;
 use std::process::Command;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
-use boxd_tests::{Node, eventually, write_config};
+use boxd_tests::{Node, eventually, now_ms, write, write_config};
 use serde_json::json;
 use uuid::Uuid;
 
 const IP: &str = "127.0.37.1";
 const SECONDARY: &str = "127.0.37.9";
-
-fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap()
-        .as_millis() as u64
-}
 
 fn tool(bin: &str, args: &[&str]) -> String {
     let out = Command::new(bin).args(args).output().unwrap_or_else(|e| {
@@ -69,11 +62,6 @@ fn section(out: &str, name: &str) -> Vec<String> {
         .take_while(|l| !l.trim().is_empty())
         .map(str::to_owned)
         .collect()
-}
-
-fn write(node: &Node, command: serde_json::Value) {
-    let r = node.admin().ok(&json!({"op": "write", "command": command}));
-    assert!(r["refused"].is_null(), "{r}");
 }
 
 #[test]

@@ -9,8 +9,8 @@ use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use boxd_tests::{Node, eventually, write_config};
-use serde_json::{Value, json};
+use boxd_tests::{Node, eventually, now_ms, ready_field as field, write, write_config};
+use serde_json::json;
 use uuid::Uuid;
 
 const IP: &str = "127.0.39.1";
@@ -19,21 +19,6 @@ const BACKEND: &str = "127.0.39.10";
 const DEAD_BACKEND: &str = "127.0.39.11";
 const HTTPS_PORT: u16 = 28443;
 const HTTP_PORT: u16 = 28080;
-
-fn now_ms() -> u64 {
-    u64::try_from(
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap()
-            .as_millis(),
-    )
-    .unwrap()
-}
-
-fn write(node: &Node, command: Value) {
-    let r = node.admin().ok(&json!({"op": "write", "command": command}));
-    assert!(r["refused"].is_null(), "{command} -> {r}");
-}
 
 struct Backend(Child);
 
@@ -82,13 +67,6 @@ fn curl(ca: &str, name: &str, ip: &str, path: &str, extra: &[&str]) -> (u16, Str
     let text = String::from_utf8_lossy(&out.stdout).into_owned();
     let (body, code) = text.rsplit_once('\n').unwrap_or(("", "0"));
     (code.parse().unwrap_or(0), body.to_owned())
-}
-
-fn field<'a>(ready: &'a str, key: &str) -> &'a str {
-    ready
-        .split_whitespace()
-        .find_map(|kv| kv.strip_prefix(&format!("{key}=")))
-        .unwrap_or_else(|| panic!("no {key}= in {ready}"))
 }
 
 #[test]

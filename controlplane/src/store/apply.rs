@@ -606,6 +606,54 @@ fn apply_one(
             Ok(Outcome::Done)
         }
 
+        Command::ClaimOwner {
+            id,
+            name,
+            fingerprint,
+            public_key,
+            at,
+        } => {
+            let mine = rows::key_owner(c, fingerprint)? == Some(*id);
+            if mine {
+                return Ok(Outcome::Done);
+            }
+            let any: bool = one(c, "SELECT EXISTS (SELECT 1 FROM accounts)", [], |r| {
+                r.get(0)
+            })?;
+            if any {
+                return Err(ApplyError::OwnerClaimed.into());
+            }
+            let create = Command::CreateAccount {
+                id: *id,
+                name: name.clone(),
+                max_vms: None,
+                at: *at,
+            };
+            apply_one(c, &create, t, cache)?;
+            let key = Command::AddSshKey {
+                account: *id,
+                fingerprint: fingerprint.clone(),
+                public_key: public_key.clone(),
+                at: *at,
+            };
+            apply_one(c, &key, t, cache)
+        }
+
+        Command::SetSshHostKey { private_key } => {
+            if private_key.len() > 16 * 1024
+                || !private_key.starts_with("-----BEGIN OPENSSH PRIVATE KEY-----")
+            {
+                return Err(invalid(
+                    "SSH host key",
+                    "expected an OpenSSH private key of at most 16 KiB",
+                ));
+            }
+            if rows::meta(c, rows::SSH_HOST_KEY)?.is_none() {
+                rows::set_meta(c, rows::SSH_HOST_KEY, private_key)?;
+            }
+            Ok(Outcome::Done)
+        }
+
         Command::CreateVm {
             id,
             owner,

@@ -8,7 +8,9 @@ pub mod sqlite;
 
 use rusqlite::Connection;
 
-use crate::model::{ClusterSettings, Node, Vm};
+use crate::model::{
+    Account, AccountId, ClusterSettings, Fingerprint, Node, Registration, SshKey, Vm,
+};
 use crate::view::{View, ViewChange, VmRoute};
 pub use apply::Touched;
 pub use sqlite::{Closed, Durability, SqliteThread};
@@ -102,6 +104,34 @@ impl StateReader {
     /// Every node.
     pub async fn nodes(&self) -> Result<Vec<Node>, ReadError> {
         self.read(rows::nodes).await
+    }
+
+    /// One account.
+    pub async fn account(&self, id: AccountId) -> Result<Option<Account>, ReadError> {
+        self.read(move |c| rows::account(c, id)).await
+    }
+
+    /// An account's keys.
+    pub async fn keys_of(&self, id: AccountId) -> Result<Vec<SshKey>, ReadError> {
+        self.read(move |c| rows::keys_of(c, id)).await
+    }
+
+    /// An account's VMs.
+    pub async fn vms_of(&self, id: AccountId) -> Result<Vec<Vm>, ReadError> {
+        self.read(move |c| rows::vms_of(c, id)).await
+    }
+
+    /// The newest registration waiting for a key.
+    pub async fn registration_of(
+        &self,
+        fp: Fingerprint,
+    ) -> Result<Option<Registration>, ReadError> {
+        self.read(move |c| rows::registration_of(c, &fp)).await
+    }
+
+    /// The SSH host key, once a proxy has stored one.
+    pub async fn ssh_host_key(&self) -> Result<Option<String>, ReadError> {
+        self.read(|c| rows::meta(c, rows::SSH_HOST_KEY)).await
     }
 
     /// The cluster secret (hex).

@@ -10,8 +10,8 @@ use rusqlite::{Connection, OptionalExtension, Row, params};
 use uuid::Uuid;
 
 use crate::model::{
-    Account, AccountId, Capacity, ClusterSettings, Fingerprint, Node, NodeId, Vm, VmId, VmSpec,
-    parse_roles,
+    Account, AccountId, Capacity, ClusterSettings, Fingerprint, Node, NodeId, Registration, SshKey,
+    Vm, VmId, VmSpec, parse_roles,
 };
 
 fn bad(idx: usize, e: impl std::error::Error + Send + Sync + 'static) -> rusqlite::Error {
@@ -213,6 +213,47 @@ pub fn keys(conn: &Connection) -> rusqlite::Result<Vec<(Fingerprint, AccountId)>
     conn.prepare_cached("SELECT fingerprint, account FROM ssh_keys")?
         .query_map([], |r| Ok((parsed(r, 0)?, AccountId(uuid(r, 1)?))))?
         .collect()
+}
+
+/// The `meta` key holding the SSH host key.
+pub const SSH_HOST_KEY: &str = "ssh_host_key";
+
+/// An account's keys, oldest first.
+pub fn keys_of(conn: &Connection, account: AccountId) -> rusqlite::Result<Vec<SshKey>> {
+    conn.prepare_cached(
+        "SELECT fingerprint, account, public_key, added_at FROM ssh_keys
+         WHERE account = ?1 ORDER BY added_at, fingerprint",
+    )?
+    .query_map(params![account.to_string()], |r| {
+        Ok(SshKey {
+            fingerprint: parsed(r, 0)?,
+            account: AccountId(uuid(r, 1)?),
+            public_key: r.get(2)?,
+            added_at: unsigned(r, 3)?,
+        })
+    })?
+    .collect()
+}
+
+/// The newest registration waiting for `fp`, expired or not.
+pub fn registration_of(
+    conn: &Connection,
+    fp: &Fingerprint,
+) -> rusqlite::Result<Option<Registration>> {
+    conn.prepare_cached(
+        "SELECT code, fingerprint, public_key, created_at, expires_at FROM registrations
+         WHERE fingerprint = ?1 ORDER BY expires_at DESC LIMIT 1",
+    )?
+    .query_row(params![fp.as_str()], |r| {
+        Ok(Registration {
+            code: r.get(0)?,
+            fingerprint: parsed(r, 1)?,
+            public_key: r.get(2)?,
+            created_at: unsigned(r, 3)?,
+            expires_at: unsigned(r, 4)?,
+        })
+    })
+    .optional()
 }
 
 /// A value from the `meta` table.

@@ -67,18 +67,6 @@ pub struct Listeners {
     redirect_addr: Option<SocketAddr>,
 }
 
-fn listen(addr: SocketAddr) -> std::io::Result<TcpListener> {
-    use socket2::{Domain, Protocol, Socket, Type};
-    let s = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
-    s.set_reuse_port(true)?;
-    s.set_reuse_address(true)?;
-    s.set_tcp_nodelay(true)?;
-    s.bind(&addr.into())?;
-    s.listen(1024)?;
-    s.set_nonblocking(true)?;
-    Ok(s.into())
-}
-
 impl Listeners {
     /// Binds `shards` listener sets.
     pub fn bind(cfg: &HttpsConfig, shards: usize) -> std::io::Result<Self> {
@@ -86,12 +74,12 @@ impl Listeners {
         let mut redirect_addr = cfg.redirect_listen;
         let mut out = Vec::new();
         for _ in 0..shards.max(1) {
-            let l = listen(addr)?;
+            let l = crate::shard::listen(addr)?;
             // With port 0 the first bind picks the port; the other shards share it.
             addr = l.local_addr()?;
             let r = match redirect_addr {
                 Some(a) => {
-                    let r = listen(a)?;
+                    let r = crate::shard::listen(a)?;
                     redirect_addr = Some(r.local_addr()?);
                     Some(r)
                 }

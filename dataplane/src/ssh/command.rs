@@ -1,0 +1,477 @@
+//! Lobby commands: a command line (from `ssh boxd.test CMD…` or the interactive prompt) split
+//! into words the way a POSIX shell would (quotes, backslashes), then parsed into a typed
+//! [`LobbyCommand`]. Sans-io and total: any input gives a command or a [`UsageError`] whose
+//! message says what to type instead; never a panic (fuzzed: `fuzz/fuzz_targets/lobby_command.rs`).
+
+use std::fmt;
+
+/// Largest command line accepted.
+pub const MAX_LINE: usize = 4096;
+
+/// What the user asked the lobby to do.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum LobbyCommand {
+    /// Create a VM and wait until it is reachable.
+    New(NewArgs),
+    /// List the caller's VMs.
+    Ls {
+        /// Machine-readable output.
+        json: bool,
+    },
+    /// Show one VM.
+    Show {
+        /// VM name.
+        name: String,
+        /// Machine-readable output.
+        json: bool,
+    },
+    /// Delete a VM (and its disk).
+    Rm {
+        /// VM name.
+        name: String,
+    },
+    /// Start, stop or restart a VM.
+    Power {
+        /// What to do.
+        action: Power,
+        /// VM name.
+        name: String,
+    },
+    /// List the account's keys.
+    Keys {
+        /// Machine-readable output.
+        json: bool,
+    },
+    /// Add the public key given on stdin.
+    KeysAdd,
+    /// Remove a key by fingerprint.
+    KeysRm {
+        /// `SHA256:…` fingerprint.
+        fingerprint: String,
+    },
+    /// Who the caller is.
+    Whoami {
+        /// Machine-readable output.
+        json: bool,
+    },
+    /// Usage.
+    Help,
+    /// Leave the interactive prompt.
+    Exit,
+}
+
+/// `new`'s options; `None` means the cluster default.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct NewArgs {
+    /// DNS label; generated when absent.
+    pub name: Option<String>,
+    /// Image name.
+    pub image: Option<String>,
+    /// vCPUs.
+    pub cpus: Option<u32>,
+    /// Memory in MiB.
+    pub memory_mib: Option<u64>,
+    /// Disk in GiB.
+    pub disk_gib: Option<u64>,
+    /// Machine-readable output.
+    pub json: bool,
+}
+
+/// Power actions.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Power {
+    /// Start a stopped VM.
+    Start,
+    /// Stop a running VM (its disk stays).
+    Stop,
+    /// Stop, then start.
+    Restart,
+}
+
+/// Why a command line is not a command; the message says what to type instead.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct UsageError(pub String);
+
+impl fmt::Display for UsageError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for UsageError {}
+
+fn usage(msg: impl Into<String>) -> UsageError {
+    UsageError(msg.into())
+}
+
+/// The `help` text.
+pub const HELP: &str = "\
+Commands:
+  new [--name=NAME] [--image=IMAGE] [--cpus=N] [--memory=SIZE] [--disk=SIZE]
+                      create a VM and wait until it is reachable
+  ls                  list your VMs
+  show NAME           show one VM
+  start NAME          start a stopped VM
+  stop NAME           stop a VM (its disk is kept)
+  restart NAME        stop and start a VM
+  rm NAME             delete a VM and its disk
+  keys                list your SSH keys
+  keys add            add the public key given on stdin
+  keys rm FINGERPRINT remove a key
+  whoami              show your account
+  help                this text
+Add --json to ls, show, keys, whoami and new for machine-readable output.
+Sizes: memory in MiB or with a unit (512M, 2G); disk in GiB or with a unit (10G).
+";
+
+/// Splits `line` into shell words and parses them. An empty line is `Ok(None)`.
+pub fn parse_line(line: &str) -> Result<Option<LobbyCommand>, UsageError> {
+    if line.len() > MAX_LINE {
+        return Err(usage(format!(
+            "the command is longer than {MAX_LINE} bytes"
+        )));
+    }
+    if line
+        .chars()
+        .any(|c| c.is_control() && c != '\t' && c != '\n' && c != '\r')
+    {
+        return Err(usage("the command contains control characters"));
+    }
+    let words = shlex::split(line).ok_or_else(|| {
+        usage("unbalanced quotes or a trailing backslash: close the quote and try again")
+    })?;
+    if words.is_empty() {
+        return Ok(None);
+    }
+    parse(&words).map(Some)
+}
+
+/// One `--flag=value` or `--flag value` or bare `--flag`.
+struct Flag<'a> {
+    name: &'a str,
+    value: Option<String>,
+}
+
+/// Splits words into positionals and flags; `--x value` takes the next word only for flags
+/// listed in `valued`.
+fn split<'a>(
+    words: &'a [String],
+    valued: &[&str],
+) -> Result<(Vec<&'a str>, Vec<Flag<'a>>), UsageError> {
+    let mut pos = Vec::new();
+    let mut flags = Vec::new();
+    let mut it = words.iter();
+    while let Some(w) = it.next() {
+        if let Some(rest) = w.strip_prefix("--") {
+            let (name, value) = match rest.split_once('=') {
+                Some((n, v)) => (n, Some(v.to_owned())),
+                None if valued.contains(&rest) => {
+                    let v = it
+                        .next()
+                        .ok_or_else(|| usage(format!("--{rest} needs a value: --{rest}=VALUE")))?;
+                    (rest, Some(v.clone()))
+                }
+                None => (rest, None),
+            };
+            flags.push(Flag { name, value });
+        } else if w.starts_with('-') && w.len() > 1 {
+            return Err(usage(format!(
+                "unknown option {w}: options are spelled --name=value (see `help`)"
+            )));
+        } else {
+            pos.push(w.as_str());
+        }
+    }
+    Ok((pos, flags))
+}
+
+fn no_value(f: &Flag<'_>) -> Result<(), UsageError> {
+    match f.value {
+        Some(_) => Err(usage(format!("--{} takes no value", f.name))),
+        None => Ok(()),
+    }
+}
+
+fn value<'f>(f: &'f Flag<'_>) -> Result<&'f str, UsageError> {
+    f.value
+        .as_deref()
+        .ok_or_else(|| usage(format!("--{} needs a value: --{}=VALUE", f.name, f.name)))
+}
+
+/// Only `--json` is allowed; returns whether it was given.
+fn json_only(cmd: &str, flags: &[Flag<'_>]) -> Result<bool, UsageError> {
+    let mut json = false;
+    for f in flags {
+        match f.name {
+            "json" => {
+                no_value(f)?;
+                json = true;
+            }
+            other => return Err(usage(format!("`{cmd}` has no option --{other}"))),
+        }
+    }
+    Ok(json)
+}
+
+fn one_name<'a>(cmd: &str, pos: &[&'a str], what: &str) -> Result<&'a str, UsageError> {
+    match pos {
+        [_, n] => Ok(n),
+        [_] => Err(usage(format!(
+            "`{cmd}` needs a {what}: {cmd} {}",
+            what.to_uppercase()
+        ))),
+        _ => Err(usage(format!("`{cmd}` takes one {what}"))),
+    }
+}
+
+fn parse(words: &[String]) -> Result<LobbyCommand, UsageError> {
+    let verb = words[0].as_str();
+    match verb {
+        "new" => parse_new(words),
+        "ls" | "list" => {
+            let (pos, flags) = split(words, &[])?;
+            if pos.len() > 1 {
+                return Err(usage("`ls` takes no arguments"));
+            }
+            Ok(LobbyCommand::Ls {
+                json: json_only("ls", &flags)?,
+            })
+        }
+        "show" => {
+            let (pos, flags) = split(words, &[])?;
+            Ok(LobbyCommand::Show {
+                name: one_name("show", &pos, "name")?.to_owned(),
+                json: json_only("show", &flags)?,
+            })
+        }
+        "rm" | "start" | "stop" | "restart" => {
+            let (pos, flags) = split(words, &[])?;
+            json_only(verb, &flags)?;
+            let name = one_name(verb, &pos, "name")?.to_owned();
+            Ok(match verb {
+                "rm" => LobbyCommand::Rm { name },
+                "start" => LobbyCommand::Power {
+                    action: Power::Start,
+                    name,
+                },
+                "stop" => LobbyCommand::Power {
+                    action: Power::Stop,
+                    name,
+                },
+                _ => LobbyCommand::Power {
+                    action: Power::Restart,
+                    name,
+                },
+            })
+        }
+        "keys" => {
+            let (pos, flags) = split(words, &[])?;
+            let json = json_only("keys", &flags)?;
+            match pos.get(1).copied() {
+                None => Ok(LobbyCommand::Keys { json }),
+                Some("add") if pos.len() == 2 => Ok(LobbyCommand::KeysAdd),
+                Some("rm") => Ok(LobbyCommand::KeysRm {
+                    fingerprint: one_name("keys rm", &pos[1..], "fingerprint")?.to_owned(),
+                }),
+                Some("ls" | "list") if pos.len() == 2 => Ok(LobbyCommand::Keys { json }),
+                Some(other) => Err(usage(format!(
+                    "`keys {other}` is not a command: use keys, keys add or keys rm FINGERPRINT"
+                ))),
+            }
+        }
+        "whoami" => {
+            let (pos, flags) = split(words, &[])?;
+            if pos.len() > 1 {
+                return Err(usage("`whoami` takes no arguments"));
+            }
+            Ok(LobbyCommand::Whoami {
+                json: json_only("whoami", &flags)?,
+            })
+        }
+        "help" | "--help" | "-h" | "?" => Ok(LobbyCommand::Help),
+        "exit" | "quit" | "logout" => Ok(LobbyCommand::Exit),
+        other => Err(usage(format!(
+            "unknown command `{}`: type `help` for the list",
+            other.escape_debug()
+        ))),
+    }
+}
+
+fn parse_new(words: &[String]) -> Result<LobbyCommand, UsageError> {
+    let (pos, flags) = split(words, &["name", "image", "cpus", "memory", "disk"])?;
+    let mut a = NewArgs::default();
+    if let [_, name] = pos.as_slice() {
+        a.name = Some((*name).to_owned());
+    } else if pos.len() > 2 {
+        return Err(usage("`new` takes at most one name: new --name=NAME"));
+    }
+    for f in &flags {
+        match f.name {
+            "name" if a.name.is_some() => {
+                return Err(usage("give the name once: new --name=NAME"));
+            }
+            "name" => a.name = Some(value(f)?.to_owned()),
+            "image" => a.image = Some(value(f)?.to_owned()),
+            "cpus" => {
+                let v = value(f)?;
+                a.cpus = Some(v.parse().map_err(|_| {
+                    usage(format!("--cpus={v} is not a number: use e.g. --cpus=2"))
+                })?);
+            }
+            "memory" => a.memory_mib = Some(size(value(f)?, "memory", Unit::Mib)?),
+            "disk" => a.disk_gib = Some(size(value(f)?, "disk", Unit::Gib)?),
+            "json" => {
+                no_value(f)?;
+                a.json = true;
+            }
+            other => {
+                return Err(usage(format!(
+                    "`new` has no option --{other}: use --name, --image, --cpus, --memory, --disk"
+                )));
+            }
+        }
+    }
+    Ok(LobbyCommand::New(a))
+}
+
+#[derive(Clone, Copy)]
+enum Unit {
+    Mib,
+    Gib,
+}
+
+/// `512`, `512M`, `512MiB`, `2G`, `2GB`, `1T` → in `unit`; bare numbers are in `unit`.
+fn size(v: &str, what: &str, unit: Unit) -> Result<u64, UsageError> {
+    let bad = || {
+        usage(format!(
+            "--{what}={v} is not a size: use a number with an optional unit, e.g. --{what}={}",
+            match unit {
+                Unit::Mib => "512M",
+                Unit::Gib => "10G",
+            }
+        ))
+    };
+    let lower = v.trim().to_ascii_lowercase();
+    let digits = lower.bytes().take_while(u8::is_ascii_digit).count();
+    if digits == 0 {
+        return Err(bad());
+    }
+    let n: u64 = lower[..digits].parse().map_err(|_| bad())?;
+    let mib_per: u64 = match lower[digits..].trim() {
+        "" => match unit {
+            Unit::Mib => 1,
+            Unit::Gib => 1024,
+        },
+        "m" | "mb" | "mib" => 1,
+        "g" | "gb" | "gib" => 1024,
+        "t" | "tb" | "tib" => 1024 * 1024,
+        _ => return Err(bad()),
+    };
+    let mib = n.checked_mul(mib_per).ok_or_else(bad)?;
+    Ok(match unit {
+        Unit::Mib => mib,
+        Unit::Gib => {
+            if mib % 1024 != 0 {
+                return Err(usage(format!("--{what}={v} is not a whole number of GiB")));
+            }
+            mib / 1024
+        }
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    fn p(s: &str) -> Result<LobbyCommand, String> {
+        parse_line(s)
+            .map(|c| c.expect("not empty"))
+            .map_err(|e| e.0)
+    }
+
+    #[test]
+    fn parses_new_in_every_spelling() {
+        assert_eq!(p("new"), Ok(LobbyCommand::New(NewArgs::default())));
+        let want = LobbyCommand::New(NewArgs {
+            name: Some("my app".into()),
+            image: Some("debian".into()),
+            cpus: Some(2),
+            memory_mib: Some(2048),
+            disk_gib: Some(10),
+            json: true,
+        });
+        assert_eq!(
+            p("new --name='my app' --image debian --cpus=2 --memory=2G --disk 10 --json"),
+            Ok(want.clone())
+        );
+        assert_eq!(
+            p(r#"new "my app" --image=debian --cpus 2 --memory 2048 --disk=10GiB --json"#),
+            Ok(want)
+        );
+        assert!(matches!(
+            p("new --memory=512"),
+            Ok(LobbyCommand::New(NewArgs {
+                memory_mib: Some(512),
+                ..
+            }))
+        ));
+    }
+
+    #[test]
+    fn every_other_command() {
+        assert_eq!(p("ls --json"), Ok(LobbyCommand::Ls { json: true }));
+        assert_eq!(
+            p("show app"),
+            Ok(LobbyCommand::Show {
+                name: "app".into(),
+                json: false
+            })
+        );
+        assert_eq!(p("rm app"), Ok(LobbyCommand::Rm { name: "app".into() }));
+        assert_eq!(
+            p("restart app"),
+            Ok(LobbyCommand::Power {
+                action: Power::Restart,
+                name: "app".into()
+            })
+        );
+        assert_eq!(p("keys"), Ok(LobbyCommand::Keys { json: false }));
+        assert_eq!(p("keys add"), Ok(LobbyCommand::KeysAdd));
+        assert_eq!(
+            p("keys rm SHA256:abc"),
+            Ok(LobbyCommand::KeysRm {
+                fingerprint: "SHA256:abc".into()
+            })
+        );
+        assert_eq!(p("whoami --json"), Ok(LobbyCommand::Whoami { json: true }));
+        assert_eq!(p("help"), Ok(LobbyCommand::Help));
+        assert_eq!(p("  exit "), Ok(LobbyCommand::Exit));
+        assert_eq!(parse_line("   "), Ok(None));
+    }
+
+    #[test]
+    fn bad_input_says_what_to_do() {
+        for (line, needle) in [
+            ("frobnicate", "type `help`"),
+            ("new --cpus=two", "not a number"),
+            ("new --memory=lots", "not a size"),
+            ("new --disk=1500M", "whole number of GiB"),
+            ("new --colour=red", "no option --colour"),
+            ("new --name", "needs a value"),
+            ("new a --name=b", "give the name once"),
+            ("show", "needs a name"),
+            ("show a b", "takes one name"),
+            ("rm -f app", "unknown option -f"),
+            ("ls --json=yes", "takes no value"),
+            ("new 'unterminated", "unbalanced quotes"),
+            ("keys frob", "not a command"),
+            ("new --memory=99999999999999999999T", "not a size"),
+            ("ls \u{1b}[2J", "control characters"),
+        ] {
+            let e = p(line).unwrap_err();
+            assert!(e.contains(needle), "{line:?}: {e}");
+        }
+        assert!(p(&"x".repeat(MAX_LINE + 1)).unwrap_err().contains("longer"));
+    }
+}

@@ -1,0 +1,299 @@
+//! The SSH front door: one tokio current-thread runtime per configured CPU, pinned to it, each
+//! with its own SO_REUSEPORT listener, serving russh sessions. Connections to the lobby address
+//! run lobby commands; connections to a pool address are routed by (client key fingerprint,
+//! dialled address) to the caller's VM. See dataplane/DESIGN.md ("SSH shards") and docs/ssh.md.
+
+pub mod backend;
+pub mod command;
+pub mod lobby;
+mod prompt;
+mod session;
+
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr, TcpListener};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use boxd_controlplane::view::ViewHandle;
+use russh::keys::PrivateKey;
+use tokio::sync::watch;
+
+use self::backend::Backend;
+use self::lobby::{Lobby, LobbySettings};
+use self::session::{Conn, HandshakeSlot, Shared};
+
+/// How the SSH front door behaves.
+#[derive(Clone, Debug)]
+pub struct SshConfig {
+    /// Listen address.
+    pub listen: SocketAddr,
+    /// CPUs to pin shards to, one shard each; empty means one unpinned shard.
+    pub cpus: Vec<usize>,
+    /// A client must authenticate within this.
+    pub auth_timeout: Duration,
+    /// Most handshakes (connected, not yet authenticated) per shard.
+    pub max_handshakes: usize,
+    /// Most handshakes per client IP per shard.
+    pub max_handshakes_per_ip: usize,
+    /// Most open channels per connection.
+    pub max_channels_per_connection: usize,
+    /// Keepalive probe interval (three unanswered probes close the connection).
+    pub keepalive: Duration,
+    /// What the lobby prints and how long it waits.
+    pub lobby: LobbySettings,
+}
+
+impl Default for SshConfig {
+    fn default() -> Self {
+        Self {
+            listen: SocketAddr::from(([0, 0, 0, 0], 2222)),
+            cpus: Vec::new(),
+            auth_timeout: Duration::from_secs(30),
+            max_handshakes: 256,
+            max_handshakes_per_ip: 32,
+            max_channels_per_connection: 16,
+            keepalive: Duration::from_secs(30),
+            lobby: LobbySettings::default(),
+        }
+    }
+}
+
+/// Per-shard counters for the handshake limits.
+#[derive(Clone, Default)]
+pub(crate) struct Limits {
+    handshakes: Arc<AtomicUsize>,
+    by_ip: Arc<Mutex<HashMap<IpAddr, usize>>>,
+}
+
+/// One SO_REUSEPORT listener per shard.
+pub struct Listeners {
+    shards: Vec<TcpListener>,
+    addr: SocketAddr,
+}
+
+impl Listeners {
+    /// Binds `shards` listeners on `addr`.
+    pub fn bind(addr: SocketAddr, shards: usize) -> std::io::Result<Self> {
+        let shards = crate::shard::listen_shards(addr, shards)?;
+        let addr = shards[0].local_addr()?;
+        Ok(Self { shards, addr })
+    }
+
+    /// The bound address.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.addr
+    }
+}
+
+/// A parsed host key.
+pub type HostKey = PrivateKey;
+
+/// Why the host key is unusable.
+#[derive(Debug, thiserror::Error)]
+pub enum HostKeyError {
+    /// Not an OpenSSH private key.
+    #[error("the stored SSH host key is not an OpenSSH private key ({0})")]
+    Parse(String),
+}
+
+/// A new Ed25519 host key in OpenSSH form.
+pub fn generate_host_key() -> String {
+    let seed: [u8; 32] = rand::random();
+    let pair = russh::keys::ssh_key::private::Ed25519Keypair::from_seed(&seed);
+    let key = PrivateKey::from(pair);
+    // Encoding an in-memory Ed25519 key cannot fail.
+    key.to_openssh(russh::keys::ssh_key::LineEnding::LF)
+        .map(|s| s.to_string())
+        .unwrap_or_default()
+}
+
+/// Parses a host key stored by [`generate_host_key`]; returns it with its public fingerprint.
+pub fn parse_host_key(pem: &str) -> Result<(PrivateKey, String), HostKeyError> {
+    let key = PrivateKey::from_openssh(pem).map_err(|e| HostKeyError::Parse(e.to_string()))?;
+    let fp = key
+        .public_key()
+        .fingerprint(russh::keys::HashAlg::Sha256)
+        .to_string();
+    Ok((key, fp))
+}
+
+/// Running shards.
+pub struct SshServer {
+    stop: watch::Sender<bool>,
+    shards: Vec<std::thread::JoinHandle<()>>,
+    addr: SocketAddr,
+}
+
+impl SshServer {
+    /// Starts one shard per listener, pinned to `cfg.cpus` in order.
+    pub fn start<B: Backend>(
+        listeners: Listeners,
+        cfg: SshConfig,
+        host_key: PrivateKey,
+        view: Arc<ViewHandle>,
+        backend: Arc<B>,
+    ) -> std::io::Result<Self> {
+        let russh_cfg = Arc::new(russh::server::Config {
+            server_id: russh::SshId::Standard("SSH-2.0-boxd".into()),
+            methods: russh::MethodSet::from(
+                &[
+                    russh::MethodKind::PublicKey,
+                    russh::MethodKind::KeyboardInteractive,
+                ][..],
+            ),
+            auth_rejection_time: Duration::from_millis(50),
+            auth_rejection_time_initial: Some(Duration::ZERO),
+            keys: vec![host_key],
+            inactivity_timeout: None,
+            keepalive_interval: Some(cfg.keepalive),
+            keepalive_max: 3,
+            max_auth_attempts: 8,
+            nodelay: true,
+            ..Default::default()
+        });
+        let (stop, stop_rx) = watch::channel(false);
+        let addr = listeners.addr;
+        let mut shards = Vec::new();
+        for (i, listener) in listeners.shards.into_iter().enumerate() {
+            let cpu = cfg.cpus.get(i).copied();
+            let shared = Arc::new(Shared {
+                lobby: Lobby::new(Arc::clone(&backend), Arc::clone(&view), cfg.lobby.clone()),
+                cfg: cfg.clone(),
+                limits: Limits::default(),
+            });
+            let russh_cfg = Arc::clone(&russh_cfg);
+            let stop_rx = stop_rx.clone();
+            let t = std::thread::Builder::new()
+                .name(format!("ssh-shard-{i}"))
+                .spawn(move || {
+                    if let Some(cpu) = cpu
+                        && let Err(e) = crate::shard::pin_current_thread(cpu)
+                    {
+                        tracing::warn!(cpu, error = %e, "cannot pin the SSH shard");
+                    }
+                    let rt = match tokio::runtime::Builder::new_current_thread()
+                        .enable_all()
+                        .build()
+                    {
+                        Ok(rt) => rt,
+                        Err(e) => {
+                            tracing::error!(error = %e, "cannot start the SSH shard runtime");
+                            return;
+                        }
+                    };
+                    rt.block_on(shard(listener, shared, russh_cfg, stop_rx));
+                })?;
+            shards.push(t);
+        }
+        Ok(Self { stop, shards, addr })
+    }
+
+    /// The bound address.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// Stops accepting and ends every shard (open sessions are dropped).
+    pub fn stop(self) {
+        let _ = self.stop.send(true);
+        for t in self.shards {
+            let _ = t.join();
+        }
+    }
+}
+
+async fn shard<B: Backend>(
+    listener: TcpListener,
+    shared: Arc<Shared<B>>,
+    russh_cfg: Arc<russh::server::Config>,
+    mut stop: watch::Receiver<bool>,
+) {
+    let listener = match tokio::net::TcpListener::from_std(listener) {
+        Ok(l) => l,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot register the SSH listener");
+            return;
+        }
+    };
+    loop {
+        let (stream, peer) = tokio::select! {
+            r = listener.accept() => match r {
+                Ok(a) => a,
+                Err(e) => {
+                    tracing::debug!(error = %e, "accept");
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                    continue;
+                }
+            },
+            _ = stop.changed() => return,
+        };
+        let Ok(local) = stream.local_addr() else {
+            continue;
+        };
+        if !ours(&shared, local) {
+            // Not the lobby or a pool address: not ours to serve.
+            continue;
+        }
+        let cfg = &shared.cfg;
+        let Some(slot) = HandshakeSlot::take(
+            &shared.limits,
+            peer.ip(),
+            cfg.max_handshakes,
+            cfg.max_handshakes_per_ip,
+        ) else {
+            tracing::debug!(%peer, "too many handshakes; dropping");
+            continue;
+        };
+        let _ = stream.set_nodelay(true);
+        let authed = Arc::new(AtomicBool::new(false));
+        let conn = Conn::new(Arc::clone(&shared), local, slot, Arc::clone(&authed));
+        let russh_cfg = Arc::clone(&russh_cfg);
+        let auth_timeout = cfg.auth_timeout;
+        tokio::spawn(async move {
+            // The deadline covers the version exchange too (a silent client never gets past it).
+            let deadline = tokio::time::Instant::now() + auth_timeout;
+            let start = russh::server::run_stream(russh_cfg, stream, conn);
+            let session = match tokio::time::timeout_at(deadline, start).await {
+                Ok(Ok(s)) => s,
+                Ok(Err(e)) => {
+                    tracing::debug!(%peer, error = %e, "ssh handshake");
+                    return;
+                }
+                Err(_) => {
+                    tracing::debug!(%peer, "no SSH version line in time");
+                    return;
+                }
+            };
+            let handle = session.handle();
+            let watchdog = tokio::spawn(async move {
+                tokio::time::sleep_until(deadline).await;
+                if !authed.load(Ordering::Relaxed) {
+                    let _ = handle
+                        .disconnect(
+                            russh::Disconnect::ByApplication,
+                            "authentication timed out".into(),
+                            String::new(),
+                        )
+                        .await;
+                }
+            });
+            if let Err(e) = session.await {
+                tracing::debug!(%peer, error = %e, "ssh session ended");
+            }
+            watchdog.abort();
+        });
+    }
+}
+
+/// Whether a connection to `local` is ours: the lobby or a pool address.
+fn ours<B: Backend>(shared: &Shared<B>, local: SocketAddr) -> bool {
+    let ip = match local.ip() {
+        IpAddr::V4(ip) => ip,
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(ip) => ip,
+            None => return false,
+        },
+    };
+    shared.lobby.view().current().is_public_address(ip)
+}

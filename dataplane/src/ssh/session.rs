@@ -1,0 +1,426 @@
+//! One SSH connection: authentication by public key, the routing decision (lobby or a VM, by
+//! the key's fingerprint and the address the client dialled), and one task per session
+//! channel that runs lobby commands or explains why there is nothing to reach.
+//!
+//! Unknown keys are rejected at first, so that a client holding several keys goes on to offer
+//! the one that is registered; the first verified unknown key is remembered, and if the client
+//! then falls back to keyboard-interactive (OpenSSH does, with no prompts here) the session is
+//! admitted in a mode that only prints the registration link or the "no VM" message. On a
+//! fresh cluster the first key ever seen claims the owner account instead.
+
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+
+use boxd_controlplane::command::Command;
+use boxd_controlplane::model::{AccountId, Desired, Fingerprint, Observed};
+use boxd_controlplane::view::VmRoute;
+use russh::server::{Auth, ChannelOpenHandle, Handler, Msg, Session};
+use russh::{Channel, ChannelId, ChannelMsg, ChannelOpenFailure};
+
+use super::backend::Backend;
+use super::lobby::{Caller, EXIT_FAILED, Lobby};
+use super::prompt::{Term, exec, interactive};
+use super::{Limits, SshConfig};
+
+/// Exit status when there is no VM to reach (what `ssh` itself uses for connection failures).
+pub const EXIT_NO_VM: u32 = 255;
+
+/// Registration links stay valid this long.
+const REGISTRATION_TTL_MS: u64 = 24 * 3600 * 1000;
+
+/// What every connection of a shard shares.
+pub(crate) struct Shared<B> {
+    pub lobby: Lobby<B>,
+    pub cfg: SshConfig,
+    pub limits: Limits,
+}
+
+/// What an authenticated connection may do.
+#[derive(Clone, Debug)]
+enum Mode {
+    /// Not authenticated yet.
+    Pending,
+    /// The lobby, as this account.
+    Lobby(Caller),
+    /// An unknown key at the lobby: print this and exit 1.
+    Refused(String),
+    /// A VM of the caller's at the dialled address.
+    Vm(Arc<VmRoute>),
+    /// Nothing of the caller's at the dialled address.
+    NoVm,
+}
+
+/// Counts a handshake in progress (per shard and per client IP) until authentication ends.
+pub(crate) struct HandshakeSlot {
+    limits: Limits,
+    ip: IpAddr,
+}
+
+impl HandshakeSlot {
+    /// Takes a slot, or `None` when the shard or this IP has too many handshakes in flight.
+    pub fn take(limits: &Limits, ip: IpAddr, per_shard: usize, per_ip: usize) -> Option<Self> {
+        let mut by_ip = limits.by_ip.lock().unwrap_or_else(|p| p.into_inner());
+        let n = by_ip.get(&ip).copied().unwrap_or(0);
+        if n >= per_ip || limits.handshakes.load(Ordering::Relaxed) >= per_shard {
+            return None;
+        }
+        by_ip.insert(ip, n + 1);
+        limits.handshakes.fetch_add(1, Ordering::Relaxed);
+        Some(Self {
+            limits: limits.clone(),
+            ip,
+        })
+    }
+}
+
+impl Drop for HandshakeSlot {
+    fn drop(&mut self) {
+        self.limits.handshakes.fetch_sub(1, Ordering::Relaxed);
+        let mut by_ip = self.limits.by_ip.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(n) = by_ip.get_mut(&self.ip) {
+            *n -= 1;
+            if *n == 0 {
+                by_ip.remove(&self.ip);
+            }
+        }
+    }
+}
+
+/// The russh handler for one connection.
+pub(crate) struct Conn<B: Backend> {
+    shared: Arc<Shared<B>>,
+    local: SocketAddr,
+    mode: Mode,
+    /// The first verified key that was not admitted, with its OpenSSH form.
+    unknown: Option<(Fingerprint, String)>,
+    slot: Option<HandshakeSlot>,
+    authed: Arc<AtomicBool>,
+    channels: Arc<AtomicUsize>,
+}
+
+impl<B: Backend> Conn<B> {
+    pub fn new(
+        shared: Arc<Shared<B>>,
+        local: SocketAddr,
+        slot: HandshakeSlot,
+        authed: Arc<AtomicBool>,
+    ) -> Self {
+        Self {
+            shared,
+            local,
+            mode: Mode::Pending,
+            unknown: None,
+            slot: Some(slot),
+            authed,
+            channels: Arc::new(AtomicUsize::new(0)),
+        }
+    }
+
+    fn local_v4(&self) -> Option<Ipv4Addr> {
+        match self.local.ip() {
+            IpAddr::V4(ip) => Some(ip),
+            IpAddr::V6(v6) => v6.to_ipv4_mapped(),
+        }
+    }
+
+    fn is_lobby(&self) -> bool {
+        let view = self.shared.lobby.view().current();
+        match self.local_v4() {
+            Some(ip) => view.lobby_addresses().any(|l| l == ip),
+            None => false,
+        }
+    }
+
+    fn admit(&mut self, mode: Mode) -> Auth {
+        self.mode = mode;
+        self.slot = None;
+        self.authed.store(true, Ordering::Relaxed);
+        Auth::Accept
+    }
+
+    /// The message for an unknown key at the lobby: a registration link (reusing a live one).
+    async fn registration_message(&self, fp: &Fingerprint, public_key: &str) -> String {
+        let backend = self.shared.lobby.backend();
+        let zone = self.shared.lobby.zone();
+        let now = backend.now();
+        let live = match backend.registration_of(fp.clone()).await {
+            Ok(Some(r)) if r.expires_at > now + 60_000 => Some(r.code),
+            _ => None,
+        };
+        let code = match live {
+            Some(c) => c,
+            None => {
+                let code = uuid::Uuid::new_v4().simple().to_string();
+                let w = backend
+                    .write(Command::CreateRegistration {
+                        code: code.clone(),
+                        fingerprint: fp.clone(),
+                        public_key: public_key.to_owned(),
+                        at: now,
+                        expires_at: now + REGISTRATION_TTL_MS,
+                    })
+                    .await;
+                if let Err(e) = w {
+                    return format!(
+                        "this key ({fp}) is not registered, and no link could be made: {e}"
+                    );
+                }
+                code
+            }
+        };
+        format!(
+            "this key ({fp}) is not registered with {zone}.\nOpen https://{zone}/register/{code} to link it to your account (valid 24 h),\nor add it from a registered key with `keys add`."
+        )
+    }
+}
+
+impl<B: Backend> Handler for Conn<B> {
+    type Error = russh::Error;
+
+    async fn auth_publickey(
+        &mut self,
+        _user: &str,
+        key: russh::server::VerifiedPublicKey<'_>,
+    ) -> Result<Auth, Self::Error> {
+        let Ok(blob) = key.public_key.to_bytes() else {
+            return Ok(reject());
+        };
+        let fp = Fingerprint::of_key_blob(&blob);
+        let lobby = self.is_lobby();
+        let account = self.shared.lobby.view().current().account_of(&fp);
+        if lobby {
+            if let Some(account) = account {
+                return Ok(self.admit(Mode::Lobby(Caller {
+                    account,
+                    fingerprint: fp,
+                })));
+            }
+            let text = key.public_key.to_openssh().unwrap_or_default();
+            if self.shared.lobby.view().current().key_count() == 0 {
+                // A fresh cluster: the first key claims the owner account.
+                let id = AccountId::random();
+                let claim = Command::ClaimOwner {
+                    id,
+                    name: "owner".into(),
+                    fingerprint: fp.clone(),
+                    public_key: text.clone(),
+                    at: self.shared.lobby.backend().now(),
+                };
+                if self.shared.lobby.backend().write(claim).await.is_ok() {
+                    tracing::info!(key = %fp, "the first key claimed the owner account");
+                    return Ok(self.admit(Mode::Lobby(Caller {
+                        account: id,
+                        fingerprint: fp,
+                    })));
+                }
+            }
+            if self.unknown.is_none() {
+                self.unknown = Some((fp, text));
+            }
+            return Ok(reject());
+        }
+        let Some(ip) = self.local_v4() else {
+            return Ok(reject());
+        };
+        let route = self
+            .shared
+            .lobby
+            .view()
+            .current()
+            .ssh_route(&fp, ip)
+            .cloned();
+        match route {
+            Some(vm) => Ok(self.admit(Mode::Vm(vm))),
+            None => {
+                if self.unknown.is_none() {
+                    self.unknown = Some((fp, String::new()));
+                }
+                Ok(reject())
+            }
+        }
+    }
+
+    async fn auth_keyboard_interactive<'a>(
+        &'a mut self,
+        _user: &str,
+        _submethods: &str,
+        _response: Option<russh::server::Response<'a>>,
+    ) -> Result<Auth, Self::Error> {
+        // Only a client that proved a key (and had it refused) gets in, to be told why.
+        let Some((fp, text)) = self.unknown.clone() else {
+            return Ok(reject());
+        };
+        let mode = if self.is_lobby() {
+            Mode::Refused(self.registration_message(&fp, &text).await)
+        } else {
+            Mode::NoVm
+        };
+        Ok(self.admit(mode))
+    }
+
+    async fn channel_open_session(
+        &mut self,
+        channel: Channel<Msg>,
+        reply: ChannelOpenHandle,
+        _session: &mut Session,
+    ) -> Result<(), Self::Error> {
+        let open = self.channels.fetch_add(1, Ordering::Relaxed);
+        if open >= self.shared.cfg.max_channels_per_connection {
+            self.channels.fetch_sub(1, Ordering::Relaxed);
+            reply.reject(ChannelOpenFailure::ResourceShortage).await;
+            return Ok(());
+        }
+        reply.accept().await;
+        let shared = Arc::clone(&self.shared);
+        let mode = self.mode.clone();
+        let count = Arc::clone(&self.channels);
+        let zone_addr = self.local;
+        tokio::spawn(async move {
+            serve_channel(shared, mode, channel, zone_addr).await;
+            count.fetch_sub(1, Ordering::Relaxed);
+        });
+        Ok(())
+    }
+
+    async fn pty_request(
+        &mut self,
+        channel: ChannelId,
+        _term: &str,
+        _col_width: u32,
+        _row_height: u32,
+        _pix_width: u32,
+        _pix_height: u32,
+        _modes: &[(russh::Pty, u32)],
+        session: &mut Session,
+    ) -> Result<(), Self::Error> {
+        session.channel_success(channel)
+    }
+
+    async fn env_request(
+        &mut self,
+        channel: ChannelId,
+        _name: &str,
+        _value: &str,
+        session: &mut Session,
+    ) -> Result<(), Self::Error> {
+        session.channel_success(channel)
+    }
+
+    async fn shell_request(
+        &mut self,
+        channel: ChannelId,
+        session: &mut Session,
+    ) -> Result<(), Self::Error> {
+        session.channel_success(channel)
+    }
+
+    async fn exec_request(
+        &mut self,
+        channel: ChannelId,
+        _data: &[u8],
+        session: &mut Session,
+    ) -> Result<(), Self::Error> {
+        session.channel_success(channel)
+    }
+
+    async fn subsystem_request(
+        &mut self,
+        channel: ChannelId,
+        _name: &str,
+        session: &mut Session,
+    ) -> Result<(), Self::Error> {
+        // The lobby has no subsystems; VM sessions relay theirs to the agent.
+        match self.mode {
+            Mode::Vm(_) => session.channel_success(channel),
+            _ => session.channel_failure(channel),
+        }
+    }
+}
+
+fn reject() -> Auth {
+    Auth::Reject {
+        proceed_with_methods: None,
+        partial_success: false,
+    }
+}
+
+/// Runs one session channel to its end.
+async fn serve_channel<B: Backend>(
+    shared: Arc<Shared<B>>,
+    mode: Mode,
+    channel: Channel<Msg>,
+    local: SocketAddr,
+) {
+    let (mut rx, tx) = channel.split();
+    let mut pty = false;
+    // Wait for what the client wants: a command or a shell.
+    let request = loop {
+        match rx.wait().await {
+            Some(ChannelMsg::RequestPty { .. }) => pty = true,
+            Some(ChannelMsg::Exec { command, .. }) => break Some(command),
+            Some(ChannelMsg::RequestShell { .. }) => break None,
+            Some(ChannelMsg::RequestSubsystem { .. }) if !matches!(mode, Mode::Vm(_)) => {}
+            Some(ChannelMsg::Eof | ChannelMsg::Close) | None => return,
+            Some(_) => {}
+        }
+    };
+    let term = Term { ch: &tx, pty };
+    let caller = match &mode {
+        Mode::Lobby(c) => c.clone(),
+        Mode::Refused(msg) => {
+            term.err(&format!("boxd: {msg}\n")).await;
+            return term.finish(EXIT_FAILED).await;
+        }
+        Mode::NoVm => {
+            term.err(&format!(
+                "boxd: none of your VMs has the address {}: check the name with `ssh boxd.test ls`\n",
+                local.ip()
+            ))
+            .await;
+            return term.finish(EXIT_NO_VM).await;
+        }
+        Mode::Vm(vm) => {
+            let (msg, code) = vm_unreachable(&shared, vm);
+            term.err(&msg).await;
+            return term.finish(code).await;
+        }
+        Mode::Pending => return term.finish(EXIT_FAILED).await,
+    };
+    match request {
+        Some(command) => {
+            let line = String::from_utf8_lossy(&command).into_owned();
+            let code = exec(&shared.lobby, &caller, &line, &mut rx, &term).await;
+            term.finish(code).await;
+        }
+        None => {
+            let code = interactive(&shared.lobby, &caller, &mut rx, &term).await;
+            term.finish(code).await;
+        }
+    }
+}
+
+/// Why a VM session cannot be served, and the exit status.
+fn vm_unreachable<B: Backend>(shared: &Shared<B>, vm: &VmRoute) -> (String, u32) {
+    let zone = shared.lobby.zone();
+    let current = shared.lobby.view().current().vm(vm.id).cloned();
+    let Some(vm) = current else {
+        return (format!("boxd: {} was deleted\n", vm.name), EXIT_NO_VM);
+    };
+    if vm.desired == Desired::Stopped || vm.observed == Observed::Stopped {
+        return (
+            format!(
+                "boxd: {} is stopped: start it with `ssh {zone} start {}`\n",
+                vm.name, vm.name
+            ),
+            EXIT_NO_VM,
+        );
+    }
+    (
+        format!(
+            "boxd: {} is {} and its guest agent cannot be reached yet; try again shortly\n",
+            vm.name, vm.observed
+        ),
+        EXIT_NO_VM,
+    )
+}
