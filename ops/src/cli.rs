@@ -88,6 +88,8 @@ enum AdminCmd {
     Members,
     /// VMs in the local replica
     Vms,
+    /// The public key guest agents must authorise (the proxy's key towards VMs)
+    AgentKey,
     /// Create a token that lets a node join with the given roles
     JoinToken {
         /// Roles the joining node may take, comma-separated
@@ -275,6 +277,7 @@ fn admin_command(socket: &Path, json: bool, command: AdminCmd) -> ExitCode {
         AdminCmd::Status => Request::Status {},
         AdminCmd::Members => Request::Members {},
         AdminCmd::Vms => Request::Vms {},
+        AdminCmd::AgentKey => Request::AgentKey {},
         AdminCmd::JoinToken { role, ttl } => Request::JoinToken {
             roles: role.clone(),
             ttl_secs: ttl.as_secs(),
@@ -309,6 +312,10 @@ fn admin_command(socket: &Path, json: bool, command: AdminCmd) -> ExitCode {
         AdminCmd::Status => serde_json::from_value(result).map(|s| print_status(&s)),
         AdminCmd::Members => serde_json::from_value(result).map(|m: Vec<Member>| print_members(&m)),
         AdminCmd::Vms => serde_json::from_value(result).map(|v: Vec<Vm>| print_vms(&v)),
+        AdminCmd::AgentKey => {
+            println!("{}", result["public_key"].as_str().unwrap_or_default());
+            Ok(())
+        }
         AdminCmd::JoinToken { role, .. } => {
             let token = result["token"].as_str().unwrap_or_default();
             let seed = result["seed"].as_str().unwrap_or_default();

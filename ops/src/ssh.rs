@@ -111,6 +111,7 @@ pub fn ssh_config(cfg: &Config, https_port: Option<u16>) -> SshConfig {
             https_port,
             ready_timeout: Duration::from_secs(s.ready_timeout_secs),
         },
+        ..SshConfig::default()
     }
 }
 
@@ -153,11 +154,19 @@ pub async fn start(
     let (key, fp) = host_key(replica)
         .await
         .map_err(|e| NodeError::Failed(format!("SSH host key: {e}")))?;
+    let secret = replica
+        .reader()
+        .cluster_secret()
+        .await
+        .map_err(|e| NodeError::Failed(format!("reading the cluster secret: {e}")))?
+        .ok_or_else(|| NodeError::Failed("the cluster has no secret yet".into()))?;
+    let agent_key = boxd_dataplane::ssh::relay::agent_key(&secret);
     let backend = Arc::new(ReplicaBackend::new(Arc::clone(replica)));
     let server = SshServer::start(
         listeners,
         ssh_config(cfg, https_port),
         key,
+        agent_key,
         Arc::clone(replica.view()),
         backend,
     )

@@ -84,6 +84,19 @@ impl Handler for AdminContext {
                     .await
                     .map_err(|e| e.to_string())?,
             ),
+            Request::AgentKey {} => {
+                let secret = self
+                    .replica
+                    .reader()
+                    .cluster_secret()
+                    .await
+                    .map_err(|e| e.to_string())?
+                    .ok_or("the cluster is not initialised yet")?;
+                let key = boxd_dataplane::ssh::relay::agent_key(&secret);
+                Ok(serde_json::json!({
+                    "public_key": boxd_dataplane::ssh::relay::public_openssh(&key),
+                }))
+            }
             Request::Vms {} => to_value(
                 &self
                     .replica

@@ -29,6 +29,17 @@ pub fn boxd_bin() -> PathBuf {
     bin
 }
 
+/// The guest agent binary, built next to `boxd`.
+pub fn agent_bin() -> PathBuf {
+    let bin = boxd_bin().with_file_name("boxd-agent");
+    assert!(
+        bin.exists(),
+        "{} is missing: build it first with `cargo build --workspace` (ops/test does)",
+        bin.display()
+    );
+    bin
+}
+
 /// A running (or stopped) boxd process.
 pub struct Node {
     /// Its data directory.

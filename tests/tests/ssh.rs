@@ -48,9 +48,24 @@ fn fingerprint(key: &Path) -> String {
         .to_owned()
 }
 
+/// Options every OpenSSH client here uses: no user config, no host key pinning, quiet.
+const CLIENT_OPTS: [&str; 10] = [
+    "-F",
+    "/dev/null",
+    "-o",
+    "IdentitiesOnly=yes",
+    "-o",
+    "StrictHostKeyChecking=no",
+    "-o",
+    "UserKnownHostsFile=/dev/null",
+    "-o",
+    "LogLevel=ERROR",
+];
+
 struct Ssh<'a> {
     key: &'a Path,
     host: &'a str,
+    port: u16,
     extra: Vec<String>,
     stdin: Vec<u8>,
 }
@@ -59,12 +74,18 @@ fn ssh<'a>(key: &'a Path, host: &'a str) -> Ssh<'a> {
     Ssh {
         key,
         host,
+        port: PORT,
         extra: Vec::new(),
         stdin: Vec::new(),
     }
 }
 
 impl Ssh<'_> {
+    fn port(mut self, p: u16) -> Self {
+        self.port = p;
+        self
+    }
+
     fn opt(mut self, o: &str) -> Self {
         self.extra.push(o.to_owned());
         self
@@ -77,24 +98,10 @@ impl Ssh<'_> {
 
     fn command(&self, remote: &[&str]) -> Command {
         let mut c = Command::new("ssh");
-        c.args(["-p", &PORT.to_string(), "-i"])
+        c.args(["-p", &self.port.to_string(), "-i"])
             .arg(self.key)
-            .args([
-                "-F",
-                "/dev/null",
-                "-o",
-                "IdentitiesOnly=yes",
-                "-o",
-                "StrictHostKeyChecking=no",
-                "-o",
-                "UserKnownHostsFile=/dev/null",
-                "-o",
-                "LogLevel=ERROR",
-                "-o",
-                "PasswordAuthentication=no",
-                "-o",
-                "ConnectTimeout=10",
-            ])
+            .args(CLIENT_OPTS)
+            .args(["-o", "PasswordAuthentication=no", "-o", "ConnectTimeout=10"])
             .args(&self.extra)
             .arg(self.host)
             .args(remote);
@@ -407,4 +414,221 @@ fn silent_and_excess_connections_are_bounded() {
         "a bad version line closes the connection"
     );
     drop(node);
+}
+
+/// A guest agent running as a local process on a loopback "private address".
+struct Agent(std::process::Child);
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn agent(listen: &str, authorized_key: &Path) -> Agent {
+    let mut child = Command::new(boxd_tests::agent_bin())
+        .args(["--listen", listen, "--authorized-key"])
+        .arg(authorized_key)
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(child.stdout.as_mut().unwrap()),
+        &mut line,
+    )
+    .unwrap();
+    assert!(line.starts_with("boxd-agent ready"), "{line}");
+    Agent(child)
+}
+
+fn sha256(path: &Path) -> String {
+    let out = Command::new("sha256sum").arg(path).output().unwrap();
+    String::from_utf8(out.stdout).unwrap()[..64].to_owned()
+}
+
+/// scp/sftp options matching `Ssh::command`'s.
+fn copy_opts(key: &Path, port: u16) -> Vec<String> {
+    let mut v = vec![
+        "-P".to_owned(),
+        port.to_string(),
+        "-i".to_owned(),
+        key.display().to_string(),
+    ];
+    v.extend(CLIENT_OPTS.map(str::to_owned));
+    v
+}
+
+#[test]
+fn vm_sessions_are_relayed_to_the_guest_agent() {
+    const AGENT: &str = "127.0.42.30";
+    const WEB: &str = "127.0.42.31";
+    let dir = tempfile::tempdir().unwrap();
+    let ip = "127.0.42.3";
+    let port: u16 = 22224;
+    let cfg = write_config(dir.path(), "relay", &format!("{ip}:7000"), "");
+    let text = std::fs::read_to_string(&cfg).unwrap().replace(
+        &format!("[ssh]\nlisten = \"{ip}:2222\""),
+        &format!("[ssh]\nlisten = \"0.0.0.0:{port}\""),
+    );
+    std::fs::write(&cfg, text).unwrap();
+    let node = Node::start(&["up"], &dir.path().join("data"), &cfg);
+    node.wait_ready(Duration::from_secs(30));
+    let alice = keygen(dir.path(), "alice");
+    let bob = keygen(dir.path(), "bob");
+    let at = |host: &'static str| ssh(&alice, host).port(port);
+    assert_eq!(at(LOBBY).run(&["whoami"]).0, 0, "alice owns the cluster");
+
+    // The agent authorises only the cluster's agent key.
+    let key = node.admin().ok(&json!({"op": "agent-key"}))["public_key"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    assert!(key.starts_with("ssh-ed25519 "), "{key}");
+    let key_file = dir.path().join("agent.pub");
+    std::fs::write(&key_file, &key).unwrap();
+    let _agent = agent(&format!("{AGENT}:2200"), &key_file);
+
+    // A VM whose private address is the agent's (a worker's report stands in for the worker).
+    let node_id = node.status()["node_id"].clone();
+    let owner =
+        serde_json::from_str::<Value>(&at(LOBBY).run(&["whoami", "--json"]).1).unwrap()["id"]
+            .clone();
+    let vm = Uuid::new_v4();
+    write(
+        &node,
+        json!({"type": "create_vm", "id": vm, "owner": owner, "name": "myapp", "http_port": 80,
+               "at": now_ms(), "spec": {"vcpus": 1, "memory_mib": 512, "disk_gib": 4, "image": "minimal"}}),
+    );
+    eventually(Duration::from_secs(20), "the VM is placed", || {
+        let vms = node.admin().ok(&json!({"op": "vms"}));
+        vms.as_array()?
+            .iter()
+            .any(|v| v["name"] == "myapp" && !v["worker"].is_null())
+            .then_some(())
+    });
+    write(
+        &node,
+        json!({"type": "report_vm", "vm": vm, "worker": node_id, "observed": "running",
+               "private_ip": AGENT, "at": now_ms()}),
+    );
+    let vmip = "127.77.0.2";
+
+    // exec: output, exit status, stdin EOF, env.
+    let (code, out, err) = at(vmip).run(&["echo hi; exit 3"]);
+    assert_eq!((code, out.as_str()), (3, "hi\n"), "{err}");
+    let (code, out, _) = at(vmip).stdin(&[b'x'; 1000]).run(&["wc -c"]);
+    assert_eq!((code, out.trim()), (0, "1000"));
+    let (_, out, _) = at(vmip)
+        .opt("-o")
+        .opt("SetEnv=GREETING=hello")
+        .run(&["echo $GREETING"]);
+    assert_eq!(out.trim(), "hello");
+    let (code, out, _) = at(vmip).run(&["echo before; kill -TERM $$"]);
+    assert_eq!(
+        (code, out.as_str()),
+        (255, "before\n"),
+        "killed by a signal"
+    );
+
+    // A pty: a login shell on a terminal.
+    let (code, out, _) = at(vmip).opt("-tt").stdin(b"tty; exit 7\r").run(&[]);
+    assert_eq!(code, 7, "{out}");
+    assert!(out.contains("/dev/pts/"), "{out}");
+
+    // 100 MiB each way with scp (SFTP protocol), checked by sha256; sftp itself.
+    let up = dir.path().join("up.bin");
+    let st = Command::new("head")
+        .args(["-c", "104857600", "/dev/urandom"])
+        .stdout(std::fs::File::create(&up).unwrap())
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let remote = dir.path().join("remote.bin");
+    let back = dir.path().join("back.bin");
+    let opts = copy_opts(&alice, port);
+    let st = Command::new("scp")
+        .args(&opts)
+        .arg(&up)
+        .arg(format!("{vmip}:{}", remote.display()))
+        .status()
+        .unwrap();
+    assert!(st.success());
+    assert_eq!(sha256(&remote), sha256(&up));
+    let st = Command::new("scp")
+        .args(&opts)
+        .arg(format!("{vmip}:{}", remote.display()))
+        .arg(&back)
+        .status()
+        .unwrap();
+    assert!(st.success());
+    assert_eq!(sha256(&back), sha256(&up));
+    let mut sftp = Command::new("sftp")
+        .args(&opts)
+        .args(["-b", "-", vmip])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    writeln!(sftp.stdin.take().unwrap(), "ls -l {}", remote.display()).unwrap();
+    let out = sftp.wait_with_output().unwrap();
+    assert!(out.status.success());
+    assert!(String::from_utf8_lossy(&out.stdout).contains("104857600"));
+
+    // ssh -L: a web server inside the "VM" reached through a local port.
+    let web_root = dir.path().join("www");
+    std::fs::create_dir(&web_root).unwrap();
+    std::fs::write(web_root.join("index.html"), "through the tunnel\n").unwrap();
+    let mut web = Command::new("python3")
+        .args(["-m", "http.server", "8000", "--bind", WEB])
+        .current_dir(&web_root)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut tunnel = at(vmip)
+        .opt("-N")
+        .opt("-o")
+        .opt("ExitOnForwardFailure=yes")
+        .opt("-L")
+        .opt(&format!("127.0.42.32:18001:{WEB}:8000"))
+        .command(&[])
+        .spawn()
+        .unwrap();
+    let body = eventually(Duration::from_secs(10), "the tunnel", || {
+        let out = Command::new("curl")
+            .args([
+                "-sf",
+                "--max-time",
+                "2",
+                "http://127.0.42.32:18001/index.html",
+            ])
+            .output()
+            .unwrap();
+        out.status
+            .success()
+            .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
+    });
+    assert_eq!(body, "through the tunnel\n");
+    let _ = tunnel.kill();
+    let _ = tunnel.wait();
+    let _ = web.kill();
+    let _ = web.wait();
+
+    // A second user's key reaches nothing at that address; nor can it talk to the agent.
+    bob_gets_his_own_account(&node, &bob);
+    let (code, out, err) = ssh(&bob, vmip).port(port).run(&["echo hi"]);
+    assert_eq!((code, out.as_str()), (255, ""));
+    assert!(err.contains("none of your VMs"), "{err}");
+    let (code, out, _) = ssh(&alice, AGENT)
+        .port(2200)
+        .opt("-o")
+        .opt("BatchMode=yes")
+        .run(&["echo hi"]);
+    assert_eq!(
+        (code, out.as_str()),
+        (255, ""),
+        "the agent refuses user keys"
+    );
 }

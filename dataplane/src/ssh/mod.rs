@@ -7,6 +7,7 @@ pub mod backend;
 pub mod command;
 pub mod lobby;
 mod prompt;
+pub mod relay;
 mod session;
 
 use std::collections::HashMap;
@@ -42,6 +43,8 @@ pub struct SshConfig {
     pub keepalive: Duration,
     /// What the lobby prints and how long it waits.
     pub lobby: LobbySettings,
+    /// The port guest agents listen on.
+    pub agent_port: u16,
 }
 
 impl Default for SshConfig {
@@ -55,6 +58,7 @@ impl Default for SshConfig {
             max_channels_per_connection: 16,
             keepalive: Duration::from_secs(30),
             lobby: LobbySettings::default(),
+            agent_port: relay::AGENT_PORT,
         }
     }
 }
@@ -131,6 +135,7 @@ impl SshServer {
         listeners: Listeners,
         cfg: SshConfig,
         host_key: PrivateKey,
+        agent_key: PrivateKey,
         view: Arc<ViewHandle>,
         backend: Arc<B>,
     ) -> std::io::Result<Self> {
@@ -152,6 +157,7 @@ impl SshServer {
             nodelay: true,
             ..Default::default()
         });
+        let agent_key = Arc::new(agent_key);
         let (stop, stop_rx) = watch::channel(false);
         let addr = listeners.addr;
         let mut shards = Vec::new();
@@ -161,6 +167,8 @@ impl SshServer {
                 lobby: Lobby::new(Arc::clone(&backend), Arc::clone(&view), cfg.lobby.clone()),
                 cfg: cfg.clone(),
                 limits: Limits::default(),
+                agent_key: Arc::clone(&agent_key),
+                agent_port: cfg.agent_port,
             });
             let russh_cfg = Arc::clone(&russh_cfg);
             let stop_rx = stop_rx.clone();

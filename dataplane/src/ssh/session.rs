@@ -21,6 +21,7 @@ use russh::{Channel, ChannelId, ChannelMsg, ChannelOpenFailure};
 use super::backend::Backend;
 use super::lobby::{Caller, EXIT_FAILED, Lobby};
 use super::prompt::{Term, exec, interactive};
+use super::relay::{self, AgentLink};
 use super::{Limits, SshConfig};
 
 /// Exit status when there is no VM to reach (what `ssh` itself uses for connection failures).
@@ -34,6 +35,10 @@ pub(crate) struct Shared<B> {
     pub lobby: Lobby<B>,
     pub cfg: SshConfig,
     pub limits: Limits,
+    /// The cluster's agent key (authenticates the proxy to guest agents).
+    pub agent_key: Arc<russh::keys::PrivateKey>,
+    /// The port agents listen on.
+    pub agent_port: u16,
 }
 
 /// What an authenticated connection may do.
@@ -97,6 +102,10 @@ pub(crate) struct Conn<B: Backend> {
     slot: Option<HandshakeSlot>,
     authed: Arc<AtomicBool>,
     channels: Arc<AtomicUsize>,
+    /// The SSH user name (selects the user inside the VM; the lobby ignores it).
+    user: String,
+    /// The link to the VM's agent, for VM sessions.
+    link: Option<Arc<AgentLink>>,
 }
 
 impl<B: Backend> Conn<B> {
@@ -114,6 +123,8 @@ impl<B: Backend> Conn<B> {
             slot: Some(slot),
             authed,
             channels: Arc::new(AtomicUsize::new(0)),
+            user: String::new(),
+            link: None,
         }
     }
 
@@ -133,6 +144,19 @@ impl<B: Backend> Conn<B> {
     }
 
     fn admit(&mut self, mode: Mode) -> Auth {
+        if let Mode::Vm(vm) = &mode {
+            let user = if self.user.is_empty() {
+                "root"
+            } else {
+                &self.user
+            };
+            self.link = Some(Arc::new(AgentLink::new(
+                Arc::clone(vm),
+                user.to_owned(),
+                Arc::clone(&self.shared.agent_key),
+                self.shared.agent_port,
+            )));
+        }
         self.mode = mode;
         self.slot = None;
         self.authed.store(true, Ordering::Relaxed);
@@ -180,9 +204,10 @@ impl<B: Backend> Handler for Conn<B> {
 
     async fn auth_publickey(
         &mut self,
-        _user: &str,
+        user: &str,
         key: russh::server::VerifiedPublicKey<'_>,
     ) -> Result<Auth, Self::Error> {
+        user.clone_into(&mut self.user);
         let Ok(blob) = key.public_key.to_bytes() else {
             return Ok(reject());
         };
@@ -263,7 +288,7 @@ impl<B: Backend> Handler for Conn<B> {
         &mut self,
         channel: Channel<Msg>,
         reply: ChannelOpenHandle,
-        _session: &mut Session,
+        session: &mut Session,
     ) -> Result<(), Self::Error> {
         let open = self.channels.fetch_add(1, Ordering::Relaxed);
         if open >= self.shared.cfg.max_channels_per_connection {
@@ -275,12 +300,88 @@ impl<B: Backend> Handler for Conn<B> {
         let shared = Arc::clone(&self.shared);
         let mode = self.mode.clone();
         let count = Arc::clone(&self.channels);
-        let zone_addr = self.local;
+        let local = self.local;
+        let link = self.link.clone();
+        let handle = session.handle();
         tokio::spawn(async move {
-            serve_channel(shared, mode, channel, zone_addr).await;
+            serve_channel(shared, mode, channel, local, link, handle).await;
             count.fetch_sub(1, Ordering::Relaxed);
         });
         Ok(())
+    }
+
+    async fn channel_open_direct_tcpip(
+        &mut self,
+        channel: Channel<Msg>,
+        host_to_connect: &str,
+        port_to_connect: u32,
+        originator_address: &str,
+        originator_port: u32,
+        reply: ChannelOpenHandle,
+        session: &mut Session,
+    ) -> Result<(), Self::Error> {
+        let Some(link) = self.link.clone() else {
+            reply
+                .reject(ChannelOpenFailure::AdministrativelyProhibited)
+                .await;
+            return Ok(());
+        };
+        let open = self.channels.fetch_add(1, Ordering::Relaxed);
+        if open >= self.shared.cfg.max_channels_per_connection {
+            self.channels.fetch_sub(1, Ordering::Relaxed);
+            reply.reject(ChannelOpenFailure::ResourceShortage).await;
+            return Ok(());
+        }
+        let handle = session.handle();
+        let origin = (originator_address.to_owned(), originator_port);
+        let target = relay::direct_tcpip(
+            &link,
+            &handle,
+            host_to_connect.to_owned(),
+            port_to_connect,
+            origin,
+        )
+        .await;
+        match target {
+            Ok(remote) => {
+                reply.accept().await;
+                let count = Arc::clone(&self.channels);
+                tokio::spawn(async move {
+                    let mut a = channel.into_stream();
+                    let mut b = remote.into_stream();
+                    let _ = tokio::io::copy_bidirectional(&mut a, &mut b).await;
+                    count.fetch_sub(1, Ordering::Relaxed);
+                });
+            }
+            Err(why) => {
+                self.channels.fetch_sub(1, Ordering::Relaxed);
+                tracing::debug!(%why, "direct-tcpip refused");
+                reply.reject(ChannelOpenFailure::ConnectFailed).await;
+            }
+        }
+        Ok(())
+    }
+
+    async fn tcpip_forward(
+        &mut self,
+        address: &str,
+        port: &mut u32,
+        session: &mut Session,
+    ) -> Result<bool, Self::Error> {
+        let Some(link) = self.link.clone() else {
+            return Ok(false);
+        };
+        let handle = session.handle();
+        match relay::tcpip_forward(&link, &handle, address.to_owned(), *port).await {
+            Ok(bound) => {
+                *port = bound;
+                Ok(true)
+            }
+            Err(why) => {
+                tracing::debug!(%why, "tcpip-forward refused");
+                Ok(false)
+            }
+        }
     }
 
     async fn pty_request(
@@ -351,76 +452,101 @@ async fn serve_channel<B: Backend>(
     mode: Mode,
     channel: Channel<Msg>,
     local: SocketAddr,
+    link: Option<Arc<AgentLink>>,
+    handle: russh::server::Handle,
 ) {
-    let (mut rx, tx) = channel.split();
-    let mut pty = false;
-    // Wait for what the client wants: a command or a shell.
-    let request = loop {
-        match rx.wait().await {
-            Some(ChannelMsg::RequestPty { .. }) => pty = true,
-            Some(ChannelMsg::Exec { command, .. }) => break Some(command),
-            Some(ChannelMsg::RequestShell { .. }) => break None,
-            Some(ChannelMsg::RequestSubsystem { .. }) if !matches!(mode, Mode::Vm(_)) => {}
-            Some(ChannelMsg::Eof | ChannelMsg::Close) | None => return,
-            Some(_) => {}
-        }
-    };
-    let term = Term { ch: &tx, pty };
     let caller = match &mode {
         Mode::Lobby(c) => c.clone(),
         Mode::Refused(msg) => {
-            term.err(&format!("boxd: {msg}\n")).await;
-            return term.finish(EXIT_FAILED).await;
+            return explain(channel, &format!("boxd: {msg}\n"), EXIT_FAILED).await;
         }
         Mode::NoVm => {
-            term.err(&format!(
-                "boxd: none of your VMs has the address {}: check the name with `ssh boxd.test ls`\n",
-                local.ip()
-            ))
-            .await;
-            return term.finish(EXIT_NO_VM).await;
+            let msg = format!(
+                "boxd: none of your VMs has the address {}: check the name with `ssh {} ls`\n",
+                local.ip(),
+                shared.lobby.zone()
+            );
+            return explain(channel, &msg, EXIT_NO_VM).await;
         }
         Mode::Vm(vm) => {
-            let (msg, code) = vm_unreachable(&shared, vm);
-            term.err(&msg).await;
-            return term.finish(code).await;
+            let why = match (vm_blocked(&shared, vm), link) {
+                (Some(why), _) => why,
+                (None, None) => "boxd: no agent link\n".to_owned(),
+                (None, Some(link)) => match link.get(&handle).await {
+                    Ok(agent) => {
+                        if let Err(e) = relay::session(&agent, channel, handle).await {
+                            tracing::debug!(error = %e, "relay ended");
+                        }
+                        return;
+                    }
+                    Err(why) => format!("boxd: {why}\n"),
+                },
+            };
+            return explain(channel, &why, EXIT_NO_VM).await;
         }
-        Mode::Pending => return term.finish(EXIT_FAILED).await,
+        Mode::Pending => return explain(channel, "", EXIT_FAILED).await,
     };
-    match request {
+    let (mut rx, tx) = channel.split();
+    let Some((request, pty)) = wait_request(&mut rx).await else {
+        return;
+    };
+    let term = Term { ch: &tx, pty };
+    let code = match request {
         Some(command) => {
             let line = String::from_utf8_lossy(&command).into_owned();
-            let code = exec(&shared.lobby, &caller, &line, &mut rx, &term).await;
-            term.finish(code).await;
+            exec(&shared.lobby, &caller, &line, &mut rx, &term).await
         }
-        None => {
-            let code = interactive(&shared.lobby, &caller, &mut rx, &term).await;
-            term.finish(code).await;
+        None => interactive(&shared.lobby, &caller, &mut rx, &term).await,
+    };
+    term.finish(code).await;
+}
+
+/// Waits for what the client wants: `Some(command)` for exec, `None` for a shell (or a
+/// subsystem, which only VMs have); with whether a pty was requested. `None` if it left.
+async fn wait_request(rx: &mut russh::ChannelReadHalf) -> Option<(Option<Vec<u8>>, bool)> {
+    let mut pty = false;
+    loop {
+        match rx.wait().await {
+            Some(ChannelMsg::RequestPty { .. }) => pty = true,
+            Some(ChannelMsg::Exec { command, .. }) => return Some((Some(command), pty)),
+            Some(ChannelMsg::RequestShell { .. } | ChannelMsg::RequestSubsystem { .. }) => {
+                return Some((None, pty));
+            }
+            Some(ChannelMsg::Eof | ChannelMsg::Close) | None => return None,
+            Some(_) => {}
         }
     }
 }
 
-/// Why a VM session cannot be served, and the exit status.
-fn vm_unreachable<B: Backend>(shared: &Shared<B>, vm: &VmRoute) -> (String, u32) {
+/// Answers the client's request with `msg` on stderr and `code`.
+async fn explain(channel: Channel<Msg>, msg: &str, code: u32) {
+    let (mut rx, tx) = channel.split();
+    let Some((_, pty)) = wait_request(&mut rx).await else {
+        return;
+    };
+    let term = Term { ch: &tx, pty };
+    term.err(msg).await;
+    term.finish(code).await;
+}
+
+/// Why a VM session cannot be served right now, if it cannot.
+fn vm_blocked<B: Backend>(shared: &Shared<B>, vm: &VmRoute) -> Option<String> {
     let zone = shared.lobby.zone();
     let current = shared.lobby.view().current().vm(vm.id).cloned();
     let Some(vm) = current else {
-        return (format!("boxd: {} was deleted\n", vm.name), EXIT_NO_VM);
+        return Some(format!("boxd: {} was deleted\n", vm.name));
     };
     if vm.desired == Desired::Stopped || vm.observed == Observed::Stopped {
-        return (
-            format!(
-                "boxd: {} is stopped: start it with `ssh {zone} start {}`\n",
-                vm.name, vm.name
-            ),
-            EXIT_NO_VM,
-        );
+        return Some(format!(
+            "boxd: {} is stopped: start it with `ssh {zone} start {}`\n",
+            vm.name, vm.name
+        ));
     }
-    (
-        format!(
-            "boxd: {} is {} and its guest agent cannot be reached yet; try again shortly\n",
-            vm.name, vm.observed
-        ),
-        EXIT_NO_VM,
-    )
+    if vm.observed != Observed::Running || vm.private_ip.is_none() {
+        return Some(format!(
+            "boxd: {} is {}; try again when it is running (`ssh {zone} show {}`)\n",
+            vm.name, vm.observed, vm.name
+        ));
+    }
+    None
 }

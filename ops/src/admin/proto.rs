@@ -25,6 +25,8 @@ pub enum Request {
     Members {},
     /// Every VM in the local replica.
     Vms {},
+    /// The cluster's agent public key (what guest agents must authorise).
+    AgentKey {},
     /// Mint a join token.
     JoinToken {
         /// Roles the joining node may take.

@@ -1,0 +1,267 @@
+//! Relaying a user's SSH connection to the guest agent inside their VM.
+//!
+//! The agent speaks SSH itself, so the relay is SSH to SSH: per user connection one client
+//! connection to the agent (opened on the first channel, over the private fabric to the VM's
+//! private address), authenticated with the cluster's agent key; per user channel one agent
+//! channel, with every request and message passed through — pty and window changes, env,
+//! exec/shell/subsystem, signals, data both ways, EOF, exit status and exit signal — plus
+//! direct-tcpip (`ssh -L`) and tcpip-forward (`ssh -R`), whose forwarded channels come back
+//! from the agent and are opened towards the user.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use boxd_controlplane::view::VmRoute;
+use russh::client;
+use russh::keys::PrivateKey;
+use russh::keys::ssh_key::private::Ed25519Keypair;
+use russh::server;
+use russh::{Channel, ChannelMsg};
+use sha2::Digest as _;
+use tokio::sync::OnceCell;
+
+/// The agent listens here inside every VM.
+pub const AGENT_PORT: u16 = 2200;
+
+/// How long connecting and authenticating to an agent may take.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The cluster's agent key: derived from the cluster secret, so every proxy holds the same key
+/// and no extra secret is replicated. Workers give VMs its public half.
+pub fn agent_key(cluster_secret: &str) -> PrivateKey {
+    let mut h = sha2::Sha256::new();
+    h.update(b"boxd agent key v1\0");
+    h.update(cluster_secret.as_bytes());
+    let seed: [u8; 32] = h.finalize().into();
+    PrivateKey::from(Ed25519Keypair::from_seed(&seed))
+}
+
+/// The public half of a key in OpenSSH form.
+pub fn public_openssh(key: &PrivateKey) -> String {
+    key.public_key().to_openssh().unwrap_or_default()
+}
+
+/// The client side towards one agent.
+pub(crate) struct AgentClient {
+    /// The user's connection, for channels the agent opens (`ssh -R`).
+    user: server::Handle,
+}
+
+impl client::Handler for AgentClient {
+    type Error = russh::Error;
+
+    async fn check_server_key(
+        &mut self,
+        _key: &russh::keys::PublicKeyOrCertificate,
+    ) -> Result<bool, Self::Error> {
+        // The fabric address is the VM's (the worker wires it); agents' host keys are
+        // ephemeral. The agent, not the proxy, is what authenticates its peer.
+        Ok(true)
+    }
+
+    async fn server_channel_open_forwarded_tcpip(
+        &mut self,
+        channel: Channel<client::Msg>,
+        connected_address: &str,
+        connected_port: u32,
+        originator_address: &str,
+        originator_port: u32,
+        reply: client::ChannelOpenHandle,
+        _session: &mut client::Session,
+    ) -> Result<(), Self::Error> {
+        let towards_user = self
+            .user
+            .channel_open_forwarded_tcpip(
+                connected_address,
+                connected_port,
+                originator_address,
+                originator_port,
+            )
+            .await;
+        match towards_user {
+            Ok(u) => {
+                reply.accept().await;
+                tokio::spawn(async move {
+                    let mut a = channel.into_stream();
+                    let mut b = u.into_stream();
+                    let _ = tokio::io::copy_bidirectional(&mut a, &mut b).await;
+                });
+            }
+            Err(_) => reply.reject(russh::ChannelOpenFailure::ConnectFailed).await,
+        }
+        Ok(())
+    }
+}
+
+/// One user connection's link to its VM's agent, opened on first use.
+pub(crate) struct AgentLink {
+    vm: Arc<VmRoute>,
+    user: String,
+    key: Arc<PrivateKey>,
+    port: u16,
+    conn: OnceCell<Result<Arc<client::Handle<AgentClient>>, String>>,
+}
+
+impl AgentLink {
+    pub fn new(vm: Arc<VmRoute>, user: String, key: Arc<PrivateKey>, port: u16) -> Self {
+        Self {
+            vm,
+            user,
+            key,
+            port,
+            conn: OnceCell::new(),
+        }
+    }
+
+    /// The agent connection, or why there is none (a sentence for the user).
+    pub async fn get(
+        &self,
+        user_handle: &server::Handle,
+    ) -> Result<Arc<client::Handle<AgentClient>>, String> {
+        self.conn
+            .get_or_init(|| async {
+                tokio::time::timeout(CONNECT_TIMEOUT, self.connect(user_handle.clone()))
+                    .await
+                    .unwrap_or_else(|_| Err("it did not answer in time".into()))
+                    .map(Arc::new)
+            })
+            .await
+            .clone()
+            .map_err(|why| {
+                format!(
+                    "cannot reach the agent of {} ({why}); if it just started, try again in a moment",
+                    self.vm.name
+                )
+            })
+    }
+
+    async fn connect(&self, user: server::Handle) -> Result<client::Handle<AgentClient>, String> {
+        let ip = self.vm.private_ip.ok_or("it has no private address yet")?;
+        let addr = SocketAddr::from((ip, self.port));
+        let tcp = tokio::net::TcpStream::connect(addr)
+            .await
+            .map_err(|e| format!("{addr}: {e}"))?;
+        let _ = tcp.set_nodelay(true);
+        let cfg = Arc::new(client::Config {
+            inactivity_timeout: None,
+            keepalive_interval: Some(Duration::from_secs(30)),
+            ..Default::default()
+        });
+        let mut h = client::connect_stream(cfg, tcp, AgentClient { user })
+            .await
+            .map_err(|e| format!("handshake: {e}"))?;
+        let auth = h
+            .authenticate_publickey(
+                self.user.clone(),
+                russh::keys::PrivateKeyWithHashAlg::new(Arc::clone(&self.key), None),
+            )
+            .await
+            .map_err(|e| format!("authentication: {e}"))?;
+        if !auth.success() {
+            return Err("it refused the cluster's agent key".into());
+        }
+        Ok(h)
+    }
+}
+
+/// Relays one session channel to a new agent session channel until either side closes.
+pub(crate) async fn session(
+    agent: &client::Handle<AgentClient>,
+    user: Channel<server::Msg>,
+    user_handle: server::Handle,
+) -> Result<(), String> {
+    let remote = agent
+        .channel_open_session()
+        .await
+        .map_err(|e| format!("the agent refused a session: {e}"))?;
+    let id = user.id();
+    let (mut urx, utx) = user.split();
+    let (mut arx, atx) = remote.split();
+    let mut user_open = true;
+    let mut agent_open = true;
+    while user_open || agent_open {
+        tokio::select! {
+            m = urx.wait(), if user_open => {
+                let r = match m {
+                    Some(ChannelMsg::Data { data }) => atx.data_bytes(data).await,
+                    Some(ChannelMsg::ExtendedData { data, ext }) => atx.extended_data_bytes(ext, data).await,
+                    Some(ChannelMsg::RequestPty { term, col_width, row_height, pix_width, pix_height, terminal_modes, .. }) => {
+                        atx.request_pty(false, &term, col_width, row_height, pix_width, pix_height, &terminal_modes).await
+                    }
+                    Some(ChannelMsg::SetEnv { variable_name, variable_value, .. }) => {
+                        atx.set_env(false, variable_name, variable_value).await
+                    }
+                    Some(ChannelMsg::Exec { command, .. }) => atx.exec(false, command).await,
+                    Some(ChannelMsg::RequestShell { .. }) => atx.request_shell(false).await,
+                    Some(ChannelMsg::RequestSubsystem { name, .. }) => atx.request_subsystem(false, name).await,
+                    Some(ChannelMsg::WindowChange { col_width, row_height, pix_width, pix_height }) => {
+                        atx.window_change(col_width, row_height, pix_width, pix_height).await
+                    }
+                    Some(ChannelMsg::Signal { signal }) => atx.signal(signal).await,
+                    Some(ChannelMsg::Eof) => atx.eof().await,
+                    Some(ChannelMsg::Close) | None => {
+                        user_open = false;
+                        atx.close().await
+                    }
+                    Some(_) => Ok(()),
+                };
+                if r.is_err() {
+                    agent_open = false;
+                }
+            }
+            m = arx.wait(), if agent_open => {
+                let r = match m {
+                    Some(ChannelMsg::Data { data }) => utx.data_bytes(data).await,
+                    Some(ChannelMsg::ExtendedData { data, ext }) => utx.extended_data_bytes(ext, data).await,
+                    Some(ChannelMsg::Eof) => utx.eof().await,
+                    Some(ChannelMsg::ExitStatus { exit_status }) => utx.exit_status(exit_status).await,
+                    Some(ChannelMsg::ExitSignal { signal_name, core_dumped, error_message, lang_tag }) => {
+                        user_handle
+                            .exit_signal_request(id, signal_name, core_dumped, error_message, lang_tag)
+                            .await
+                            .map_err(|()| russh::Error::SendError)
+                    }
+                    Some(ChannelMsg::Close) | None => {
+                        agent_open = false;
+                        utx.close().await
+                    }
+                    Some(_) => Ok(()),
+                };
+                if r.is_err() {
+                    user_open = false;
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Relays `ssh -L`: a direct-tcpip channel opened towards the agent, bytes copied both ways.
+pub(crate) async fn direct_tcpip(
+    link: &AgentLink,
+    user_handle: &server::Handle,
+    host: String,
+    port: u32,
+    origin: (String, u32),
+) -> Result<Channel<client::Msg>, String> {
+    let agent = link.get(user_handle).await?;
+    agent
+        .channel_open_direct_tcpip(host, port, origin.0, origin.1)
+        .await
+        .map_err(|e| format!("the VM could not connect: {e}"))
+}
+
+/// Asks the agent to listen for `ssh -R`; returns the bound port.
+pub(crate) async fn tcpip_forward(
+    link: &AgentLink,
+    user_handle: &server::Handle,
+    address: String,
+    port: u32,
+) -> Result<u32, String> {
+    let agent = link.get(user_handle).await?;
+    agent
+        .tcpip_forward(address, port)
+        .await
+        .map_err(|e| format!("the VM refused the forward: {e}"))
+}
