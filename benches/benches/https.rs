@@ -12,14 +12,14 @@
 
 #![allow(clippy::unwrap_used, missing_docs)]
 
-use std::io::{BufRead, Read, Write};
+use std::io::{Read, Write};
 use std::net::TcpListener;
 use std::path::Path;
 use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::{Context as _, Result, bail};
-use boxd_benches::{Proc, cpu_seconds, env_or, median, start_boxd_up};
+use boxd_benches::{Proc, cpu_seconds, env_or, median, running_vm, start_boxd_up};
 
 const BOXD_IP: &str = "127.0.41.1";
 const HAPROXY_IP: &str = "127.0.41.2";
@@ -62,18 +62,6 @@ fn backend() -> Result<()> {
     Ok(())
 }
 
-fn admin(socket: &Path, cmd: serde_json::Value) -> Result<serde_json::Value> {
-    let mut s = std::os::unix::net::UnixStream::connect(socket)?;
-    writeln!(s, "{cmd}")?;
-    let mut line = String::new();
-    std::io::BufReader::new(s).read_line(&mut line)?;
-    let v: serde_json::Value = serde_json::from_str(&line)?;
-    if v["ok"] != true || !v["result"]["refused"].is_null() {
-        bail!("admin {cmd}: {v}");
-    }
-    Ok(v["result"].clone())
-}
-
 /// `boxd up` pinned to CPU 0 with one HTTPS shard, and a VM whose web server is the backend.
 fn start_boxd(dir: &Path) -> Result<(Proc, std::path::PathBuf)> {
     let (proc, data) = start_boxd_up(
@@ -85,46 +73,8 @@ fn start_boxd(dir: &Path) -> Result<(Proc, std::path::PathBuf)> {
              [ssh]\nlisten = \"{BOXD_IP}:2222\"\ncpus = [0]\n"
         ),
     )?;
-    let socket = data.join("admin.sock");
-    let owner = uuid::Uuid::now_v7().to_string();
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while admin(
-        &socket,
-        serde_json::json!({"op": "write", "command": {"type": "create_account", "id": owner,
-            "name": "bench", "max_vms": 10, "at": 0}}),
-    )
-    .is_err()
-    {
-        if Instant::now() > deadline {
-            bail!("boxd did not accept writes");
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    let vm = uuid::Uuid::now_v7().to_string();
-    admin(
-        &socket,
-        serde_json::json!({"op": "write", "command": {"type": "create_vm", "id": vm, "owner": owner,
-            "name": "myapp", "http_port": 8000, "at": 0,
-            "spec": {"vcpus": 1, "memory_mib": 512, "disk_gib": 4, "image": "minimal"}}}),
-    )?;
-    let node = admin(&socket, serde_json::json!({"op": "status"}))?["node_id"].clone();
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let vms = admin(&socket, serde_json::json!({"op": "vms"}))?;
-        if !vms[0]["worker"].is_null() {
-            break;
-        }
-        if Instant::now() > deadline {
-            bail!("VM not placed");
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    let backend_ip = BACKEND.split(':').next().unwrap();
-    admin(
-        &socket,
-        serde_json::json!({"op": "write", "command": {"type": "report_vm", "vm": vm, "worker": node,
-            "observed": "running", "private_ip": backend_ip, "at": 0}}),
-    )?;
+    let backend_ip = BACKEND.split(':').next().unwrap().parse()?;
+    running_vm(&data.join("admin.sock"), "myapp", 8000, backend_ip)?;
     Ok((proc, data.join("tls")))
 }
 

@@ -459,3 +459,86 @@ pub fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
         .and_then(|v| v.parse().ok())
         .unwrap_or(default)
 }
+
+/// One request on `boxd`'s admin socket; fails on an error or a refused write.
+pub fn admin(socket: &Path, cmd: serde_json::Value) -> Result<serde_json::Value> {
+    use std::io::{BufRead as _, Write as _};
+    let mut s = std::os::unix::net::UnixStream::connect(socket)?;
+    writeln!(s, "{cmd}")?;
+    let mut line = String::new();
+    std::io::BufReader::new(s).read_line(&mut line)?;
+    let v: serde_json::Value = serde_json::from_str(&line)?;
+    if v["ok"] != true || !v["result"]["refused"].is_null() {
+        bail!("admin {cmd}: {v}");
+    }
+    Ok(v["result"].clone())
+}
+
+/// On a fresh `boxd up`: an account `bench` owning a VM `name` that the worker (stood in for
+/// by a report through the admin socket) says is running at `private_ip`. Returns the
+/// account id.
+pub fn running_vm(
+    socket: &Path,
+    name: &str,
+    http_port: u16,
+    private_ip: std::net::Ipv4Addr,
+) -> Result<String> {
+    let owner = uuid::Uuid::now_v7().to_string();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while admin(
+        socket,
+        serde_json::json!({"op": "write", "command": {"type": "create_account", "id": owner,
+            "name": "bench", "max_vms": 10, "at": 0}}),
+    )
+    .is_err()
+    {
+        if Instant::now() > deadline {
+            bail!("boxd did not accept writes");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let vm = uuid::Uuid::now_v7().to_string();
+    admin(
+        socket,
+        serde_json::json!({"op": "write", "command": {"type": "create_vm", "id": vm, "owner": owner,
+            "name": name, "http_port": http_port, "at": 0,
+            "spec": {"vcpus": 1, "memory_mib": 512, "disk_gib": 4, "image": "minimal"}}}),
+    )?;
+    let node = admin(socket, serde_json::json!({"op": "status"}))?["node_id"].clone();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let vms = admin(socket, serde_json::json!({"op": "vms"}))?;
+        if !vms[0]["worker"].is_null() {
+            break;
+        }
+        if Instant::now() > deadline {
+            bail!("VM not placed");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    admin(
+        socket,
+        serde_json::json!({"op": "write", "command": {"type": "report_vm", "vm": vm, "worker": node,
+            "observed": "running", "private_ip": private_ip.to_string(), "at": 0}}),
+    )?;
+    Ok(owner)
+}
+
+/// CPU seconds of `pid` including its reaped children (servers that fork per connection).
+pub fn cpu_seconds_with_children(pid: u32) -> f64 {
+    // SAFETY: sysconf has no preconditions.
+    let ticks = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|s| {
+            let rest = s.rsplit_once(')')?.1.to_owned();
+            let f: Vec<f64> = rest
+                .split_whitespace()
+                .skip(11)
+                .take(4)
+                .filter_map(|x| x.parse().ok())
+                .collect();
+            (f.len() == 4).then(|| f.iter().sum::<f64>() / ticks)
+        })
+        .unwrap_or(0.0)
+}

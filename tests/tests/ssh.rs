@@ -443,6 +443,19 @@ fn agent(listen: &str, authorized_key: &Path) -> Agent {
     Agent(child)
 }
 
+/// The body at `url` once something answers there (a tunnel coming up).
+fn fetch_when_up(url: &str) -> String {
+    eventually(Duration::from_secs(10), url, || {
+        let out = Command::new("curl")
+            .args(["-sf", "--max-time", "2", url])
+            .output()
+            .unwrap();
+        out.status
+            .success()
+            .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
+    })
+}
+
 fn sha256(path: &Path) -> String {
     let out = Command::new("sha256sum").arg(path).output().unwrap();
     String::from_utf8(out.stdout).unwrap()[..64].to_owned()
@@ -596,23 +609,24 @@ fn vm_sessions_are_relayed_to_the_guest_agent() {
         .command(&[])
         .spawn()
         .unwrap();
-    let body = eventually(Duration::from_secs(10), "the tunnel", || {
-        let out = Command::new("curl")
-            .args([
-                "-sf",
-                "--max-time",
-                "2",
-                "http://127.0.42.32:18001/index.html",
-            ])
-            .output()
-            .unwrap();
-        out.status
-            .success()
-            .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
-    });
+    let body = fetch_when_up("http://127.0.42.32:18001/index.html");
     assert_eq!(body, "through the tunnel\n");
     let _ = tunnel.kill();
     let _ = tunnel.wait();
+    // ssh -R: the "VM" listens on 127.0.42.33:18002 and forwards back to the client's side.
+    let mut reverse = at(vmip)
+        .opt("-N")
+        .opt("-o")
+        .opt("ExitOnForwardFailure=yes")
+        .opt("-R")
+        .opt(&format!("127.0.42.33:18002:{WEB}:8000"))
+        .command(&[])
+        .spawn()
+        .unwrap();
+    let body = fetch_when_up("http://127.0.42.33:18002/index.html");
+    assert_eq!(body, "through the tunnel\n");
+    let _ = reverse.kill();
+    let _ = reverse.wait();
     let _ = web.kill();
     let _ = web.wait();
 
