@@ -12,8 +12,8 @@ use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
 use crate::model::{
-    AccountId, Capacity, Desired, Fingerprint, Millis, NodeId, Observed, Roles, TokenId, VmId,
-    VmSpec,
+    AccountId, Capacity, Desired, Fingerprint, Millis, NodeId, Observed, Roles, TlsMaterial,
+    TokenId, VmId, VmSpec,
 };
 
 /// One entry of the replicated log.
@@ -156,6 +156,12 @@ pub enum Command {
         /// OpenSSH-format private key.
         private_key: String,
     },
+    /// Stores the cluster's local CA and zone certificate. Like the host key, the first one
+    /// written stays.
+    SetTlsLocalCa {
+        /// The material (PEM).
+        material: TlsMaterial,
+    },
     /// Creates a VM with the lowest pool address not yet used by its owner.
     CreateVm {
         /// New id.
@@ -245,6 +251,7 @@ impl Command {
             Command::CompleteRegistration { .. } => "complete_registration",
             Command::ClaimOwner { .. } => "claim_owner",
             Command::SetSshHostKey { .. } => "set_ssh_host_key",
+            Command::SetTlsLocalCa { .. } => "set_tls_local_ca",
             Command::CreateVm { .. } => "create_vm",
             Command::PlaceVm { .. } => "place_vm",
             Command::SetVmDesired { .. } => "set_vm_desired",

@@ -472,6 +472,18 @@ pub struct Registration {
     pub expires_at: Millis,
 }
 
+/// The cluster's local CA and the zone certificate it signed (PEM), used when the operator
+/// gives no certificate. Every proxy serves the same one.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TlsMaterial {
+    /// The CA certificate (what `curl --cacert` needs).
+    pub ca_cert: String,
+    /// The zone certificate followed by the CA certificate.
+    pub chain: String,
+    /// The zone certificate's private key.
+    pub key: String,
+}
+
 /// Cluster-wide settings fixed at `init` and replicated to every node.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ClusterSettings {

@@ -8,7 +8,8 @@ use std::net::Ipv4Addr;
 
 use boxd_controlplane::command::{ApplyError, Command, Outcome, Response};
 use boxd_controlplane::model::{
-    AccountId, Capacity, Desired, Fingerprint, Observed, TokenId, VmId, VmSpec, parse_roles,
+    AccountId, Capacity, Desired, Fingerprint, Observed, TlsMaterial, TokenId, VmId, VmSpec,
+    parse_roles,
 };
 use boxd_controlplane::store::apply::Applier;
 use boxd_controlplane::store::{rows, schema};
@@ -799,4 +800,27 @@ fn first_key_claims_the_cluster_and_host_key_is_written_once() {
         },
     );
     assert!(matches!(r, Err(ApplyError::Invalid { .. })), "{r:?}");
+
+    let ca = |tag: &str| Command::SetTlsLocalCa {
+        material: TlsMaterial {
+            ca_cert: format!("-----BEGIN CERTIFICATE-----\n{tag}\n"),
+            chain: "-----BEGIN CERTIFICATE-----\n".into(),
+            key: "-----BEGIN PRIVATE KEY-----\n".into(),
+        },
+    };
+    assert!(done(&apply(&mut c, &ca("first"))));
+    assert!(done(&apply(&mut c, &ca("second"))));
+    let kept = rows::tls_local_ca(&c).unwrap().unwrap();
+    assert!(kept.ca_cert.contains("first"), "the first CA stays");
+    let bad = Command::SetTlsLocalCa {
+        material: TlsMaterial {
+            ca_cert: "x".into(),
+            chain: String::new(),
+            key: String::new(),
+        },
+    };
+    assert!(matches!(
+        apply(&mut c, &bad),
+        Err(ApplyError::Invalid { .. })
+    ));
 }

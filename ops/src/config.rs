@@ -201,6 +201,9 @@ pub struct HttpsConfig {
     pub max_connections_per_shard: usize,
     /// Most TLS handshakes in progress per shard.
     pub max_handshakes_per_shard: usize,
+    /// Seconds between checks of `cert` and `key` for changes (reloaded without dropping
+    /// connections).
+    pub reload_secs: u64,
 }
 
 impl Default for HttpsConfig {
@@ -215,6 +218,7 @@ impl Default for HttpsConfig {
             connect_timeout_secs: 3,
             max_connections_per_shard: 10_000,
             max_handshakes_per_shard: 256,
+            reload_secs: 5,
         }
     }
 }
@@ -519,6 +523,7 @@ impl Config {
             || h.connect_timeout_secs == 0
             || h.max_connections_per_shard == 0
             || h.max_handshakes_per_shard == 0
+            || h.reload_secs == 0
         {
             return Err(invalid(
                 "https.header_timeout_secs",
@@ -669,6 +674,9 @@ connect_timeout_secs = 3
 # Open client connections, and TLS handshakes in progress, per shard.
 max_connections_per_shard = 10000
 max_handshakes_per_shard = 256
+# Seconds between checks of cert and key for changes; a change is loaded for new connections
+# while open ones keep going.
+reload_secs = 5
 
 [dns]
 # Authoritative DNS for the zone, UDP and TCP.

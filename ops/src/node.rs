@@ -95,7 +95,7 @@ pub async fn run(
         None
     };
     let https_listeners = if roles.contains(&Role::Proxy) {
-        Some(bind_https(&cfg)?)
+        Some(crate::https::bind(&cfg)?)
     } else {
         None
     };
@@ -152,13 +152,6 @@ pub async fn run(
         None => None,
     };
     let dns_addr = dns.as_ref().map(boxd_dns::server::DnsServer::local_addr);
-    let (https, https_ready) = match https_listeners {
-        Some(l) => {
-            let (server, ready) = start_https(&cfg, &data_dir, l, Arc::clone(replica.view()))?;
-            (Some(server), Some(ready))
-        }
-        None => (None, None),
-    };
 
     let (stop_tx, stop_rx) = watch::channel(false);
     let grpc = tokio::spawn(serve_grpc(
@@ -190,7 +183,7 @@ pub async fn run(
         );
     }
 
-    let ssh_server = Arc::new(std::sync::Mutex::new(None));
+    let front = Arc::new(std::sync::Mutex::new(FrontDoor::default()));
     let settle = settle(
         Arc::clone(&replica),
         start.clone(),
@@ -203,9 +196,9 @@ pub async fn run(
             data_dir: data_dir.clone(),
             advertise,
             dns: dns_addr,
-            https: https_ready,
+            https: https_listeners,
             ssh: ssh_listeners,
-            ssh_server: Arc::clone(&ssh_server),
+            front: Arc::clone(&front),
         },
     );
     let settle = tokio::spawn(settle);
@@ -224,12 +217,9 @@ pub async fn run(
     if let Some(dns) = dns {
         let _ = tokio::task::spawn_blocking(move || dns.stop()).await;
     }
-    if let Some(https) = https {
-        let _ = tokio::task::spawn_blocking(move || https.stop()).await;
-    }
-    let ssh = ssh_server.lock().ok().and_then(|mut s| s.take());
-    if let Some(ssh) = ssh {
-        let _ = tokio::task::spawn_blocking(move || ssh.stop()).await;
+    let servers = front.lock().map(|mut f| std::mem::take(&mut *f));
+    if let Ok(f) = servers {
+        let _ = tokio::task::spawn_blocking(move || f.stop()).await;
     }
     replica.shutdown().await;
     let _ = grpc.await;
@@ -242,17 +232,32 @@ struct Ready {
     data_dir: PathBuf,
     advertise: String,
     dns: Option<std::net::SocketAddr>,
-    https: Option<HttpsReady>,
-    /// SSH listeners, started once the cluster is settled (the host key lives in the replica).
+    /// HTTPS and SSH listeners, started once the cluster is settled (the local CA and the SSH
+    /// host key live in the replica).
+    https: Option<boxd_dataplane::https::Listeners>,
+    /// See `https`.
     ssh: Option<boxd_dataplane::ssh::Listeners>,
-    /// Where the started SSH server is kept for shutdown.
-    ssh_server: Arc<std::sync::Mutex<Option<boxd_dataplane::ssh::SshServer>>>,
+    /// Where the started servers are kept for shutdown.
+    front: Arc<std::sync::Mutex<FrontDoor>>,
 }
 
-/// What the ready line says about HTTPS.
-struct HttpsReady {
-    addr: std::net::SocketAddr,
-    ca: Option<PathBuf>,
+/// The front-door servers a node runs.
+#[derive(Default)]
+struct FrontDoor {
+    https: Option<boxd_dataplane::https::HttpsServer>,
+    ssh: Option<boxd_dataplane::ssh::SshServer>,
+}
+
+impl FrontDoor {
+    /// Stops both (blocking: joins their threads).
+    fn stop(self) {
+        if let Some(h) = self.https {
+            h.stop();
+        }
+        if let Some(s) = self.ssh {
+            s.stop();
+        }
+    }
 }
 
 /// Brings the node into the cluster (found / catch up / register), prints "ready" and starts
@@ -315,15 +320,27 @@ async fn settle(
         }
     }
 
+    let mut https_ready = None;
+    if let Some(listeners) = ready.https {
+        match crate::https::start(&cfg, &ready.data_dir, listeners, &replica, stop.clone()).await {
+            Ok((server, r)) => {
+                https_ready = Some(r);
+                if let Ok(mut f) = ready.front.lock() {
+                    f.https = Some(server);
+                }
+            }
+            Err(e) => tracing::error!(error = %e, "the HTTPS front door did not start"),
+        }
+    }
     let mut ssh_line = String::new();
     if let Some(listeners) = ready.ssh {
         let addr = listeners.local_addr();
-        let https_port = ready.https.as_ref().map(|h| h.addr.port());
+        let https_port = https_ready.as_ref().map(|h| h.addr.port());
         match crate::ssh::start(&cfg, listeners, &replica, https_port).await {
             Ok((server, fp)) => {
                 ssh_line = format!(" ssh={addr} ssh_host_key={fp}");
-                if let Ok(mut slot) = ready.ssh_server.lock() {
-                    *slot = Some(server);
+                if let Ok(mut f) = ready.front.lock() {
+                    f.ssh = Some(server);
                 }
             }
             Err(e) => tracing::error!(error = %e, "the SSH front door did not start"),
@@ -336,8 +353,7 @@ async fn settle(
         .map(|r| r.as_str())
         .collect();
     let dns = ready.dns.map(|a| format!(" dns={a}")).unwrap_or_default();
-    let https = ready
-        .https
+    let https = https_ready
         .as_ref()
         .map(|h| {
             let ca =
@@ -556,60 +572,4 @@ pub fn shard_cpus(configured: &[usize]) -> Vec<usize> {
     } else {
         configured.to_vec()
     }
-}
-
-fn https_config(cfg: &Config) -> boxd_dataplane::https::HttpsConfig {
-    let h = &cfg.https;
-    boxd_dataplane::https::HttpsConfig {
-        listen: h.listen,
-        redirect_listen: Some(h.redirect_listen),
-        cpus: shard_cpus(&cfg.https.cpus),
-        header_timeout: Duration::from_secs(h.header_timeout_secs),
-        connect_timeout: Duration::from_secs(h.connect_timeout_secs),
-        max_connections: h.max_connections_per_shard,
-        max_handshakes: h.max_handshakes_per_shard,
-        ..boxd_dataplane::https::HttpsConfig::default()
-    }
-}
-
-fn bind_https(cfg: &Config) -> Result<boxd_dataplane::https::Listeners, NodeError> {
-    boxd_dataplane::https::Listeners::bind(&https_config(cfg), shard_cpus(&cfg.https.cpus).len()).map_err(
-        |e| {
-            NodeError::Usage(format!(
-                "cannot listen on https.listen {} / https.redirect_listen {}: {e} (set them in the config)",
-                cfg.https.listen, cfg.https.redirect_listen
-            ))
-        },
-    )
-}
-
-fn start_https(
-    cfg: &Config,
-    data_dir: &std::path::Path,
-    listeners: boxd_dataplane::https::Listeners,
-    view: Arc<boxd_controlplane::view::ViewHandle>,
-) -> Result<(boxd_dataplane::https::HttpsServer, HttpsReady), NodeError> {
-    use boxd_dataplane::https::tls;
-    let zone = view
-        .current()
-        .zone()
-        .map_or_else(|| cfg.cluster.zone.clone(), str::to_owned);
-    let files = if cfg.https.cert.as_os_str().is_empty() {
-        tls::local_ca(&data_dir.join("tls"), &zone)
-            .map_err(|e| NodeError::Failed(format!("cannot make the local CA: {e}")))?
-    } else {
-        tls::CertFiles {
-            cert: cfg.https.cert.clone(),
-            key: cfg.https.key.clone(),
-            ca: None,
-        }
-    };
-    let key = tls::load(&files).map_err(|e| NodeError::Usage(format!("https certificate: {e}")))?;
-    let tls_cfg =
-        tls::server_config(key).map_err(|e| NodeError::Failed(format!("TLS setup: {e}")))?;
-    let addr = listeners.local_addr();
-    let server =
-        boxd_dataplane::https::HttpsServer::start(listeners, https_config(cfg), tls_cfg, view)
-            .map_err(|e| NodeError::Failed(format!("cannot start HTTPS: {e}")))?;
-    Ok((server, HttpsReady { addr, ca: files.ca }))
 }

@@ -30,9 +30,14 @@ impl Drop for Backend {
 }
 
 fn backend() -> Backend {
+    backend_at(BACKEND)
+}
+
+/// The fixture web server on `ip`:8000.
+fn backend_at(ip: &str) -> Backend {
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/fixtures/http_backend.py");
     let mut child = Command::new("python3")
-        .args([script, BACKEND, "8000"])
+        .args([script, ip, "8000"])
         .stdout(Stdio::piped())
         .spawn()
         .unwrap();
@@ -313,4 +318,150 @@ print(s.recv(frame[1]).decode())
     let (code, body) = curl(&ca, "myapp.boxd.test", pub_ip, "/", &args);
     assert_eq!(code, 400, "{body}");
     assert!(body.contains("more than 64 header fields"), "{body}");
+}
+
+/// A CA and a `*.boxd.test` certificate it signed, made with the openssl CLI in `dir`.
+/// Returns (CA certificate, leaf chain, leaf key).
+fn openssl_ca(dir: &std::path::Path, name: &str) -> (String, String, String) {
+    let p = |f: &str| dir.join(format!("{name}-{f}")).display().to_string();
+    let ext = p("ext");
+    std::fs::write(
+        &ext,
+        "subjectAltName=DNS:*.boxd.test,DNS:boxd.test\nextendedKeyUsage=serverAuth\n",
+    )
+    .unwrap();
+    let script = format!(
+        "set -e
+         openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -keyout {cakey} \
+           -out {ca} -days 30 -subj '/CN=test CA {name}' \
+           -addext basicConstraints=critical,CA:TRUE -addext keyUsage=keyCertSign 2>/dev/null
+         openssl req -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -keyout {key} \
+           -out {csr} -subj '/CN=*.boxd.test' 2>/dev/null
+         openssl x509 -req -in {csr} -CA {ca} -CAkey {cakey} -CAcreateserial -out {leaf} \
+           -days 30 -extfile {ext} 2>/dev/null
+         cat {leaf} {ca} > {chain}",
+        cakey = p("ca.key"),
+        ca = p("ca.crt"),
+        key = p("leaf.key"),
+        csr = p("leaf.csr"),
+        leaf = p("leaf.crt"),
+        chain = p("chain.crt"),
+    );
+    let st = Command::new("sh").arg("-c").arg(script).status().unwrap();
+    assert!(st.success(), "openssl failed");
+    (p("ca.crt"), p("chain.crt"), p("leaf.key"))
+}
+
+#[test]
+fn an_operator_certificate_is_reloaded_without_dropping_connections() {
+    const IP2: &str = "127.0.39.2";
+    const WEB: &str = "127.0.39.12";
+    const PORT: u16 = 28444;
+    let dir = tempfile::tempdir().unwrap();
+    let (ca_a, chain_a, key_a) = openssl_ca(dir.path(), "a");
+    let (ca_b, chain_b, key_b) = openssl_ca(dir.path(), "b");
+    let (cert, key) = (dir.path().join("zone.crt"), dir.path().join("zone.key"));
+    std::fs::copy(&chain_a, &cert).unwrap();
+    std::fs::copy(&key_a, &key).unwrap();
+    let cfg = write_config(dir.path(), "reload", &format!("{IP2}:7000"), "");
+    let text = std::fs::read_to_string(&cfg).unwrap().replace(
+        &format!("[https]\nlisten = \"{IP2}:8443\""),
+        &format!(
+            "[https]\nlisten = \"0.0.0.0:{PORT}\"\ncert = \"{}\"\nkey = \"{}\"\nreload_secs = 1",
+            cert.display(),
+            key.display()
+        ),
+    );
+    std::fs::write(&cfg, text).unwrap();
+    let node = Node::start(&["up"], &dir.path().join("data"), &cfg);
+    let ready = node.wait_ready(Duration::from_secs(30));
+    assert!(
+        !ready.contains(" ca="),
+        "no local CA with an operator certificate: {ready}"
+    );
+    let _web = backend_at(WEB);
+    let owner = Uuid::new_v4();
+    write(
+        &node,
+        json!({"type": "create_account", "id": owner, "name": "op", "max_vms": null, "at": now_ms()}),
+    );
+    let vm = Uuid::new_v4();
+    write(
+        &node,
+        json!({"type": "create_vm", "id": vm, "owner": owner, "name": "myapp", "http_port": 8000,
+               "at": now_ms(), "spec": {"vcpus": 1, "memory_mib": 512, "disk_gib": 4, "image": "minimal"}}),
+    );
+    let node_id = node.status()["node_id"].clone();
+    eventually(Duration::from_secs(20), "placed", || {
+        let vms = node.admin().ok(&json!({"op": "vms"}));
+        (!vms[0]["worker"].is_null()).then_some(())
+    });
+    write(
+        &node,
+        json!({"type": "report_vm", "vm": vm, "worker": node_id, "observed": "running",
+               "private_ip": WEB, "at": now_ms()}),
+    );
+    let get = |ca: &str, path: &str, extra: &[&str]| {
+        Command::new("curl")
+            .args([
+                "-sS",
+                "--max-time",
+                "60",
+                "-o",
+                "-",
+                "-w",
+                "%{http_code}",
+                "--cacert",
+                ca,
+            ])
+            .arg("--resolve")
+            .arg(format!("myapp.boxd.test:{PORT}:127.77.0.2"))
+            .args(extra)
+            .arg(format!("https://myapp.boxd.test:{PORT}{path}"))
+            .output()
+            .unwrap()
+    };
+    let out = get(&ca_a, "/", &[]);
+    assert!(out.stdout.ends_with(b"200"), "{out:?}");
+
+    // A slow download on a connection made with certificate A, across the swap.
+    let size = 6_000_000usize;
+    let slow = Command::new("curl")
+        .args([
+            "-sS",
+            "--max-time",
+            "60",
+            "--limit-rate",
+            "1M",
+            "-o",
+            "-",
+            "--cacert",
+            &ca_a,
+        ])
+        .arg("--resolve")
+        .arg(format!("myapp.boxd.test:{PORT}:127.77.0.2"))
+        .arg(format!("https://myapp.boxd.test:{PORT}/big/{size}"))
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+    for (from, to) in [(&key_b, &key), (&chain_b, &cert)] {
+        let tmp = to.with_extension("new");
+        std::fs::copy(from, &tmp).unwrap();
+        std::fs::rename(&tmp, to).unwrap();
+    }
+    eventually(Duration::from_secs(15), "certificate B in service", || {
+        get(&ca_b, "/", &[]).stdout.ends_with(b"200").then_some(())
+    });
+    let old = get(&ca_a, "/", &[]);
+    assert!(
+        !old.status.success(),
+        "A's CA no longer verifies new connections"
+    );
+    let done = slow.wait_with_output().unwrap();
+    assert!(
+        done.status.success(),
+        "the open download survived the reload"
+    );
+    assert_eq!(done.stdout.len(), size);
 }

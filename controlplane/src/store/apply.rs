@@ -654,6 +654,22 @@ fn apply_one(
             Ok(Outcome::Done)
         }
 
+        Command::SetTlsLocalCa { material } => {
+            let pem = |s: &str| s.len() <= 64 * 1024 && s.contains("-----BEGIN ");
+            if !(pem(&material.ca_cert) && pem(&material.chain) && pem(&material.key)) {
+                return Err(invalid(
+                    "TLS material",
+                    "expected PEM certificates and key of at most 64 KiB each",
+                ));
+            }
+            if rows::meta(c, rows::TLS_LOCAL_CA)?.is_none() {
+                let json = serde_json::to_string(material)
+                    .map_err(|e| invalid("TLS material", e.to_string()))?;
+                rows::set_meta(c, rows::TLS_LOCAL_CA, &json)?;
+            }
+            Ok(Outcome::Done)
+        }
+
         Command::CreateVm {
             id,
             owner,

@@ -9,7 +9,7 @@ pub mod sqlite;
 use rusqlite::Connection;
 
 use crate::model::{
-    Account, AccountId, ClusterSettings, Fingerprint, Node, Registration, SshKey, Vm,
+    Account, AccountId, ClusterSettings, Fingerprint, Node, Registration, SshKey, TlsMaterial, Vm,
 };
 use crate::view::{View, ViewChange, VmRoute};
 pub use apply::Touched;
@@ -132,6 +132,11 @@ impl StateReader {
     /// The SSH host key, once a proxy has stored one.
     pub async fn ssh_host_key(&self) -> Result<Option<String>, ReadError> {
         self.read(|c| rows::meta(c, rows::SSH_HOST_KEY)).await
+    }
+
+    /// The cluster's local CA, once a proxy has stored one.
+    pub async fn tls_local_ca(&self) -> Result<Option<TlsMaterial>, ReadError> {
+        self.read(rows::tls_local_ca).await
     }
 
     /// The cluster secret (hex).

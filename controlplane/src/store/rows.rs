@@ -11,7 +11,7 @@ use uuid::Uuid;
 
 use crate::model::{
     Account, AccountId, Capacity, ClusterSettings, Fingerprint, Node, NodeId, Registration, SshKey,
-    Vm, VmId, VmSpec, parse_roles,
+    TlsMaterial, Vm, VmId, VmSpec, parse_roles,
 };
 
 fn bad(idx: usize, e: impl std::error::Error + Send + Sync + 'static) -> rusqlite::Error {
@@ -217,6 +217,16 @@ pub fn keys(conn: &Connection) -> rusqlite::Result<Vec<(Fingerprint, AccountId)>
 
 /// The `meta` key holding the SSH host key.
 pub const SSH_HOST_KEY: &str = "ssh_host_key";
+
+/// The `meta` key holding the local CA (JSON `TlsMaterial`).
+pub const TLS_LOCAL_CA: &str = "tls_local_ca";
+
+/// The cluster's local CA, once a proxy has stored one.
+pub fn tls_local_ca(conn: &Connection) -> rusqlite::Result<Option<TlsMaterial>> {
+    meta(conn, TLS_LOCAL_CA)?
+        .map(|s| serde_json::from_str(&s).map_err(|e| bad(0, e)))
+        .transpose()
+}
 
 /// An account's keys, oldest first.
 pub fn keys_of(conn: &Connection, account: AccountId) -> rusqlite::Result<Vec<SshKey>> {

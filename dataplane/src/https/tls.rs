@@ -1,6 +1,10 @@
-//! Certificates for the zone: an operator's wildcard certificate, or a local CA that `boxd up`
-//! creates once (rcgen, ECDSA P-256) with a wildcard certificate for `*.<zone>` and `<zone>`,
-//! kept in `<data-dir>/tls/` so restarts serve the same one and `curl --cacert` keeps working.
+//! Certificates for the zone: an operator's wildcard certificate (PEM files, reloaded when they
+//! change), or a local CA that the cluster creates once (rcgen, ECDSA P-256) with a wildcard
+//! certificate for `*.<zone>` and `<zone>`. The local CA lives in the replica, so every proxy
+//! serves the same certificate; each proxy writes it to `<data-dir>/tls/` for `curl --cacert`.
+//!
+//! The server's certificate resolver holds the key in an `ArcSwap`: a reload swaps it for new
+//! handshakes while open connections keep theirs.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -69,6 +73,28 @@ fn write(path: &Path, data: &str, mode: u32) -> Result<(), TlsError> {
     std::fs::rename(&tmp, path).map_err(io)
 }
 
+/// A local CA and the zone certificate it signed, as PEM text (what the replica stores).
+pub use boxd_controlplane::model::TlsMaterial as LocalCa;
+
+/// Writes a local CA's files into `dir` (created if missing) and names them.
+pub fn write_local_ca(ca: &LocalCa, dir: &Path) -> Result<CertFiles, TlsError> {
+    {
+        std::fs::create_dir_all(dir).map_err(|source| TlsError::Io {
+            path: dir.to_owned(),
+            source,
+        })?;
+        let files = CertFiles {
+            cert: dir.join("zone.crt"),
+            key: dir.join("zone.key"),
+            ca: Some(dir.join("ca.crt")),
+        };
+        write(&dir.join("ca.crt"), &ca.ca_cert, 0o644)?;
+        write(&files.key, &ca.key, 0o600)?;
+        write(&files.cert, &ca.chain, 0o644)?;
+        Ok(files)
+    }
+}
+
 /// The local CA and zone certificate in `dir`, created on first use.
 pub fn local_ca(dir: &Path, zone: &str) -> Result<CertFiles, TlsError> {
     let files = CertFiles {
@@ -79,10 +105,11 @@ pub fn local_ca(dir: &Path, zone: &str) -> Result<CertFiles, TlsError> {
     if files.cert.exists() && files.key.exists() && dir.join("ca.crt").exists() {
         return Ok(files);
     }
-    std::fs::create_dir_all(dir).map_err(|source| TlsError::Io {
-        path: dir.to_owned(),
-        source,
-    })?;
+    write_local_ca(&generate_local_ca(zone)?, dir)
+}
+
+/// A new local CA for `zone` with a wildcard certificate for `*.<zone>` and `<zone>`.
+pub fn generate_local_ca(zone: &str) -> Result<LocalCa, TlsError> {
     let ca_key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
     let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new())?;
     ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Constrained(0));
@@ -108,11 +135,11 @@ pub fn local_ca(dir: &Path, zone: &str) -> Result<CertFiles, TlsError> {
     params.not_before = rcgen::date_time_ymd(2024, 1, 1);
     params.not_after = rcgen::date_time_ymd(2044, 1, 1);
     let cert = params.signed_by(&key, &issuer)?;
-
-    write(&dir.join("ca.crt"), &ca_cert.pem(), 0o644)?;
-    write(&files.key, &key.serialize_pem(), 0o600)?;
-    write(&files.cert, &(cert.pem() + &ca_cert.pem()), 0o644)?;
-    Ok(files)
+    Ok(LocalCa {
+        ca_cert: ca_cert.pem(),
+        chain: cert.pem() + &ca_cert.pem(),
+        key: key.serialize_pem(),
+    })
 }
 
 /// Loads a certificate chain and key into a rustls signing key.
@@ -142,23 +169,36 @@ pub fn load(files: &CertFiles) -> Result<Arc<CertifiedKey>, TlsError> {
 }
 
 /// Serves one certificate for every name (the zone's wildcard): a client that asks for an
-/// unknown name gets the zone's certificate, never another one.
+/// unknown name gets the zone's certificate, never another one. [`ZoneCert::replace`] swaps
+/// it for new handshakes (lock-free for readers); open connections keep the one they got.
 #[derive(Debug)]
-pub struct ZoneCert(pub Arc<CertifiedKey>);
+pub struct ZoneCert(arc_swap::ArcSwap<CertifiedKey>);
 
-impl ResolvesServerCert for ZoneCert {
-    fn resolve(&self, _hello: rustls::server::ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
-        Some(self.0.clone())
+impl ZoneCert {
+    /// A resolver serving `key`.
+    pub fn new(key: Arc<CertifiedKey>) -> Arc<Self> {
+        Arc::new(Self(arc_swap::ArcSwap::new(key)))
+    }
+
+    /// Serves `key` from the next handshake on.
+    pub fn replace(&self, key: Arc<CertifiedKey>) {
+        self.0.store(key);
     }
 }
 
-/// TLS 1.2 and 1.3, ALPN http/1.1, session tickets on, no OCSP.
-pub fn server_config(key: Arc<CertifiedKey>) -> Result<Arc<ServerConfig>, TlsError> {
+impl ResolvesServerCert for ZoneCert {
+    fn resolve(&self, _hello: rustls::server::ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        Some(self.0.load_full())
+    }
+}
+
+/// TLS 1.2 and 1.3, ALPN http/1.1, session tickets on, no OCSP, certificates from `certs`.
+pub fn server_config(certs: Arc<ZoneCert>) -> Result<Arc<ServerConfig>, TlsError> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let mut cfg = ServerConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])?
         .with_no_client_auth()
-        .with_cert_resolver(Arc::new(ZoneCert(key)));
+        .with_cert_resolver(certs);
     cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
     cfg.ticketer = rustls::crypto::ring::Ticketer::new()?;
     cfg.session_storage = rustls::server::ServerSessionMemoryCache::new(4096);
@@ -183,7 +223,7 @@ mod tests {
         );
         let key = load(&a).expect("load");
         assert_eq!(key.cert.len(), 2, "leaf and CA");
-        server_config(key).expect("config");
+        server_config(ZoneCert::new(key)).expect("config");
         use std::os::unix::fs::PermissionsExt as _;
         let mode = std::fs::metadata(&a.key).expect("key").permissions().mode();
         assert_eq!(mode & 0o777, 0o600);
