@@ -72,8 +72,28 @@ enum Cmd {
         #[arg(long)]
         no_seccomp: bool,
     },
+    /// Build and list VM images (root filesystem trees in <data-dir>/images)
+    Image {
+        #[command(subcommand)]
+        command: ImageCmd,
+    },
     /// Print what virtualization this host offers VMs: hardware, emulated or none
     Host {
+        /// Print JSON
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum ImageCmd {
+    /// Build an image (`minimal`: busybox and the guest agent, in seconds)
+    Build {
+        /// Recipe name
+        name: String,
+    },
+    /// List the built images
+    Ls {
         /// Print JSON
         #[arg(long)]
         json: bool,
@@ -159,7 +179,7 @@ pub fn main() -> ExitCode {
     let cli = Cli::parse();
     if matches!(
         cli.command,
-        Cmd::Admin { .. } | Cmd::Config { .. } | Cmd::Host { .. }
+        Cmd::Admin { .. } | Cmd::Config { .. } | Cmd::Host { .. } | Cmd::Image { .. }
     ) {
         default_sigpipe();
     }
@@ -200,6 +220,10 @@ pub fn main() -> ExitCode {
             }
             ExitCode::SUCCESS
         }
+        Cmd::Image { command } => {
+            let data_dir = cli.data_dir.unwrap_or_else(default_data_dir);
+            image_command(&data_dir, command)
+        }
         Cmd::Admin { json, command } => {
             let data_dir = cli.data_dir.unwrap_or_else(default_data_dir);
             let cfg = match Config::load(cli.config.as_deref()) {
@@ -229,7 +253,11 @@ pub fn main() -> ExitCode {
                     Start::Join { seed: addr, token }
                 }
                 Cmd::Run => Start::Run,
-                Cmd::Admin { .. } | Cmd::Config { .. } | Cmd::Vmm { .. } | Cmd::Host { .. } => {
+                Cmd::Admin { .. }
+                | Cmd::Config { .. }
+                | Cmd::Vmm { .. }
+                | Cmd::Host { .. }
+                | Cmd::Image { .. } => {
                     unreachable!("handled above")
                 }
             };
@@ -269,6 +297,59 @@ async fn shutdown_signal() {
         Err(_) => {
             let _ = tokio::signal::ctrl_c().await;
         }
+    }
+}
+
+fn image_command(data_dir: &Path, command: ImageCmd) -> ExitCode {
+    use boxd_vmm::image;
+    match command {
+        ImageCmd::Build { name } => {
+            let here = std::env::current_exe().unwrap_or_default();
+            let src = image::MinimalSources {
+                busybox: PathBuf::from("/bin/busybox"),
+                agent: here.with_file_name("boxd-agent"),
+            };
+            let start = std::time::Instant::now();
+            let r = image::build(data_dir, &name, &src, &mut |step| {
+                eprintln!("{name}: {step}");
+            });
+            match r {
+                Ok(info) => {
+                    println!(
+                        "built image {} ({} files, {:.1} MiB) in {:.1} s: {}",
+                        info.name,
+                        info.files,
+                        info.bytes as f64 / (1 << 20) as f64,
+                        start.elapsed().as_secs_f64(),
+                        image::images_dir(data_dir).join(&info.name).display()
+                    );
+                    ExitCode::SUCCESS
+                }
+                Err(e @ image::ImageError::UnknownRecipe(_)) => fail(2, e),
+                Err(e) => fail(1, e),
+            }
+        }
+        ImageCmd::Ls { json } => match image::list(data_dir) {
+            Ok(list) if json => {
+                println!("{}", serde_json::json!(list));
+                ExitCode::SUCCESS
+            }
+            Ok(list) => {
+                if list.is_empty() {
+                    println!("no images yet: build one with `boxd image build minimal`");
+                }
+                for i in list {
+                    println!(
+                        "{:12} {:>6} files {:>8.1} MiB",
+                        i.name,
+                        i.files,
+                        i.bytes as f64 / (1 << 20) as f64
+                    );
+                }
+                ExitCode::SUCCESS
+            }
+            Err(e) => fail(1, e),
+        },
     }
 }
 

@@ -266,3 +266,53 @@ pub fn write(node: &Node, command: Value) {
         .ok(&serde_json::json!({"op": "write", "command": command}));
     assert!(r["refused"].is_null(), "{command} -> {r}");
 }
+
+/// Creates VM `name` for `owner` and, once the scheduler has placed it, reports it running at
+/// `private_ip` (standing in for the worker, which is not built yet). Returns its id.
+pub fn running_vm(
+    node: &Node,
+    owner: &Value,
+    name: &str,
+    http_port: u16,
+    private_ip: &str,
+) -> Value {
+    let vm = Value::String(uuid_v4());
+    write(
+        node,
+        serde_json::json!({"type": "create_vm", "id": vm, "owner": owner, "name": name,
+            "http_port": http_port, "at": now_ms(),
+            "spec": {"vcpus": 1, "memory_mib": 512, "disk_gib": 4, "image": "minimal"}}),
+    );
+    let node_id = node.status()["node_id"].clone();
+    eventually(Duration::from_secs(20), "the VM is placed", || {
+        let vms = node.admin().ok(&serde_json::json!({"op": "vms"}));
+        vms.as_array()?
+            .iter()
+            .any(|v| v["id"] == vm && !v["worker"].is_null())
+            .then_some(())
+    });
+    write(
+        node,
+        serde_json::json!({"type": "report_vm", "vm": vm, "worker": node_id, "observed": "running",
+            "private_ip": private_ip, "at": now_ms()}),
+    );
+    vm
+}
+
+fn uuid_v4() -> String {
+    let mut b = [0u8; 16];
+    if let Ok(mut f) = std::fs::File::open("/dev/urandom") {
+        let _ = std::io::Read::read_exact(&mut f, &mut b);
+    }
+    b[6] = (b[6] & 0x0f) | 0x40;
+    b[8] = (b[8] & 0x3f) | 0x80;
+    let h: String = b.iter().map(|x| format!("{x:02x}")).collect();
+    format!(
+        "{}-{}-{}-{}-{}",
+        &h[0..8],
+        &h[8..12],
+        &h[12..16],
+        &h[16..20],
+        &h[20..32]
+    )
+}

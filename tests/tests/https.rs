@@ -9,7 +9,7 @@ use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use boxd_tests::{Node, eventually, now_ms, ready_field as field, write, write_config};
+use boxd_tests::{Node, eventually, now_ms, ready_field as field, running_vm, write, write_config};
 use serde_json::json;
 use uuid::Uuid;
 
@@ -385,22 +385,7 @@ fn an_operator_certificate_is_reloaded_without_dropping_connections() {
         &node,
         json!({"type": "create_account", "id": owner, "name": "op", "max_vms": null, "at": now_ms()}),
     );
-    let vm = Uuid::new_v4();
-    write(
-        &node,
-        json!({"type": "create_vm", "id": vm, "owner": owner, "name": "myapp", "http_port": 8000,
-               "at": now_ms(), "spec": {"vcpus": 1, "memory_mib": 512, "disk_gib": 4, "image": "minimal"}}),
-    );
-    let node_id = node.status()["node_id"].clone();
-    eventually(Duration::from_secs(20), "placed", || {
-        let vms = node.admin().ok(&json!({"op": "vms"}));
-        (!vms[0]["worker"].is_null()).then_some(())
-    });
-    write(
-        &node,
-        json!({"type": "report_vm", "vm": vm, "worker": node_id, "observed": "running",
-               "private_ip": WEB, "at": now_ms()}),
-    );
+    running_vm(&node, &json!(owner), "myapp", 8000, WEB);
     let get = |ca: &str, path: &str, extra: &[&str]| {
         Command::new("curl")
             .args([

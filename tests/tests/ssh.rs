@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use boxd_tests::{Node, eventually, now_ms, ready_field as field, write, write_config};
+use boxd_tests::{Node, eventually, now_ms, ready_field as field, running_vm, write, write_config};
 use serde_json::{Value, json};
 use uuid::Uuid;
 
@@ -427,12 +427,14 @@ impl Drop for Agent {
 }
 
 fn agent(listen: &str, authorized_key: &Path) -> Agent {
-    let mut child = Command::new(boxd_tests::agent_bin())
-        .args(["--listen", listen, "--authorized-key"])
-        .arg(authorized_key)
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut c = Command::new(boxd_tests::agent_bin());
+    c.args(["--listen", listen, "--authorized-key"])
+        .arg(authorized_key);
+    spawn_agent(c)
+}
+
+fn spawn_agent(mut c: Command) -> Agent {
+    let mut child = c.stdout(Stdio::piped()).spawn().unwrap();
     let mut line = String::new();
     std::io::BufRead::read_line(
         &mut std::io::BufReader::new(child.stdout.as_mut().unwrap()),
@@ -504,28 +506,10 @@ fn vm_sessions_are_relayed_to_the_guest_agent() {
     let _agent = agent(&format!("{AGENT}:2200"), &key_file);
 
     // A VM whose private address is the agent's (a worker's report stands in for the worker).
-    let node_id = node.status()["node_id"].clone();
     let owner =
         serde_json::from_str::<Value>(&at(LOBBY).run(&["whoami", "--json"]).1).unwrap()["id"]
             .clone();
-    let vm = Uuid::new_v4();
-    write(
-        &node,
-        json!({"type": "create_vm", "id": vm, "owner": owner, "name": "myapp", "http_port": 80,
-               "at": now_ms(), "spec": {"vcpus": 1, "memory_mib": 512, "disk_gib": 4, "image": "minimal"}}),
-    );
-    eventually(Duration::from_secs(20), "the VM is placed", || {
-        let vms = node.admin().ok(&json!({"op": "vms"}));
-        vms.as_array()?
-            .iter()
-            .any(|v| v["name"] == "myapp" && !v["worker"].is_null())
-            .then_some(())
-    });
-    write(
-        &node,
-        json!({"type": "report_vm", "vm": vm, "worker": node_id, "observed": "running",
-               "private_ip": AGENT, "at": now_ms()}),
-    );
+    running_vm(&node, &owner, "myapp", 80, AGENT);
     let vmip = "127.77.0.2";
 
     // exec: output, exit status, stdin EOF, env.
@@ -645,4 +629,67 @@ fn vm_sessions_are_relayed_to_the_guest_agent() {
         (255, ""),
         "the agent refuses user keys"
     );
+}
+
+#[test]
+fn commands_run_inside_the_minimal_image() {
+    const AGENT: &str = "127.0.42.40";
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let out = Command::new(boxd_tests::boxd_bin())
+        .args(["image", "build", "minimal", "--data-dir"])
+        .arg(&data)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.starts_with("built image minimal ("), "{stdout}");
+    let ls = Command::new(boxd_tests::boxd_bin())
+        .args(["image", "ls", "--json", "--data-dir"])
+        .arg(&data)
+        .output()
+        .unwrap();
+    let images: Value = serde_json::from_slice(&ls.stdout).unwrap();
+    assert_eq!(images[0]["name"], "minimal");
+    let rootfs = data.join("images/minimal/rootfs");
+
+    let ip = "127.0.42.4";
+    let port: u16 = 22225;
+    let cfg = write_config(dir.path(), "image", &format!("{ip}:7000"), "");
+    let text = std::fs::read_to_string(&cfg).unwrap().replace(
+        &format!("[ssh]\nlisten = \"{ip}:2222\""),
+        &format!("[ssh]\nlisten = \"0.0.0.0:{port}\""),
+    );
+    std::fs::write(&cfg, text).unwrap();
+    let node = Node::start(&["up"], &data, &cfg);
+    node.wait_ready(Duration::from_secs(30));
+    let alice = keygen(dir.path(), "alice");
+    let (code, out, _) = ssh(&alice, LOBBY).port(port).run(&["whoami", "--json"]);
+    assert_eq!(code, 0);
+    let owner = serde_json::from_str::<Value>(&out).unwrap()["id"].clone();
+    // The agent inside the image's tree (chroot stands in for the sandbox runtime here).
+    let key = node.admin().ok(&json!({"op": "agent-key"}))["public_key"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    std::fs::write(rootfs.join("etc/boxd/agent.pub"), &key).unwrap();
+    let mut c = Command::new("chroot");
+    c.arg(&rootfs).args([
+        "/usr/local/bin/boxd-agent",
+        "--listen",
+        &format!("{AGENT}:2200"),
+        "--authorized-key",
+        "/etc/boxd/agent.pub",
+    ]);
+    let _agent = spawn_agent(c);
+    running_vm(&node, &json!(owner), "tiny", 80, AGENT);
+    let (code, out, err) = ssh(&alice, "127.77.0.2")
+        .port(port)
+        .run(&["cat /etc/hostname; echo $HOME $SHELL; busybox | head -1 | cut -c1-7"]);
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(out, "vm\n/root /bin/sh\nBusyBox\n");
 }

@@ -7,6 +7,7 @@ pub mod arch;
 pub mod config;
 pub mod devices;
 pub mod host;
+pub mod image;
 pub mod machine;
 pub mod process;
 pub mod seccomp;

@@ -1,0 +1,350 @@
+//! Images: root filesystem trees the worker gives VMs, kept in `<data-dir>/images/<name>/`
+//! (`rootfs/` and `image.json`). The sandbox runtime uses the tree directly; the kvm runtime
+//! will use it as a root disk.
+//!
+//! `minimal` is busybox (the host's static build from Debian's `busybox-static`) with a link
+//! for every applet, a root user, and the guest agent with the shared libraries it needs,
+//! copied from the host at their own paths. Built into a temporary directory and renamed into
+//! place, so a half-built image is never used.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use serde::{Deserialize, Serialize};
+
+/// What `image ls` shows about a built image.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ImageInfo {
+    /// Name (`minimal`).
+    pub name: String,
+    /// Regular files in the tree.
+    pub files: u64,
+    /// Their total size in bytes.
+    pub bytes: u64,
+    /// Build time, milliseconds since the Unix epoch.
+    pub built_at: u64,
+}
+
+/// Why an image could not be built or read.
+#[derive(Debug, thiserror::Error)]
+pub enum ImageError {
+    /// No such image recipe.
+    #[error("there is no image recipe `{0}`: the recipes are `minimal` (busybox and the agent)")]
+    UnknownRecipe(String),
+    /// A needed host file is missing or unsuitable.
+    #[error("{0}")]
+    Host(String),
+    /// A filesystem operation failed.
+    #[error("{path}: {source}")]
+    Io {
+        /// The path.
+        path: PathBuf,
+        /// The cause.
+        source: std::io::Error,
+    },
+}
+
+fn io(path: &Path) -> impl FnOnce(std::io::Error) -> ImageError + '_ {
+    move |source| ImageError::Io {
+        path: path.to_owned(),
+        source,
+    }
+}
+
+/// Where the host files for `minimal` come from.
+#[derive(Clone, Debug)]
+pub struct MinimalSources {
+    /// A statically linked busybox.
+    pub busybox: PathBuf,
+    /// The guest agent binary.
+    pub agent: PathBuf,
+}
+
+/// The images directory under a data directory.
+pub fn images_dir(data_dir: &Path) -> PathBuf {
+    data_dir.join("images")
+}
+
+/// Builds image `name` into `<data-dir>/images/<name>`, replacing an older build.
+pub fn build(
+    data_dir: &Path,
+    name: &str,
+    src: &MinimalSources,
+    progress: &mut dyn FnMut(&str),
+) -> Result<ImageInfo, ImageError> {
+    if name != "minimal" {
+        return Err(ImageError::UnknownRecipe(name.to_owned()));
+    }
+    let images = images_dir(data_dir);
+    std::fs::create_dir_all(&images).map_err(io(&images))?;
+    let tmp = images.join(format!(".{name}.building-{}", std::process::id()));
+    if tmp.exists() {
+        std::fs::remove_dir_all(&tmp).map_err(io(&tmp))?;
+    }
+    let root = tmp.join("rootfs");
+    let r = build_minimal(&root, src, progress).and_then(|()| {
+        let (files, bytes) = tree_size(&root)?;
+        let info = ImageInfo {
+            name: name.to_owned(),
+            files,
+            bytes,
+            built_at: now_ms(),
+        };
+        let json = serde_json::to_vec_pretty(&info).unwrap_or_default();
+        let meta = tmp.join("image.json");
+        std::fs::write(&meta, json).map_err(io(&meta))?;
+        Ok(info)
+    });
+    let info = match r {
+        Ok(i) => i,
+        Err(e) => {
+            let _ = std::fs::remove_dir_all(&tmp);
+            return Err(e);
+        }
+    };
+    let dest = images.join(name);
+    if dest.exists() {
+        let old = images.join(format!(".{name}.old-{}", std::process::id()));
+        std::fs::rename(&dest, &old).map_err(io(&dest))?;
+        std::fs::rename(&tmp, &dest).map_err(io(&dest))?;
+        std::fs::remove_dir_all(&old).map_err(io(&old))?;
+    } else {
+        std::fs::rename(&tmp, &dest).map_err(io(&dest))?;
+    }
+    Ok(info)
+}
+
+/// The built images, by name.
+pub fn list(data_dir: &Path) -> Result<Vec<ImageInfo>, ImageError> {
+    let images = images_dir(data_dir);
+    let Ok(rd) = std::fs::read_dir(&images) else {
+        return Ok(Vec::new());
+    };
+    let mut out = Vec::new();
+    for e in rd.flatten() {
+        let meta = e.path().join("image.json");
+        if e.file_name().to_string_lossy().starts_with('.') || !meta.is_file() {
+            continue;
+        }
+        let text = std::fs::read(&meta).map_err(io(&meta))?;
+        if let Ok(info) = serde_json::from_slice::<ImageInfo>(&text) {
+            out.push(info);
+        }
+    }
+    out.sort_by(|a, b| a.name.cmp(&b.name));
+    Ok(out)
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
+fn tree_size(dir: &Path) -> Result<(u64, u64), ImageError> {
+    let (mut files, mut bytes) = (0, 0);
+    for e in std::fs::read_dir(dir).map_err(io(dir))?.flatten() {
+        let ft = e.file_type().map_err(io(&e.path()))?;
+        if ft.is_dir() {
+            let (f, b) = tree_size(&e.path())?;
+            files += f;
+            bytes += b;
+        } else if ft.is_file() {
+            files += 1;
+            bytes += e.metadata().map_err(io(&e.path()))?.len();
+        }
+    }
+    Ok((files, bytes))
+}
+
+/// Whether the ELF file at `path` has no program interpreter (is statically linked).
+fn is_static_elf(path: &Path) -> Result<bool, ImageError> {
+    let data = std::fs::read(path).map_err(io(path))?;
+    let u16_at = |o: usize| data.get(o..o + 2).map(|b| u16::from_le_bytes([b[0], b[1]]));
+    let u64_at = |o: usize| {
+        data.get(o..o + 8)
+            .and_then(|b| b.try_into().ok())
+            .map(u64::from_le_bytes)
+    };
+    if data.get(..5) != Some(b"\x7fELF\x02") {
+        return Err(ImageError::Host(format!(
+            "{} is not a 64-bit ELF executable",
+            path.display()
+        )));
+    }
+    let bad = || ImageError::Host(format!("{} has a truncated ELF header", path.display()));
+    let phoff = usize::try_from(u64_at(0x20).ok_or_else(bad)?).map_err(|_| bad())?;
+    let phentsize = usize::from(u16_at(0x36).ok_or_else(bad)?);
+    let phnum = usize::from(u16_at(0x38).ok_or_else(bad)?);
+    for i in 0..phnum {
+        let at = phoff + i * phentsize;
+        let ty = data
+            .get(at..at + 4)
+            .and_then(|b| b.try_into().ok())
+            .map(u32::from_le_bytes)
+            .ok_or_else(bad)?;
+        if ty == 3 {
+            return Ok(false); // PT_INTERP
+        }
+    }
+    Ok(true)
+}
+
+/// The shared libraries `bin` loads, as absolute host paths (empty for a static binary).
+fn shared_libraries(bin: &Path) -> Result<Vec<PathBuf>, ImageError> {
+    if is_static_elf(bin)? {
+        return Ok(Vec::new());
+    }
+    let out = Command::new("ldd")
+        .arg(bin)
+        .output()
+        .map_err(|e| ImageError::Host(format!("running ldd on {}: {e}", bin.display())))?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    let libs: Vec<PathBuf> = text
+        .lines()
+        .filter_map(|l| {
+            let l = l.trim();
+            let path = match l.split_once("=>") {
+                Some((_, rest)) => rest.split_whitespace().next()?,
+                None => l.split_whitespace().next()?,
+            };
+            path.starts_with('/').then(|| PathBuf::from(path))
+        })
+        .collect();
+    if libs.is_empty() {
+        return Err(ImageError::Host(format!(
+            "ldd found no libraries for {}: {}",
+            bin.display(),
+            text.trim()
+        )));
+    }
+    Ok(libs)
+}
+
+/// Copies `from` (following links) to `root` + `at`, creating directories, keeping the mode.
+fn copy_into(root: &Path, from: &Path, at: &Path) -> Result<(), ImageError> {
+    let rel = at.strip_prefix("/").unwrap_or(at);
+    let dest = root.join(rel);
+    if let Some(p) = dest.parent() {
+        std::fs::create_dir_all(p).map_err(io(p))?;
+    }
+    std::fs::copy(from, &dest).map_err(io(from))?;
+    Ok(())
+}
+
+fn build_minimal(
+    root: &Path,
+    src: &MinimalSources,
+    progress: &mut dyn FnMut(&str),
+) -> Result<(), ImageError> {
+    use std::os::unix::fs::PermissionsExt as _;
+    if !src.busybox.is_file() || !is_static_elf(&src.busybox)? {
+        return Err(ImageError::Host(format!(
+            "{} is not a static busybox: install Debian's busybox-static (apt-get install busybox-static)",
+            src.busybox.display()
+        )));
+    }
+    if !src.agent.is_file() {
+        return Err(ImageError::Host(format!(
+            "the guest agent {} is missing: build it with `cargo build -p boxd-agent` (it is installed next to boxd)",
+            src.agent.display()
+        )));
+    }
+    progress("laying out the tree");
+    for d in [
+        "bin",
+        "sbin",
+        "usr/bin",
+        "usr/sbin",
+        "usr/local/bin",
+        "etc/boxd",
+        "root",
+        "proc",
+        "sys",
+        "dev",
+        "run",
+        "var/log",
+        "home",
+    ] {
+        let p = root.join(d);
+        std::fs::create_dir_all(&p).map_err(io(&p))?;
+    }
+    let t = root.join("tmp");
+    std::fs::create_dir_all(&t).map_err(io(&t))?;
+    std::fs::set_permissions(&t, std::fs::Permissions::from_mode(0o1777)).map_err(io(&t))?;
+    let r = root.join("root");
+    std::fs::set_permissions(&r, std::fs::Permissions::from_mode(0o700)).map_err(io(&r))?;
+
+    progress("busybox and its applets");
+    copy_into(root, &src.busybox, Path::new("/bin/busybox"))?;
+    let out = Command::new(&src.busybox)
+        .arg("--list-full")
+        .output()
+        .map_err(|e| ImageError::Host(format!("running {}: {e}", src.busybox.display())))?;
+    let mut applets = 0;
+    for path in String::from_utf8_lossy(&out.stdout).lines() {
+        let path = path.trim();
+        if path.is_empty() || path == "bin/busybox" || path.contains("..") {
+            continue;
+        }
+        let link = root.join(path);
+        if let Some(p) = link.parent() {
+            std::fs::create_dir_all(p).map_err(io(p))?;
+        }
+        if !link.exists() {
+            std::os::unix::fs::symlink("/bin/busybox", &link).map_err(io(&link))?;
+            applets += 1;
+        }
+    }
+    progress(&format!("{applets} applets linked"));
+
+    progress("the guest agent");
+    copy_into(root, &src.agent, Path::new("/usr/local/bin/boxd-agent"))?;
+    for lib in shared_libraries(&src.agent)? {
+        copy_into(root, &lib, &lib)?;
+    }
+
+    progress("users and settings");
+    for (file, text, mode) in [
+        ("etc/passwd", "root:x:0:0:root:/root:/bin/sh\n", 0o644),
+        ("etc/group", "root:x:0:\n", 0o644),
+        ("etc/shadow", "root:*:19000:0:99999:7:::\n", 0o600),
+        ("etc/hostname", "vm\n", 0o644),
+        ("etc/hosts", "127.0.0.1 localhost\n", 0o644),
+        ("etc/resolv.conf", "", 0o644),
+        ("etc/profile", "export PS1='\\u@\\h:\\w\\$ '\n", 0o644),
+    ] {
+        let p = root.join(file);
+        std::fs::write(&p, text).map_err(io(&p))?;
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(mode)).map_err(io(&p))?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn elf_linkage_is_read_from_program_headers() {
+        let me = std::env::current_exe().unwrap();
+        assert!(!is_static_elf(&me).unwrap(), "test binaries are dynamic");
+        let d = tempfile::tempdir().unwrap();
+        let f = d.path().join("x");
+        std::fs::write(&f, b"#!/bin/sh\n").unwrap();
+        assert!(is_static_elf(&f).is_err());
+    }
+
+    #[test]
+    fn unknown_recipes_are_refused() {
+        let d = tempfile::tempdir().unwrap();
+        let src = MinimalSources {
+            busybox: "/bin/busybox".into(),
+            agent: "/nonexistent".into(),
+        };
+        let e = build(d.path(), "gentoo", &src, &mut |_| {}).unwrap_err();
+        assert!(e.to_string().contains("recipes are `minimal`"), "{e}");
+        assert!(list(d.path()).unwrap().is_empty());
+    }
+}
