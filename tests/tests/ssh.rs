@@ -534,6 +534,26 @@ fn vm_sessions_are_relayed_to_the_guest_agent() {
     assert_eq!(code, 7, "{out}");
     assert!(out.contains("/dev/pts/"), "{out}");
 
+    // Window changes reach the shell: a real pty for the client, resized mid-session.
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/fixtures/pty_resize.py");
+    let mut args = at(vmip)
+        .command(&[])
+        .get_args()
+        .map(|a| a.to_os_string())
+        .collect::<Vec<_>>();
+    args.insert(0, "-t".into());
+    let out = Command::new("python3")
+        .arg(script)
+        .args(&args)
+        .output()
+        .unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "24 80\n40 100\n",
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
     // 100 MiB each way with scp (SFTP protocol), checked by sha256; sftp itself.
     let up = dir.path().join("up.bin");
     let st = Command::new("head")
