@@ -294,14 +294,15 @@ async fn shard<B: Backend>(
     }
 }
 
+/// The IPv4 address of a local socket address (IPv4-mapped IPv6 included).
+pub(crate) fn ipv4_of(addr: SocketAddr) -> Option<std::net::Ipv4Addr> {
+    match addr.ip() {
+        IpAddr::V4(ip) => Some(ip),
+        IpAddr::V6(v6) => v6.to_ipv4_mapped(),
+    }
+}
+
 /// Whether a connection to `local` is ours: the lobby or a pool address.
 fn ours<B: Backend>(shared: &Shared<B>, local: SocketAddr) -> bool {
-    let ip = match local.ip() {
-        IpAddr::V4(ip) => ip,
-        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
-            Some(ip) => ip,
-            None => return false,
-        },
-    };
-    shared.lobby.view().current().is_public_address(ip)
+    ipv4_of(local).is_some_and(|ip| shared.lobby.view().current().is_public_address(ip))
 }

@@ -129,10 +129,7 @@ impl<B: Backend> Conn<B> {
     }
 
     fn local_v4(&self) -> Option<Ipv4Addr> {
-        match self.local.ip() {
-            IpAddr::V4(ip) => Some(ip),
-            IpAddr::V6(v6) => v6.to_ipv4_mapped(),
-        }
+        super::ipv4_of(self.local)
     }
 
     fn is_lobby(&self) -> bool {
