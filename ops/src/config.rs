@@ -204,6 +204,8 @@ pub struct HttpsConfig {
     /// Seconds between checks of `cert` and `key` for changes (reloaded without dropping
     /// connections).
     pub reload_secs: u64,
+    /// Most open connections from one client address, per shard.
+    pub max_connections_per_ip: usize,
 }
 
 impl Default for HttpsConfig {
@@ -219,6 +221,7 @@ impl Default for HttpsConfig {
             max_connections_per_shard: 10_000,
             max_handshakes_per_shard: 256,
             reload_secs: 5,
+            max_connections_per_ip: 256,
         }
     }
 }
@@ -524,6 +527,7 @@ impl Config {
             || h.max_connections_per_shard == 0
             || h.max_handshakes_per_shard == 0
             || h.reload_secs == 0
+            || h.max_connections_per_ip == 0
         {
             return Err(invalid(
                 "https.header_timeout_secs",
@@ -671,9 +675,11 @@ key = ""
 header_timeout_secs = 10
 # Seconds to wait for a VM to accept before answering 502.
 connect_timeout_secs = 3
-# Open client connections, and TLS handshakes in progress, per shard.
+# Open client connections, and TLS handshakes in progress, per shard; and open connections
+# from one client address per shard.
 max_connections_per_shard = 10000
 max_handshakes_per_shard = 256
+max_connections_per_ip = 256
 # Seconds between checks of cert and key for changes; a change is loaded for new connections
 # while open ones keep going.
 reload_secs = 5

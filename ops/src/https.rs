@@ -35,6 +35,7 @@ pub fn https_config(cfg: &Config) -> HttpsConfig {
         connect_timeout: Duration::from_secs(h.connect_timeout_secs),
         max_connections: h.max_connections_per_shard,
         max_handshakes: h.max_handshakes_per_shard,
+        max_connections_per_ip: h.max_connections_per_ip,
         ..HttpsConfig::default()
     }
 }

@@ -367,7 +367,8 @@ fn an_operator_certificate_is_reloaded_without_dropping_connections() {
     let text = std::fs::read_to_string(&cfg).unwrap().replace(
         &format!("[https]\nlisten = \"{IP2}:8443\""),
         &format!(
-            "[https]\nlisten = \"0.0.0.0:{PORT}\"\ncert = \"{}\"\nkey = \"{}\"\nreload_secs = 1",
+            "[https]\nlisten = \"0.0.0.0:{PORT}\"\ncert = \"{}\"\nkey = \"{}\"\nreload_secs = 1\n\
+             max_connections_per_ip = 3",
             cert.display(),
             key.display()
         ),

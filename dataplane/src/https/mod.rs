@@ -38,6 +38,8 @@ pub struct HttpsConfig {
     pub max_connections: usize,
     /// Most TLS handshakes in progress per shard.
     pub max_handshakes: usize,
+    /// Most open connections from one client address, per shard.
+    pub max_connections_per_ip: usize,
     /// Accept connections addressed to any local address (tests); otherwise only the lobby
     /// and pool addresses the View knows.
     pub any_address: bool,
@@ -55,6 +57,7 @@ impl Default for HttpsConfig {
             max_headers: 64,
             max_connections: 10_000,
             max_handshakes: 256,
+            max_connections_per_ip: 256,
             any_address: false,
         }
     }

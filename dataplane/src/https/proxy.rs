@@ -5,7 +5,8 @@
 //! frame their bodies. Bodies are never buffered whole. Upgrades (WebSocket) become a
 //! two-way byte stream.
 
-use std::cell::Cell;
+use std::cell::{Cell, RefCell};
+use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
 use std::rc::Rc;
 use std::sync::Arc;
@@ -28,6 +29,7 @@ pub(super) struct Shard {
     https_port: u16,
     connections: Cell<usize>,
     handshakes: Cell<usize>,
+    per_ip: RefCell<HashMap<IpAddr, usize>>,
 }
 
 impl Shard {
@@ -44,6 +46,7 @@ impl Shard {
             https_port,
             connections: Cell::new(0),
             handshakes: Cell::new(0),
+            per_ip: RefCell::new(HashMap::new()),
         }
     }
 
@@ -74,6 +77,36 @@ impl<'a> Slot<'a> {
 impl Drop for Slot<'_> {
     fn drop(&mut self) {
         self.0.set(self.0.get() - 1);
+    }
+}
+
+/// Counts a client address's open connections for as long as one lives.
+struct IpSlot<'a> {
+    counts: &'a RefCell<HashMap<IpAddr, usize>>,
+    ip: IpAddr,
+}
+
+impl<'a> IpSlot<'a> {
+    fn take(counts: &'a RefCell<HashMap<IpAddr, usize>>, ip: IpAddr, max: usize) -> Option<Self> {
+        let mut m = counts.borrow_mut();
+        let n = m.entry(ip).or_insert(0);
+        if *n >= max {
+            return None;
+        }
+        *n += 1;
+        Some(Self { counts, ip })
+    }
+}
+
+impl Drop for IpSlot<'_> {
+    fn drop(&mut self) {
+        let mut m = self.counts.borrow_mut();
+        if let Some(n) = m.get_mut(&self.ip) {
+            *n -= 1;
+            if *n == 0 {
+                m.remove(&self.ip);
+            }
+        }
     }
 }
 
@@ -179,6 +212,10 @@ async fn serve_tls(stream: TcpStream, shard: &Shard) -> std::io::Result<()> {
         return Ok(());
     };
     let client = stream.peer_addr()?.ip();
+    let Some(_per_ip) = IpSlot::take(&shard.per_ip, client, shard.cfg.max_connections_per_ip)
+    else {
+        return Ok(());
+    };
     // The deadline covers the handshake and each request head (slowloris, and the idle time
     // of a kept-alive connection); lifted while a request is being forwarded.
     stream.set_read_timeout(Some(shard.cfg.header_timeout))?;
