@@ -25,7 +25,7 @@
 
 #![allow(clippy::unwrap_used, missing_docs)]
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -45,16 +45,16 @@ const SSHD_PORT: u16 = 29023;
 const LOBBY: &str = "127.77.0.1";
 const VM: &str = "127.77.0.2";
 
-fn keygen(dir: &Path) -> Result<PathBuf> {
-    let key = dir.join("client");
+/// A new Ed25519 key pair at `key` (and `key`.pub).
+fn keygen(key: &Path) -> Result<()> {
     let st = Command::new("ssh-keygen")
         .args(["-q", "-t", "ed25519", "-N", "", "-f"])
-        .arg(&key)
+        .arg(key)
         .status()?;
     if !st.success() {
-        bail!("ssh-keygen failed");
+        bail!("ssh-keygen -f {} failed", key.display());
     }
-    Ok(key)
+    Ok(())
 }
 
 fn fingerprint(key: &Path) -> Result<String> {
@@ -107,13 +107,7 @@ fn start_boxd(dir: &Path, key: &Path) -> Result<(Proc, Proc)> {
 fn start_sshd(dir: &Path, key: &Path) -> Result<Proc> {
     std::fs::create_dir_all("/run/sshd")?;
     let host = dir.join("sshd_host");
-    let st = Command::new("ssh-keygen")
-        .args(["-q", "-t", "ed25519", "-N", "", "-f"])
-        .arg(&host)
-        .status()?;
-    if !st.success() {
-        bail!("ssh-keygen (host key) failed");
-    }
+    keygen(&host)?;
     let auth = dir.join("authorized_keys");
     std::fs::copy(key.with_extension("pub"), &auth)?;
     let cfg = dir.join("sshd_config");
@@ -388,7 +382,8 @@ fn main() -> Result<()> {
     // Measure only the workloads whose name contains this (for profiling), no transfers.
     let only = std::env::var("BENCH_ONLY").unwrap_or_default();
     let dir = tempfile::tempdir()?;
-    let key = keygen(dir.path())?;
+    let key = dir.path().join("client");
+    keygen(&key)?;
     let (boxd, agent) = start_boxd(dir.path(), &key)?;
     let sshd = start_sshd(dir.path(), &key)?;
     let (boxd_pid, agent_pid, sshd_pid) = (boxd.0.id(), agent.0.id(), sshd.0.id());

@@ -611,33 +611,33 @@ fn vm_sessions_are_relayed_to_the_guest_agent() {
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
-    let mut tunnel = at(vmip)
-        .opt("-N")
-        .opt("-o")
-        .opt("ExitOnForwardFailure=yes")
-        .opt("-L")
-        .opt(&format!("127.0.42.32:18001:{WEB}:8000"))
-        .command(&[])
-        .spawn()
-        .unwrap();
-    let body = fetch_when_up("http://127.0.42.32:18001/index.html");
-    assert_eq!(body, "through the tunnel\n");
-    let _ = tunnel.kill();
-    let _ = tunnel.wait();
-    // ssh -R: the "VM" listens on 127.0.42.33:18002 and forwards back to the client's side.
-    let mut reverse = at(vmip)
-        .opt("-N")
-        .opt("-o")
-        .opt("ExitOnForwardFailure=yes")
-        .opt("-R")
-        .opt(&format!("127.0.42.33:18002:{WEB}:8000"))
-        .command(&[])
-        .spawn()
-        .unwrap();
-    let body = fetch_when_up("http://127.0.42.33:18002/index.html");
-    assert_eq!(body, "through the tunnel\n");
-    let _ = reverse.kill();
-    let _ = reverse.wait();
+    // ssh -L reaches the "VM"'s web server from a local port; ssh -R makes the "VM" listen on
+    // 127.0.42.33:18002 and forwards back to the client's side.
+    for (flag, spec, url) in [
+        (
+            "-L",
+            format!("127.0.42.32:18001:{WEB}:8000"),
+            "http://127.0.42.32:18001/index.html",
+        ),
+        (
+            "-R",
+            format!("127.0.42.33:18002:{WEB}:8000"),
+            "http://127.0.42.33:18002/index.html",
+        ),
+    ] {
+        let mut tunnel = at(vmip)
+            .opt("-N")
+            .opt("-o")
+            .opt("ExitOnForwardFailure=yes")
+            .opt(flag)
+            .opt(&spec)
+            .command(&[])
+            .spawn()
+            .unwrap();
+        assert_eq!(fetch_when_up(url), "through the tunnel\n", "{flag}");
+        let _ = tunnel.kill();
+        let _ = tunnel.wait();
+    }
     let _ = web.kill();
     let _ = web.wait();
 
