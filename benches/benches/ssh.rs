@@ -34,7 +34,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context as _, Result, bail};
 use boxd_benches::{
     Proc, admin, boxd_bin, cpu_seconds, cpu_seconds_with_children, env_or, median, running_vm,
-    start_boxd_up,
+    sshc, start_boxd_up,
 };
 
 const BOXD_IP: &str = "127.0.44.1";
@@ -193,19 +193,6 @@ fn connections(
     (n as f64 / elapsed, n, failed.load(Ordering::Relaxed), used)
 }
 
-struct Accept;
-
-impl russh::client::Handler for Accept {
-    type Error = russh::Error;
-
-    async fn check_server_key(
-        &mut self,
-        _key: &russh::keys::PublicKeyOrCertificate,
-    ) -> Result<bool, Self::Error> {
-        Ok(true)
-    }
-}
-
 /// One connection with a russh client: key exchange, public-key auth, exec `cmd`, read to
 /// the exit status, disconnect.
 async fn one_connection(
@@ -213,36 +200,8 @@ async fn one_connection(
     key: Arc<russh::keys::PrivateKey>,
     cmd: &str,
 ) -> Result<()> {
-    // The same key exchange as the crypto floor and as Debian 12's OpenSSH client here
-    // (sntrup761, its first choice, is not in russh, so it lands on curve25519-sha256).
-    let cfg = Arc::new(russh::client::Config {
-        preferred: russh::Preferred {
-            kex: std::borrow::Cow::Borrowed(&[
-                russh::kex::CURVE25519,
-                russh::kex::EXTENSION_SUPPORT_AS_CLIENT,
-                russh::kex::EXTENSION_OPENSSH_STRICT_KEX_AS_CLIENT,
-            ]),
-            ..russh::Preferred::default()
-        },
-        ..Default::default()
-    });
-    let tcp = tokio::net::TcpStream::connect(addr).await?;
-    tcp.set_nodelay(true)?;
-    let mut h = russh::client::connect_stream(cfg, tcp, Accept).await?;
-    let auth = h
-        .authenticate_publickey("root", russh::keys::PrivateKeyWithHashAlg::new(key, None))
-        .await?;
-    if !auth.success() {
-        bail!("authentication refused");
-    }
-    let mut ch = h.channel_open_session().await?;
-    ch.exec(true, cmd).await?;
-    let mut status = None;
-    while let Some(m) = ch.wait().await {
-        if let russh::ChannelMsg::ExitStatus { exit_status } = m {
-            status = Some(exit_status);
-        }
-    }
+    let h = sshc::connect(addr, key).await?;
+    let (status, _) = sshc::exec(&h, cmd).await?;
     h.disconnect(russh::Disconnect::ByApplication, "", "")
         .await?;
     match status {

@@ -438,7 +438,8 @@ pub fn start_boxd_up(dir: &Path, config: &str) -> Result<(Proc, PathBuf)> {
     let child = std::process::Command::new("taskset")
         .args(["-c", "0"])
         .arg(boxd_bin())
-        .arg("up")
+        // No worker: the benches stand in for it (see `running_vm`), on loopback only.
+        .args(["up", "--role", "control,proxy,dns"])
         .arg("--data-dir")
         .arg(&data)
         .arg("--config")
@@ -504,7 +505,22 @@ pub fn running_vm(
             "name": name, "http_port": http_port, "at": 0,
             "spec": {"vcpus": 1, "memory_mib": 512, "disk_gib": 4, "image": "minimal"}}}),
     )?;
-    let node = admin(socket, serde_json::json!({"op": "status"}))?["node_id"].clone();
+    // A worker node no process runs, alive for the scheduler; its reports are written here.
+    let cap = serde_json::json!({"vcpus": 1000, "memory_mib": 1_000_000, "disk_gib": 10_000});
+    let node = admin(
+        socket,
+        serde_json::json!({"op": "write", "command": {"type": "register_node", "id": null,
+            "uuid": "00000000-0000-4000-8000-00000000f00d", "name": "bench-worker",
+            "roles": ["worker"], "raft_addr": "127.0.0.1:9", "capacity": cap, "at": 0}}),
+    )?["outcome"]["id"]
+        .clone();
+    admin(
+        socket,
+        serde_json::json!({"op": "write", "command": {"type": "heartbeat", "node": node,
+            "capacity": cap, "at": std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_millis() as u64)}}),
+    )?;
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         let vms = admin(socket, serde_json::json!({"op": "vms"}))?;
@@ -541,4 +557,74 @@ pub fn cpu_seconds_with_children(pid: u32) -> f64 {
             (f.len() == 4).then(|| f.iter().sum::<f64>() / ticks)
         })
         .unwrap_or(0.0)
+}
+
+/// A russh client for the benches: connect and authenticate once, then run commands.
+pub mod sshc {
+    use std::sync::Arc;
+
+    use anyhow::{Result, bail};
+
+    /// Accepts any host key (benches talk to servers they started).
+    pub struct Accept;
+
+    impl russh::client::Handler for Accept {
+        type Error = russh::Error;
+
+        async fn check_server_key(
+            &mut self,
+            _key: &russh::keys::PublicKeyOrCertificate,
+        ) -> Result<bool, Self::Error> {
+            Ok(true)
+        }
+    }
+
+    /// Key exchange and public-key auth as root.
+    pub async fn connect(
+        addr: std::net::SocketAddr,
+        key: Arc<russh::keys::PrivateKey>,
+    ) -> Result<russh::client::Handle<Accept>> {
+        // The same key exchange as the crypto floor and as Debian 12's OpenSSH client here
+        // (sntrup761, its first choice, is not in russh, so it lands on curve25519-sha256).
+        let cfg = Arc::new(russh::client::Config {
+            preferred: russh::Preferred {
+                kex: std::borrow::Cow::Borrowed(&[
+                    russh::kex::CURVE25519,
+                    russh::kex::EXTENSION_SUPPORT_AS_CLIENT,
+                    russh::kex::EXTENSION_OPENSSH_STRICT_KEX_AS_CLIENT,
+                ]),
+                ..russh::Preferred::default()
+            },
+            ..Default::default()
+        });
+        let tcp = tokio::net::TcpStream::connect(addr).await?;
+        tcp.set_nodelay(true)?;
+        let mut h = russh::client::connect_stream(cfg, tcp, Accept).await?;
+        let auth = h
+            .authenticate_publickey("root", russh::keys::PrivateKeyWithHashAlg::new(key, None))
+            .await?;
+        if !auth.success() {
+            bail!("authentication refused");
+        }
+        Ok(h)
+    }
+
+    /// Runs `cmd` on a new session channel; its exit status and stdout.
+    pub async fn exec(
+        h: &russh::client::Handle<Accept>,
+        cmd: &str,
+    ) -> Result<(Option<u32>, Vec<u8>)> {
+        let mut ch = h.channel_open_session().await?;
+        ch.exec(true, cmd).await?;
+        let mut status = None;
+        let mut out = Vec::new();
+        while let Some(m) = ch.wait().await {
+            match m {
+                russh::ChannelMsg::ExitStatus { exit_status } => status = Some(exit_status),
+                russh::ChannelMsg::Data { data } => out.extend_from_slice(&data),
+                _ => {}
+            }
+        }
+        Ok((status, out))
+    }
 }

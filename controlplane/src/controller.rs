@@ -44,15 +44,20 @@ pub async fn heartbeat(
 /// Most VMs one scheduler pass considers; the rest wait for the next pass.
 const PASS_LIMIT: usize = 512;
 
-/// On the leader: after View changes (coalesced over 50 ms, so a burst of writes costs one pass)
-/// and at least every second, places waiting VMs and promotes caught-up control learners.
+/// On the leader: after View changes and at least every second, places waiting VMs and
+/// promotes caught-up control learners. Passes start at most every 50 ms, so a burst of writes
+/// costs few passes while the first change after a quiet spell is acted on at once (a user's
+/// `new` waits for it).
 pub async fn leader_duties(
     replica: Arc<Replica>,
     liveness: Millis,
     mut shutdown: watch::Receiver<bool>,
 ) {
     let mut changed = replica.view().subscribe();
+    let mut last = tokio::time::Instant::now();
     loop {
+        tokio::time::sleep_until(last + Duration::from_millis(50)).await;
+        last = tokio::time::Instant::now();
         if replica.is_leader() {
             if let Err(e) = place_waiting(&replica, liveness).await {
                 tracing::warn!(error = %e, "scheduler pass failed");
@@ -63,7 +68,6 @@ pub async fn leader_duties(
         }
         tokio::select! {
             _ = changed.changed() => {
-                tokio::time::sleep(Duration::from_millis(50)).await;
                 changed.mark_unchanged();
             }
             _ = tokio::time::sleep(Duration::from_secs(1)) => {}

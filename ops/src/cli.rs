@@ -31,7 +31,11 @@ struct Cli {
 #[derive(Subcommand, Debug)]
 enum Cmd {
     /// Run a single node with every role and embedded defaults, in the foreground
-    Up,
+    Up {
+        /// Roles to run, comma-separated [default: every role]
+        #[arg(long, value_delimiter = ',')]
+        role: Vec<Role>,
+    },
     /// Found a new cluster with this node as its first control node, in the foreground
     Init,
     /// Join an existing cluster through any of its members, in the foreground
@@ -71,6 +75,15 @@ enum Cmd {
         /// Do not install the seccomp filter (for debugging the VMM only)
         #[arg(long)]
         no_seccomp: bool,
+    },
+    /// Run one sandbox-runtime VM in this process (started by the worker; see vmm/DESIGN.md)
+    Sandbox {
+        /// Sandbox spec (JSON)
+        #[arg(long, value_name = "FILE")]
+        config: PathBuf,
+        /// Where to serve the VM's API (HTTP/1.1 over a Unix socket)
+        #[arg(long, value_name = "PATH")]
+        api_sock: PathBuf,
     },
     /// Build and list VM images (root filesystem trees in <data-dir>/images)
     Image {
@@ -211,6 +224,13 @@ pub fn main() -> ExitCode {
                 seccomp: !no_seccomp,
             }))
         }
+        Cmd::Sandbox { config, api_sock } => {
+            init_logging();
+            ExitCode::from(boxd_vmm::sandbox::run(&boxd_vmm::sandbox::Options {
+                config: &config,
+                api_sock: &api_sock,
+            }))
+        }
         Cmd::Host { json } => {
             let r = boxd_vmm::host::detect();
             if json {
@@ -238,8 +258,15 @@ pub fn main() -> ExitCode {
                 Err(e) => return fail(2, e),
             };
             let start = match cmd {
-                Cmd::Up => {
-                    cfg.node.roles = Role::ALL.to_vec();
+                Cmd::Up { role } => {
+                    cfg.node.roles = if role.is_empty() {
+                        Role::ALL.to_vec()
+                    } else {
+                        let mut roles = role;
+                        roles.sort();
+                        roles.dedup();
+                        roles
+                    };
                     Start::Up
                 }
                 Cmd::Init => Start::Init,
@@ -256,6 +283,7 @@ pub fn main() -> ExitCode {
                 Cmd::Admin { .. }
                 | Cmd::Config { .. }
                 | Cmd::Vmm { .. }
+                | Cmd::Sandbox { .. }
                 | Cmd::Host { .. }
                 | Cmd::Image { .. } => {
                     unreachable!("handled above")
@@ -466,6 +494,12 @@ fn print_status(s: &NodeStatus) {
         ids(&r.learners)
     );
     println!("  vms:       {}", s.vms);
+    if let Some(w) = &s.worker {
+        println!(
+            "  worker:    runtime {} ({}); bridge {} {}; {} VMs running",
+            w.runtime, w.reason, w.bridge, w.subnet, w.running
+        );
+    }
     println!("  data:      {}", s.data_dir.display());
 }
 

@@ -281,7 +281,7 @@ pub struct AdminConfig {
 }
 
 /// `[worker]`
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct WorkerConfig {
     /// vCPUs offered to VMs; 0 means four per host CPU.
@@ -290,6 +290,71 @@ pub struct WorkerConfig {
     pub memory_mib: u64,
     /// Disk offered to VMs in GiB; 0 means the free space of the data directory.
     pub disk_gib: u64,
+    /// `auto`, `sandbox` or `kvm`.
+    pub runtime: WorkerRuntime,
+    /// Bridge the VMs attach to.
+    pub bridge: String,
+    /// The bridge's subnet; empty means 10.200.<node id>.0/24.
+    pub subnet: String,
+    /// How long a starting VM's agent may take to listen before the VM counts as failed.
+    pub start_timeout_secs: u64,
+}
+
+impl Default for WorkerConfig {
+    fn default() -> Self {
+        Self {
+            vcpus: 0,
+            memory_mib: 0,
+            disk_gib: 0,
+            runtime: WorkerRuntime::Auto,
+            bridge: "boxd0".into(),
+            subnet: String::new(),
+            start_timeout_secs: 30,
+        }
+    }
+}
+
+/// `worker.runtime`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum WorkerRuntime {
+    /// kvm where virtualization is hardware, else sandbox.
+    Auto,
+    /// Linux namespaces and cgroups.
+    Sandbox,
+    /// `boxd vmm` per VM.
+    Kvm,
+}
+
+impl WorkerConfig {
+    /// The bridge subnet for node `node`.
+    pub fn subnet_for(&self, node: u64) -> Result<ipnet::Ipv4Net, ConfigError> {
+        if self.subnet.is_empty() {
+            let third = u8::try_from(node).map_err(|_| {
+                invalid(
+                    "worker.subnet",
+                    format!("node id {node} is above 255: set worker.subnet for this node"),
+                )
+            })?;
+            return Ok(
+                ipnet::Ipv4Net::new(std::net::Ipv4Addr::new(10, 200, third, 0), 24)
+                    .unwrap_or_default(),
+            );
+        }
+        let net: ipnet::Ipv4Net = self.subnet.parse().map_err(|_| {
+            invalid(
+                "worker.subnet",
+                format!("{:?} is not an IPv4 subnet like 10.200.1.0/24", self.subnet),
+            )
+        })?;
+        if net.prefix_len() > 29 {
+            return Err(invalid(
+                "worker.subnet",
+                format!("{net} is too small: use a prefix of /29 or shorter"),
+            ));
+        }
+        Ok(net.trunc())
+    }
 }
 
 /// A configuration problem, naming the field and the fix.
@@ -567,6 +632,28 @@ impl Config {
                 ));
             }
         }
+        let w = &self.worker;
+        if w.bridge.is_empty()
+            || w.bridge.len() > 15
+            || !w
+                .bridge
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+        {
+            return Err(invalid(
+                "worker.bridge",
+                format!(
+                    "{:?} is not an interface name: use 1-15 letters, digits, - or _",
+                    w.bridge
+                ),
+            ));
+        }
+        if !w.subnet.is_empty() {
+            w.subnet_for(1)?;
+        }
+        if w.start_timeout_secs == 0 {
+            return Err(invalid("worker.start_timeout_secs", "must be at least 1"));
+        }
         Ok(())
     }
 
@@ -716,6 +803,16 @@ socket = ""
 vcpus = 0
 memory_mib = 0
 disk_gib = 0
+# How VMs run: "kvm" (a `boxd vmm` process per VM), "sandbox" (Linux namespaces and cgroups,
+# for hosts without usable hardware virtualization) or "auto" (kvm only where `boxd host`
+# says hardware; the choice and its reason are logged and shown by `boxd admin status`).
+runtime = "auto"
+# Bridge the VMs' interfaces join, and its subnet (the first address is the bridge's and the
+# VMs' gateway); empty means 10.200.<node id>.0/24. Needs root.
+bridge = "boxd0"
+subnet = ""
+# A VM whose agent does not listen within this many seconds of its start is reported failed.
+start_timeout_secs = 30
 "#;
 
 #[cfg(test)]

@@ -10,3 +10,4 @@ pub mod identity;
 pub mod node;
 pub mod ssh;
 pub mod status;
+pub mod worker;

@@ -56,7 +56,7 @@ fn failed(context: &str) -> impl FnOnce(String) -> NodeError + '_ {
 }
 
 /// Roles whose services this build contains.
-pub const BUILT_ROLES: [Role; 3] = [Role::Control, Role::Proxy, Role::Dns];
+pub const BUILT_ROLES: [Role; 4] = [Role::Control, Role::Worker, Role::Proxy, Role::Dns];
 
 /// Runs a node until `shutdown` resolves.
 pub async fn run(
@@ -162,7 +162,9 @@ pub async fn run(
 
     let socket_path = cfg.admin_socket(&data_dir);
     let admin_listener = bind_admin(&socket_path)?;
+    let worker_status = crate::worker::StatusCell::default();
     let ctx = Arc::new(AdminContext {
+        worker: Arc::clone(&worker_status),
         replica: Arc::clone(&replica),
         identity: identity.clone(),
         name: me.name.clone(),
@@ -199,6 +201,7 @@ pub async fn run(
             https: https_listeners,
             ssh: ssh_listeners,
             front: Arc::clone(&front),
+            worker: worker_status,
         },
     );
     let settle = tokio::spawn(settle);
@@ -239,6 +242,8 @@ struct Ready {
     ssh: Option<boxd_dataplane::ssh::Listeners>,
     /// Where the started servers are kept for shutdown.
     front: Arc<std::sync::Mutex<FrontDoor>>,
+    /// What the worker reports to `boxd admin status`.
+    worker: crate::worker::StatusCell,
 }
 
 /// The front-door servers a node runs.
@@ -401,6 +406,15 @@ async fn settle(
         heartbeat,
         stop.clone(),
     ));
+    if me.roles.contains(&Role::Worker) {
+        tokio::spawn(crate::worker::run(
+            Arc::clone(&replica),
+            cfg.clone(),
+            ready.data_dir.clone(),
+            ready.worker,
+            stop.clone(),
+        ));
+    }
     if me.roles.contains(&Role::Control) {
         let liveness = cfg.node.heartbeat_secs.saturating_mul(3000);
         tokio::spawn(controller::leader_duties(replica, liveness, stop));

@@ -28,6 +28,8 @@ pub struct AdminContext {
     pub roles: Roles,
     /// Data directory.
     pub data_dir: PathBuf,
+    /// The worker's status, on worker nodes.
+    pub worker: crate::worker::StatusCell,
 }
 
 /// `boxd admin status`.
@@ -51,6 +53,9 @@ pub struct NodeStatus {
     pub vms: usize,
     /// Raft and replication.
     pub replica: ReplicaStatus,
+    /// The worker: runtime (and why), bridge, VMs running, first pass after start.
+    #[serde(default)]
+    pub worker: Option<crate::worker::WorkerStatus>,
 }
 
 fn to_value<T: Serialize>(v: &T) -> Result<Value, String> {
@@ -77,6 +82,7 @@ impl Handler for AdminContext {
                     data_dir: self.data_dir.clone(),
                     vms: view.vm_count(),
                     replica: self.replica.status(),
+                    worker: self.worker.lock().ok().and_then(|w| w.clone()),
                 })
             }
             Request::Members {} => to_value(

@@ -40,6 +40,11 @@ pub fn agent_bin() -> PathBuf {
     bin
 }
 
+/// `boxd up` without the worker role. Tests outside a network namespace of their own must not
+/// run a worker (it creates a bridge for its VMs); where they need placed VMs, [`fake_worker`]
+/// stands in. The journey test runs the real worker inside its own namespace.
+pub const UP: [&str; 3] = ["up", "--role", "control,proxy,dns"];
+
 /// A running (or stopped) boxd process.
 pub struct Node {
     /// Its data directory.
@@ -60,7 +65,7 @@ pub fn write_config(dir: &Path, name: &str, raft: &str, extra: &str) -> PathBuf 
     std::fs::write(
         &p,
         format!(
-            "[node]\nname = \"{name}\"\nheartbeat_secs = 60\n\n[dns]\nlisten = \"{ip}:5353\"\ncpus = [0]\n\n\
+            "[node]\nname = \"{name}\"\nheartbeat_secs = 60\nroles = [\"control\", \"proxy\", \"dns\"]\n\n[dns]\nlisten = \"{ip}:5353\"\ncpus = [0]\n\n\
              [https]\nlisten = \"{ip}:8443\"\nredirect_listen = \"{ip}:8080\"\ncpus = [0]\n\n\
              [ssh]\nlisten = \"{ip}:2222\"\ncpus = [0]\n\n\
              [raft]\nlisten = \"{raft}\"\n{extra}\n"
@@ -73,13 +78,28 @@ pub fn write_config(dir: &Path, name: &str, raft: &str, extra: &str) -> PathBuf 
 impl Node {
     /// Starts `boxd <args> --data-dir <dir> --config <config>`.
     pub fn start(args: &[&str], data_dir: &Path, config: &Path) -> Node {
+        Node::start_in(None, args, data_dir, config)
+    }
+
+    /// Like [`Node::start`], inside network namespace `netns` (`nsenter --net`, which execs
+    /// boxd: the process is boxd itself).
+    pub fn start_in(netns: Option<&Netns>, args: &[&str], data_dir: &Path, config: &Path) -> Node {
         let log = data_dir.with_extension("log");
         let stderr = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
             .open(&log)
             .unwrap();
-        let mut child = Command::new(boxd_bin())
+        let mut cmd = match netns {
+            Some(ns) => {
+                let mut c = Command::new("nsenter");
+                c.arg(format!("--net={}", ns.path().display()))
+                    .arg(boxd_bin());
+                c
+            }
+            None => Command::new(boxd_bin()),
+        };
+        let mut child = cmd
             .args(args)
             .arg("--data-dir")
             .arg(data_dir)
@@ -267,8 +287,27 @@ pub fn write(node: &Node, command: Value) {
     assert!(r["refused"].is_null(), "{command} -> {r}");
 }
 
-/// Creates VM `name` for `owner` and, once the scheduler has placed it, reports it running at
-/// `private_ip` (standing in for the worker, which is not built yet). Returns its id.
+/// Registers (once) a worker node that no process runs, heartbeats it so the scheduler sees it
+/// alive, and returns its id. Tests write its reports themselves.
+pub fn fake_worker(node: &Node) -> Value {
+    let cap = serde_json::json!({"vcpus": 1000, "memory_mib": 1_000_000, "disk_gib": 10_000});
+    let r = node
+        .admin()
+        .ok(&serde_json::json!({"op": "write", "command": {
+        "type": "register_node", "id": null, "uuid": "00000000-0000-4000-8000-00000000f00d",
+        "name": "fake-worker", "roles": ["worker"], "raft_addr": "127.0.0.1:9",
+        "capacity": cap, "at": now_ms()}}));
+    let id = r["outcome"]["id"].clone();
+    assert!(id.is_u64(), "register_node -> {r}");
+    write(
+        node,
+        serde_json::json!({"type": "heartbeat", "node": id, "capacity": cap, "at": now_ms()}),
+    );
+    id
+}
+
+/// Creates VM `name` for `owner` and, once the scheduler has placed it on the [`fake_worker`],
+/// reports it running at `private_ip` as that worker. Returns its id.
 pub fn running_vm(
     node: &Node,
     owner: &Value,
@@ -276,6 +315,7 @@ pub fn running_vm(
     http_port: u16,
     private_ip: &str,
 ) -> Value {
+    let worker = fake_worker(node);
     let vm = Value::String(uuid_v4());
     write(
         node,
@@ -283,17 +323,16 @@ pub fn running_vm(
             "http_port": http_port, "at": now_ms(),
             "spec": {"vcpus": 1, "memory_mib": 512, "disk_gib": 4, "image": "minimal"}}),
     );
-    let node_id = node.status()["node_id"].clone();
     eventually(Duration::from_secs(20), "the VM is placed", || {
         let vms = node.admin().ok(&serde_json::json!({"op": "vms"}));
         vms.as_array()?
             .iter()
-            .any(|v| v["id"] == vm && !v["worker"].is_null())
+            .any(|v| v["id"] == vm && v["worker"] == worker)
             .then_some(())
     });
     write(
         node,
-        serde_json::json!({"type": "report_vm", "vm": vm, "worker": node_id, "observed": "running",
+        serde_json::json!({"type": "report_vm", "vm": vm, "worker": worker, "observed": "running",
             "private_ip": private_ip, "at": now_ms()}),
     );
     vm
@@ -315,4 +354,66 @@ fn uuid_v4() -> String {
         &h[16..20],
         &h[20..32]
     )
+}
+
+/// A network namespace made by a test (`ip netns add`), with loopback up; deleted on drop.
+/// Bridges, veths and addresses a test creates live only in here.
+pub struct Netns {
+    name: String,
+}
+
+impl Netns {
+    /// Creates `boxd-<tag>-<pid>`.
+    pub fn new(tag: &str) -> Netns {
+        let name = format!("boxd-{tag}-{}", std::process::id());
+        let _ = Command::new("ip")
+            .args(["netns", "del", &name])
+            .stderr(Stdio::null())
+            .status();
+        let ok = Command::new("ip")
+            .args(["netns", "add", &name])
+            .status()
+            .is_ok_and(|s| s.success());
+        assert!(
+            ok,
+            "ip netns add {name} failed: this test needs root and iproute2"
+        );
+        let ok = Command::new("ip")
+            .args(["-n", &name, "link", "set", "lo", "up"])
+            .status()
+            .is_ok_and(|s| s.success());
+        assert!(ok, "loopback up in {name}");
+        Netns { name }
+    }
+
+    /// `/run/netns/<name>`.
+    pub fn path(&self) -> PathBuf {
+        PathBuf::from("/run/netns").join(&self.name)
+    }
+
+    /// A command run inside the namespace.
+    pub fn command(&self, program: &str) -> Command {
+        let mut c = Command::new("nsenter");
+        c.arg(format!("--net={}", self.path().display()))
+            .arg(program);
+        c
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .status();
+    }
+}
+
+/// A new passphrase-less Ed25519 key pair at `path` (and `path`.pub), made by ssh-keygen.
+pub fn keygen(path: &Path) {
+    let ok = Command::new("ssh-keygen")
+        .args(["-q", "-t", "ed25519", "-N", "", "-f"])
+        .arg(path)
+        .status()
+        .is_ok_and(|s| s.success());
+    assert!(ok, "ssh-keygen -f {} failed", path.display());
 }

@@ -8,7 +8,7 @@ use std::os::unix::fs::PermissionsExt as _;
 use std::process::Command;
 use std::time::Duration;
 
-use boxd_tests::{Node, boxd_bin, eventually, now_ms, write_config};
+use boxd_tests::{Node, UP, boxd_bin, eventually, fake_worker, now_ms, write_config};
 use serde_json::json;
 use uuid::Uuid;
 
@@ -123,7 +123,7 @@ fn up_serves_admin_schedules_and_resumes_after_sigterm() {
     let dir = tempfile::tempdir().unwrap();
     let cfg = write_config(dir.path(), "solo", "127.0.32.1:7000", "");
     let data = dir.path().join("data");
-    let mut node = Node::start(&["up"], &data, &cfg);
+    let mut node = Node::start(&UP, &data, &cfg);
     let ready = node.wait_ready(Duration::from_secs(30));
     assert_eq!(field(&ready, "node"), "1");
     assert_eq!(field(&ready, "zone"), "boxd.test");
@@ -168,11 +168,14 @@ fn up_serves_admin_schedules_and_resumes_after_sigterm() {
         "at": now_ms(), "spec": {"vcpus": 1, "memory_mib": 512, "disk_gib": 4, "image": "minimal"}}}));
     assert_eq!(r["outcome"]["public_ip"], "127.77.0.2", "{r}");
 
-    // The scheduler places it on this node (it has the worker role under `up`).
+    // The scheduler places it on the one live worker (registered through the log; no process
+    // runs it, so the VM stays placed).
+    let worker = fake_worker(&node);
+    assert_ne!(worker, 1);
     let placed = eventually(Duration::from_secs(10), "placement", || {
         let vms = node.admin().ok(&json!({"op": "vms"}));
         let v = vms.as_array().unwrap().first().cloned()?;
-        (v["worker"] == 1).then_some(v)
+        (v["worker"] == worker).then_some(v)
     });
     assert_eq!(placed["observed"], "placed");
 
@@ -211,7 +214,7 @@ fn up_serves_admin_schedules_and_resumes_after_sigterm() {
     assert!(!node.socket().exists());
 
     // Resume: same cluster, same data, still writable.
-    let node = Node::start(&["up"], &data, &cfg);
+    let node = Node::start(&UP, &data, &cfg);
     let ready = node.wait_ready(Duration::from_secs(30));
     assert_eq!(field(&ready, "cluster"), cluster);
     let vms = node.admin().ok(&json!({"op": "vms"}));

@@ -211,20 +211,13 @@ fn leader_kill_loses_no_acknowledged_write_and_late_learner_gets_a_snapshot() {
         .unwrap();
     let token = nodes[0]
         .admin()
-        .ok(&json!({"op": "join-token", "roles": ["worker"]}))["token"]
+        .ok(&json!({"op": "join-token", "roles": ["dns"]}))["token"]
         .as_str()
         .unwrap()
         .to_owned();
     // Join through a follower: the request is forwarded to the leader.
     let learner = Node::start(
-        &[
-            "join",
-            addrs[follower],
-            "--token",
-            &token,
-            "--role",
-            "worker",
-        ],
+        &["join", addrs[follower], "--token", &token, "--role", "dns"],
         &data(3),
         &cfgs[3],
     );
@@ -254,5 +247,5 @@ fn leader_kill_loses_no_acknowledged_write_and_late_learner_gets_a_snapshot() {
         .filter(|m| m["membership"] == "learner")
         .collect();
     assert_eq!(learners.len(), 1, "{members}");
-    assert_eq!(learners[0]["roles"], json!(["worker"]));
+    assert_eq!(learners[0]["roles"], json!(["dns"]));
 }

@@ -7,7 +7,7 @@ use std::net::UdpSocket;
 use std::process::Command;
 use std::time::Duration;
 
-use boxd_tests::{Node, eventually, now_ms, write, write_config};
+use boxd_tests::{Node, UP, eventually, now_ms, write, write_config};
 use serde_json::json;
 use uuid::Uuid;
 
@@ -75,7 +75,7 @@ fn dig_and_kdig_get_what_a_resolver_expects() {
         1,
     );
     std::fs::write(&cfg, text).unwrap();
-    let node = Node::start(&["up"], &dir.path().join("data"), &cfg);
+    let node = Node::start(&UP, &dir.path().join("data"), &cfg);
     let ready = node.wait_ready(Duration::from_secs(30));
     assert!(ready.contains(&format!("dns={IP}:5353")), "{ready}");
 

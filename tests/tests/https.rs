@@ -9,7 +9,10 @@ use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use boxd_tests::{Node, eventually, now_ms, ready_field as field, running_vm, write, write_config};
+use boxd_tests::{
+    Node, UP, eventually, fake_worker, now_ms, ready_field as field, running_vm, write,
+    write_config,
+};
 use serde_json::json;
 use uuid::Uuid;
 
@@ -85,12 +88,12 @@ fn curl_reaches_vms_through_the_https_front_door() {
         ),
     );
     std::fs::write(&cfg, text).unwrap();
-    let node = Node::start(&["up"], &dir.path().join("data"), &cfg);
+    let node = Node::start(&UP, &dir.path().join("data"), &cfg);
     let ready = node.wait_ready(Duration::from_secs(30));
     assert_eq!(field(&ready, "https"), format!("0.0.0.0:{HTTPS_PORT}"));
     let ca = field(&ready, "ca").to_owned();
     assert!(std::path::Path::new(&ca).exists(), "{ready}");
-    let node_id = node.status()["node_id"].clone();
+    let node_id = fake_worker(&node);
 
     let _web = backend();
     let owner = Uuid::new_v4();
@@ -374,7 +377,7 @@ fn an_operator_certificate_is_reloaded_without_dropping_connections() {
         ),
     );
     std::fs::write(&cfg, text).unwrap();
-    let node = Node::start(&["up"], &dir.path().join("data"), &cfg);
+    let node = Node::start(&UP, &dir.path().join("data"), &cfg);
     let ready = node.wait_ready(Duration::from_secs(30));
     assert!(
         !ready.contains(" ca="),

@@ -13,7 +13,10 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use boxd_tests::{Node, eventually, now_ms, ready_field as field, running_vm, write, write_config};
+use boxd_tests::{
+    Node, UP, eventually, fake_worker, now_ms, ready_field as field, running_vm, write,
+    write_config,
+};
 use serde_json::{Value, json};
 use uuid::Uuid;
 
@@ -135,7 +138,7 @@ fn start(dir: &Path, extra: &str) -> (Node, String) {
         &format!("[ssh]\nlisten = \"0.0.0.0:{PORT}\"\nauth_timeout_secs = 3\nmax_handshakes_per_ip = 3\nready_timeout_secs = 30"),
     );
     std::fs::write(&cfg, text).unwrap();
-    let node = Node::start(&["up"], &dir.join("data"), &cfg);
+    let node = Node::start(&UP, &dir.join("data"), &cfg);
     let ready = node.wait_ready(Duration::from_secs(30));
     (node, ready)
 }
@@ -224,7 +227,7 @@ fn openssh_drives_the_lobby_and_reaches_only_its_own_vms() {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    let node_id = node.status()["node_id"].clone();
+    let node_id = fake_worker(&node);
     let vm = eventually(Duration::from_secs(20), "web is placed", || {
         let vms = node.admin().ok(&json!({"op": "vms"}));
         vms.as_array()?
@@ -380,7 +383,7 @@ fn silent_and_excess_connections_are_bounded() {
         "[ssh]\nlisten = \"0.0.0.0:22223\"\nauth_timeout_secs = 2\nmax_handshakes_per_ip = 2",
     );
     std::fs::write(&cfg, text).unwrap();
-    let node = Node::start(&["up"], &dir.path().join("data"), &cfg);
+    let node = Node::start(&UP, &dir.path().join("data"), &cfg);
     node.wait_ready(Duration::from_secs(30));
 
     // Some(text) for data, None once the server has closed; a read timeout fails the test.
@@ -495,7 +498,7 @@ fn vm_sessions_are_relayed_to_the_guest_agent() {
         &format!("[ssh]\nlisten = \"0.0.0.0:{port}\""),
     );
     std::fs::write(&cfg, text).unwrap();
-    let node = Node::start(&["up"], &dir.path().join("data"), &cfg);
+    let node = Node::start(&UP, &dir.path().join("data"), &cfg);
     node.wait_ready(Duration::from_secs(30));
     let alice = keygen(dir.path(), "alice");
     let bob = keygen(dir.path(), "bob");
@@ -692,7 +695,7 @@ fn commands_run_inside_the_minimal_image() {
         &format!("[ssh]\nlisten = \"0.0.0.0:{port}\""),
     );
     std::fs::write(&cfg, text).unwrap();
-    let node = Node::start(&["up"], &data, &cfg);
+    let node = Node::start(&UP, &data, &cfg);
     node.wait_ready(Duration::from_secs(30));
     let alice = keygen(dir.path(), "alice");
     let (code, out, _) = ssh(&alice, LOBBY).port(port).run(&["whoami", "--json"]);

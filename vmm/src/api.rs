@@ -134,7 +134,8 @@ pub struct Response {
 }
 
 impl Response {
-    fn json(status: u16, v: &serde_json::Value) -> Self {
+    /// A JSON body.
+    pub fn json(status: u16, v: &serde_json::Value) -> Self {
         Self {
             status,
             content_type: "application/json",
@@ -142,11 +143,13 @@ impl Response {
         }
     }
 
-    fn error(status: u16, message: impl Into<String>) -> Self {
+    /// `{"error": message}`.
+    pub fn error(status: u16, message: impl Into<String>) -> Self {
         Self::json(status, &serde_json::json!({ "error": message.into() }))
     }
 
-    fn empty() -> Self {
+    /// 204 No Content.
+    pub fn empty() -> Self {
         Self {
             status: 204,
             content_type: "application/json",
@@ -183,8 +186,8 @@ impl Response {
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
-struct Action {
-    action: String,
+pub(crate) struct Action {
+    pub(crate) action: String,
 }
 
 /// Answers one request about `vm`.
@@ -269,13 +272,28 @@ pub fn handle(vm: &Running, req: &Request) -> Response {
 
 /// Serves the API until the VM stops. Runs on its own thread.
 pub fn serve(listener: UnixListener, vm: Arc<Running>) {
+    serve_with(
+        listener,
+        |req| handle(&vm, req),
+        || vm.control().run_state() == RunState::Stopped,
+    );
+}
+
+/// Serves requests on `listener` with `handler`, one at a time, until `done()` is true when a
+/// connection arrives. Shared by `boxd vmm` and `boxd sandbox`, so a supervisor speaks one
+/// protocol to both runtimes.
+pub fn serve_with(
+    listener: UnixListener,
+    handler: impl Fn(&Request) -> Response,
+    done: impl Fn() -> bool,
+) {
     for conn in listener.incoming() {
-        if vm.control().run_state() == RunState::Stopped {
+        if done() {
             return;
         }
         let Ok(mut s) = conn else { continue };
         let resp = match read_request(&mut s) {
-            Ok(req) => handle(&vm, &req),
+            Ok(req) => handler(&req),
             Err(ReadError::Bad(m)) => Response::error(400, m),
             Err(ReadError::Gone) => continue,
         };

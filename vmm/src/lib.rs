@@ -10,8 +10,10 @@ pub mod host;
 pub mod image;
 pub mod machine;
 pub mod process;
+pub mod sandbox;
 pub mod seccomp;
 pub mod vstate;
+pub mod worker;
 
 pub use config::VmConfig;
 pub use host::{HostReport, Virtualization};

@@ -24,6 +24,18 @@ pub struct Options<'a> {
     pub seccomp: bool,
 }
 
+/// The start every VM process shares: outlive whoever started it (ignore SIGHUP from its
+/// terminal) and bind the API socket. On failure the message is printed as `who: …` and the
+/// exit status (2: nothing started) returned.
+pub fn detach_and_bind(who: &str, api_sock: &Path) -> Result<std::os::unix::net::UnixListener, u8> {
+    // SAFETY: SIG_IGN for SIGHUP changes no Rust-visible state.
+    unsafe { libc::signal(libc::SIGHUP, libc::SIG_IGN) };
+    api::bind(api_sock).map_err(|e| {
+        eprintln!("{who}: cannot use API socket {}: {e}", api_sock.display());
+        2
+    })
+}
+
 /// Runs the VM to its end; returns the process exit status.
 pub fn run(opts: &Options<'_>) -> u8 {
     let cfg = match VmConfig::load(opts.config) {
@@ -33,18 +45,9 @@ pub fn run(opts: &Options<'_>) -> u8 {
             return 2;
         }
     };
-    // Whoever started this VM may go away; its terminal hanging up must not end the VM.
-    // SAFETY: SIG_IGN for SIGHUP changes no Rust-visible state.
-    unsafe { libc::signal(libc::SIGHUP, libc::SIG_IGN) };
-    let listener = match api::bind(opts.api_sock) {
+    let listener = match detach_and_bind("boxd vmm", opts.api_sock) {
         Ok(l) => l,
-        Err(e) => {
-            eprintln!(
-                "boxd vmm: cannot use API socket {}: {e}",
-                opts.api_sock.display()
-            );
-            return 2;
-        }
+        Err(code) => return code,
     };
     let failed = |what: String| {
         eprintln!("boxd vmm: {what}");

@@ -135,6 +135,22 @@ pub fn vms_of(conn: &Connection, owner: AccountId) -> rusqlite::Result<Vec<Vm>> 
     .collect()
 }
 
+/// VMs placed on `worker` (the `vms_by_worker` index serves this).
+pub fn vms_on(conn: &Connection, worker: NodeId) -> rusqlite::Result<Vec<Vm>> {
+    conn.prepare_cached(&format!(
+        "SELECT {VM_COLUMNS} FROM vms WHERE worker = ?1 ORDER BY created_at, id"
+    ))?
+    .query_map(params![sql_u64(worker)], vm_row)?
+    .collect()
+}
+
+/// Deleted VMs whose disks `worker` still has to remove (ids).
+pub fn deleted_on(conn: &Connection, worker: NodeId) -> rusqlite::Result<Vec<VmId>> {
+    conn.prepare_cached("SELECT id FROM deleted_vms WHERE worker = ?1 ORDER BY id")?
+        .query_map(params![sql_u64(worker)], |r| Ok(VmId(uuid(r, 0)?)))?
+        .collect()
+}
+
 /// Up to `limit` VMs that wait for a worker, oldest first (the `vms_by_worker` index serves this).
 pub fn unplaced_vms(conn: &Connection, limit: usize) -> rusqlite::Result<Vec<Vm>> {
     conn.prepare_cached(&format!(

@@ -51,6 +51,9 @@ pub async fn serve(listen: SocketAddr, authorized: PublicKey) -> Result<(), Stri
                 continue;
             }
         };
+        // `run_stream` leaves the socket as it is (`Config::nodelay` applies to russh's own
+        // listener): without this, Nagle holds each small packet for the peer's delayed ACK.
+        let _ = stream.set_nodelay(true);
         let agent = Agent {
             authorized: Arc::clone(&authorized),
             user: String::new(),

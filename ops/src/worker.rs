@@ -1,0 +1,367 @@
+//! The worker role: a supervisor that drives the VMs placed on this node towards their desired
+//! state and reports what is true back through the leader. It only reads its local replica
+//! (the log is the API: control writes `PlaceVm`, the worker sees it here) and each VM's API
+//! socket; VM processes are not its children in any way that matters, so it can die and come
+//! back at any time (see vmm/DESIGN.md "Worker").
+
+use std::collections::{HashMap, HashSet};
+use std::net::Ipv4Addr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use boxd_controlplane::Replica;
+use boxd_controlplane::command::Command;
+use boxd_controlplane::model::{Desired, NodeId, Observed, Vm, VmId};
+use boxd_controlplane::store::rows;
+use boxd_vmm::worker::{Host, HostConfig, Runtime, SandboxRuntime, Step, VmPlan, decide};
+use serde::{Deserialize, Serialize};
+use tokio::sync::{Notify, watch};
+
+use crate::config::{Config, WorkerRuntime};
+
+/// What `boxd admin status` says about the worker.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct WorkerStatus {
+    /// Runtime in use.
+    pub runtime: String,
+    /// Why that runtime.
+    pub reason: String,
+    /// Bridge and subnet.
+    pub bridge: String,
+    /// Subnet of the bridge.
+    pub subnet: String,
+    /// VM processes answering on their API sockets at the last pass.
+    pub running: usize,
+    /// VMs found already running at the first pass (reconnected after a restart).
+    pub reconnected: usize,
+    /// Milliseconds from the supervisor's start to the end of its first pass.
+    pub first_pass_ms: Option<u64>,
+}
+
+/// Shared status cell.
+pub type StatusCell = Arc<Mutex<Option<WorkerStatus>>>;
+
+/// Picks the runtime: explicit config, or `auto` from the host's virtualization.
+pub fn choose_runtime(cfg: &Config) -> Result<(Arc<dyn Runtime>, String), String> {
+    let host = boxd_vmm::host::detect();
+    match cfg.worker.runtime {
+        WorkerRuntime::Sandbox => Ok((
+            Arc::new(SandboxRuntime),
+            "worker.runtime = \"sandbox\" in the config".into(),
+        )),
+        WorkerRuntime::Kvm => Err(
+            "worker.runtime = \"kvm\": the worker cannot drive `boxd vmm` VMs yet (images are trees, the kvm runtime needs root disks); use \"sandbox\" or \"auto\""
+                .into(),
+        ),
+        WorkerRuntime::Auto => {
+            let reason = match host.virtualization {
+                boxd_vmm::Virtualization::Hardware => format!(
+                    "auto: virtualization is hardware ({}), but the worker cannot drive kvm VMs yet, so sandbox",
+                    host.reason
+                ),
+                v => format!("auto: virtualization is {v} ({}), so sandbox", host.reason),
+            };
+            Ok((Arc::new(SandboxRuntime), reason))
+        }
+    }
+}
+
+/// Runs the supervisor until `stop`. Passes run on View changes and at least every second
+/// (that tick notices VM processes that died).
+pub async fn run(
+    replica: Arc<Replica>,
+    cfg: Config,
+    data_dir: std::path::PathBuf,
+    status: StatusCell,
+    mut stop: watch::Receiver<bool>,
+) {
+    let started = Instant::now();
+    let (runtime, reason) = match choose_runtime(&cfg) {
+        Ok(r) => r,
+        Err(e) => {
+            tracing::error!("the worker does not run: {e}");
+            return;
+        }
+    };
+    let me = replica.id();
+    let subnet = match cfg.worker.subnet_for(me) {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::error!("the worker does not run: {e}");
+            return;
+        }
+    };
+    let secret = loop {
+        match replica.reader().cluster_secret().await {
+            Ok(Some(s)) => break s,
+            _ => tokio::time::sleep(Duration::from_millis(100)).await,
+        }
+    };
+    let agent_key =
+        boxd_dataplane::ssh::relay::public_openssh(&boxd_dataplane::ssh::relay::agent_key(&secret));
+    let here = std::env::current_exe().unwrap_or_else(|_| "boxd".into());
+    let host = Arc::new(Host::open(HostConfig {
+        data_dir: data_dir.clone(),
+        boxd: here.clone(),
+        bridge: cfg.worker.bridge.clone(),
+        subnet,
+        agent_key,
+        agent_port: boxd_dataplane::ssh::relay::AGENT_PORT,
+        minimal: boxd_vmm::image::MinimalSources {
+            busybox: "/bin/busybox".into(),
+            agent: here.with_file_name("boxd-agent"),
+        },
+    }));
+    tracing::warn!(runtime = runtime.name(), %reason, bridge = %cfg.worker.bridge, %subnet, "worker running");
+    if let Ok(mut s) = status.lock() {
+        *s = Some(WorkerStatus {
+            runtime: runtime.name().into(),
+            reason,
+            bridge: cfg.worker.bridge.clone(),
+            subnet: subnet.to_string(),
+            ..WorkerStatus::default()
+        });
+    }
+    let sup = Arc::new(Supervisor {
+        replica: Arc::clone(&replica),
+        host,
+        runtime,
+        me,
+        start_timeout: Duration::from_secs(cfg.worker.start_timeout_secs),
+        busy: Mutex::new(HashSet::new()),
+        retry: Mutex::new(HashMap::new()),
+        wake: Notify::new(),
+    });
+    let mut changed = replica.view().subscribe();
+    let mut first = true;
+    loop {
+        match sup.pass().await {
+            Ok(p) => {
+                if let Ok(mut s) = status.lock()
+                    && let Some(s) = s.as_mut()
+                {
+                    s.running = p.running;
+                    if first {
+                        s.reconnected = p.running;
+                        s.first_pass_ms = Some(started.elapsed().as_millis() as u64);
+                        tracing::info!(
+                            reconnected = p.running,
+                            ms = started.elapsed().as_millis() as u64,
+                            "worker: first pass done"
+                        );
+                    }
+                }
+                first = false;
+            }
+            Err(e) => tracing::warn!(error = %e, "worker pass failed"),
+        }
+        tokio::select! {
+            _ = changed.changed() => { changed.mark_unchanged(); }
+            () = sup.wake.notified() => {}
+            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+            _ = crate::worker::stopped(&mut stop) => return,
+        }
+    }
+}
+
+async fn stopped(stop: &mut watch::Receiver<bool>) {
+    let _ = stop.wait_for(|s| *s).await;
+}
+
+struct Supervisor {
+    replica: Arc<Replica>,
+    host: Arc<Host>,
+    runtime: Arc<dyn Runtime>,
+    me: NodeId,
+    start_timeout: Duration,
+    /// VMs with an operation in flight; a pass leaves them alone.
+    busy: Mutex<HashSet<VmId>>,
+    /// Failed starts: when to try again and the next backoff.
+    retry: Mutex<HashMap<VmId, (Instant, Duration)>>,
+    /// Ends the wait between passes early (an operation finished).
+    wake: Notify,
+}
+
+struct PassReport {
+    running: usize,
+}
+
+impl Supervisor {
+    async fn pass(self: &Arc<Self>) -> Result<PassReport, String> {
+        let me = self.me;
+        let (vms, deleted) = self
+            .replica
+            .reader()
+            .read(move |c| Ok((rows::vms_on(c, me)?, rows::deleted_on(c, me)?)))
+            .await
+            .map_err(|e| e.to_string())?;
+        let host = Arc::clone(&self.host);
+        let ids: Vec<String> = vms.iter().map(|v| v.id.to_string()).collect();
+        // Probes are short Unix-socket requests; one blocking task asks them all.
+        let probes = tokio::task::spawn_blocking(move || {
+            ids.iter()
+                .map(|id| host.probe(id).is_some())
+                .collect::<Vec<bool>>()
+        })
+        .await
+        .map_err(|e| e.to_string())?;
+        let running = probes.iter().filter(|p| **p).count();
+        for (vm, process) in vms.into_iter().zip(probes) {
+            let local_ip = self.host.net_of(&vm.id.to_string()).map(|n| n.ip);
+            let step = decide(
+                vm.desired == Desired::Running,
+                vm.observed == Observed::Running,
+                vm.observed == Observed::Stopped,
+                vm.private_ip.is_some() && vm.private_ip == local_ip,
+                process,
+            );
+            self.act(vm, step, local_ip);
+        }
+        for id in deleted {
+            self.spawn_op(id, {
+                let sup = Arc::clone(self);
+                move || async move {
+                    let host = Arc::clone(&sup.host);
+                    let key = id.to_string();
+                    match tokio::task::spawn_blocking(move || host.delete(&key)).await {
+                        Ok(Ok(())) => {
+                            if let Err(e) = sup.replica.write(Command::PurgeVm { vm: id }).await {
+                                tracing::warn!(%id, error = %e, "purge not written");
+                            } else {
+                                tracing::info!(%id, "VM deleted: process, disk and address freed");
+                            }
+                        }
+                        Ok(Err(e)) => tracing::warn!(%id, error = %e, "deleting the VM failed"),
+                        Err(e) => tracing::warn!(%id, error = %e, "deleting the VM failed"),
+                    }
+                }
+            });
+        }
+        Ok(PassReport { running })
+    }
+
+    fn act(self: &Arc<Self>, vm: Vm, step: Step, local_ip: Option<Ipv4Addr>) {
+        let id = vm.id;
+        match step {
+            Step::Nothing => {}
+            Step::ReportRunning => self.spawn_op(id, {
+                let sup = Arc::clone(self);
+                move || async move { sup.report(id, Observed::Running, local_ip).await }
+            }),
+            Step::ReportStopped => self.spawn_op(id, {
+                let sup = Arc::clone(self);
+                move || async move { sup.report(id, Observed::Stopped, vm.private_ip).await }
+            }),
+            Step::Stop => self.spawn_op(id, {
+                let sup = Arc::clone(self);
+                move || async move {
+                    let host = Arc::clone(&sup.host);
+                    let key = id.to_string();
+                    match tokio::task::spawn_blocking(move || host.stop(&key)).await {
+                        Ok(Ok(())) => {
+                            tracing::info!(vm = %vm.name, "VM stopped");
+                            sup.report(id, Observed::Stopped, vm.private_ip).await;
+                        }
+                        Ok(Err(e)) => tracing::warn!(vm = %vm.name, error = %e, "stop failed"),
+                        Err(e) => tracing::warn!(vm = %vm.name, error = %e, "stop failed"),
+                    }
+                }
+            }),
+            Step::Start => {
+                if let Ok(r) = self.retry.lock()
+                    && let Some((at, _)) = r.get(&id)
+                    && Instant::now() < *at
+                {
+                    return;
+                }
+                self.spawn_op(id, {
+                    let sup = Arc::clone(self);
+                    move || async move { sup.start(vm).await }
+                });
+            }
+        }
+    }
+
+    async fn start(self: &Arc<Self>, vm: Vm) {
+        let id = vm.id;
+        let plan = VmPlan {
+            id: id.to_string(),
+            name: vm.name.clone(),
+            image: vm.spec.image.clone(),
+            vcpus: vm.spec.vcpus,
+            memory_mib: vm.spec.memory_mib,
+        };
+        let (host, runtime, timeout) = (
+            Arc::clone(&self.host),
+            Arc::clone(&self.runtime),
+            self.start_timeout,
+        );
+        let hint = vm.private_ip;
+        let t0 = Instant::now();
+        let r =
+            tokio::task::spawn_blocking(move || host.start(runtime.as_ref(), &plan, hint, timeout))
+                .await
+                .map_err(|e| e.to_string())
+                .and_then(|r| r.map_err(|e| e.to_string()));
+        match r {
+            Ok(net) => {
+                if let Ok(mut r) = self.retry.lock() {
+                    r.remove(&id);
+                }
+                tracing::info!(vm = %vm.name, ip = %net.ip, ms = t0.elapsed().as_millis() as u64, "VM running");
+                self.report(id, Observed::Running, Some(net.ip)).await;
+            }
+            Err(e) => {
+                let wait = self
+                    .retry
+                    .lock()
+                    .map(|mut r| {
+                        let next = r.get(&id).map_or(Duration::from_secs(1), |(_, d)| {
+                            (*d * 2).min(Duration::from_secs(60))
+                        });
+                        r.insert(id, (Instant::now() + next, next));
+                        next
+                    })
+                    .unwrap_or(Duration::from_secs(1));
+                tracing::error!(vm = %vm.name, error = %e, retry_in = ?wait, "VM did not start");
+                self.report(id, Observed::Failed, vm.private_ip).await;
+            }
+        }
+    }
+
+    async fn report(&self, vm: VmId, observed: Observed, private_ip: Option<Ipv4Addr>) {
+        let cmd = Command::ReportVm {
+            vm,
+            worker: self.me,
+            observed,
+            private_ip,
+            at: self.replica.now(),
+        };
+        if let Err(e) = self.replica.write(cmd).await {
+            tracing::debug!(%vm, error = %e, "report not written");
+        }
+    }
+
+    /// Runs `op` for `vm` unless one is in flight; wakes the loop when it ends.
+    fn spawn_op<F, Fut>(self: &Arc<Self>, vm: VmId, op: F)
+    where
+        F: FnOnce() -> Fut + Send + 'static,
+        Fut: std::future::Future<Output = ()> + Send + 'static,
+    {
+        let Ok(mut busy) = self.busy.lock() else {
+            return;
+        };
+        if !busy.insert(vm) {
+            return;
+        }
+        drop(busy);
+        let sup = Arc::clone(self);
+        tokio::spawn(async move {
+            op().await;
+            if let Ok(mut b) = sup.busy.lock() {
+                b.remove(&vm);
+            }
+            sup.wake.notify_one();
+        });
+    }
+}

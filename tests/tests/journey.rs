@@ -1,0 +1,268 @@
+//! The user journey on `boxd up` with its real worker (sandbox runtime), inside a network
+//! namespace this test creates (boxd's bridge, veths and VM addresses exist only there), with
+//! the real OpenSSH client, dig and curl: `new`, DNS, a session's output and exit status, a web
+//! server in the VM behind HTTPS, a file kept across stop/start, `rm` freeing name, address
+//! and disk; then kill -9 of boxd while three VMs run: they stay up and the restarted
+//! supervisor reconnects to them.
+
+#![allow(clippy::unwrap_used)]
+
+use std::io::{Read, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::Duration;
+
+use boxd_tests::{Netns, Node, eventually, keygen, ready_field as field};
+use serde_json::Value;
+
+const LOBBY: &str = "127.77.0.1";
+
+/// Ends every VM process of a data directory (through its API, then by signal) when the test
+/// ends, however it ends: they are built to outlive boxd.
+struct VmReaper(PathBuf);
+
+impl Drop for VmReaper {
+    fn drop(&mut self) {
+        if let Ok(rd) = std::fs::read_dir(self.0.join("vms")) {
+            for e in rd.flatten() {
+                let _ = api(
+                    &e.path().join("api.sock"),
+                    "PUT",
+                    r#"{"action":"shutdown"}"#,
+                );
+            }
+        }
+        std::thread::sleep(Duration::from_millis(200));
+        let needle = self.0.to_string_lossy().into_owned();
+        if let Ok(rd) = std::fs::read_dir("/proc") {
+            for e in rd.flatten() {
+                let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else {
+                    continue;
+                };
+                let cmdline = std::fs::read(e.path().join("cmdline")).unwrap_or_default();
+                if String::from_utf8_lossy(&cmdline).contains(&needle) {
+                    // SAFETY: plain kill(2) of a process this test started.
+                    unsafe { libc::kill(pid, libc::SIGKILL) };
+                }
+            }
+        }
+    }
+}
+
+/// One request on a VM's API socket; the JSON body, if any.
+fn api(sock: &Path, method: &str, body: &str) -> Option<Value> {
+    let mut s = UnixStream::connect(sock).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
+    let path = if method == "GET" {
+        "/vm"
+    } else {
+        "/vm/actions"
+    };
+    write!(
+        s,
+        "{method} {path} HTTP/1.1\r\nHost: vm\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .ok()?;
+    let mut out = String::new();
+    s.read_to_string(&mut out).ok()?;
+    let (_, body) = out.split_once("\r\n\r\n")?;
+    serde_json::from_str(body).ok()
+}
+
+struct Client<'a> {
+    ns: &'a Netns,
+    key: PathBuf,
+}
+
+impl Client<'_> {
+    /// `ssh -p 2222 <host> <args>`; (status, stdout, stderr).
+    fn ssh(&self, host: &str, args: &[&str]) -> (i32, String, String) {
+        let out = self
+            .ns
+            .command("ssh")
+            .args(["-F", "/dev/null", "-o", "IdentitiesOnly=yes"])
+            .args([
+                "-o",
+                "StrictHostKeyChecking=no",
+                "-o",
+                "UserKnownHostsFile=/dev/null",
+            ])
+            .args([
+                "-o",
+                "LogLevel=ERROR",
+                "-o",
+                "BatchMode=yes",
+                "-p",
+                "2222",
+                "-i",
+            ])
+            .arg(&self.key)
+            .arg(host)
+            .args(args)
+            .stdin(Stdio::null())
+            .output()
+            .unwrap();
+        (
+            out.status.code().unwrap_or(-1),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    }
+
+    fn ok(&self, host: &str, args: &[&str]) -> String {
+        let (code, out, err) = self.ssh(host, args);
+        assert_eq!(code, 0, "ssh {host} {args:?}: {out}{err}");
+        out
+    }
+
+    /// The public address `new` printed.
+    fn new_vm(&self, name: &str) -> String {
+        let out = self.ok(LOBBY, &["new", &format!("--name={name}")]);
+        out.lines()
+            .find_map(|l| l.trim().strip_prefix("address"))
+            .map(|a| a.trim().to_owned())
+            .unwrap_or_else(|| panic!("no address in {out}"))
+    }
+}
+
+fn vm_pids(data: &Path) -> Vec<(String, i64)> {
+    let mut out: Vec<(String, i64)> = std::fs::read_dir(data.join("vms"))
+        .unwrap()
+        .flatten()
+        .filter_map(|e| {
+            let v = api(&e.path().join("api.sock"), "GET", "")?;
+            Some((
+                e.file_name().to_string_lossy().into_owned(),
+                v["pid"].as_i64()?,
+            ))
+        })
+        .collect();
+    out.sort();
+    out
+}
+
+#[test]
+fn the_journey_on_the_sandbox_runtime() {
+    let dir = tempfile::tempdir().unwrap();
+    let ns = Netns::new("journey");
+    let data = dir.path().join("data");
+    let _reaper = VmReaper(data.clone());
+    // Embedded defaults (lobby 127.77.0.1, SSH 2222, HTTPS 8443, DNS 127.0.0.1:5353) inside
+    // the namespace; only the runtime is pinned so the test means the same on every host.
+    let cfg = dir.path().join("boxd.toml");
+    std::fs::write(
+        &cfg,
+        "[node]\nname = \"journey\"\n\n[worker]\nruntime = \"sandbox\"\n",
+    )
+    .unwrap();
+    let mut node = Node::start_in(Some(&ns), &["up"], &data, &cfg);
+    let ready = node.wait_ready(Duration::from_secs(60));
+    assert!(field(&ready, "serving").contains("worker"), "{ready}");
+    let ca = field(&ready, "ca").to_owned();
+
+    let key = dir.path().join("id_ed25519");
+    keygen(&key);
+    let c = Client { ns: &ns, key };
+
+    // new → the VM runs and its address answers DNS.
+    let ip = c.new_vm("myapp");
+    assert_eq!(ip, "127.77.0.2");
+    let dig = ns
+        .command("dig")
+        .args(["+short", "-p", "5353", "@127.0.0.1", "myapp.boxd.test", "A"])
+        .output()
+        .unwrap();
+    assert_eq!(String::from_utf8_lossy(&dig.stdout).trim(), ip);
+
+    // A session: output and exit status.
+    let (code, out, err) = c.ssh(&ip, &["echo hi; exit 3"]);
+    assert_eq!((code, out.as_str()), (3, "hi\n"), "{err}");
+
+    // A web server in the VM answers through the HTTPS front door.
+    c.ok(
+        &ip,
+        &["mkdir -p /www && echo hello from myapp > /www/index.html && httpd -p 80 -h /www"],
+    );
+    let curl = ns
+        .command("curl")
+        .args(["-sS", "--max-time", "10", "--cacert", &ca, "--resolve"])
+        .arg(format!("myapp.boxd.test:8443:{ip}"))
+        .arg("https://myapp.boxd.test:8443/")
+        .output()
+        .unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&curl.stdout),
+        "hello from myapp\n",
+        "{}",
+        String::from_utf8_lossy(&curl.stderr)
+    );
+
+    // stop/start keeps what was written to disk.
+    c.ok(&ip, &["echo kept > /root/file && sync"]);
+    c.ok(LOBBY, &["stop", "myapp"]);
+    let (code, _, err) = c.ssh(&ip, &["true"]);
+    assert_eq!(code, 255);
+    assert!(err.contains("stopped"), "{err}");
+    c.ok(LOBBY, &["start", "myapp"]);
+    eventually(Duration::from_secs(20), "myapp runs again", || {
+        (c.ssh(&ip, &["true"]).0 == 0).then_some(())
+    });
+    assert_eq!(c.ok(&ip, &["cat /root/file"]), "kept\n");
+
+    // rm frees the name, the address and the disk.
+    let vm_dir = std::fs::read_dir(data.join("vms"))
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap()
+        .path();
+    c.ok(LOBBY, &["rm", "myapp"]);
+    eventually(Duration::from_secs(20), "the disk is deleted", || {
+        (!vm_dir.exists()).then_some(())
+    });
+    assert_eq!(
+        c.new_vm("myapp"),
+        "127.77.0.2",
+        "name and address are free again"
+    );
+    let (code, _, _) = c.ssh(&ip, &["test -e /root/file"]);
+    assert_eq!(code, 1, "the new myapp starts from a fresh disk");
+
+    // Three VMs; kill -9 boxd (supervisor, proxy and all): they keep running, and the
+    // restarted supervisor reconnects to the same processes.
+    let ips = [ip.clone(), c.new_vm("two"), c.new_vm("three")];
+    let before = vm_pids(&data);
+    assert_eq!(before.len(), 3, "{before:?}");
+    node.kill9();
+    std::thread::sleep(Duration::from_millis(500));
+    for (vm, pid) in &before {
+        // SAFETY: kill(pid, 0) only checks that the process exists.
+        let alive = unsafe { libc::kill(i32::try_from(*pid).unwrap(), 0) } == 0;
+        assert!(alive, "VM {vm} (pid {pid}) died with the supervisor");
+    }
+    assert_eq!(
+        vm_pids(&data),
+        before,
+        "every VM answers on its API socket meanwhile"
+    );
+    let node = Node::start_in(Some(&ns), &["up"], &data, &cfg);
+    node.wait_ready(Duration::from_secs(60));
+    let worker = eventually(Duration::from_secs(10), "the worker's first pass", || {
+        let w = node.status()["worker"].clone();
+        w["first_pass_ms"].as_u64().map(|_| w)
+    });
+    eprintln!("restarted supervisor: {worker}");
+    assert_eq!(worker["reconnected"], 3, "{worker}");
+    assert!(worker["first_pass_ms"].as_u64().unwrap() < 1000, "{worker}");
+    assert_eq!(
+        vm_pids(&data),
+        before,
+        "the same VM processes, not new ones"
+    );
+    for (i, ip) in ips.iter().enumerate() {
+        let name = ["myapp", "two", "three"][i];
+        assert_eq!(c.ok(ip, &["hostname"]).trim(), name);
+    }
+}

@@ -1,0 +1,682 @@
+//! The worker's host side of VMs: each VM's directory, copy-on-write disk, private address,
+//! bridge, and process, behind the [`Runtime`] trait. The supervisor loop (which reads the
+//! replica and reports back) lives in `ops`; everything here is blocking and replica-free, so
+//! the runtime conformance suite drives it directly.
+//!
+//! Layout under the data directory:
+//!
+//! ```text
+//! vms/<id>/rootfs/       the VM's disk (sandbox: the tree itself)
+//! vms/<id>/net.json      its private address (kept across stop/start)
+//! vms/<id>/sandbox.json  the spec its process was started with
+//! vms/<id>/api.sock      its process's API (GET /vm, PUT /vm/actions)
+//! vms/<id>/console.log   the process's output: init, agent
+//! ```
+
+use std::collections::BTreeSet;
+use std::net::{Ipv4Addr, SocketAddr, TcpStream};
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use ipnet::Ipv4Net;
+use serde::{Deserialize, Serialize};
+
+use crate::sandbox::{self, AgentSpec, Overlay, Probe, SandboxNet, SandboxSpec};
+
+/// Why a worker operation failed; the message says what to do.
+#[derive(Debug, thiserror::Error)]
+pub enum WorkerError {
+    /// The image is neither built nor buildable here.
+    #[error("{0}")]
+    Image(String),
+    /// A host operation failed.
+    #[error("{0}")]
+    Host(String),
+    /// The VM process did not come up.
+    #[error("{0}")]
+    Start(String),
+}
+
+/// What the worker needs to know about one VM.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct VmPlan {
+    /// VM id (a UUID; names directories).
+    pub id: String,
+    /// DNS label (host name inside).
+    pub name: String,
+    /// Image name.
+    pub image: String,
+    /// vCPUs.
+    pub vcpus: u32,
+    /// Memory.
+    pub memory_mib: u64,
+}
+
+/// Host settings shared by every VM on this worker.
+#[derive(Clone, Debug)]
+pub struct HostConfig {
+    /// The node's data directory.
+    pub data_dir: PathBuf,
+    /// The `boxd` binary that runs VM processes.
+    pub boxd: PathBuf,
+    /// Bridge VMs attach to.
+    pub bridge: String,
+    /// Its subnet; the first address is the bridge's (the VMs' gateway).
+    pub subnet: Ipv4Net,
+    /// The cluster's agent public key (OpenSSH form).
+    pub agent_key: String,
+    /// Port of the guest agent.
+    pub agent_port: u16,
+    /// Where `minimal` comes from when it has to be built here.
+    pub minimal: crate::image::MinimalSources,
+}
+
+/// A VM's private address, kept in its directory.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VmNet {
+    /// Address on the bridge subnet.
+    pub ip: Ipv4Addr,
+}
+
+/// How a VM process is started; both runtimes serve the same API on `api.sock`.
+pub trait Runtime: Send + Sync {
+    /// `sandbox` or `kvm`.
+    fn name(&self) -> &'static str;
+    /// Starts the VM's process detached from the caller (it outlives the supervisor) and
+    /// returns once its API answers. The disk and address exist already.
+    fn launch(&self, host: &Host, vm: &VmPlan, disk: &Disk, net: VmNet) -> Result<(), WorkerError>;
+}
+
+/// The sandbox runtime: `boxd sandbox` per VM (namespaces, cgroups, pivot_root).
+pub struct SandboxRuntime;
+
+impl Runtime for SandboxRuntime {
+    fn name(&self) -> &'static str {
+        "sandbox"
+    }
+
+    fn launch(&self, host: &Host, vm: &VmPlan, disk: &Disk, net: VmNet) -> Result<(), WorkerError> {
+        let dir = host.vm_dir(&vm.id);
+        let spec = SandboxSpec {
+            hostname: vm.name.clone(),
+            rootfs: dir.join("rootfs"),
+            overlay: disk.lower.as_ref().map(|lower| Overlay {
+                lower: lower.clone(),
+                upper: dir.join("upper"),
+                work: dir.join("work"),
+            }),
+            vcpus: vm.vcpus,
+            memory_mib: vm.memory_mib,
+            max_pids: 4096,
+            net: Some(SandboxNet {
+                bridge: host.cfg.bridge.clone(),
+                host_veth: host_veth(&vm.id),
+                ip: net.ip,
+                prefix: host.cfg.subnet.prefix_len(),
+                gateway: host.gateway(),
+            }),
+            agent: AgentSpec {
+                path: PathBuf::from("/usr/local/bin/boxd-agent"),
+                authorized_key: host.cfg.agent_key.clone(),
+                port: host.cfg.agent_port,
+            },
+            cgroup: cgroup_of(&vm.id),
+        };
+        let spec_path = dir.join("sandbox.json");
+        write_json(&spec_path, &spec)?;
+        let mut cmd = Command::new(&host.cfg.boxd);
+        cmd.arg("sandbox")
+            .arg("--config")
+            .arg(&spec_path)
+            .arg("--api-sock")
+            .arg(dir.join("api.sock"));
+        host.spawn_detached(cmd, &dir)
+    }
+}
+
+/// The cgroup (below each hierarchy's root) of a VM.
+pub fn cgroup_of(id: &str) -> String {
+    format!("boxd/{id}")
+}
+
+/// Host name of a VM's veth end: `bx` and the last 12 hex digits of its id (the random part
+/// of a v4 or v7 UUID; v7's leading digits are a timestamp that VMs created together share).
+pub fn host_veth(id: &str) -> String {
+    let hex: Vec<char> = id.chars().filter(char::is_ascii_hexdigit).collect();
+    let tail: String = hex[hex.len().saturating_sub(12)..].iter().collect();
+    format!("bx{tail}")
+}
+
+fn write_json<T: Serialize>(path: &Path, v: &T) -> Result<(), WorkerError> {
+    let tmp = path.with_extension("tmp");
+    let data = serde_json::to_vec_pretty(v).unwrap_or_default();
+    std::fs::write(&tmp, data)
+        .and_then(|()| std::fs::rename(&tmp, path))
+        .map_err(|e| WorkerError::Host(format!("{}: {e}", path.display())))
+}
+
+/// This worker's VMs on disk.
+pub struct Host {
+    /// Settings.
+    pub cfg: HostConfig,
+    /// Addresses handed out (and on disk), so concurrent starts never share one.
+    taken: Mutex<BTreeSet<Ipv4Addr>>,
+    bridge_ready: Mutex<bool>,
+}
+
+impl Host {
+    /// Opens the VM directories under `cfg.data_dir`, learning the addresses they hold.
+    pub fn open(cfg: HostConfig) -> Host {
+        let mut taken = BTreeSet::new();
+        if let Ok(rd) = std::fs::read_dir(cfg.data_dir.join("vms")) {
+            for e in rd.flatten() {
+                if let Some(n) = read_net(&e.path()) {
+                    taken.insert(n.ip);
+                }
+            }
+        }
+        Host {
+            cfg,
+            taken: Mutex::new(taken),
+            bridge_ready: Mutex::new(false),
+        }
+    }
+
+    /// The bridge's own address (first host address of the subnet).
+    pub fn gateway(&self) -> Ipv4Addr {
+        Ipv4Addr::from(u32::from(self.cfg.subnet.network()) + 1)
+    }
+
+    /// A VM's directory.
+    pub fn vm_dir(&self, id: &str) -> PathBuf {
+        self.cfg.data_dir.join("vms").join(id)
+    }
+
+    /// A VM's API socket.
+    pub fn api_sock(&self, id: &str) -> PathBuf {
+        self.vm_dir(id).join("api.sock")
+    }
+
+    /// The VM's address as kept in its directory.
+    pub fn net_of(&self, id: &str) -> Option<VmNet> {
+        read_net(&self.vm_dir(id))
+    }
+
+    /// What the VM's process says, if one runs.
+    pub fn probe(&self, id: &str) -> Option<Probe> {
+        sandbox::probe(&self.api_sock(id))
+    }
+
+    /// The VMs with a directory here (ids).
+    pub fn local_vms(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        if let Ok(rd) = std::fs::read_dir(self.cfg.data_dir.join("vms")) {
+            for e in rd.flatten() {
+                if let Some(n) = e.file_name().to_str()
+                    && !n.starts_with('.')
+                {
+                    out.push(n.to_owned());
+                }
+            }
+        }
+        out.sort();
+        out
+    }
+
+    /// The VM's address: the one in its directory, else `hint` (what the replica last saw) if
+    /// free and in the subnet, else the lowest free one.
+    pub fn address(&self, id: &str, hint: Option<Ipv4Addr>) -> Result<VmNet, WorkerError> {
+        let dir = self.vm_dir(id);
+        if let Some(n) = read_net(&dir) {
+            return Ok(n);
+        }
+        let mut taken = self
+            .taken
+            .lock()
+            .map_err(|_| WorkerError::Host("address table poisoned".into()))?;
+        let gw = self.gateway();
+        let usable = |ip: &Ipv4Addr| {
+            self.cfg.subnet.contains(ip)
+                && *ip != gw
+                && *ip != self.cfg.subnet.network()
+                && *ip != self.cfg.subnet.broadcast()
+        };
+        let ip = match hint.filter(|h| usable(h) && !taken.contains(h)) {
+            Some(h) => h,
+            None => self
+                .cfg
+                .subnet
+                .hosts()
+                .find(|ip| usable(ip) && !taken.contains(ip))
+                .ok_or_else(|| {
+                    WorkerError::Host(format!(
+                        "subnet {} has no free address: enlarge worker.subnet",
+                        self.cfg.subnet
+                    ))
+                })?,
+        };
+        std::fs::create_dir_all(&dir)
+            .map_err(|e| WorkerError::Host(format!("{}: {e}", dir.display())))?;
+        let n = VmNet { ip };
+        write_json(&dir.join("net.json"), &n)?;
+        taken.insert(ip);
+        Ok(n)
+    }
+
+    /// Gives the VM its disk, kept across stop/start until `delete`: where the kernel has
+    /// overlayfs, an empty layer over a pinned copy of the image (creation costs nothing);
+    /// else a copy of the image tree (reflink where the filesystem has it).
+    pub fn ensure_disk(&self, vm: &VmPlan) -> Result<Disk, WorkerError> {
+        let dir = self.vm_dir(&vm.id);
+        let rootfs = dir.join("rootfs");
+        let disk_file = dir.join("disk.json");
+        if let Ok(text) = std::fs::read(&disk_file)
+            && let Ok(d) = serde_json::from_slice::<Disk>(&text)
+        {
+            return Ok(d);
+        }
+        if rootfs.is_dir() && !dir.join("upper").exists() {
+            return Ok(Disk { lower: None }); // a copied tree from before disk.json
+        }
+        let image = self.ensure_image(&vm.image)?;
+        let mk = |p: &Path| {
+            std::fs::create_dir_all(p)
+                .map_err(|e| WorkerError::Host(format!("{}: {e}", p.display())))
+        };
+        mk(&dir)?;
+        let disk = if overlay_supported() {
+            let lower = self.pin_image(&vm.image, &image)?;
+            for d in ["upper", "work", "rootfs"] {
+                mk(&dir.join(d))?;
+            }
+            Disk { lower: Some(lower) }
+        } else {
+            let tmp = dir.join(".rootfs.copying");
+            _ = std::fs::remove_dir_all(&tmp);
+            cp(&["-a", "--reflink=auto"], &image.join("rootfs"), &tmp).inspect_err(|_| {
+                _ = std::fs::remove_dir_all(&tmp);
+            })?;
+            std::fs::rename(&tmp, &rootfs)
+                .map_err(|e| WorkerError::Host(format!("{}: {e}", rootfs.display())))?;
+            Disk { lower: None }
+        };
+        write_json(&disk_file, &disk)?;
+        Ok(disk)
+    }
+
+    /// A copy of the image's current build that no rebuild changes: hard links (so it costs
+    /// only directory entries) under `images/.pinned/<name>-<built_at>`, made once per build.
+    fn pin_image(&self, name: &str, image: &Path) -> Result<PathBuf, WorkerError> {
+        let info: crate::image::ImageInfo = std::fs::read(image.join("image.json"))
+            .ok()
+            .and_then(|t| serde_json::from_slice(&t).ok())
+            .ok_or_else(|| {
+                WorkerError::Image(format!("image {name} has no image.json: rebuild it"))
+            })?;
+        let pinned = crate::image::images_dir(&self.cfg.data_dir)
+            .join(".pinned")
+            .join(format!("{name}-{}", info.built_at));
+        if pinned.is_dir() {
+            return Ok(pinned);
+        }
+        static PINNING: Mutex<()> = Mutex::new(());
+        let _g = PINNING.lock();
+        if pinned.is_dir() {
+            return Ok(pinned);
+        }
+        let tmp = pinned.with_extension("pinning");
+        _ = std::fs::remove_dir_all(&tmp);
+        if let Some(parent) = tmp.parent() {
+            std::fs::create_dir_all(parent)
+                .map_err(|e| WorkerError::Host(format!("{}: {e}", parent.display())))?;
+        }
+        cp(&["-al"], &image.join("rootfs"), &tmp)?;
+        std::fs::rename(&tmp, &pinned)
+            .map_err(|e| WorkerError::Host(format!("{}: {e}", pinned.display())))?;
+        Ok(pinned)
+    }
+
+    /// The image's directory, building `minimal` here if it is missing.
+    fn ensure_image(&self, name: &str) -> Result<PathBuf, WorkerError> {
+        let dir = crate::image::images_dir(&self.cfg.data_dir).join(name);
+        if dir.join("rootfs").is_dir() {
+            return Ok(dir);
+        }
+        // One build at a time; a concurrent start waits here and then finds it built.
+        static BUILDING: Mutex<()> = Mutex::new(());
+        let _g = BUILDING.lock();
+        if dir.join("rootfs").is_dir() {
+            return Ok(dir);
+        }
+        if name != "minimal" {
+            return Err(WorkerError::Image(format!(
+                "image {name} is not on this worker: build it with `boxd image build {name}`"
+            )));
+        }
+        tracing::info!("image minimal is missing: building it");
+        crate::image::build(&self.cfg.data_dir, name, &self.cfg.minimal, &mut |s| {
+            tracing::info!("image minimal: {s}");
+        })
+        .map_err(|e| WorkerError::Image(format!("building image minimal: {e}")))?;
+        Ok(dir)
+    }
+
+    /// Creates the bridge with the gateway address once (idempotent across restarts).
+    pub fn ensure_bridge(&self) -> Result<(), WorkerError> {
+        let mut ready = self
+            .bridge_ready
+            .lock()
+            .map_err(|_| WorkerError::Host("bridge state poisoned".into()))?;
+        if *ready {
+            return Ok(());
+        }
+        let b = self.cfg.bridge.as_str();
+        if ip(&["link", "show", "dev", b]).is_err() {
+            ip(&["link", "add", "name", b, "type", "bridge"])?;
+            tracing::info!(bridge = b, subnet = %self.cfg.subnet, "bridge created");
+        }
+        let addr = format!("{}/{}", self.gateway(), self.cfg.subnet.prefix_len());
+        if let Err(e) = ip(&["addr", "add", &addr, "dev", b])
+            && !e.to_string().contains("File exists")
+        {
+            return Err(e);
+        }
+        ip(&["link", "set", "dev", b, "up"])?;
+        *ready = true;
+        Ok(())
+    }
+
+    /// Starts `cmd` as a VM process: its own session (a signal to the supervisor's group does
+    /// not reach it), output to `console.log`, reaped by a small thread while the supervisor
+    /// lives (and by init after). Returns once the API socket answers.
+    pub fn spawn_detached(&self, mut cmd: Command, dir: &Path) -> Result<(), WorkerError> {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(dir.join("console.log"))
+            .map_err(|e| WorkerError::Host(format!("{}: {e}", dir.display())))?;
+        let log2 = log
+            .try_clone()
+            .map_err(|e| WorkerError::Host(e.to_string()))?;
+        cmd.stdin(Stdio::null()).stdout(log).stderr(log2);
+        if std::env::var_os("BOXD_LOG").is_none() {
+            cmd.env("BOXD_LOG", "info");
+        }
+        // SAFETY: setsid is async-signal-safe and touches no Rust state.
+        unsafe {
+            cmd.pre_exec(|| {
+                libc::setsid();
+                Ok(())
+            });
+        }
+        let api = dir.join("api.sock");
+        let mut child = cmd.spawn().map_err(|e| {
+            WorkerError::Start(format!("cannot run {}: {e}", self.cfg.boxd.display()))
+        })?;
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let result = loop {
+            if let Ok(Some(status)) = child.try_wait() {
+                break Err(WorkerError::Start(format!(
+                    "the VM process ended at once ({status}): {}",
+                    tail(&dir.join("console.log"))
+                )));
+            }
+            if sandbox::probe(&api).is_some() {
+                break Ok(());
+            }
+            if Instant::now() > deadline {
+                _ = child.kill();
+                break Err(WorkerError::Start(
+                    "the VM process did not answer on its API socket within 10 s".into(),
+                ));
+            }
+            std::thread::sleep(Duration::from_millis(2));
+        };
+        _ = std::thread::Builder::new()
+            .name("vm-reaper".into())
+            .stack_size(64 * 1024)
+            .spawn(move || child.wait());
+        result
+    }
+
+    /// Brings a VM up: bridge, address, disk, process, then waits (up to `ready`) until its
+    /// agent accepts TCP connections. Returns its address.
+    pub fn start(
+        &self,
+        runtime: &dyn Runtime,
+        vm: &VmPlan,
+        hint: Option<Ipv4Addr>,
+        ready: Duration,
+    ) -> Result<VmNet, WorkerError> {
+        let t0 = Instant::now();
+        self.ensure_bridge()?;
+        let net = self.address(&vm.id, hint)?;
+        let disk = self.ensure_disk(vm)?;
+        let prepared = t0.elapsed();
+        if self.probe(&vm.id).is_none() {
+            runtime.launch(self, vm, &disk, net)?;
+        }
+        let launched = t0.elapsed();
+        let agent = SocketAddr::from((net.ip, self.cfg.agent_port));
+        let deadline = Instant::now() + ready;
+        // Where the VM's init is a host process (sandbox), wait until the agent's socket listens
+        // in the VM's network namespace before dialling: a SYN sent before the VM's interface
+        // is up leaves a failed neighbour entry that costs a second of ARP retries.
+        if let Some(pid) = self.probe(&vm.id).and_then(|p| p.pid) {
+            let table = PathBuf::from(format!("/proc/{pid}/net/tcp"));
+            while !listens(&table, self.cfg.agent_port) && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(1));
+            }
+        }
+        loop {
+            if TcpStream::connect_timeout(&agent, Duration::from_millis(200)).is_ok() {
+                tracing::debug!(
+                    vm = %vm.name,
+                    ?prepared,
+                    ?launched,
+                    agent = ?t0.elapsed(),
+                    "VM start steps (cumulative)"
+                );
+                return Ok(net);
+            }
+            if Instant::now() > deadline {
+                return Err(WorkerError::Start(format!(
+                    "the guest agent did not listen on {agent} within {ready:?}: {}",
+                    tail(&self.vm_dir(&vm.id).join("console.log"))
+                )));
+            }
+            std::thread::sleep(Duration::from_millis(2));
+        }
+    }
+
+    /// Stops the VM's process (the disk stays).
+    pub fn stop(&self, id: &str) -> Result<(), WorkerError> {
+        sandbox::shutdown(&self.api_sock(id), Duration::from_secs(10)).map_err(WorkerError::Host)
+    }
+
+    /// Stops the VM and removes its directory (disk, address).
+    pub fn delete(&self, id: &str) -> Result<(), WorkerError> {
+        self.stop(id)?;
+        // Left behind when a VM process was killed rather than shut down.
+        sandbox::remove_cgroups(&cgroup_of(id));
+        let dir = self.vm_dir(id);
+        let net = read_net(&dir);
+        match std::fs::remove_dir_all(&dir) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(WorkerError::Host(format!("{}: {e}", dir.display()))),
+        }
+        if let (Some(n), Ok(mut t)) = (net, self.taken.lock()) {
+            t.remove(&n.ip);
+        }
+        Ok(())
+    }
+}
+
+/// Whether `/proc/<pid>/net/tcp` shows a listening socket on `port`.
+fn listens(table: &Path, port: u16) -> bool {
+    let Ok(text) = std::fs::read_to_string(table) else {
+        return false;
+    };
+    let want = format!(":{port:04X}");
+    text.lines().skip(1).any(|l| {
+        let mut f = l.split_whitespace();
+        let local = f.nth(1).unwrap_or("");
+        let state = f.nth(1).unwrap_or("");
+        local.ends_with(&want) && state == "0A"
+    })
+}
+
+/// How a VM's disk is laid out (`disk.json` in its directory).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Disk {
+    /// The pinned image tree below the VM's `upper` layer; none when `rootfs` is a full copy.
+    pub lower: Option<PathBuf>,
+}
+
+/// Whether the kernel offers overlayfs (a sandbox disk is then a layer, not a copy).
+pub fn overlay_supported() -> bool {
+    std::fs::read_to_string("/proc/filesystems")
+        .map(|t| {
+            t.lines()
+                .any(|l| l.split_whitespace().last() == Some("overlay"))
+        })
+        .unwrap_or(false)
+}
+
+fn cp(flags: &[&str], from: &Path, to: &Path) -> Result<(), WorkerError> {
+    let (from, to) = (from.to_string_lossy(), to.to_string_lossy());
+    let mut args = flags.to_vec();
+    args.extend([from.as_ref(), to.as_ref()]);
+    tool("cp", &args)
+}
+
+fn read_net(dir: &Path) -> Option<VmNet> {
+    let text = std::fs::read(dir.join("net.json")).ok()?;
+    serde_json::from_slice(&text).ok()
+}
+
+/// The last lines of a log, for error messages.
+fn tail(path: &Path) -> String {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().rev().take(3).collect();
+    let out: Vec<&str> = lines.into_iter().rev().collect();
+    if out.is_empty() {
+        format!("nothing in {}", path.display())
+    } else {
+        out.join(" | ")
+    }
+}
+
+fn ip(args: &[&str]) -> Result<(), WorkerError> {
+    tool("ip", args)
+}
+
+/// Runs a host tool; its stderr becomes the error.
+fn tool(program: &str, args: &[&str]) -> Result<(), WorkerError> {
+    let out = Command::new(program)
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .map_err(|e| WorkerError::Host(format!("cannot run {program}: {e}")))?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(WorkerError::Host(format!(
+            "{program} {}: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        )))
+    }
+}
+
+/// What the supervisor should do about one VM, from the replica's view and the probe.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Step {
+    /// Nothing: the replica already says what is true.
+    Nothing,
+    /// Start its process (create its disk and address first if new).
+    Start,
+    /// Stop its process.
+    Stop,
+    /// Tell the replica it runs (at this address).
+    ReportRunning,
+    /// Tell the replica it is stopped.
+    ReportStopped,
+}
+
+/// The supervisor's decision for a VM: `want_running` is the owner's intent,
+/// `reported_running`/`reported_stopped` what the replica last heard, `ip_matches` whether
+/// the replica has its address, `process` whether a VM process answers.
+pub fn decide(
+    want_running: bool,
+    reported_running: bool,
+    reported_stopped: bool,
+    ip_matches: bool,
+    process: bool,
+) -> Step {
+    match (want_running, process) {
+        (true, true) if reported_running && ip_matches => Step::Nothing,
+        (true, true) => Step::ReportRunning,
+        (true, false) => Step::Start,
+        (false, true) => Step::Stop,
+        (false, false) if reported_stopped => Step::Nothing,
+        (false, false) => Step::ReportStopped,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn decisions_cover_every_case() {
+        assert_eq!(decide(true, true, false, true, true), Step::Nothing);
+        assert_eq!(decide(true, true, false, false, true), Step::ReportRunning);
+        assert_eq!(decide(true, false, false, false, true), Step::ReportRunning);
+        assert_eq!(decide(true, true, false, true, false), Step::Start);
+        assert_eq!(decide(false, true, false, true, true), Step::Stop);
+        assert_eq!(decide(false, false, true, true, false), Step::Nothing);
+        assert_eq!(decide(false, true, false, true, false), Step::ReportStopped);
+    }
+
+    #[test]
+    fn veth_names_fit_and_addresses_are_kept() {
+        assert_eq!(
+            host_veth("019ab2c3-0000-7000-8000-0123456789ab"),
+            "bx0123456789ab"
+        );
+        assert_eq!(host_veth("019ab2c3-0000-7000-8000-0123456789ab").len(), 14);
+        let dir = tempfile::tempdir().expect("tempdir");
+        let cfg = HostConfig {
+            data_dir: dir.path().to_owned(),
+            boxd: "/nonexistent".into(),
+            bridge: "boxd0".into(),
+            subnet: "10.200.1.0/30".parse().expect("net"),
+            agent_key: String::new(),
+            agent_port: 2200,
+            minimal: crate::image::MinimalSources {
+                busybox: "/bin/busybox".into(),
+                agent: "/nonexistent".into(),
+            },
+        };
+        let host = Host::open(cfg.clone());
+        assert_eq!(host.gateway(), Ipv4Addr::new(10, 200, 1, 1));
+        let a = host.address("a", None).expect("first");
+        assert_eq!(a.ip, Ipv4Addr::new(10, 200, 1, 2));
+        assert_eq!(host.address("a", None).expect("same"), a, "kept in its dir");
+        let e = host.address("b", None).unwrap_err().to_string();
+        assert!(e.contains("no free address"), "{e}");
+        // A restarted worker learns the taken addresses from disk.
+        let again = Host::open(cfg);
+        assert!(
+            again.address("c", Some(a.ip)).is_err(),
+            "hint already taken, none free"
+        );
+        again.delete("a").expect("delete");
+        assert_eq!(again.address("c", None).expect("freed").ip, a.ip);
+    }
+}
