@@ -297,6 +297,7 @@ impl Supervisor {
             self.start_timeout,
         );
         let hint = vm.private_ip;
+        tracing::debug!(vm = %vm.name, "starting");
         let t0 = Instant::now();
         let r =
             tokio::task::spawn_blocking(move || host.start(runtime.as_ref(), &plan, hint, timeout))

@@ -3,7 +3,7 @@
 //! the real OpenSSH client, dig and curl: `new`, DNS, a session's output and exit status, a web
 //! server in the VM behind HTTPS, a file kept across stop/start, `rm` freeing name, address
 //! and disk; then kill -9 of boxd while three VMs run: they stay up and the restarted
-//! supervisor reconnects to them.
+//! supervisor reconnects to them; a VM whose processes are killed is started again.
 
 #![allow(clippy::unwrap_used)]
 
@@ -265,4 +265,20 @@ fn the_journey_on_the_sandbox_runtime() {
         let name = ["myapp", "two", "three"][i];
         assert_eq!(c.ok(ip, &["hostname"]).trim(), name);
     }
+
+    // A VM whose processes die is started again by the supervisor (restart policy: always).
+    let (dead_vm, dead_pid) = before[0].clone();
+    // SAFETY: kill(2) of a VM init this test's boxd started.
+    unsafe { libc::kill(i32::try_from(dead_pid).unwrap(), libc::SIGKILL) };
+    let reborn = eventually(Duration::from_secs(10), "the VM is started again", || {
+        vm_pids(&data)
+            .into_iter()
+            .find(|(vm, pid)| *vm == dead_vm && *pid != dead_pid)
+    });
+    eprintln!("restarted {dead_vm}: pid {dead_pid} -> {}", reborn.1);
+    eventually(Duration::from_secs(10), "its agent answers again", || {
+        ips.iter()
+            .all(|ip| c.ssh(ip, &["true"]).0 == 0)
+            .then_some(())
+    });
 }

@@ -379,10 +379,16 @@ impl Host {
             tracing::info!(bridge = b, subnet = %self.cfg.subnet, "bridge created");
         }
         let addr = format!("{}/{}", self.gateway(), self.cfg.subnet.prefix_len());
-        if let Err(e) = ip(&["addr", "add", &addr, "dev", b])
-            && !e.to_string().contains("File exists")
-        {
-            return Err(e);
+        // After a restart the bridge has its address already (kernels word that differently).
+        if let Err(e) = ip(&["addr", "add", &addr, "dev", b]) {
+            let has = Command::new("ip")
+                .args(["-o", "-4", "addr", "show", "dev", b])
+                .output()
+                .map(|o| String::from_utf8_lossy(&o.stdout).contains(&format!(" {addr} ")))
+                .unwrap_or(false);
+            if !has {
+                return Err(e);
+            }
         }
         ip(&["link", "set", "dev", b, "up"])?;
         *ready = true;
