@@ -496,8 +496,13 @@ fn print_status(s: &NodeStatus) {
     println!("  vms:       {}", s.vms);
     if let Some(w) = &s.worker {
         println!(
-            "  worker:    runtime {} ({}); bridge {} {}; {} VMs running",
-            w.runtime, w.reason, w.bridge, w.subnet, w.running
+            "  worker:    runtime {} ({}); bridge {} {}; outbound NAT {}; {} VMs running",
+            w.runtime,
+            w.reason,
+            w.bridge,
+            w.subnet,
+            w.nat.as_deref().unwrap_or("set up with the first VM"),
+            w.running
         );
     }
     println!("  data:      {}", s.data_dir.display());

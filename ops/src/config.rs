@@ -298,6 +298,8 @@ pub struct WorkerConfig {
     pub subnet: String,
     /// How long a starting VM's agent may take to listen before the VM counts as failed.
     pub start_timeout_secs: u64,
+    /// NAT the VMs' outbound traffic.
+    pub nat: bool,
 }
 
 impl Default for WorkerConfig {
@@ -310,6 +312,7 @@ impl Default for WorkerConfig {
             bridge: "boxd0".into(),
             subnet: String::new(),
             start_timeout_secs: 30,
+            nat: true,
         }
     }
 }
@@ -813,6 +816,9 @@ bridge = "boxd0"
 subnet = ""
 # A VM whose agent does not listen within this many seconds of its start is reported failed.
 start_timeout_secs = 30
+# Masquerade the VMs' outbound traffic (nftables, else iptables; enables IPv4 forwarding).
+# Off: VMs reach only the bridge (and what the proxy relays to them).
+nat = true
 "#;
 
 #[cfg(test)]

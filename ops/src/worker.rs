@@ -30,6 +30,8 @@ pub struct WorkerStatus {
     pub bridge: String,
     /// Subnet of the bridge.
     pub subnet: String,
+    /// Outbound NAT for VMs: how, or why off (known once the first VM started).
+    pub nat: Option<String>,
     /// VM processes answering on their API sockets at the last pass.
     pub running: usize,
     /// VMs found already running at the first pass (reconnected after a restart).
@@ -111,6 +113,7 @@ pub async fn run(
             busybox: "/bin/busybox".into(),
             agent: here.with_file_name("boxd-agent"),
         },
+        nat: cfg.worker.nat,
     }));
     tracing::warn!(runtime = runtime.name(), %reason, bridge = %cfg.worker.bridge, %subnet, "worker running");
     if let Ok(mut s) = status.lock() {
@@ -141,6 +144,7 @@ pub async fn run(
                     && let Some(s) = s.as_mut()
                 {
                     s.running = p.running;
+                    s.nat = sup.host.nat_status();
                     if first {
                         s.reconnected = p.running;
                         s.first_pass_ms = Some(started.elapsed().as_millis() as u64);
@@ -197,8 +201,14 @@ impl Supervisor {
             .map_err(|e| e.to_string())?;
         let host = Arc::clone(&self.host);
         let ids: Vec<String> = vms.iter().map(|v| v.id.to_string()).collect();
+        // With VMs here (say, running from before a restart), make sure their network is as
+        // configured (bridge address, NAT) even before anything new starts.
+        let wire = !ids.is_empty() && self.host.nat_status().is_none();
         // Probes are short Unix-socket requests; one blocking task asks them all.
         let probes = tokio::task::spawn_blocking(move || {
+            if wire && let Err(e) = host.ensure_bridge() {
+                tracing::warn!(error = %e, "VM network not ready");
+            }
             ids.iter()
                 .map(|id| host.probe(id).is_some())
                 .collect::<Vec<bool>>()

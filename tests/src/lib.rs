@@ -386,6 +386,11 @@ impl Netns {
         Netns { name }
     }
 
+    /// Its name (for `ip -n`).
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
     /// `/run/netns/<name>`.
     pub fn path(&self) -> PathBuf {
         PathBuf::from("/run/netns").join(&self.name)

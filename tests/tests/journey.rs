@@ -10,7 +10,7 @@
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
-use std::process::Stdio;
+use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use boxd_tests::{Netns, Node, eventually, keygen, ready_field as field};
@@ -69,6 +69,16 @@ fn api(sock: &Path, method: &str, body: &str) -> Option<Value> {
     s.read_to_string(&mut out).ok()?;
     let (_, body) = out.split_once("\r\n\r\n")?;
     serde_json::from_str(body).ok()
+}
+
+/// Kills a child process when dropped.
+struct ChildGuard(std::process::Child);
+
+impl Drop for ChildGuard {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
 }
 
 struct Client<'a> {
@@ -199,6 +209,75 @@ fn the_journey_on_the_sandbox_runtime() {
         String::from_utf8_lossy(&curl.stderr)
     );
 
+    // Outbound traffic is NATed: a server in a second namespace, reachable from boxd's only
+    // through a veth pair and with no route back to the VMs' subnet, answers the VM and sees
+    // the worker's address.
+    let outside = Netns::new("journey-out");
+    let veth = format!("jx{}", std::process::id() % 100_000);
+    let ip_ok = |args: &[&str]| {
+        let ok = Command::new("ip")
+            .args(args)
+            .status()
+            .is_ok_and(|s| s.success());
+        assert!(ok, "ip {args:?}");
+    };
+    let (ns_name, out_name) = (ns.name(), outside.name());
+    ip_ok(&[
+        "-n", ns_name, "link", "add", &veth, "type", "veth", "peer", "name", "eth0", "netns",
+        out_name,
+    ]);
+    ip_ok(&["-n", ns_name, "addr", "add", "192.0.2.1/24", "dev", &veth]);
+    ip_ok(&["-n", ns_name, "link", "set", &veth, "up"]);
+    ip_ok(&["-n", out_name, "addr", "add", "192.0.2.2/24", "dev", "eth0"]);
+    ip_ok(&["-n", out_name, "link", "set", "eth0", "up"]);
+    let www = dir.path().join("outside");
+    std::fs::create_dir_all(&www).unwrap();
+    std::fs::write(www.join("index.html"), "outside\n").unwrap();
+    let server = outside
+        .command("python3")
+        .args([
+            "-m",
+            "http.server",
+            "--bind",
+            "192.0.2.2",
+            "8000",
+            "--directory",
+        ])
+        .arg(&www)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut server = ChildGuard(server);
+    let fetched = eventually(
+        Duration::from_secs(10),
+        "the VM reaches the outside",
+        || {
+            // busybox nc, not wget: the static busybox's wget crashes even on an address.
+            let get = r"printf 'GET /index.html HTTP/1.0\r\n\r\n' | nc -w 2 192.0.2.2 8000";
+            let (code, out, _) = c.ssh(&ip, &[get]);
+            (code == 0 && out.starts_with("HTTP/1.0 200")).then_some(out)
+        },
+    );
+    assert!(fetched.ends_with("\r\n\r\noutside\n"), "{fetched}");
+    server.0.kill().unwrap();
+    let mut log = String::new();
+    server
+        .0
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut log)
+        .unwrap();
+    assert!(
+        log.contains("192.0.2.1 "),
+        "the server saw the worker's address: {log}"
+    );
+    assert!(
+        !log.contains("10.200."),
+        "the VM's private address leaked: {log}"
+    );
+
     // stop/start keeps what was written to disk.
     c.ok(&ip, &["echo kept > /root/file && sync"]);
     c.ok(LOBBY, &["stop", "myapp"]);
@@ -255,6 +334,10 @@ fn the_journey_on_the_sandbox_runtime() {
     });
     eprintln!("restarted supervisor: {worker}");
     assert_eq!(worker["reconnected"], 3, "{worker}");
+    assert!(
+        worker["nat"].as_str().unwrap().starts_with("nftables"),
+        "{worker}"
+    );
     assert!(worker["first_pass_ms"].as_u64().unwrap() < 1000, "{worker}");
     assert_eq!(
         vm_pids(&data),

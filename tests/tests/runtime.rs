@@ -45,6 +45,7 @@ fn conform(rt: &dyn Runtime, dir: &Path) {
             busybox: "/bin/busybox".into(),
             agent: agent_bin(),
         },
+        nat: true,
     });
     let vm = VmPlan {
         id: uuid::Uuid::new_v4().to_string(),

@@ -444,6 +444,9 @@ fn wire_host(net: &SandboxNet, pid: libc::pid_t) -> Result<(), String> {
             net.host_veth
         ),
         format!("link set {} master {} up", net.host_veth, net.bridge),
+        // A VM started again keeps its address but not its MAC: forget the old one, or the
+        // host sends to it until the stale entry times out.
+        format!("neigh flush to {} dev {}", net.ip, net.bridge),
     ];
     match ip_batch(&cmds) {
         // A pair left by a monitor killed between creating it and moving its peer.

@@ -72,6 +72,8 @@ pub struct HostConfig {
     pub agent_port: u16,
     /// Where `minimal` comes from when it has to be built here.
     pub minimal: crate::image::MinimalSources,
+    /// Masquerade the VMs' outbound traffic (and enable IPv4 forwarding).
+    pub nat: bool,
 }
 
 /// A VM's private address, kept in its directory.
@@ -165,6 +167,8 @@ pub struct Host {
     /// Addresses handed out (and on disk), so concurrent starts never share one.
     taken: Mutex<BTreeSet<Ipv4Addr>>,
     bridge_ready: Mutex<bool>,
+    /// How outbound traffic is NATed, once the bridge is up.
+    nat: Mutex<Option<String>>,
 }
 
 impl Host {
@@ -182,6 +186,7 @@ impl Host {
             cfg,
             taken: Mutex::new(taken),
             bridge_ready: Mutex::new(false),
+            nat: Mutex::new(None),
         }
     }
 
@@ -391,8 +396,71 @@ impl Host {
             }
         }
         ip(&["link", "set", "dev", b, "up"])?;
+        let nat = if self.cfg.nat {
+            self.ensure_nat()
+        } else {
+            "off (worker.nat = false)".to_owned()
+        };
+        tracing::info!(bridge = b, nat = %nat, "VM networking ready");
+        if let Ok(mut n) = self.nat.lock() {
+            *n = Some(nat);
+        }
         *ready = true;
         Ok(())
+    }
+
+    /// How outbound traffic from VMs is NATed (`None` until the first VM started).
+    pub fn nat_status(&self) -> Option<String> {
+        self.nat.lock().ok().and_then(|n| n.clone())
+    }
+
+    /// Enables forwarding and masquerades traffic from the subnet leaving through any other
+    /// interface, with nftables (a table of its own, replaced whole, so repeating it is
+    /// harmless) or else iptables. Without either, VMs reach only the bridge; said in the log
+    /// and in `boxd admin status`. Returns what was done.
+    fn ensure_nat(&self) -> String {
+        if let Err(e) = std::fs::write("/proc/sys/net/ipv4/ip_forward", "1") {
+            let m = format!("off: cannot enable IPv4 forwarding: {e}");
+            tracing::warn!("outbound NAT for VMs is {m}");
+            return m;
+        }
+        let (b, net) = (self.cfg.bridge.as_str(), self.cfg.subnet);
+        let table: String = format!("boxd_{b}")
+            .chars()
+            .map(|c| if c.is_ascii_alphanumeric() { c } else { '_' })
+            .collect();
+        let script = format!(
+            "table ip {table} {{}}\ndelete table ip {table}\ntable ip {table} {{\n  chain postrouting {{\n    \
+             type nat hook postrouting priority srcnat; policy accept;\n    \
+             ip saddr {net} oifname != \"{b}\" masquerade\n  }}\n}}\n"
+        );
+        match stdin_tool("nft", &["-f", "-"], &script) {
+            Ok(()) => return format!("nftables (table ip {table})"),
+            Err(e) => tracing::debug!(error = %e, "nft"),
+        }
+        let rule = [
+            "-t",
+            "nat",
+            "POSTROUTING",
+            "-s",
+            &net.to_string(),
+            "!",
+            "-o",
+            b,
+            "-j",
+            "MASQUERADE",
+        ];
+        let with = |op: &'static str| -> Vec<&str> {
+            let mut v = vec![rule[0], rule[1], op];
+            v.extend_from_slice(&rule[2..]);
+            v
+        };
+        if tool("iptables", &with("-C")).is_ok() || tool("iptables", &with("-A")).is_ok() {
+            return "iptables (nat POSTROUTING MASQUERADE)".into();
+        }
+        let m = "off: neither nft nor iptables works here (apt-get install nftables)".to_owned();
+        tracing::warn!("outbound NAT for VMs is {m}");
+        m
     }
 
     /// Starts `cmd` as a VM process: its own session (a signal to the supervisor's group does
@@ -581,22 +649,40 @@ fn ip(args: &[&str]) -> Result<(), WorkerError> {
     tool("ip", args)
 }
 
-/// Runs a host tool; its stderr becomes the error.
-fn tool(program: &str, args: &[&str]) -> Result<(), WorkerError> {
-    let out = Command::new(program)
+/// Runs a host tool with `input` on its stdin; its stderr becomes the error.
+fn stdin_tool(program: &str, args: &[&str], input: &str) -> Result<(), WorkerError> {
+    use std::io::Write as _;
+    let mut child = Command::new(program)
         .args(args)
-        .stdin(Stdio::null())
-        .output()
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
         .map_err(|e| WorkerError::Host(format!("cannot run {program}: {e}")))?;
+    if let Some(mut i) = child.stdin.take() {
+        _ = i.write_all(input.as_bytes());
+    }
+    let out = child
+        .wait_with_output()
+        .map_err(|e| WorkerError::Host(format!("{program}: {e}")))?;
     if out.status.success() {
         Ok(())
     } else {
         Err(WorkerError::Host(format!(
-            "{program} {}: {}",
-            args.join(" "),
+            "{program}: {}",
             String::from_utf8_lossy(&out.stderr).trim()
         )))
     }
+}
+
+/// Runs a host tool; its stderr becomes the error.
+fn tool(program: &str, args: &[&str]) -> Result<(), WorkerError> {
+    stdin_tool(program, args, "").map_err(|e| match e {
+        WorkerError::Host(m) => {
+            WorkerError::Host(format!("{m} (ran: {program} {})", args.join(" ")))
+        }
+        other => other,
+    })
 }
 
 /// What the supervisor should do about one VM, from the replica's view and the probe.
@@ -668,6 +754,7 @@ mod tests {
                 busybox: "/bin/busybox".into(),
                 agent: "/nonexistent".into(),
             },
+            nat: false,
         };
         let host = Host::open(cfg.clone());
         assert_eq!(host.gateway(), Ipv4Addr::new(10, 200, 1, 1));
