@@ -23,6 +23,18 @@ pub struct ImageInfo {
     pub bytes: u64,
     /// Build time, milliseconds since the Unix epoch.
     pub built_at: u64,
+    /// Which guest agent binary went in ([`agent_stamp`]), so a worker can tell that the
+    /// agent next to `boxd` has changed since.
+    #[serde(default)]
+    pub agent: Option<String>,
+}
+
+/// Identifies an agent binary cheaply: size and modification time (nanoseconds). A rebuilt
+/// or upgraded agent has a different stamp.
+pub fn agent_stamp(agent: &Path) -> Option<String> {
+    use std::os::unix::fs::MetadataExt as _;
+    let m = std::fs::metadata(agent).ok()?;
+    Some(format!("{}-{}.{:09}", m.size(), m.mtime(), m.mtime_nsec()))
 }
 
 /// Why an image could not be built or read.
@@ -89,6 +101,7 @@ pub fn build(
             files,
             bytes,
             built_at: now_ms(),
+            agent: agent_stamp(&src.agent),
         };
         let json = serde_json::to_vec_pretty(&info).unwrap_or_default();
         let meta = tmp.join("image.json");

@@ -344,16 +344,38 @@ impl Host {
         Ok(pinned)
     }
 
-    /// The image's directory, building `minimal` here if it is missing.
+    /// Whether image `name` is built and current: for `minimal`, built with the agent that is
+    /// next to `boxd` now (after an upgrade, new VMs get the new agent; VMs created before
+    /// keep the build they were pinned to).
+    fn image_current(&self, name: &str, dir: &Path) -> bool {
+        if !dir.join("rootfs").is_dir() {
+            return false;
+        }
+        if name != "minimal" {
+            return true;
+        }
+        let built: Option<crate::image::ImageInfo> = std::fs::read(dir.join("image.json"))
+            .ok()
+            .and_then(|t| serde_json::from_slice(&t).ok());
+        let now = crate::image::agent_stamp(&self.cfg.minimal.agent);
+        match (built.and_then(|b| b.agent), now) {
+            (Some(b), Some(n)) => b == n,
+            // No agent here to compare with (it is only needed to build): keep the image.
+            (_, None) => true,
+            (None, Some(_)) => false,
+        }
+    }
+
+    /// The image's directory, building `minimal` here if it is missing or its agent is stale.
     fn ensure_image(&self, name: &str) -> Result<PathBuf, WorkerError> {
         let dir = crate::image::images_dir(&self.cfg.data_dir).join(name);
-        if dir.join("rootfs").is_dir() {
+        if self.image_current(name, &dir) {
             return Ok(dir);
         }
         // One build at a time; a concurrent start waits here and then finds it built.
         static BUILDING: Mutex<()> = Mutex::new(());
         let _g = BUILDING.lock();
-        if dir.join("rootfs").is_dir() {
+        if self.image_current(name, &dir) {
             return Ok(dir);
         }
         if name != "minimal" {
@@ -361,7 +383,7 @@ impl Host {
                 "image {name} is not on this worker: build it with `boxd image build {name}`"
             )));
         }
-        tracing::info!("image minimal is missing: building it");
+        tracing::info!("image minimal is missing or has an older agent: building it");
         crate::image::build(&self.cfg.data_dir, name, &self.cfg.minimal, &mut |s| {
             tracing::info!("image minimal: {s}");
         })
@@ -735,6 +757,55 @@ mod tests {
         assert_eq!(decide(false, true, false, true, false), Step::ReportStopped);
     }
 
+    fn test_config(data: &Path, subnet: &str, agent: &Path) -> HostConfig {
+        HostConfig {
+            data_dir: data.to_owned(),
+            boxd: "/nonexistent".into(),
+            bridge: "boxd0".into(),
+            subnet: subnet.parse().expect("net"),
+            agent_key: String::new(),
+            agent_port: 2200,
+            minimal: crate::image::MinimalSources {
+                busybox: "/bin/busybox".into(),
+                agent: agent.to_owned(),
+            },
+            nat: false,
+        }
+    }
+
+    #[test]
+    fn minimal_is_stale_once_the_agent_changes() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let agent = dir.path().join("boxd-agent");
+        std::fs::write(&agent, b"v1").expect("agent");
+        let host = Host::open(test_config(dir.path(), "10.200.1.0/24", &agent));
+        let image = crate::image::images_dir(dir.path()).join("minimal");
+        assert!(!host.image_current("minimal", &image), "not built");
+        std::fs::create_dir_all(image.join("rootfs")).expect("mkdir");
+        let info = crate::image::ImageInfo {
+            name: "minimal".into(),
+            files: 1,
+            bytes: 2,
+            built_at: 1,
+            agent: crate::image::agent_stamp(&agent),
+        };
+        std::fs::write(
+            image.join("image.json"),
+            serde_json::to_vec(&info).expect("json"),
+        )
+        .expect("write");
+        assert!(
+            host.image_current("minimal", &image),
+            "built with this agent"
+        );
+        std::fs::write(&agent, b"version 2").expect("agent");
+        assert!(!host.image_current("minimal", &image), "the agent changed");
+        assert!(
+            host.image_current("other", &image),
+            "only minimal carries the agent"
+        );
+    }
+
     #[test]
     fn veth_names_fit_and_addresses_are_kept() {
         assert_eq!(
@@ -743,19 +814,7 @@ mod tests {
         );
         assert_eq!(host_veth("019ab2c3-0000-7000-8000-0123456789ab").len(), 14);
         let dir = tempfile::tempdir().expect("tempdir");
-        let cfg = HostConfig {
-            data_dir: dir.path().to_owned(),
-            boxd: "/nonexistent".into(),
-            bridge: "boxd0".into(),
-            subnet: "10.200.1.0/30".parse().expect("net"),
-            agent_key: String::new(),
-            agent_port: 2200,
-            minimal: crate::image::MinimalSources {
-                busybox: "/bin/busybox".into(),
-                agent: "/nonexistent".into(),
-            },
-            nat: false,
-        };
+        let cfg = test_config(dir.path(), "10.200.1.0/30", Path::new("/nonexistent"));
         let host = Host::open(cfg.clone());
         assert_eq!(host.gateway(), Ipv4Addr::new(10, 200, 1, 1));
         let a = host.address("a", None).expect("first");
