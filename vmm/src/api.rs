@@ -89,7 +89,8 @@ pub fn parse(buf: &[u8]) -> Result<Option<Request>, ReadError> {
             ));
         }
     }
-    if head + len > MAX_REQUEST {
+    // `len` is the client's number: it may be near usize::MAX (found by the fuzzer).
+    if head.saturating_add(len) > MAX_REQUEST {
         return Err(ReadError::Bad(format!(
             "request larger than {MAX_REQUEST} bytes"
         )));
@@ -327,6 +328,10 @@ mod tests {
         ));
         assert!(matches!(
             parse(b"PUT / HTTP/1.1\r\nContent-Length: -1\r\n\r\n"),
+            Err(ReadError::Bad(_))
+        ));
+        assert!(matches!(
+            parse(b"PUT / HTTP/1.1\r\nContent-Length: 18446744073709551615\r\n\r\n"),
             Err(ReadError::Bad(_))
         ));
     }
