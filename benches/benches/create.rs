@@ -18,12 +18,12 @@
 
 #![allow(clippy::unwrap_used, missing_docs)]
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{BufRead, BufReader};
 use std::os::fd::AsRawFd;
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, Result, bail};
 use boxd_benches::{Proc, boxd_bin, env_or, sshc};
@@ -70,15 +70,7 @@ impl Drop for Reaper {
             return;
         };
         for e in rd.flatten() {
-            if let Ok(mut s) = std::os::unix::net::UnixStream::connect(e.path().join("api.sock")) {
-                let body = r#"{"action":"shutdown"}"#;
-                let _ = write!(
-                    s,
-                    "PUT /vm/actions HTTP/1.1\r\nHost: vm\r\nContent-Length: {}\r\n\r\n{body}",
-                    body.len()
-                );
-                let _ = s.read_to_end(&mut Vec::new());
-            }
+            let _ = boxd_vmm::api::shutdown(&e.path().join("api.sock"), Duration::from_secs(5));
         }
     }
 }

@@ -7,8 +7,7 @@
 
 #![allow(clippy::unwrap_used)]
 
-use std::io::{Read, Write};
-use std::os::unix::net::UnixStream;
+use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Duration;
@@ -50,25 +49,15 @@ impl Drop for VmReaper {
     }
 }
 
-/// One request on a VM's API socket; the JSON body, if any.
+/// One request on a VM's API socket (`GET /vm` or an action); the JSON body, if any.
 fn api(sock: &Path, method: &str, body: &str) -> Option<Value> {
-    let mut s = UnixStream::connect(sock).ok()?;
-    s.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
     let path = if method == "GET" {
         "/vm"
     } else {
         "/vm/actions"
     };
-    write!(
-        s,
-        "{method} {path} HTTP/1.1\r\nHost: vm\r\nContent-Length: {}\r\n\r\n{body}",
-        body.len()
-    )
-    .ok()?;
-    let mut out = String::new();
-    s.read_to_string(&mut out).ok()?;
-    let (_, body) = out.split_once("\r\n\r\n")?;
-    serde_json::from_str(body).ok()
+    let answer = boxd_vmm::api::request(sock, method, path, body).ok()?;
+    serde_json::from_str(&answer).ok()
 }
 
 /// Kills a child process when dropped.

@@ -24,7 +24,7 @@
 //! 2 invalid spec or unusable API socket (nothing started).
 
 use std::ffi::CString;
-use std::io::{Read, Write};
+use std::io::Write;
 use std::net::Ipv4Addr;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
@@ -793,63 +793,6 @@ pub fn remove_cgroups(cgroup: &str) {
                 Err(_) => std::thread::sleep(Duration::from_millis(10)),
             }
         }
-    }
-}
-
-/// What `GET /vm` says about a VM process (both runtimes).
-#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
-pub struct Probe {
-    /// `running`, `paused`, `stopping`, `stopped`.
-    pub state: String,
-    /// Process id of the VM's init (sandbox only).
-    #[serde(default)]
-    pub pid: Option<i32>,
-}
-
-/// Asks the VM process behind `api_sock`; `None` when no process answers there.
-pub fn probe(api_sock: &Path) -> Option<Probe> {
-    let body = request(api_sock, "GET", "/vm", "").ok()?;
-    serde_json::from_str(&body).ok()
-}
-
-/// Asks the VM process to shut down and waits (up to `wait`) for its socket to stop answering.
-pub fn shutdown(api_sock: &Path, wait: Duration) -> Result<(), String> {
-    if request(api_sock, "PUT", "/vm/actions", r#"{"action":"shutdown"}"#).is_err() {
-        return Ok(()); // nothing answers: already gone
-    }
-    let deadline = Instant::now() + wait;
-    while Instant::now() < deadline {
-        if probe(api_sock).is_none() {
-            return Ok(());
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    }
-    Err(format!(
-        "the VM behind {} did not stop within {wait:?}",
-        api_sock.display()
-    ))
-}
-
-/// One HTTP request on the API socket; the body of a 2xx answer.
-pub fn request(api_sock: &Path, method: &str, path: &str, body: &str) -> Result<String, String> {
-    let mut s = std::os::unix::net::UnixStream::connect(api_sock)
-        .map_err(|e| format!("{}: {e}", api_sock.display()))?;
-    s.set_read_timeout(Some(Duration::from_secs(2))).ok();
-    s.set_write_timeout(Some(Duration::from_secs(2))).ok();
-    let req = format!(
-        "{method} {path} HTTP/1.1\r\nHost: vm\r\nContent-Length: {}\r\n\r\n{body}",
-        body.len()
-    );
-    s.write_all(req.as_bytes()).map_err(|e| e.to_string())?;
-    let mut out = Vec::new();
-    s.read_to_end(&mut out).map_err(|e| e.to_string())?;
-    let text = String::from_utf8_lossy(&out);
-    let (head, body) = text.split_once("\r\n\r\n").ok_or("truncated answer")?;
-    let status = head.split(' ').nth(1).unwrap_or("");
-    if status.starts_with('2') {
-        Ok(body.to_owned())
-    } else {
-        Err(format!("{status}: {body}"))
     }
 }
 

@@ -24,7 +24,8 @@ use std::time::{Duration, Instant};
 use ipnet::Ipv4Net;
 use serde::{Deserialize, Serialize};
 
-use crate::sandbox::{self, AgentSpec, Overlay, Probe, SandboxNet, SandboxSpec};
+use crate::api::{self, Probe};
+use crate::sandbox::{self, AgentSpec, Overlay, SandboxNet, SandboxSpec};
 
 /// Why a worker operation failed; the message says what to do.
 #[derive(Debug, thiserror::Error)]
@@ -212,7 +213,7 @@ impl Host {
 
     /// What the VM's process says, if one runs.
     pub fn probe(&self, id: &str) -> Option<Probe> {
-        sandbox::probe(&self.api_sock(id))
+        api::probe(&self.api_sock(id))
     }
 
     /// The VMs with a directory here (ids).
@@ -520,7 +521,7 @@ impl Host {
                     tail(&dir.join("console.log"))
                 )));
             }
-            if sandbox::probe(&api).is_some() {
+            if api::probe(&api).is_some() {
                 break Ok(());
             }
             if Instant::now() > deadline {
@@ -590,7 +591,7 @@ impl Host {
 
     /// Stops the VM's process (the disk stays).
     pub fn stop(&self, id: &str) -> Result<(), WorkerError> {
-        sandbox::shutdown(&self.api_sock(id), Duration::from_secs(10)).map_err(WorkerError::Host)
+        api::shutdown(&self.api_sock(id), Duration::from_secs(10)).map_err(WorkerError::Host)
     }
 
     /// Stops the VM and removes its directory (disk, address).
