@@ -44,6 +44,7 @@ fn state(n: usize) -> (Vec<VmRoute>, Vec<(Fingerprint, AccountId)>) {
             http_port: 80,
             desired: Desired::Running,
             observed: Observed::Running,
+            reason: None,
             worker: Some(1),
         })
         .collect();

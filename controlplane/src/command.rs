@@ -207,6 +207,10 @@ pub enum Command {
         observed: Observed,
         /// Private address, once wired.
         private_ip: Option<Ipv4Addr>,
+        /// Why, for states that need one (failed, booting). Absent in logs written before
+        /// it existed.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        reason: Option<String>,
         /// Proposal time.
         at: Millis,
     },

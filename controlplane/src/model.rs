@@ -320,11 +320,14 @@ pub enum Observed {
     Placed,
     /// Being created or started.
     Starting,
+    /// Its process runs but the guest is not reachable yet; `Vm::reason` says why when the
+    /// worker knows it cannot finish (a kernel under emulated KVM).
+    Booting,
     /// Running.
     Running,
     /// Stopped.
     Stopped,
-    /// The worker could not run it; see the worker's log.
+    /// The worker could not run it; `Vm::reason` says why.
     Failed,
 }
 
@@ -355,6 +358,7 @@ text_enum!(Observed {
     Pending = "pending",
     Placed = "placed",
     Starting = "starting",
+    Booting = "booting",
     Running = "running",
     Stopped = "stopped",
     Failed = "failed",
@@ -375,6 +379,9 @@ pub struct Vm {
     pub desired: Desired,
     /// Worker's report.
     pub observed: Observed,
+    /// Why it is in that state, when the worker said (failed, booting); cleared by the next
+    /// report without one.
+    pub reason: Option<String>,
     /// Worker it is placed on.
     pub worker: Option<NodeId>,
     /// Address on the private fabric (set when the worker has wired it).

@@ -111,6 +111,7 @@ mod tests {
             },
             desired: Desired::Running,
             observed: Observed::Pending,
+            reason: None,
             worker: None,
             private_ip: None,
             public_ip: "127.77.0.2".parse().unwrap(),

@@ -39,6 +39,8 @@ pub struct VmRoute {
     pub desired: Desired,
     /// Worker's report.
     pub observed: Observed,
+    /// Why it is in that state, when the worker said.
+    pub reason: Option<String>,
     /// Worker it runs on.
     pub worker: Option<NodeId>,
 }
@@ -54,6 +56,7 @@ impl From<&Vm> for VmRoute {
             http_port: v.http_port,
             desired: v.desired,
             observed: v.observed,
+            reason: v.reason.clone(),
             worker: v.worker,
         }
     }
@@ -327,6 +330,7 @@ mod tests {
             http_port: 80,
             desired: Desired::Running,
             observed: Observed::Running,
+            reason: None,
             worker: Some(1),
         }
     }

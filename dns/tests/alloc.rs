@@ -63,6 +63,7 @@ fn hot_path_does_not_allocate() {
         http_port: 80,
         desired: Desired::Running,
         observed: Observed::Running,
+        reason: None,
         worker: Some(1),
     });
     let handle = ViewHandle::new();

@@ -300,6 +300,8 @@ pub struct WorkerConfig {
     pub start_timeout_secs: u64,
     /// NAT the VMs' outbound traffic.
     pub nat: bool,
+    /// Kernel for the kvm runtime (`vmlinux` or `vmlinuz`, `version`, `modules/`).
+    pub kernel_dir: PathBuf,
 }
 
 impl Default for WorkerConfig {
@@ -313,6 +315,7 @@ impl Default for WorkerConfig {
             subnet: String::new(),
             start_timeout_secs: 30,
             nat: true,
+            kernel_dir: "/var/cache/boxd/kernel".into(),
         }
     }
 }
@@ -657,6 +660,12 @@ impl Config {
         if w.start_timeout_secs == 0 {
             return Err(invalid("worker.start_timeout_secs", "must be at least 1"));
         }
+        if w.kernel_dir.as_os_str().is_empty() {
+            return Err(invalid(
+                "worker.kernel_dir",
+                "must name a directory (default /var/cache/boxd/kernel, filled by ops/fetch-kernel)",
+            ));
+        }
         Ok(())
     }
 
@@ -819,6 +828,9 @@ start_timeout_secs = 30
 # Masquerade the VMs' outbound traffic (nftables, else iptables; enables IPv4 forwarding).
 # Off: VMs reach only the bridge (and what the proxy relays to them).
 nat = true
+# The kvm runtime's kernel: vmlinux (or vmlinuz), version, and modules/ with the virtio
+# modules its initramfs loads. `ops/fetch-kernel DIR` fetches Debian's cloud kernel there.
+kernel_dir = "/var/cache/boxd/kernel"
 "#;
 
 #[cfg(test)]

@@ -12,8 +12,12 @@ use std::time::{Duration, Instant};
 use boxd_controlplane::Replica;
 use boxd_controlplane::command::Command;
 use boxd_controlplane::model::{Desired, NodeId, Observed, Vm, VmId};
+use boxd_controlplane::store::apply::MAX_REASON;
 use boxd_controlplane::store::rows;
-use boxd_vmm::worker::{Host, HostConfig, Runtime, SandboxRuntime, Step, VmPlan, decide};
+use boxd_vmm::kvm_runtime::KvmRuntime;
+use boxd_vmm::worker::{
+    Host, HostConfig, Reported, Runtime, SandboxRuntime, Started, Step, VmPlan, decide,
+};
 use serde::{Deserialize, Serialize};
 use tokio::sync::{Notify, watch};
 
@@ -43,28 +47,55 @@ pub struct WorkerStatus {
 /// Shared status cell.
 pub type StatusCell = Arc<Mutex<Option<WorkerStatus>>>;
 
-/// Picks the runtime: explicit config, or `auto` from the host's virtualization.
+/// Picks the runtime: explicit config, or `auto` from the host's virtualization. `kvm` on a
+/// host whose KVM emulates guests runs (the VMs boot as far as the emulator lets them and are
+/// reported booting, with that reason); `kvm` without a usable `/dev/kvm` or without a kernel
+/// is refused with what to do.
 pub fn choose_runtime(cfg: &Config) -> Result<(Arc<dyn Runtime>, String), String> {
     let host = boxd_vmm::host::detect();
-    match cfg.worker.runtime {
-        WorkerRuntime::Sandbox => Ok((
+    let busybox = std::path::Path::new("/bin/busybox");
+    let kvm = |cannot_finish: Option<String>| {
+        KvmRuntime::open(&cfg.worker.kernel_dir, busybox, cannot_finish)
+            .map(|k| Arc::new(k) as Arc<dyn Runtime>)
+    };
+    match (cfg.worker.runtime, host.virtualization) {
+        (WorkerRuntime::Sandbox, _) => Ok((
             Arc::new(SandboxRuntime),
             "worker.runtime = \"sandbox\" in the config".into(),
         )),
-        WorkerRuntime::Kvm => Err(
-            "worker.runtime = \"kvm\": the worker cannot drive `boxd vmm` VMs yet (images are trees, the kvm runtime needs root disks); use \"sandbox\" or \"auto\""
-                .into(),
-        ),
-        WorkerRuntime::Auto => {
-            let reason = match host.virtualization {
-                boxd_vmm::Virtualization::Hardware => format!(
-                    "auto: virtualization is hardware ({}), but the worker cannot drive kvm VMs yet, so sandbox",
-                    host.reason
+        (WorkerRuntime::Kvm, boxd_vmm::Virtualization::None) => Err(format!(
+            "worker.runtime = \"kvm\" but this host has no usable KVM ({}): use \"sandbox\" or \"auto\"",
+            host.reason
+        )),
+        (WorkerRuntime::Kvm, boxd_vmm::Virtualization::Hardware) => Ok((
+            kvm(None).map_err(|e| format!("worker.runtime = \"kvm\": {e}"))?,
+            format!("worker.runtime = \"kvm\" in the config; {}", host.reason),
+        )),
+        (WorkerRuntime::Kvm, v) => {
+            let why = format!(
+                "virtualization here is {v} (kvm_pvm): the guest kernel runs in KVM's instruction emulator at about a million instructions per second and stops early, so its agent never listens; its first lines are in the VM's console.log on the worker"
+            );
+            Ok((
+                kvm(Some(why)).map_err(|e| format!("worker.runtime = \"kvm\": {e}"))?,
+                format!(
+                    "worker.runtime = \"kvm\" in the config, on {v} virtualization: VMs boot as far as the emulator lets them and are reported booting"
                 ),
-                v => format!("auto: virtualization is {v} ({}), so sandbox", host.reason),
-            };
-            Ok((Arc::new(SandboxRuntime), reason))
+            ))
         }
+        (WorkerRuntime::Auto, boxd_vmm::Virtualization::Hardware) => match kvm(None) {
+            Ok(k) => Ok((
+                k,
+                format!("auto: virtualization is hardware ({})", host.reason),
+            )),
+            Err(e) => Ok((
+                Arc::new(SandboxRuntime),
+                format!("auto: virtualization is hardware, but {e}; so sandbox"),
+            )),
+        },
+        (WorkerRuntime::Auto, v) => Ok((
+            Arc::new(SandboxRuntime),
+            format!("auto: virtualization is {v} ({}), so sandbox", host.reason),
+        )),
     }
 }
 
@@ -218,10 +249,15 @@ impl Supervisor {
         let running = probes.iter().filter(|p| **p).count();
         for (vm, process) in vms.into_iter().zip(probes) {
             let local_ip = self.host.net_of(&vm.id.to_string()).map(|n| n.ip);
+            let reported = match vm.observed {
+                Observed::Running => Reported::Running,
+                Observed::Booting => Reported::Booting,
+                Observed::Stopped => Reported::Stopped,
+                _ => Reported::Other,
+            };
             let step = decide(
                 vm.desired == Desired::Running,
-                vm.observed == Observed::Running,
-                vm.observed == Observed::Stopped,
+                reported,
                 vm.private_ip.is_some() && vm.private_ip == local_ip,
                 process,
             );
@@ -256,11 +292,11 @@ impl Supervisor {
             Step::Nothing => {}
             Step::ReportRunning => self.spawn_op(id, {
                 let sup = Arc::clone(self);
-                move || async move { sup.report(id, Observed::Running, local_ip).await }
+                move || async move { sup.report(id, Observed::Running, local_ip, None).await }
             }),
             Step::ReportStopped => self.spawn_op(id, {
                 let sup = Arc::clone(self);
-                move || async move { sup.report(id, Observed::Stopped, vm.private_ip).await }
+                move || async move { sup.report(id, Observed::Stopped, vm.private_ip, None).await }
             }),
             Step::Stop => self.spawn_op(id, {
                 let sup = Arc::clone(self);
@@ -270,7 +306,7 @@ impl Supervisor {
                     match tokio::task::spawn_blocking(move || host.stop(&key)).await {
                         Ok(Ok(())) => {
                             tracing::info!(vm = %vm.name, "VM stopped");
-                            sup.report(id, Observed::Stopped, vm.private_ip).await;
+                            sup.report(id, Observed::Stopped, vm.private_ip, None).await;
                         }
                         Ok(Err(e)) => tracing::warn!(vm = %vm.name, error = %e, "stop failed"),
                         Err(e) => tracing::warn!(vm = %vm.name, error = %e, "stop failed"),
@@ -300,6 +336,7 @@ impl Supervisor {
             image: vm.spec.image.clone(),
             vcpus: vm.spec.vcpus,
             memory_mib: vm.spec.memory_mib,
+            disk_gib: vm.spec.disk_gib,
         };
         let (host, runtime, timeout) = (
             Arc::clone(&self.host),
@@ -315,12 +352,21 @@ impl Supervisor {
                 .map_err(|e| e.to_string())
                 .and_then(|r| r.map_err(|e| e.to_string()));
         match r {
-            Ok(net) => {
+            Ok(started) => {
                 if let Ok(mut r) = self.retry.lock() {
                     r.remove(&id);
                 }
-                tracing::info!(vm = %vm.name, ip = %net.ip, ms = t0.elapsed().as_millis() as u64, "VM running");
-                self.report(id, Observed::Running, Some(net.ip)).await;
+                match started {
+                    Started::Ready(net) => {
+                        tracing::info!(vm = %vm.name, ip = %net.ip, ms = t0.elapsed().as_millis() as u64, "VM running");
+                        self.report(id, Observed::Running, Some(net.ip), None).await;
+                    }
+                    Started::Booting(net, why) => {
+                        tracing::warn!(vm = %vm.name, ip = %net.ip, reason = %why, "VM booting; it cannot finish here");
+                        self.report(id, Observed::Booting, Some(net.ip), Some(why))
+                            .await;
+                    }
+                }
             }
             Err(e) => {
                 let wait = self
@@ -335,17 +381,25 @@ impl Supervisor {
                     })
                     .unwrap_or(Duration::from_secs(1));
                 tracing::error!(vm = %vm.name, error = %e, retry_in = ?wait, "VM did not start");
-                self.report(id, Observed::Failed, vm.private_ip).await;
+                self.report(id, Observed::Failed, vm.private_ip, Some(e))
+                    .await;
             }
         }
     }
 
-    async fn report(&self, vm: VmId, observed: Observed, private_ip: Option<Ipv4Addr>) {
+    async fn report(
+        &self,
+        vm: VmId,
+        observed: Observed,
+        private_ip: Option<Ipv4Addr>,
+        reason: Option<String>,
+    ) {
         let cmd = Command::ReportVm {
             vm,
             worker: self.me,
             observed,
             private_ip,
+            reason: reason.map(|r| shorten(r, MAX_REASON)),
             at: self.replica.now(),
         };
         if let Err(e) = self.replica.write(cmd).await {
@@ -374,5 +428,35 @@ impl Supervisor {
             }
             sup.wake.notify_one();
         });
+    }
+}
+
+/// `text` cut to at most `max` bytes at a character boundary, marked with an ellipsis.
+fn shorten(mut text: String, max: usize) -> String {
+    if text.len() > max {
+        let mut end = max.saturating_sub(3);
+        while !text.is_char_boundary(end) {
+            end -= 1;
+        }
+        text.truncate(end);
+        text.push_str("...");
+    }
+    text
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reasons_are_cut_at_character_boundaries() {
+        assert_eq!(shorten("short".into(), 10), "short");
+        let long = "é".repeat(600);
+        let cut = shorten(long, MAX_REASON);
+        assert!(
+            cut.len() <= MAX_REASON && cut.ends_with("..."),
+            "{}",
+            cut.len()
+        );
     }
 }

@@ -354,3 +354,139 @@ fn the_journey_on_the_sandbox_runtime() {
             .then_some(())
     });
 }
+
+/// `runtime = "kvm"`: `new` starts a real `boxd vmm` with Debian's kernel, the image as an
+/// ext4 root disk and a tap on the bridge. With hardware virtualization the VM runs and
+/// answers a session; where KVM only emulates guests (these machines) the kernel prints its
+/// first lines and gets no further, and the VM is reported booting with that reason — by
+/// `new`, `show`, and a session attempt.
+#[test]
+fn the_kvm_runtime_boots_a_real_vmm() {
+    let host = boxd_vmm::host::detect();
+    if host.virtualization == boxd_vmm::Virtualization::None {
+        eprintln!("no kvm here ({}): nothing to check", host.reason);
+        return;
+    }
+    let kernel_dir =
+        std::env::var("BOXD_KERNEL_DIR").unwrap_or_else(|_| "/var/cache/boxd/kernel".into());
+    let dir = tempfile::tempdir().unwrap();
+    let ns = Netns::new("journey-kvm");
+    let data = dir.path().join("data");
+    let _reaper = VmReaper(data.clone());
+    let cfg = dir.path().join("boxd.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "[node]\nname = \"kvm\"\n\n[worker]\nruntime = \"kvm\"\nkernel_dir = \"{kernel_dir}\"\n"
+        ),
+    )
+    .unwrap();
+    let node = Node::start_in(Some(&ns), &["up"], &data, &cfg);
+    node.wait_ready(Duration::from_secs(60));
+    let worker = eventually(Duration::from_secs(10), "the worker's status", || {
+        let w = node.status()["worker"].clone();
+        w["runtime"].is_string().then_some(w)
+    });
+    assert_eq!(worker["runtime"], "kvm", "{worker}");
+    let key = dir.path().join("id_ed25519");
+    keygen(&key);
+    let c = Client { ns: &ns, key };
+
+    let hardware = host.virtualization == boxd_vmm::Virtualization::Hardware;
+    let (code, out, err) = c.ssh(LOBBY, &["new", "--name=slow"]);
+    let ip = if hardware {
+        assert_eq!(code, 0, "{out}{err}");
+        "127.77.0.2".to_owned()
+    } else {
+        assert_eq!(code, 1, "{out}{err}");
+        eprintln!("new --name=slow: exit {code}: {err}");
+        assert!(
+            err.contains("slow is booting but cannot finish on its worker")
+                && err.contains("emulated"),
+            "{err}"
+        );
+        "127.77.0.2".to_owned()
+    };
+
+    // One VM directory, run by `boxd vmm` with the kernel, the root disk and the tap.
+    let vms: Vec<PathBuf> = std::fs::read_dir(data.join("vms"))
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .collect();
+    assert_eq!(vms.len(), 1, "{vms:?}");
+    let vm_dir = &vms[0];
+    let probe = api(&vm_dir.join("api.sock"), "GET", "").expect("the VMM answers");
+    let pid = probe["pid"].as_i64().unwrap();
+    let argv = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap();
+    let argv = String::from_utf8_lossy(&argv).replace('\0', " ");
+    assert!(argv.contains(" vmm --config "), "{argv}");
+    let vm: Value =
+        serde_json::from_slice(&std::fs::read(vm_dir.join("vm.json")).unwrap()).unwrap();
+    assert!(
+        vm["boot"]["kernel"]
+            .as_str()
+            .unwrap()
+            .starts_with(&kernel_dir),
+        "{vm}"
+    );
+    assert!(vm["boot"]["initrd"].is_string(), "{vm}");
+    assert!(
+        vm["disks"][0]["path"]
+            .as_str()
+            .unwrap()
+            .ends_with("disk.img"),
+        "{vm}"
+    );
+    let tap = vm["net"][0]["tap"].as_str().unwrap().to_owned();
+    let link = ns
+        .command("ip")
+        .args(["-o", "link", "show", "dev", &tap])
+        .output()
+        .unwrap();
+    let link = String::from_utf8_lossy(&link.stdout).into_owned();
+    assert!(link.contains(" master boxd0 "), "{link}");
+
+    if hardware {
+        let (code, out, err) = c.ssh(&ip, &["echo hi; exit 3"]);
+        assert_eq!((code, out.as_str()), (3, "hi\n"), "{err}");
+    } else {
+        // The kernel's first lines reach the console log; the VM is booting, and says why.
+        let console = vm_dir.join("console.log");
+        eventually(Duration::from_secs(180), "the kernel's first lines", || {
+            let text = std::fs::read_to_string(&console).unwrap_or_default();
+            text.contains("Linux version ").then_some(())
+        });
+        eprintln!("show slow:\n{}", c.ok(LOBBY, &["show", "slow"]));
+        let show: Value = serde_json::from_str(&c.ok(LOBBY, &["show", "slow", "--json"])).unwrap();
+        assert_eq!(show["state"], "booting", "{show}");
+        assert!(
+            show["reason"]
+                .as_str()
+                .unwrap()
+                .contains("instruction emulator"),
+            "{show}"
+        );
+        let (code, _, err) = c.ssh(&ip, &["true"]);
+        assert_eq!(code, 255, "{err}");
+        assert!(err.contains("slow is booting but cannot finish"), "{err}");
+    }
+
+    // rm stops the VMM and removes its disk, directory and tap.
+    c.ok(LOBBY, &["rm", "slow"]);
+    eventually(
+        Duration::from_secs(20),
+        "the VM's directory removed",
+        || (!vm_dir.exists()).then_some(()),
+    );
+    let link = ns
+        .command("ip")
+        .args(["-o", "link", "show", "dev", &tap])
+        .output()
+        .unwrap();
+    assert!(link.stdout.is_empty(), "the tap is gone");
+    assert!(
+        !Path::new(&format!("/proc/{pid}")).exists(),
+        "the VMM ended"
+    );
+}

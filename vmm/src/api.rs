@@ -1,7 +1,7 @@
 //! The VM's API: HTTP/1.1 with JSON bodies on a Unix socket (the Firecracker convention), so
 //! `curl --unix-socket` works and any supervisor can reconnect at any time.
 //!
-//! - `GET /vm` → `{"state", "vcpus", "memory_mib", "uptime_ms"}`
+//! - `GET /vm` → `{"state", "vcpus", "memory_mib", "uptime_ms", "pid"}`
 //! - `PUT /vm/actions` with `{"action": "pause" | "resume" | "shutdown"}` → 204
 //! - `GET /vm/console` → the most recent serial output (text/plain)
 //! - `GET /metrics` → Prometheus text format
@@ -205,6 +205,7 @@ pub fn handle(vm: &Running, req: &Request) -> Response {
                 "vcpus": ctl.vcpus,
                 "memory_mib": ctl.memory_mib,
                 "uptime_ms": ctl.started.elapsed().as_millis() as u64,
+                "pid": std::process::id(),
             }),
         ),
         ("GET", "/vm/console") => Response {
@@ -313,7 +314,7 @@ pub fn serve_with(
 pub struct Probe {
     /// `running`, `paused`, `stopping`, `stopped`.
     pub state: String,
-    /// Process id of the VM's init (sandbox only).
+    /// Process id of the VM's init (sandbox) or of the VMM (kvm).
     #[serde(default)]
     pub pid: Option<i32>,
 }

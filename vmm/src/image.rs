@@ -154,6 +154,11 @@ fn now_ms() -> u64 {
         .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
 }
 
+/// Bytes in the regular files of a tree.
+pub fn tree_bytes(dir: &Path) -> Result<u64, ImageError> {
+    tree_size(dir).map(|(_, b)| b)
+}
+
 fn tree_size(dir: &Path) -> Result<(u64, u64), ImageError> {
     let (mut files, mut bytes) = (0, 0);
     for e in std::fs::read_dir(dir).map_err(io(dir))?.flatten() {
@@ -318,6 +323,8 @@ fn build_minimal(
     }
 
     progress("users and settings");
+    let sbin = root.join("usr/local/sbin");
+    std::fs::create_dir_all(&sbin).map_err(io(&sbin))?;
     for (file, text, mode) in [
         ("etc/passwd", "root:x:0:0:root:/root:/bin/sh\n", 0o644),
         ("etc/group", "root:x:0:\n", 0o644),
@@ -326,6 +333,9 @@ fn build_minimal(
         ("etc/hosts", "127.0.0.1 localhost\n", 0o644),
         ("etc/resolv.conf", "", 0o644),
         ("etc/profile", "export PS1='\\u@\\h:\\w\\$ '\n", 0o644),
+        ("etc/inittab", MINIMAL_INITTAB, 0o644),
+        ("usr/local/sbin/boxd-net", BOXD_NET, 0o755),
+        ("usr/local/sbin/boxd-agent-run", BOXD_AGENT_RUN, 0o755),
     ] {
         let p = root.join(file);
         std::fs::write(&p, text).map_err(io(&p))?;
@@ -333,6 +343,54 @@ fn build_minimal(
     }
     Ok(())
 }
+
+/// A kvm guest's boot-time settings, from `boxd.*` words on the kernel command line (the
+/// sandbox runtime sets the same things from outside and never runs this).
+pub const BOXD_NET: &str = r#"#!/bin/sh
+# boxd-net: applies a kvm guest's settings from the kernel command line once at boot:
+# boxd.ip=ADDR/PREFIX boxd.gw=GATEWAY boxd.hostname=NAME boxd.port=AGENT_PORT
+# boxd.key=BASE64 (the cluster's agent key, which the guest agent accepts).
+for w in $(cat /proc/cmdline); do
+  case "$w" in
+    boxd.ip=*) addr=${w#boxd.ip=} ;;
+    boxd.gw=*) gw=${w#boxd.gw=} ;;
+    boxd.hostname=*) name=${w#boxd.hostname=} ;;
+    boxd.port=*) port=${w#boxd.port=} ;;
+    boxd.key=*) key=${w#boxd.key=} ;;
+  esac
+done
+if [ -n "$name" ]; then hostname "$name"; echo "$name" > /etc/hostname; fi
+ip link set lo up
+if [ -n "$addr" ]; then
+  ip link set eth0 up
+  ip addr add "$addr" dev eth0
+  ip route add default via "$gw"
+fi
+mkdir -p /etc/boxd
+if [ -n "$key" ]; then echo "$key" | base64 -d > /etc/boxd/agent.pub; fi
+echo "BOXD_AGENT_PORT=${port:-2200}" > /etc/boxd/agent.env
+echo "boxd-net: ${name:-?} ${addr:-no address} via ${gw:-none}, agent on ${port:-2200}"
+"#;
+
+/// Runs the guest agent with the settings `boxd-net` wrote (kvm guests).
+pub const BOXD_AGENT_RUN: &str = r#"#!/bin/sh
+. /etc/boxd/agent.env
+exec /usr/local/bin/boxd-agent --listen "0.0.0.0:$BOXD_AGENT_PORT" --authorized-key /etc/boxd/agent.pub
+"#;
+
+/// busybox init's table for `minimal` as a kvm guest: mount, configure, keep the agent up.
+const MINIMAL_INITTAB: &str = "::sysinit:/bin/mount -t proc proc /proc
+::sysinit:/bin/mount -o remount,rw /
+::sysinit:/bin/mount -t sysfs sys /sys
+::sysinit:/bin/mkdir -p /dev/pts
+::sysinit:/bin/mount -t devpts -o ptmxmode=0666 devpts /dev/pts
+::sysinit:/bin/mount -t tmpfs tmpfs /run
+::sysinit:/bin/mount -t tmpfs tmpfs /tmp
+::sysinit:/usr/local/sbin/boxd-net
+::respawn:/usr/local/sbin/boxd-agent-run
+::ctrlaltdel:/sbin/reboot
+::shutdown:/bin/umount -a -r
+";
 
 #[cfg(test)]
 mod tests {

@@ -54,6 +54,8 @@ pub struct VmPlan {
     pub vcpus: u32,
     /// Memory.
     pub memory_mib: u64,
+    /// Disk size (the kvm runtime's root disk).
+    pub disk_gib: u64,
 }
 
 /// Host settings shared by every VM on this worker.
@@ -91,6 +93,26 @@ pub trait Runtime: Send + Sync {
     /// Starts the VM's process detached from the caller (it outlives the supervisor) and
     /// returns once its API answers. The disk and address exist already.
     fn launch(&self, host: &Host, vm: &VmPlan, disk: &Disk, net: VmNet) -> Result<(), WorkerError>;
+    /// Why a guest cannot finish booting on this host, if it cannot (the kvm runtime under
+    /// an emulated KVM): the worker then reports the VM booting with this reason instead of
+    /// waiting for an agent that will never listen.
+    fn cannot_finish(&self) -> Option<&str> {
+        None
+    }
+    /// Whether the VM's init is a host process whose network namespace shows in
+    /// `/proc/<pid>/net` (sandbox), so readiness can be read there before dialling.
+    fn netns_visible(&self) -> bool {
+        false
+    }
+}
+
+/// How a start ended.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Started {
+    /// The guest agent accepts connections at this address.
+    Ready(VmNet),
+    /// The VM's process runs, but its guest cannot finish booting here; why.
+    Booting(VmNet, String),
 }
 
 /// The sandbox runtime: `boxd sandbox` per VM (namespaces, cgroups, pivot_root).
@@ -136,7 +158,11 @@ impl Runtime for SandboxRuntime {
             .arg(&spec_path)
             .arg("--api-sock")
             .arg(dir.join("api.sock"));
-        host.spawn_detached(cmd, &dir)
+        host.spawn_detached(cmd, &dir, "console.log")
+    }
+
+    fn netns_visible(&self) -> bool {
+        true
     }
 }
 
@@ -153,7 +179,7 @@ pub fn host_veth(id: &str) -> String {
     format!("bx{tail}")
 }
 
-fn write_json<T: Serialize>(path: &Path, v: &T) -> Result<(), WorkerError> {
+pub(crate) fn write_json<T: Serialize>(path: &Path, v: &T) -> Result<(), WorkerError> {
     let tmp = path.with_extension("tmp");
     let data = serde_json::to_vec_pretty(v).unwrap_or_default();
     std::fs::write(&tmp, data)
@@ -487,13 +513,19 @@ impl Host {
     }
 
     /// Starts `cmd` as a VM process: its own session (a signal to the supervisor's group does
-    /// not reach it), output to `console.log`, reaped by a small thread while the supervisor
+    /// not reach it), output to `log` in `dir`, reaped by a small thread while the supervisor
     /// lives (and by init after). Returns once the API socket answers.
-    pub fn spawn_detached(&self, mut cmd: Command, dir: &Path) -> Result<(), WorkerError> {
+    pub fn spawn_detached(
+        &self,
+        mut cmd: Command,
+        dir: &Path,
+        log: &str,
+    ) -> Result<(), WorkerError> {
+        let log_path = dir.join(log);
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
-            .open(dir.join("console.log"))
+            .open(&log_path)
             .map_err(|e| WorkerError::Host(format!("{}: {e}", dir.display())))?;
         let log2 = log
             .try_clone()
@@ -518,10 +550,11 @@ impl Host {
             if let Ok(Some(status)) = child.try_wait() {
                 break Err(WorkerError::Start(format!(
                     "the VM process ended at once ({status}): {}",
-                    tail(&dir.join("console.log"))
+                    tail(&log_path)
                 )));
             }
-            if api::probe(&api).is_some() {
+            // `boxd vmm` answers while still paused, just before its vCPUs run.
+            if api::probe(&api).is_some_and(|p| p.state == "running") {
                 break Ok(());
             }
             if Instant::now() > deadline {
@@ -547,7 +580,7 @@ impl Host {
         vm: &VmPlan,
         hint: Option<Ipv4Addr>,
         ready: Duration,
-    ) -> Result<VmNet, WorkerError> {
+    ) -> Result<Started, WorkerError> {
         let t0 = Instant::now();
         self.ensure_bridge()?;
         let net = self.address(&vm.id, hint)?;
@@ -557,12 +590,19 @@ impl Host {
             runtime.launch(self, vm, &disk, net)?;
         }
         let launched = t0.elapsed();
+        if let Some(why) = runtime.cannot_finish() {
+            return Ok(Started::Booting(net, why.to_owned()));
+        }
         let agent = SocketAddr::from((net.ip, self.cfg.agent_port));
         let deadline = Instant::now() + ready;
         // Where the VM's init is a host process (sandbox), wait until the agent's socket listens
         // in the VM's network namespace before dialling: a SYN sent before the VM's interface
         // is up leaves a failed neighbour entry that costs a second of ARP retries.
-        if let Some(pid) = self.probe(&vm.id).and_then(|p| p.pid) {
+        if let Some(pid) = self
+            .probe(&vm.id)
+            .and_then(|p| p.pid)
+            .filter(|_| runtime.netns_visible())
+        {
             let table = PathBuf::from(format!("/proc/{pid}/net/tcp"));
             while !listens(&table, self.cfg.agent_port) && Instant::now() < deadline {
                 std::thread::sleep(Duration::from_millis(1));
@@ -577,7 +617,7 @@ impl Host {
                     agent = ?t0.elapsed(),
                     "VM start steps (cumulative)"
                 );
-                return Ok(net);
+                return Ok(Started::Ready(net));
             }
             if Instant::now() > deadline {
                 return Err(WorkerError::Start(format!(
@@ -599,6 +639,10 @@ impl Host {
         self.stop(id)?;
         // Left behind when a VM process was killed rather than shut down.
         sandbox::remove_cgroups(&cgroup_of(id));
+        let tap = crate::kvm_runtime::tap_name(id);
+        if ip(&["link", "show", "dev", &tap]).is_ok() {
+            ip(&["link", "del", "dev", &tap])?;
+        }
         let dir = self.vm_dir(id);
         let net = read_net(&dir);
         match std::fs::remove_dir_all(&dir) {
@@ -699,7 +743,7 @@ fn stdin_tool(program: &str, args: &[&str], input: &str) -> Result<(), WorkerErr
 }
 
 /// Runs a host tool; its stderr becomes the error.
-fn tool(program: &str, args: &[&str]) -> Result<(), WorkerError> {
+pub(crate) fn tool(program: &str, args: &[&str]) -> Result<(), WorkerError> {
     stdin_tool(program, args, "").map_err(|e| match e {
         WorkerError::Host(m) => {
             WorkerError::Host(format!("{m} (ran: {program} {})", args.join(" ")))
@@ -723,22 +767,30 @@ pub enum Step {
     ReportStopped,
 }
 
-/// The supervisor's decision for a VM: `want_running` is the owner's intent,
-/// `reported_running`/`reported_stopped` what the replica last heard, `ip_matches` whether
-/// the replica has its address, `process` whether a VM process answers.
-pub fn decide(
-    want_running: bool,
-    reported_running: bool,
-    reported_stopped: bool,
-    ip_matches: bool,
-    process: bool,
-) -> Step {
+/// What the replica last heard about a VM, as far as [`decide`] cares.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Reported {
+    /// Running.
+    Running,
+    /// Its process runs; its guest cannot finish booting here.
+    Booting,
+    /// Stopped.
+    Stopped,
+    /// Anything else (placed, starting, failed).
+    Other,
+}
+
+/// The supervisor's decision for a VM: `want_running` is the owner's intent, `reported` what
+/// the replica last heard, `ip_matches` whether the replica has its address, `process`
+/// whether a VM process answers.
+pub fn decide(want_running: bool, reported: Reported, ip_matches: bool, process: bool) -> Step {
     match (want_running, process) {
-        (true, true) if reported_running && ip_matches => Step::Nothing,
+        (true, true) if reported == Reported::Booting => Step::Nothing,
+        (true, true) if reported == Reported::Running && ip_matches => Step::Nothing,
         (true, true) => Step::ReportRunning,
         (true, false) => Step::Start,
         (false, true) => Step::Stop,
-        (false, false) if reported_stopped => Step::Nothing,
+        (false, false) if reported == Reported::Stopped => Step::Nothing,
         (false, false) => Step::ReportStopped,
     }
 }
@@ -749,13 +801,17 @@ mod tests {
 
     #[test]
     fn decisions_cover_every_case() {
-        assert_eq!(decide(true, true, false, true, true), Step::Nothing);
-        assert_eq!(decide(true, true, false, false, true), Step::ReportRunning);
-        assert_eq!(decide(true, false, false, false, true), Step::ReportRunning);
-        assert_eq!(decide(true, true, false, true, false), Step::Start);
-        assert_eq!(decide(false, true, false, true, true), Step::Stop);
-        assert_eq!(decide(false, false, true, true, false), Step::Nothing);
-        assert_eq!(decide(false, true, false, true, false), Step::ReportStopped);
+        use Reported::*;
+        assert_eq!(decide(true, Running, true, true), Step::Nothing);
+        assert_eq!(decide(true, Running, false, true), Step::ReportRunning);
+        assert_eq!(decide(true, Other, false, true), Step::ReportRunning);
+        assert_eq!(decide(true, Running, true, false), Step::Start);
+        assert_eq!(decide(true, Booting, true, true), Step::Nothing);
+        assert_eq!(decide(true, Booting, true, false), Step::Start);
+        assert_eq!(decide(false, Booting, true, true), Step::Stop);
+        assert_eq!(decide(false, Running, true, true), Step::Stop);
+        assert_eq!(decide(false, Stopped, true, false), Step::Nothing);
+        assert_eq!(decide(false, Running, true, false), Step::ReportStopped);
     }
 
     fn test_config(data: &Path, subnet: &str, agent: &Path) -> HostConfig {

@@ -101,6 +101,9 @@ impl Applier {
     }
 }
 
+/// Longest reason a worker may give for a VM's state.
+pub const MAX_REASON: usize = 1024;
+
 fn invalid(what: impl Into<String>, reason: impl Into<String>) -> Fail {
     Fail::Reject(ApplyError::Invalid {
         what: what.into(),
@@ -808,6 +811,7 @@ fn apply_one(
             worker,
             observed,
             private_ip,
+            reason,
             at,
         } => {
             let Some(v) = rows::vm(c, *vm)? else {
@@ -825,14 +829,22 @@ fn apply_one(
                     "a placed VM is never pending",
                 ));
             }
+            if reason.as_ref().is_some_and(|r| r.len() > MAX_REASON) {
+                return Err(invalid(
+                    "reason",
+                    format!("at most {MAX_REASON} bytes; shorten it"),
+                ));
+            }
             exec(
                 c,
-                "UPDATE vms SET observed = ?2, private_ip = ?3, updated_at = ?4 WHERE id = ?1",
+                "UPDATE vms SET observed = ?2, private_ip = ?3, updated_at = ?4, reason = ?5
+                 WHERE id = ?1",
                 params![
                     vm.to_string(),
                     observed.as_str(),
                     private_ip.map(|ip| ip.to_string()),
-                    sql_u64(*at)
+                    sql_u64(*at),
+                    reason
                 ],
             )?;
             t.vms.insert(*vm);

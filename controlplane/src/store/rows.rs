@@ -71,7 +71,7 @@ pub fn cluster_secret(conn: &Connection) -> rusqlite::Result<Option<String>> {
 }
 
 const VM_COLUMNS: &str = "id, name, owner, vcpus, memory_mib, disk_gib, image, desired, observed,
-    worker, private_ip, public_ip, http_port, created_at, updated_at";
+    worker, private_ip, public_ip, http_port, created_at, updated_at, reason";
 
 fn vm_row(r: &Row<'_>) -> rusqlite::Result<Vm> {
     let private_ip: Option<String> = r.get(10)?;
@@ -94,6 +94,7 @@ fn vm_row(r: &Row<'_>) -> rusqlite::Result<Vm> {
         },
         desired: parsed(r, 7)?,
         observed: parsed(r, 8)?,
+        reason: r.get(15)?,
         worker: r
             .get::<_, Option<i64>>(9)?
             .map(|w| u64::try_from(w).unwrap_or(0)),

@@ -5,7 +5,7 @@
 use rusqlite::Connection;
 
 /// Version of the schema below; stored in `PRAGMA user_version`.
-pub const SCHEMA_VERSION: i64 = 1;
+pub const SCHEMA_VERSION: i64 = 2;
 
 const SCHEMA: &str = r#"
 CREATE TABLE IF NOT EXISTS meta (
@@ -88,6 +88,8 @@ CREATE TABLE IF NOT EXISTS vms (
     http_port  INTEGER NOT NULL,
     created_at INTEGER NOT NULL,
     updated_at INTEGER NOT NULL,
+    -- Why the VM is in its observed state, when the worker said (version 2).
+    reason     TEXT,
     UNIQUE (owner, public_ip)
 );
 -- Serves both "VMs on worker N" and "unplaced VMs, oldest first" (worker IS NULL). Not a
@@ -121,7 +123,46 @@ pub fn migrate(conn: &Connection) -> rusqlite::Result<()> {
             "the state database has schema version {version}, newer than this boxd ({SCHEMA_VERSION}): upgrade boxd"
         )));
     }
+    if version == 1 {
+        conn.execute_batch("ALTER TABLE vms ADD COLUMN reason TEXT")?;
+    }
     conn.execute_batch(SCHEMA)?;
     conn.pragma_update(None, "user_version", SCHEMA_VERSION)?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn a_version_1_database_gains_the_reason_column() {
+        let c = Connection::open_in_memory().unwrap();
+        // The vms table as version 1 made it, with a row.
+        c.execute_batch(
+            "CREATE TABLE vms (id TEXT PRIMARY KEY, name TEXT NOT NULL UNIQUE, owner TEXT NOT NULL,
+                vcpus INTEGER NOT NULL, memory_mib INTEGER NOT NULL, disk_gib INTEGER NOT NULL,
+                image TEXT NOT NULL, desired TEXT NOT NULL, observed TEXT NOT NULL, worker INTEGER,
+                private_ip TEXT, public_ip INTEGER NOT NULL, http_port INTEGER NOT NULL,
+                created_at INTEGER NOT NULL, updated_at INTEGER NOT NULL, UNIQUE (owner, public_ip));
+             INSERT INTO vms VALUES ('v', 'n', 'o', 1, 128, 1, 'minimal', 'running', 'running',
+                1, NULL, 1, 80, 1, 1);
+             PRAGMA user_version = 1;",
+        )
+        .unwrap();
+        migrate(&c).unwrap();
+        let (name, reason): (String, Option<String>) = c
+            .query_row("SELECT name, reason FROM vms", [], |r| {
+                Ok((r.get(0)?, r.get(1)?))
+            })
+            .unwrap();
+        assert_eq!((name.as_str(), reason), ("n", None));
+        let v: i64 = c
+            .query_row("PRAGMA user_version", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(v, SCHEMA_VERSION);
+        // Opening again changes nothing.
+        migrate(&c).unwrap();
+    }
 }

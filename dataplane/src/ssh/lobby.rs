@@ -181,6 +181,7 @@ impl<B: Backend> Lobby<B> {
             "id": v.id.to_string(),
             "name": v.name,
             "state": v.observed.as_str(),
+            "reason": v.reason,
             "desired": v.desired.as_str(),
             "address": v.public_ip.to_string(),
             "vcpus": v.spec.vcpus,
@@ -191,6 +192,16 @@ impl<B: Backend> Lobby<B> {
             "https": self.url(&v.name),
             "created_at": v.created_at,
         })
+    }
+
+    /// `: <reason>` when the worker gave one for the VM's state, else nothing.
+    async fn reason_of(&self, caller: &Caller, name: &str) -> String {
+        self.find(caller, name)
+            .await
+            .ok()
+            .and_then(|v| v.reason)
+            .map(|r| format!(": {r}"))
+            .unwrap_or_default()
     }
 
     async fn find(&self, caller: &Caller, name: &str) -> Result<Vm, Reply> {
@@ -301,9 +312,21 @@ impl<B: Backend> Lobby<B> {
                     return self.find(caller, name).await;
                 }
                 Observed::Failed => {
+                    let why = self.reason_of(caller, name).await;
                     return Err(Reply::fail(
                         EXIT_FAILED,
-                        format!("{name} failed to start; see `show {name}` and the worker's log"),
+                        format!(
+                            "{name} failed to start{why}; see `show {name}` and the worker's log"
+                        ),
+                    ));
+                }
+                Observed::Booting => {
+                    let why = self.reason_of(caller, name).await;
+                    return Err(Reply::fail(
+                        EXIT_FAILED,
+                        format!(
+                            "{name} is booting but cannot finish on its worker{why}. It keeps its name and address; `rm {name}` removes it"
+                        ),
                     ));
                 }
                 _ => {}
@@ -363,10 +386,15 @@ impl<B: Backend> Lobby<B> {
             return Ok(Reply::out(format!("{}\n", self.vm_json(&v))));
         }
         let mut s = format!(
-            "name     {}\nstate    {} (wanted: {})\naddress  {}\nssh      {}\n",
-            v.name,
-            v.observed,
-            v.desired,
+            "name     {}\nstate    {} (wanted: {})\n",
+            v.name, v.observed, v.desired
+        );
+        if let Some(r) = &v.reason {
+            let _ = writeln!(s, "why      {r}");
+        }
+        let _ = writeln!(
+            s,
+            "address  {}\nssh      {}",
             v.public_ip,
             self.ssh_line(&v.name)
         );

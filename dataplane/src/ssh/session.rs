@@ -539,6 +539,14 @@ fn vm_blocked<B: Backend>(shared: &Shared<B>, vm: &VmRoute) -> Option<String> {
             vm.name, vm.name
         ));
     }
+    if vm.observed == Observed::Booting
+        && let Some(why) = &vm.reason
+    {
+        return Some(format!(
+            "boxd: {} is booting but cannot finish on its worker: {why}\n",
+            vm.name
+        ));
+    }
     if vm.observed != Observed::Running || vm.private_ip.is_none() {
         return Some(format!(
             "boxd: {} is {}; try again when it is running (`ssh {zone} show {}`)\n",
