@@ -100,10 +100,17 @@ enum Cmd {
 
 #[derive(Subcommand, Debug)]
 enum ImageCmd {
-    /// Build an image (`minimal`: busybox and the guest agent, in seconds)
+    /// Build an image: `minimal` (busybox and the guest agent, seconds) or `debian`
+    /// (debootstrap, the agent and its units; minutes, needs root)
     Build {
         /// Recipe name
         name: String,
+        /// Debian mirror (`debian` only)
+        #[arg(long, default_value = "http://deb.debian.org/debian")]
+        mirror: String,
+        /// Debian suite (`debian` only)
+        #[arg(long, default_value = "bookworm")]
+        suite: String,
     },
     /// List the built images
     Ls {
@@ -331,14 +338,19 @@ async fn shutdown_signal() {
 fn image_command(data_dir: &Path, command: ImageCmd) -> ExitCode {
     use boxd_vmm::image;
     match command {
-        ImageCmd::Build { name } => {
+        ImageCmd::Build {
+            name,
+            mirror,
+            suite,
+        } => {
             let here = std::env::current_exe().unwrap_or_default();
             let src = image::MinimalSources {
                 busybox: PathBuf::from("/bin/busybox"),
                 agent: here.with_file_name("boxd-agent"),
             };
             let start = std::time::Instant::now();
-            let r = image::build(data_dir, &name, &src, &mut |step| {
+            let debian = image::DebianSource { mirror, suite };
+            let r = image::build_from(data_dir, &name, &src, &debian, &mut |step| {
                 eprintln!("{name}: {step}");
             });
             match r {

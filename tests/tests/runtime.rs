@@ -285,38 +285,69 @@ fn link_show(name: &str) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
-/// The kvm runtime's guest as the worker makes it — root disk, initramfs, kernel command
-/// line, tap — booted by QEMU with software emulation (TCG), standing in for hardware KVM,
-/// which these machines lack: the initramfs loads the virtio modules and mounts the disk,
-/// the image's init applies the address and starts the agent, and the real OpenSSH client
-/// runs a command through the agent with the cluster key.
-#[test]
-fn the_kvm_guest_reaches_its_agent_under_qemu() {
+/// Enters a network namespace of this test's own (its bridge and taps exist only there).
+fn own_netns() {
     // SAFETY: unshare of the calling thread's network namespace.
     let r = unsafe { libc::unshare(libc::CLONE_NEWNET) };
     assert_eq!(r, 0, "unshare(CLONE_NEWNET): this test needs root");
-    let ok = |args: &[&str]| {
-        let st = Command::new("ip").args(args).status().unwrap();
-        assert!(st.success(), "ip {args:?}");
-    };
-    ok(&["link", "set", "lo", "up"]);
-    let dir = tempfile::tempdir().unwrap();
-    let dir = dir.path();
-    let (host, key) = test_host(dir, "bxqemu0", "10.202.0.0/24");
+    let st = Command::new("ip")
+        .args(["link", "set", "lo", "up"])
+        .status()
+        .unwrap();
+    assert!(st.success());
+}
+
+/// `ssh -p 2200 root@ip cmd` straight to a guest agent with the cluster key: (status, stdout,
+/// stderr).
+fn agent_ssh(key: &Path, ip: std::net::Ipv4Addr, cmd: &str) -> (Option<i32>, String, String) {
+    let out = Command::new("ssh")
+        .args([
+            "-F",
+            "/dev/null",
+            "-o",
+            "IdentitiesOnly=yes",
+            "-o",
+            "BatchMode=yes",
+        ])
+        .args([
+            "-o",
+            "StrictHostKeyChecking=no",
+            "-o",
+            "UserKnownHostsFile=/dev/null",
+        ])
+        .args(["-o", "LogLevel=ERROR", "-p", "2200", "-i"])
+        .arg(key)
+        .arg(format!("root@{ip}"))
+        .arg(cmd)
+        .stdin(std::process::Stdio::null())
+        .output()
+        .unwrap();
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// Kills a child process when dropped.
+struct Kill(std::process::Child);
+
+impl Drop for Kill {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Boots `vm` the way the kvm runtime would — its root disk, initramfs, kernel command line
+/// and tap — but under QEMU with software emulation (TCG), standing in for hardware KVM,
+/// which these machines lack. Returns QEMU and the guest's address once its agent answers.
+fn boot_under_qemu(host: &Host, vm: &VmPlan, console: &Path) -> (Kill, std::net::Ipv4Addr) {
     let kvm = KvmRuntime::open(&kernel_dir(), Path::new("/bin/busybox"), None).unwrap();
-    let vm = VmPlan {
-        id: uuid::Uuid::new_v4().to_string(),
-        name: "viaqemu".into(),
-        image: "minimal".into(),
-        vcpus: 1,
-        memory_mib: 512,
-        disk_gib: 1,
-    };
     host.ensure_bridge().unwrap();
     let net = host.address(&vm.id, None).unwrap();
-    let disk = host.ensure_disk(&vm).unwrap();
-    let cfg = kvm.prepare(&host, &vm, &disk, net).unwrap();
-    let console = dir.join("console.log");
+    let disk = host.ensure_disk(vm).unwrap();
+    let cfg = kvm.prepare(host, vm, &disk, net).unwrap();
     // The bzImage: QEMU boots it directly (it would take an ELF vmlinux only with PVH).
     let qemu = Command::new("qemu-system-x86_64")
         .args([
@@ -324,11 +355,11 @@ fn the_kvm_guest_reaches_its_agent_under_qemu() {
             "q35,accel=tcg",
             "-cpu",
             "max",
-            "-m",
-            "512",
             "-smp",
             "1",
+            "-m",
         ])
+        .arg(vm.memory_mib.to_string())
         .args(["-display", "none", "-no-reboot", "-serial"])
         .arg(format!("file:{}", console.display()))
         .arg("-kernel")
@@ -351,58 +382,140 @@ fn the_kvm_guest_reaches_its_agent_under_qemu() {
         .stdin(std::process::Stdio::null())
         .spawn()
         .expect("qemu-system-x86_64: apt-get install qemu-system-x86 (ops/test does)");
-    struct Kill(std::process::Child);
-    impl Drop for Kill {
-        fn drop(&mut self) {
-            let _ = self.0.kill();
-            let _ = self.0.wait();
-        }
-    }
     let mut qemu = Kill(qemu);
     let t0 = std::time::Instant::now();
-    eventually(Duration::from_secs(240), "the guest agent's banner", || {
+    eventually(Duration::from_secs(300), "the guest agent's banner", || {
         if let Ok(Some(st)) = qemu.0.try_wait() {
             panic!(
                 "QEMU ended ({st}); console:\n{}",
-                std::fs::read_to_string(&console).unwrap_or_default()
+                std::fs::read_to_string(console).unwrap_or_default()
             );
         }
         banner(SocketAddr::from((net.ip, 2200))).filter(|b| b.starts_with("SSH-2.0-"))
     });
-    eprintln!("qemu (TCG): the agent answered after {:?}", t0.elapsed());
-    let out = Command::new("ssh")
-        .args([
-            "-F",
-            "/dev/null",
-            "-o",
-            "IdentitiesOnly=yes",
-            "-o",
-            "BatchMode=yes",
-        ])
-        .args([
-            "-o",
-            "StrictHostKeyChecking=no",
-            "-o",
-            "UserKnownHostsFile=/dev/null",
-        ])
-        .args(["-o", "LogLevel=ERROR", "-p", "2200", "-i"])
-        .arg(&key)
-        .arg(format!("root@{}", net.ip))
-        .arg("hostname; ip addr show dev eth0 | grep -c 'inet 10.202.0.2/24'; exit 3")
-        .stdin(std::process::Stdio::null())
-        .output()
-        .unwrap();
+    eprintln!(
+        "qemu (TCG), image {}: the agent answered after {:?}",
+        vm.image,
+        t0.elapsed()
+    );
+    (qemu, net.ip)
+}
+
+fn plan(name: &str, image: &str) -> VmPlan {
+    VmPlan {
+        id: uuid::Uuid::new_v4().to_string(),
+        name: name.into(),
+        image: image.into(),
+        vcpus: 1,
+        memory_mib: 512,
+        disk_gib: 1,
+    }
+}
+
+/// The kvm runtime's guest (`minimal`) under QEMU: the initramfs loads the virtio modules and
+/// mounts the disk, busybox init runs `boxd-net` and the agent, and the real OpenSSH client
+/// runs a command through the agent with the cluster key.
+#[test]
+fn the_kvm_guest_reaches_its_agent_under_qemu() {
+    own_netns();
+    let dir = tempfile::tempdir().unwrap();
+    let (host, key) = test_host(dir.path(), "bxqemu0", "10.202.0.0/24");
+    let vm = plan("viaqemu", "minimal");
+    let console = dir.path().join("console.log");
+    let (mut qemu, ip) = boot_under_qemu(&host, &vm, &console);
+    let (code, out, err) = agent_ssh(
+        &key,
+        ip,
+        "hostname; ip addr show dev eth0 | grep -c 'inet 10.202.0.2/24'; exit 3",
+    );
     assert_eq!(
-        (
-            out.status.code(),
-            String::from_utf8_lossy(&out.stdout).into_owned()
-        ),
-        (Some(3), "viaqemu\n1\n".to_owned()),
-        "{}\nconsole:\n{}",
-        String::from_utf8_lossy(&out.stderr),
+        (code, out.as_str()),
+        (Some(3), "viaqemu\n1\n"),
+        "{err}\nconsole:\n{}",
         std::fs::read_to_string(&console).unwrap_or_default()
     );
     let _ = qemu.0.kill();
     host.delete(&vm.id).unwrap();
-    assert_eq!(link_show(&cfg.net[0].tap), "", "tap removed");
+    assert_eq!(link_show(&kvm_runtime_tap(&vm)), "", "tap removed");
+}
+
+fn kvm_runtime_tap(vm: &VmPlan) -> String {
+    tap_name(&vm.id)
+}
+
+/// `boxd image build debian` (debootstrap, with progress), then the image on both runtimes:
+/// a sandbox VM and a kvm guest under QEMU (systemd starting `boxd-net` and the agent) both
+/// answer an OpenSSH session as Debian.
+#[test]
+fn the_debian_image_builds_and_runs_on_both_runtimes() {
+    let dir = tempfile::tempdir().unwrap();
+    let (host, key) = test_host(dir.path(), "bxdeb0", "10.203.0.0/24");
+    // Built before entering the test's own network namespace: debootstrap needs the mirror.
+    let t0 = std::time::Instant::now();
+    let out = Command::new(boxd_bin())
+        .arg("--data-dir")
+        .arg(&host.cfg.data_dir)
+        .args(["image", "build", "debian"])
+        .output()
+        .unwrap();
+    let progress = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success(),
+        "{progress}{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    let steps = progress
+        .lines()
+        .filter(|l| l.starts_with("debian: "))
+        .count();
+    assert!(
+        steps > 50 && progress.contains("debian: Retrieving "),
+        "progress shown: {progress}"
+    );
+    eprintln!(
+        "image build debian: {:?}, {steps} progress lines; {}",
+        t0.elapsed(),
+        String::from_utf8_lossy(&out.stdout).trim()
+    );
+    let ls = Command::new(boxd_bin())
+        .arg("--data-dir")
+        .arg(&host.cfg.data_dir)
+        .args(["image", "ls"])
+        .output()
+        .unwrap();
+    assert!(String::from_utf8_lossy(&ls.stdout).contains("debian"));
+    let check = ". /etc/os-release; echo $ID $VERSION_ID $(hostname); exit 3";
+    own_netns();
+
+    let vm = plan("deb-sandbox", "debian");
+    let Started::Ready(net) = host
+        .start(&SandboxRuntime, &vm, None, Duration::from_secs(60))
+        .unwrap()
+    else {
+        panic!("a sandbox VM is ready or fails")
+    };
+    let (code, out, err) = agent_ssh(&key, net.ip, check);
+    assert_eq!(
+        (code, out.as_str()),
+        (Some(3), "debian 12 deb-sandbox\n"),
+        "{err}"
+    );
+    host.delete(&vm.id).unwrap();
+
+    let vm = plan("deb-kvm", "debian");
+    let console = dir.path().join("console.log");
+    let (mut qemu, ip) = boot_under_qemu(&host, &vm, &console);
+    let (code, out, err) = agent_ssh(
+        &key,
+        ip,
+        &format!("systemctl is-active boxd-agent boxd-net | tr '\\n' ' '; {check}"),
+    );
+    assert_eq!(
+        (code, out.as_str()),
+        (Some(3), "active active debian 12 deb-kvm\n"),
+        "{err}\nconsole:\n{}",
+        std::fs::read_to_string(&console).unwrap_or_default()
+    );
+    let _ = qemu.0.kill();
+    host.delete(&vm.id).unwrap();
 }

@@ -1,11 +1,14 @@
 //! Images: root filesystem trees the worker gives VMs, kept in `<data-dir>/images/<name>/`
 //! (`rootfs/` and `image.json`). The sandbox runtime uses the tree directly; the kvm runtime
-//! will use it as a root disk.
+//! makes an ext4 root disk of it.
 //!
 //! `minimal` is busybox (the host's static build from Debian's `busybox-static`) with a link
 //! for every applet, a root user, and the guest agent with the shared libraries it needs,
-//! copied from the host at their own paths. Built into a temporary directory and renamed into
-//! place, so a half-built image is never used.
+//! copied from the host at their own paths. `debian` is Debian (bookworm by default) from
+//! `debootstrap --variant=minbase` with systemd, iproute2 and the sftp server, plus the agent
+//! and two systemd units that do what busybox init does for `minimal` under kvm. Both are
+//! built into a temporary directory and renamed into place, so a half-built image is never
+//! used.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -27,7 +30,14 @@ pub struct ImageInfo {
     /// agent next to `boxd` has changed since.
     #[serde(default)]
     pub agent: Option<String>,
+    /// Version of the recipe that built it ([`RECIPE_VERSION`]); absent before versions.
+    #[serde(default)]
+    pub recipe: Option<u32>,
 }
+
+/// Bumped whenever a recipe changes what goes into an image, so that workers rebuild
+/// `minimal` (2: `/etc/inittab` and `boxd-net` for kvm guests).
+pub const RECIPE_VERSION: u32 = 2;
 
 /// Identifies an agent binary cheaply: size and modification time (nanoseconds). A rebuilt
 /// or upgraded agent has a different stamp.
@@ -41,7 +51,9 @@ pub fn agent_stamp(agent: &Path) -> Option<String> {
 #[derive(Debug, thiserror::Error)]
 pub enum ImageError {
     /// No such image recipe.
-    #[error("there is no image recipe `{0}`: the recipes are `minimal` (busybox and the agent)")]
+    #[error(
+        "there is no image recipe `{0}`: the recipes are `minimal` (busybox and the agent, seconds) and `debian` (debootstrap, minutes)"
+    )]
     UnknownRecipe(String),
     /// A needed host file is missing or unsuitable.
     #[error("{0}")]
@@ -72,19 +84,63 @@ pub struct MinimalSources {
     pub agent: PathBuf,
 }
 
+/// Where `debian` comes from.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DebianSource {
+    /// Debian mirror (`http://deb.debian.org/debian`).
+    pub mirror: String,
+    /// Suite (`bookworm`).
+    pub suite: String,
+}
+
+impl Default for DebianSource {
+    fn default() -> Self {
+        Self {
+            mirror: "http://deb.debian.org/debian".into(),
+            suite: "bookworm".into(),
+        }
+    }
+}
+
+/// The image recipes.
+pub const RECIPES: &[&str] = &["minimal", "debian"];
+
+/// Packages `debian` adds to debootstrap's minbase: an init for kvm guests, the tools
+/// `boxd-net` uses, and what a user expects of a shell and an SSH session.
+pub const DEBIAN_PACKAGES: &[&str] = &[
+    "systemd-sysv",
+    "iproute2",
+    "procps",
+    "ca-certificates",
+    "openssh-sftp-server",
+    "less",
+];
+
 /// The images directory under a data directory.
 pub fn images_dir(data_dir: &Path) -> PathBuf {
     data_dir.join("images")
 }
 
-/// Builds image `name` into `<data-dir>/images/<name>`, replacing an older build.
+/// Builds image `name` into `<data-dir>/images/<name>`, replacing an older build (`debian`
+/// with the default [`DebianSource`]).
 pub fn build(
     data_dir: &Path,
     name: &str,
     src: &MinimalSources,
     progress: &mut dyn FnMut(&str),
 ) -> Result<ImageInfo, ImageError> {
-    if name != "minimal" {
+    build_from(data_dir, name, src, &DebianSource::default(), progress)
+}
+
+/// [`build`] with the Debian mirror and suite given.
+pub fn build_from(
+    data_dir: &Path,
+    name: &str,
+    src: &MinimalSources,
+    debian: &DebianSource,
+    progress: &mut dyn FnMut(&str),
+) -> Result<ImageInfo, ImageError> {
+    if !RECIPES.contains(&name) {
         return Err(ImageError::UnknownRecipe(name.to_owned()));
     }
     let images = images_dir(data_dir);
@@ -94,7 +150,11 @@ pub fn build(
         std::fs::remove_dir_all(&tmp).map_err(io(&tmp))?;
     }
     let root = tmp.join("rootfs");
-    let r = build_minimal(&root, src, progress).and_then(|()| {
+    let recipe = match name {
+        "debian" => build_debian(&root, &src.agent, debian, progress),
+        _ => build_minimal(&root, src, progress),
+    };
+    let r = recipe.and_then(|()| {
         let (files, bytes) = tree_size(&root)?;
         let info = ImageInfo {
             name: name.to_owned(),
@@ -102,6 +162,7 @@ pub fn build(
             bytes,
             built_at: now_ms(),
             agent: agent_stamp(&src.agent),
+            recipe: Some(RECIPE_VERSION),
         };
         let json = serde_json::to_vec_pretty(&info).unwrap_or_default();
         let meta = tmp.join("image.json");
@@ -343,6 +404,178 @@ fn build_minimal(
     }
     Ok(())
 }
+
+fn build_debian(
+    root: &Path,
+    agent: &Path,
+    src: &DebianSource,
+    progress: &mut dyn FnMut(&str),
+) -> Result<(), ImageError> {
+    use std::io::BufRead as _;
+    use std::os::unix::fs::PermissionsExt as _;
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        return Err(ImageError::Host(
+            "building debian needs root (debootstrap makes device nodes and chroots)".into(),
+        ));
+    }
+    if !agent.is_file() {
+        return Err(ImageError::Host(format!(
+            "the guest agent {} is missing: build it with `cargo build -p boxd-agent` (it is installed next to boxd)",
+            agent.display()
+        )));
+    }
+    progress(&format!(
+        "debootstrap {} from {} (minbase + {}); this takes minutes",
+        src.suite,
+        src.mirror,
+        DEBIAN_PACKAGES.join(",")
+    ));
+    let mut child = Command::new("debootstrap")
+        .arg("--variant=minbase")
+        .arg(format!("--include={}", DEBIAN_PACKAGES.join(",")))
+        .arg(&src.suite)
+        .arg(root)
+        .arg(&src.mirror)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .map_err(|e| {
+            ImageError::Host(format!(
+                "cannot run debootstrap: {e} (apt-get install debootstrap)"
+            ))
+        })?;
+    // debootstrap's stderr is short (its errors); read it on a thread so neither pipe fills.
+    let stderr = child.stderr.take();
+    let errors = std::thread::spawn(move || {
+        let mut text = String::new();
+        if let Some(mut e) = stderr {
+            _ = std::io::Read::read_to_string(&mut e, &mut text);
+        }
+        text
+    });
+    let mut last = String::new();
+    if let Some(out) = child.stdout.take() {
+        for line in std::io::BufReader::new(out).lines().map_while(Result::ok) {
+            // "I: Retrieving libc6 2.36-9", "I: Unpacking ...", "I: Configuring ..."
+            if let Some(step) = line.strip_prefix("I: ") {
+                progress(step);
+            }
+            last = line;
+        }
+    }
+    let status = child
+        .wait()
+        .map_err(|e| ImageError::Host(format!("debootstrap: {e}")))?;
+    let errors = errors.join().unwrap_or_default();
+    if !status.success() {
+        let log = root.join("debootstrap/debootstrap.log");
+        let tail: Vec<String> = std::fs::read_to_string(&log)
+            .unwrap_or_default()
+            .lines()
+            .rev()
+            .take(5)
+            .map(str::to_owned)
+            .collect();
+        return Err(ImageError::Host(format!(
+            "debootstrap {} failed ({status}): {} {} {}",
+            src.suite,
+            errors.trim(),
+            last,
+            tail.into_iter().rev().collect::<Vec<_>>().join(" | ")
+        )));
+    }
+
+    progress("the guest agent and its units");
+    copy_into(root, agent, Path::new("/usr/local/bin/boxd-agent"))?;
+    let ok = Command::new("chroot")
+        .arg(root)
+        .args(["/usr/local/bin/boxd-agent", "--help"])
+        .output()
+        .map_err(|e| ImageError::Host(format!("chroot: {e}")))?;
+    if !ok.status.success() {
+        return Err(ImageError::Host(format!(
+            "the guest agent does not run inside {} (built against a newer C library than the suite has?): {}",
+            src.suite,
+            String::from_utf8_lossy(&ok.stderr).trim()
+        )));
+    }
+    for (file, text, mode) in [
+        ("usr/local/sbin/boxd-net", BOXD_NET, 0o755),
+        ("usr/local/sbin/boxd-agent-run", BOXD_AGENT_RUN, 0o755),
+        ("etc/systemd/system/boxd-net.service", BOXD_NET_UNIT, 0o644),
+        (
+            "etc/systemd/system/boxd-agent.service",
+            BOXD_AGENT_UNIT,
+            0o644,
+        ),
+        ("etc/hostname", "vm\n", 0o644),
+        ("etc/hosts", "127.0.0.1 localhost\n", 0o644),
+        // The host's resolver means nothing inside a VM.
+        ("etc/resolv.conf", "", 0o644),
+    ] {
+        let p = root.join(file);
+        if let Some(d) = p.parent() {
+            std::fs::create_dir_all(d).map_err(io(d))?;
+        }
+        _ = std::fs::remove_file(&p);
+        std::fs::write(&p, text).map_err(io(&p))?;
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(mode)).map_err(io(&p))?;
+    }
+    let wants = root.join("etc/systemd/system/multi-user.target.wants");
+    std::fs::create_dir_all(&wants).map_err(io(&wants))?;
+    for unit in ["boxd-net.service", "boxd-agent.service"] {
+        let link = wants.join(unit);
+        _ = std::fs::remove_file(&link);
+        std::os::unix::fs::symlink(format!("/etc/systemd/system/{unit}"), &link)
+            .map_err(io(&link))?;
+    }
+    progress("cleaning apt's caches");
+    for d in ["var/cache/apt/archives", "var/lib/apt/lists"] {
+        let dir = root.join(d);
+        if let Ok(rd) = std::fs::read_dir(&dir) {
+            for e in rd.flatten() {
+                if e.file_type().is_ok_and(|t| t.is_file()) {
+                    _ = std::fs::remove_file(e.path());
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// systemd unit: `boxd-net` once, before the network is considered up (kvm guests).
+const BOXD_NET_UNIT: &str = "[Unit]
+Description=boxd: address, host name and agent key from the kernel command line
+DefaultDependencies=no
+After=local-fs.target
+Before=network.target
+ConditionKernelCommandLine=boxd.ip
+
+[Service]
+Type=oneshot
+RemainAfterExit=yes
+ExecStart=/usr/local/sbin/boxd-net
+
+[Install]
+WantedBy=multi-user.target
+";
+
+/// systemd unit: the guest agent, always restarted (kvm guests).
+const BOXD_AGENT_UNIT: &str = "[Unit]
+Description=boxd guest agent (SSH sessions relayed by boxd's proxy)
+After=boxd-net.service
+Wants=boxd-net.service
+ConditionPathExists=/etc/boxd/agent.pub
+
+[Service]
+ExecStart=/usr/local/sbin/boxd-agent-run
+Restart=always
+RestartSec=1
+
+[Install]
+WantedBy=multi-user.target
+";
 
 /// A kvm guest's boot-time settings, from `boxd.*` words on the kernel command line (the
 /// sandbox runtime sets the same things from outside and never runs this).

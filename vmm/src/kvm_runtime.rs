@@ -125,7 +125,7 @@ impl KvmRuntime {
         use base64::Engine as _;
         let key = base64::engine::general_purpose::STANDARD.encode(host.cfg.agent_key.trim());
         format!(
-            "console=ttyS0 earlyprintk=ttyS0 reboot=k panic=-1 boxd.ip={}/{} boxd.gw={} boxd.hostname={} boxd.port={} boxd.key={key}",
+            "console=ttyS0 earlyprintk=ttyS0 reboot=k panic=-1 net.ifnames=0 boxd.ip={}/{} boxd.gw={} boxd.hostname={} boxd.port={} boxd.key={key}",
             net.ip,
             host.cfg.subnet.prefix_len(),
             host.gateway(),

@@ -371,8 +371,8 @@ impl Host {
         Ok(pinned)
     }
 
-    /// Whether image `name` is built and current: for `minimal`, built with the agent that is
-    /// next to `boxd` now (after an upgrade, new VMs get the new agent; VMs created before
+    /// Whether image `name` is built and current: for `minimal`, built by this recipe version
+    /// with the agent that is next to `boxd` now (after an upgrade, new VMs get the new agent; VMs created before
     /// keep the build they were pinned to).
     fn image_current(&self, name: &str, dir: &Path) -> bool {
         if !dir.join("rootfs").is_dir() {
@@ -384,6 +384,9 @@ impl Host {
         let built: Option<crate::image::ImageInfo> = std::fs::read(dir.join("image.json"))
             .ok()
             .and_then(|t| serde_json::from_slice(&t).ok());
+        if built.as_ref().and_then(|b| b.recipe) != Some(crate::image::RECIPE_VERSION) {
+            return false;
+        }
         let now = crate::image::agent_stamp(&self.cfg.minimal.agent);
         match (built.and_then(|b| b.agent), now) {
             (Some(b), Some(n)) => b == n,
@@ -831,7 +834,7 @@ mod tests {
     }
 
     #[test]
-    fn minimal_is_stale_once_the_agent_changes() {
+    fn minimal_is_stale_once_the_agent_or_the_recipe_changes() {
         let dir = tempfile::tempdir().expect("tempdir");
         let agent = dir.path().join("boxd-agent");
         std::fs::write(&agent, b"v1").expect("agent");
@@ -845,12 +848,24 @@ mod tests {
             bytes: 2,
             built_at: 1,
             agent: crate::image::agent_stamp(&agent),
+            recipe: Some(crate::image::RECIPE_VERSION - 1),
         };
-        std::fs::write(
-            image.join("image.json"),
-            serde_json::to_vec(&info).expect("json"),
-        )
-        .expect("write");
+        let write = |info: &crate::image::ImageInfo| {
+            std::fs::write(
+                image.join("image.json"),
+                serde_json::to_vec(info).expect("json"),
+            )
+            .expect("write");
+        };
+        write(&info);
+        assert!(
+            !host.image_current("minimal", &image),
+            "built by an older recipe"
+        );
+        write(&crate::image::ImageInfo {
+            recipe: Some(crate::image::RECIPE_VERSION),
+            ..info
+        });
         assert!(
             host.image_current("minimal", &image),
             "built with this agent"
