@@ -12,8 +12,8 @@ use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
 use crate::model::{
-    AccountId, Capacity, Desired, Fingerprint, Millis, NodeId, Observed, Roles, TlsMaterial,
-    TokenId, VmId, VmSpec,
+    AccountId, Capacity, Desired, Fingerprint, ImageAd, Millis, NodeId, Observed, Roles,
+    TlsMaterial, TokenId, VmId, VmSpec,
 };
 
 /// One entry of the replicated log.
@@ -229,6 +229,14 @@ pub enum Command {
         /// VM.
         vm: VmId,
     },
+    /// A node says which images it holds (replacing what it said before), so a worker that
+    /// lacks one can fetch it from a peer.
+    PublishImages {
+        /// Node.
+        node: NodeId,
+        /// Its images.
+        images: Vec<ImageAd>,
+    },
     /// Publishes TXT records at `name` in the zone (e.g. `_acme-challenge.myapp`), replacing
     /// any there; no values removes them.
     SetTxt {
@@ -263,6 +271,7 @@ impl Command {
             Command::DeleteVm { .. } => "delete_vm",
             Command::PurgeVm { .. } => "purge_vm",
             Command::SetTxt { .. } => "set_txt",
+            Command::PublishImages { .. } => "publish_images",
         }
     }
 }

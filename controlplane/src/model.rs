@@ -364,6 +364,19 @@ text_enum!(Observed {
     Failed = "failed",
 });
 
+/// An image a node holds, by content.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ImageAd {
+    /// Name (a DNS label).
+    pub name: String,
+    /// SHA-256 (hex) of the image's canonical tar archive.
+    pub digest: String,
+    /// Size of that archive in bytes.
+    pub bytes: u64,
+    /// When it was built (ms since the epoch; names the pinned copies VMs use).
+    pub built_at: u64,
+}
+
 /// A VM as the replica knows it.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Vm {

@@ -8,8 +8,8 @@ use std::net::Ipv4Addr;
 
 use boxd_controlplane::command::{ApplyError, Command, Outcome, Response};
 use boxd_controlplane::model::{
-    AccountId, Capacity, Desired, Fingerprint, Observed, TlsMaterial, TokenId, VmId, VmSpec,
-    parse_roles,
+    AccountId, Capacity, Desired, Fingerprint, ImageAd, Observed, TlsMaterial, TokenId, VmId,
+    VmSpec, parse_roles,
 };
 use boxd_controlplane::store::apply::Applier;
 use boxd_controlplane::store::{rows, schema};
@@ -453,6 +453,40 @@ fn history() -> Vec<(&'static str, Command, Check)> {
                 at: 8,
             },
             Box::new(done),
+        ),
+        (
+            "a node publishes its images",
+            Command::PublishImages {
+                node: 2,
+                images: vec![ImageAd {
+                    name: "debian".into(),
+                    digest: "ab".repeat(32),
+                    bytes: 1 << 20,
+                    built_at: 5,
+                }],
+            },
+            Box::new(done),
+        ),
+        (
+            "an image digest that is not SHA-256 hex",
+            Command::PublishImages {
+                node: 2,
+                images: vec![ImageAd {
+                    name: "debian".into(),
+                    digest: "not-a-digest".into(),
+                    bytes: 1,
+                    built_at: 5,
+                }],
+            },
+            err(|e| matches!(e, ApplyError::Invalid { .. })),
+        ),
+        (
+            "images of a node that is not a member",
+            Command::PublishImages {
+                node: 99,
+                images: vec![],
+            },
+            err(|e| matches!(e, ApplyError::NotFound { .. })),
         ),
         (
             "bob stops alice's vm",

@@ -7,6 +7,7 @@ pub mod config;
 pub mod host;
 pub mod https;
 pub mod identity;
+pub mod images;
 pub mod node;
 pub mod ssh;
 pub mod status;

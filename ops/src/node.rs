@@ -154,9 +154,16 @@ pub async fn run(
     let dns_addr = dns.as_ref().map(boxd_dns::server::DnsServer::local_addr);
 
     let (stop_tx, stop_rx) = watch::channel(false);
+    let images = tonic::service::interceptor::InterceptedService::new(
+        boxd_controlplane::rpc::pb::images_server::ImagesServer::new(
+            crate::images::ImagesService::new(data_dir.clone()),
+        ),
+        boxd_controlplane::rpc::CheckPeer::new(&identity.peer_key),
+    );
     let grpc = tokio::spawn(serve_grpc(
         listener,
         server::services(&replica, &identity.peer_key),
+        images,
         stop_rx.clone(),
     ));
 
@@ -406,6 +413,11 @@ async fn settle(
         heartbeat,
         stop.clone(),
     ));
+    tokio::spawn(crate::images::publish(
+        Arc::clone(&replica),
+        ready.data_dir.clone(),
+        stop.clone(),
+    ));
     if me.roles.contains(&Role::Worker) {
         tokio::spawn(crate::worker::run(
             Arc::clone(&replica),
@@ -513,6 +525,10 @@ async fn join(
 async fn serve_grpc(
     listener: TcpListener,
     services: server::Services,
+    images: tonic::service::interceptor::InterceptedService<
+        boxd_controlplane::rpc::pb::images_server::ImagesServer<crate::images::ImagesService>,
+        boxd_controlplane::rpc::CheckPeer,
+    >,
     mut stop: watch::Receiver<bool>,
 ) {
     use tokio_stream::StreamExt as _;
@@ -527,6 +543,7 @@ async fn serve_grpc(
         .add_service(services.raft)
         .add_service(services.cluster)
         .add_service(services.join)
+        .add_service(images)
         .serve_with_incoming_shutdown(
             incoming,
             async move { controller::stopped(&mut stop).await },

@@ -346,11 +346,16 @@ impl Supervisor {
         let hint = vm.private_ip;
         tracing::debug!(vm = %vm.name, "starting");
         let t0 = Instant::now();
-        let r =
-            tokio::task::spawn_blocking(move || host.start(runtime.as_ref(), &plan, hint, timeout))
-                .await
-                .map_err(|e| e.to_string())
-                .and_then(|r| r.map_err(|e| e.to_string()));
+        let fetched = self.fetch_image(&vm).await;
+        let r = match fetched {
+            Err(e) => Err(e),
+            Ok(()) => tokio::task::spawn_blocking(move || {
+                host.start(runtime.as_ref(), &plan, hint, timeout)
+            })
+            .await
+            .map_err(|e| e.to_string())
+            .and_then(|r| r.map_err(|e| e.to_string())),
+        };
         match r {
             Ok(started) => {
                 if let Ok(mut r) = self.retry.lock() {
@@ -385,6 +390,31 @@ impl Supervisor {
                     .await;
             }
         }
+    }
+
+    /// Fetches the VM's image from a peer when this node lacks it (`minimal` is built here
+    /// instead), reporting each step as the VM's reason while it is starting.
+    async fn fetch_image(self: &Arc<Self>, vm: &Vm) -> Result<(), String> {
+        let (data_dir, image) = (&self.host.cfg.data_dir, &vm.spec.image);
+        if image == "minimal" || crate::images::present(data_dir, image) {
+            return Ok(());
+        }
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<String>();
+        let sup = Arc::clone(self);
+        let (id, name, ip) = (vm.id, vm.name.clone(), vm.private_ip);
+        let reporter = tokio::spawn(async move {
+            while let Some(step) = rx.recv().await {
+                tracing::info!(vm = %name, "{step}");
+                sup.report(id, Observed::Starting, ip, Some(step)).await;
+            }
+        });
+        let progress = move |step: String| {
+            _ = tx.send(step);
+        };
+        let r = crate::images::fetch(&self.replica, data_dir, image, &progress).await;
+        drop(progress);
+        _ = reporter.await;
+        r
     }
 
     async fn report(

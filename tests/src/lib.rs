@@ -180,9 +180,19 @@ impl Node {
         self.data_dir.join("admin.sock")
     }
 
-    /// Opens an admin connection.
+    /// Opens an admin connection; when the node does not answer, fails with the end of its
+    /// log (why it is gone).
     pub fn admin(&self) -> Admin {
-        Admin::connect(&self.socket())
+        Admin::try_connect(&self.socket()).unwrap_or_else(|e| {
+            let log = std::fs::read_to_string(&self.log).unwrap_or_default();
+            let tail: Vec<&str> = log.lines().rev().take(30).collect();
+            let tail: Vec<&str> = tail.into_iter().rev().collect();
+            panic!(
+                "admin socket {}: {e}; the node's log ends:\n{}",
+                self.socket().display(),
+                tail.join("\n")
+            )
+        })
     }
 
     /// `status` result.
@@ -206,22 +216,26 @@ pub struct Admin {
 impl Admin {
     /// Connects, retrying for a few seconds while the node starts.
     pub fn connect(path: &Path) -> Admin {
+        Self::try_connect(path).unwrap_or_else(|e| panic!("admin socket {}: {e}", path.display()))
+    }
+
+    /// [`Admin::connect`], returning the last error instead of failing.
+    pub fn try_connect(path: &Path) -> std::io::Result<Admin> {
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
             match UnixStream::connect(path) {
                 Ok(s) => {
                     // A hung node fails the test instead of hanging it.
-                    s.set_read_timeout(Some(Duration::from_secs(120))).unwrap();
-                    return Admin {
-                        reader: BufReader::new(s.try_clone().unwrap()),
+                    s.set_read_timeout(Some(Duration::from_secs(120)))?;
+                    return Ok(Admin {
+                        reader: BufReader::new(s.try_clone()?),
                         writer: s,
-                    };
+                    });
                 }
-                Err(e) if Instant::now() < deadline => {
-                    let _ = e;
+                Err(_) if Instant::now() < deadline => {
                     std::thread::sleep(Duration::from_millis(50));
                 }
-                Err(e) => panic!("admin socket {}: {e}", path.display()),
+                Err(e) => return Err(e),
             }
         }
     }

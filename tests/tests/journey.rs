@@ -490,3 +490,117 @@ fn the_kvm_runtime_boots_a_real_vmm() {
         "the VMM ended"
     );
 }
+
+/// A worker that lacks a VM's image fetches it from the node that has it, hash-checked, with
+/// progress shown to `new`; an image that no longer matches what its node published is
+/// refused. Node 1 (control, proxy, DNS) holds the images; node 2 joins as a bare worker.
+#[test]
+fn a_new_worker_fetches_images_from_a_peer() {
+    let dir = tempfile::tempdir().unwrap();
+    let ns = Netns::new("journey-fetch");
+    let (data1, data2) = (dir.path().join("n1"), dir.path().join("n2"));
+    let _reaper = VmReaper(data2.clone());
+    // Node 1's images: `minimal`, and copies of it named `tiny` and `tampered`.
+    let built = Command::new(boxd_tests::boxd_bin())
+        .arg("--data-dir")
+        .arg(&data1)
+        .args(["image", "build", "minimal"])
+        .output()
+        .unwrap();
+    assert!(built.status.success(), "{built:?}");
+    let images1 = data1.join("images");
+    for copy in ["tiny", "tampered"] {
+        let st = Command::new("cp")
+            .arg("-a")
+            .arg(images1.join("minimal"))
+            .arg(images1.join(copy))
+            .status()
+            .unwrap();
+        assert!(st.success());
+        let meta = images1.join(copy).join("image.json");
+        let mut info: Value = serde_json::from_slice(&std::fs::read(&meta).unwrap()).unwrap();
+        info["name"] = copy.into();
+        std::fs::write(&meta, info.to_string()).unwrap();
+    }
+    let cfg1 = dir.path().join("n1.toml");
+    std::fs::write(&cfg1, "[node]\nname = \"n1\"\n").unwrap();
+    let n1 = Node::start_in(
+        Some(&ns),
+        &["up", "--role", "control,proxy,dns"],
+        &data1,
+        &cfg1,
+    );
+    n1.wait_ready(Duration::from_secs(60));
+    let token = n1
+        .admin()
+        .ok(&serde_json::json!({"op": "join-token", "roles": ["worker"]}))["token"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let cfg2 = dir.path().join("n2.toml");
+    std::fs::write(
+        &cfg2,
+        "[node]\nname = \"n2\"\n\n[raft]\nlisten = \"127.0.0.2:7000\"\n\n[worker]\nruntime = \"sandbox\"\n",
+    )
+    .unwrap();
+    let n2 = Node::start_in(
+        Some(&ns),
+        &[
+            "join",
+            "127.0.0.1:7000",
+            "--token",
+            &token,
+            "--role",
+            "worker",
+        ],
+        &data2,
+        &cfg2,
+    );
+    n2.wait_ready(Duration::from_secs(60));
+    // Node 1 publishes its images (at start, then every 5 s).
+    let published = |name: &str| images1.join(name).join("archive.json").is_file();
+    eventually(Duration::from_secs(30), "node 1's images published", || {
+        (published("tiny") && published("tampered")).then_some(())
+    });
+    // Change `tampered` after its hash was published: whoever serves or fetches it must notice.
+    std::fs::write(images1.join("tampered/rootfs/etc/hostname"), "changed\n").unwrap();
+
+    let key = dir.path().join("id_ed25519");
+    keygen(&key);
+    let c = Client { ns: &ns, key };
+    let (code, out, err) = c.ssh(LOBBY, &["new", "--name=far", "--image=tiny"]);
+    assert_eq!(code, 0, "{out}{err}");
+    eprintln!("new --image=tiny:\n{err}");
+    assert!(
+        err.contains("far: fetching image tiny from node 1")
+            && err.contains("far: image tiny fetched from node 1 and checked"),
+        "progress shown: {err}"
+    );
+    let ip = out
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("address"))
+        .unwrap()
+        .trim()
+        .to_owned();
+    assert_eq!(c.ok(&ip, &["hostname"]).trim(), "far");
+    let archive = |data: &Path, name: &str| -> Value {
+        let p = data.join("images").join(name).join("archive.json");
+        serde_json::from_slice(&std::fs::read(p).unwrap()).unwrap()
+    };
+    assert_eq!(
+        archive(&data2, "tiny"),
+        archive(&data1, "tiny"),
+        "same content"
+    );
+
+    let (code, _, err) = c.ssh(LOBBY, &["new", "--name=bad", "--image=tampered"]);
+    assert_eq!(code, 1, "{err}");
+    assert!(
+        err.contains("could not be fetched") && err.contains("changed while it was sent"),
+        "{err}"
+    );
+    assert!(
+        !data2.join("images/tampered").exists(),
+        "nothing unchecked is kept"
+    );
+}

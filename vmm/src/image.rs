@@ -215,12 +215,90 @@ fn now_ms() -> u64 {
         .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
 }
 
+/// An image's canonical archive, by content: what a peer that lacks the image fetches.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Archive {
+    /// The build it was made of ([`ImageInfo::built_at`]).
+    pub built_at: u64,
+    /// SHA-256 of the archive, hex.
+    pub digest: String,
+    /// Its size.
+    pub bytes: u64,
+}
+
+/// `tar` writing image `dir`'s tree to stdout as its canonical archive: GNU format (no pax
+/// headers, whose names would carry a process id), entries sorted by name, numeric owners.
+/// The same tree gives the same bytes, so the archive's hash names the image's content.
+pub fn archive_command(dir: &Path) -> Command {
+    let mut c = Command::new("tar");
+    c.args(["--format=gnu", "--sort=name", "--numeric-owner", "-C"])
+        .arg(dir.join("rootfs"))
+        .args(["-cf", "-", "."]);
+    c
+}
+
+/// The image at `dir`'s archive digest and size, computed once per build and kept in
+/// `archive.json` beside it.
+pub fn archive(dir: &Path) -> Result<Archive, ImageError> {
+    use sha2::Digest as _;
+    use std::io::Read as _;
+    let meta = dir.join("image.json");
+    let info: ImageInfo = serde_json::from_slice(&std::fs::read(&meta).map_err(io(&meta))?)
+        .map_err(|e| ImageError::Host(format!("{}: {e}", meta.display())))?;
+    let cached = dir.join("archive.json");
+    if let Ok(text) = std::fs::read(&cached)
+        && let Ok(a) = serde_json::from_slice::<Archive>(&text)
+        && a.built_at == info.built_at
+    {
+        return Ok(a);
+    }
+    let mut child = archive_command(dir)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .map_err(|e| ImageError::Host(format!("cannot run tar: {e}")))?;
+    let mut hash = sha2::Sha256::new();
+    let mut bytes = 0u64;
+    if let Some(mut out) = child.stdout.take() {
+        let mut buf = vec![0u8; 1 << 16];
+        loop {
+            let n = out.read(&mut buf).map_err(io(dir))?;
+            if n == 0 {
+                break;
+            }
+            hash.update(&buf[..n]);
+            bytes += n as u64;
+        }
+    }
+    let done = child
+        .wait_with_output()
+        .map_err(|e| ImageError::Host(format!("tar: {e}")))?;
+    if !done.status.success() {
+        return Err(ImageError::Host(format!(
+            "archiving {}: tar: {}",
+            dir.display(),
+            String::from_utf8_lossy(&done.stderr).trim()
+        )));
+    }
+    let a = Archive {
+        built_at: info.built_at,
+        digest: hex::encode(hash.finalize()),
+        bytes,
+    };
+    let tmp = cached.with_extension("tmp");
+    std::fs::write(&tmp, serde_json::to_vec(&a).unwrap_or_default())
+        .and_then(|()| std::fs::rename(&tmp, &cached))
+        .map_err(io(&cached))?;
+    Ok(a)
+}
+
 /// Bytes in the regular files of a tree.
 pub fn tree_bytes(dir: &Path) -> Result<u64, ImageError> {
     tree_size(dir).map(|(_, b)| b)
 }
 
-fn tree_size(dir: &Path) -> Result<(u64, u64), ImageError> {
+/// Regular files in a tree and their total size.
+pub fn tree_size(dir: &Path) -> Result<(u64, u64), ImageError> {
     let (mut files, mut bytes) = (0, 0);
     for e in std::fs::read_dir(dir).map_err(io(dir))?.flatten() {
         let ft = e.file_type().map_err(io(&e.path()))?;

@@ -161,6 +161,18 @@ impl Peers {
         ))
     }
 
+    /// The Images service of `addr`, on a connection of its own: hundreds of megabytes of
+    /// image must not queue Raft's heartbeats behind them on the shared one.
+    pub fn images(
+        &self,
+        addr: &str,
+    ) -> Result<pb::images_client::ImagesClient<Authed>, BadAddress> {
+        Ok(pb::images_client::ImagesClient::with_interceptor(
+            channel(addr)?,
+            self.auth.clone(),
+        ))
+    }
+
     /// The Join service of `addr` (needs no peer key).
     pub fn join(&self, addr: &str) -> Result<pb::join_client::JoinClient<Channel>, BadAddress> {
         Ok(pb::join_client::JoinClient::new(self.channel(addr)?))

@@ -101,6 +101,9 @@ impl Applier {
     }
 }
 
+/// Most images one node may publish.
+pub const MAX_IMAGES: usize = 256;
+
 /// Longest reason a worker may give for a VM's state.
 pub const MAX_REASON: usize = 1024;
 
@@ -909,6 +912,52 @@ fn apply_one(
                 )?;
             }
             t.txt.insert(name.clone());
+            Ok(Outcome::Done)
+        }
+
+        Command::PublishImages { node, images } => {
+            if rows::node(c, *node)?.is_none() {
+                return Err(not_found("node", node));
+            }
+            if images.len() > MAX_IMAGES {
+                return Err(invalid(
+                    "images",
+                    format!("at most {MAX_IMAGES} per node; remove some"),
+                ));
+            }
+            for i in images {
+                if !is_dns_label(&i.name) {
+                    return Err(invalid(
+                        format!("image name {:?}", i.name),
+                        "use lowercase letters, digits and '-'",
+                    ));
+                }
+                if i.digest.len() != 64 || !i.digest.bytes().all(|b| b.is_ascii_hexdigit()) {
+                    return Err(invalid(
+                        format!("digest of image {}", i.name),
+                        "a SHA-256 in hex (64 digits)",
+                    ));
+                }
+            }
+            exec(
+                c,
+                "DELETE FROM node_images WHERE node = ?1",
+                params![sql_u64(*node)],
+            )?;
+            for i in images {
+                exec(
+                    c,
+                    "INSERT OR REPLACE INTO node_images (node, name, digest, bytes, built_at)
+                     VALUES (?1, ?2, ?3, ?4, ?5)",
+                    params![
+                        sql_u64(*node),
+                        i.name,
+                        i.digest,
+                        sql_u64(i.bytes),
+                        sql_u64(i.built_at)
+                    ],
+                )?;
+            }
             Ok(Outcome::Done)
         }
 

@@ -10,8 +10,8 @@ use rusqlite::{Connection, OptionalExtension, Row, params};
 use uuid::Uuid;
 
 use crate::model::{
-    Account, AccountId, Capacity, ClusterSettings, Fingerprint, Node, NodeId, Registration, SshKey,
-    TlsMaterial, Vm, VmId, VmSpec, parse_roles,
+    Account, AccountId, Capacity, ClusterSettings, Fingerprint, ImageAd, Node, NodeId,
+    Registration, SshKey, TlsMaterial, Vm, VmId, VmSpec, parse_roles,
 };
 
 fn bad(idx: usize, e: impl std::error::Error + Send + Sync + 'static) -> rusqlite::Error {
@@ -150,6 +150,48 @@ pub fn deleted_on(conn: &Connection, worker: NodeId) -> rusqlite::Result<Vec<VmI
     conn.prepare_cached("SELECT id FROM deleted_vms WHERE worker = ?1 ORDER BY id")?
         .query_map(params![sql_u64(worker)], |r| Ok(VmId(uuid(r, 0)?)))?
         .collect()
+}
+
+/// The nodes that hold image `name`, newest build first: (node, its Raft/gRPC address, the
+/// image).
+pub fn image_sources(
+    conn: &Connection,
+    name: &str,
+) -> rusqlite::Result<Vec<(NodeId, String, ImageAd)>> {
+    conn.prepare_cached(
+        "SELECT i.node, n.raft_addr, i.name, i.digest, i.bytes, i.built_at
+         FROM node_images i JOIN nodes n ON n.id = i.node
+         WHERE i.name = ?1 ORDER BY i.built_at DESC, i.node",
+    )?
+    .query_map(params![name], |r| {
+        Ok((
+            unsigned(r, 0)?,
+            r.get(1)?,
+            ImageAd {
+                name: r.get(2)?,
+                digest: r.get(3)?,
+                bytes: unsigned(r, 4)?,
+                built_at: unsigned(r, 5)?,
+            },
+        ))
+    })?
+    .collect()
+}
+
+/// The images node `node` published.
+pub fn images_of(conn: &Connection, node: NodeId) -> rusqlite::Result<Vec<ImageAd>> {
+    conn.prepare_cached(
+        "SELECT name, digest, bytes, built_at FROM node_images WHERE node = ?1 ORDER BY name",
+    )?
+    .query_map(params![sql_u64(node)], |r| {
+        Ok(ImageAd {
+            name: r.get(0)?,
+            digest: r.get(1)?,
+            bytes: unsigned(r, 2)?,
+            built_at: unsigned(r, 3)?,
+        })
+    })?
+    .collect()
 }
 
 /// Up to `limit` VMs that wait for a worker, oldest first (the `vms_by_worker` index serves this).

@@ -108,6 +108,15 @@ CREATE TABLE IF NOT EXISTS dns_txt (
     name TEXT PRIMARY KEY,
     vals TEXT NOT NULL
 );
+-- Images each node holds (version 2), replaced whole by PublishImages.
+CREATE TABLE IF NOT EXISTS node_images (
+    node     INTEGER NOT NULL,
+    name     TEXT NOT NULL,
+    digest   TEXT NOT NULL,
+    bytes    INTEGER NOT NULL,
+    built_at INTEGER NOT NULL,
+    PRIMARY KEY (name, node)
+) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS deleted_vms (
     id         TEXT PRIMARY KEY,
     worker     INTEGER,

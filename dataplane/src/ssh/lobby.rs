@@ -282,13 +282,14 @@ impl<B: Backend> Lobby<B> {
         let mut changes = self.view.subscribe();
         let deadline = tokio::time::Instant::now() + self.settings.ready_timeout;
         let mut last: Option<Observed> = None;
+        let mut said: Option<String> = None;
         loop {
             let state = self
                 .view
                 .current()
                 .vm(id)
-                .map(|r| (r.observed, r.private_ip, r.worker));
-            let Some((observed, private_ip, worker)) = state else {
+                .map(|r| (r.observed, r.private_ip, r.worker, r.reason.clone()));
+            let Some((observed, private_ip, worker, reason)) = state else {
                 return Err(Reply::fail(
                     EXIT_FAILED,
                     format!("{name} was deleted while starting"),
@@ -306,6 +307,13 @@ impl<B: Backend> Lobby<B> {
                     }
                     _ => {}
                 }
+            }
+            // What the worker says while it starts the VM (fetching its image, say).
+            if observed == Observed::Starting && reason.is_some() && reason != said {
+                if let Some(r) = &reason {
+                    progress.line(format!("{name}: {r}"));
+                }
+                said = reason;
             }
             match observed {
                 Observed::Running if private_ip.is_some() => {
