@@ -133,115 +133,191 @@ fn curl_reaches_vms_through_the_https_front_door() {
     );
     let pub_ip = "127.77.0.2";
 
-    // A request reaches the VM with the forwarding headers.
-    let (code, body) = curl(&ca, "myapp.boxd.test", pub_ip, "/hello?x=1", &[]);
-    assert_eq!(code, 200, "{body}");
-    assert!(body.starts_with("GET /hello?x=1\n"), "{body}");
-    for want in [
-        "x-forwarded-proto: https",
-        "x-forwarded-host: myapp.boxd.test",
-        "forwarded: for=127.0.0.1;proto=https;host=\"myapp.boxd.test\"",
-        "connection: close",
-    ] {
-        assert!(body.contains(want), "missing {want:?} in {body}");
-    }
-    assert!(body.contains("x-forwarded-for: 127.0.0.1"), "{body}");
-    // Names are case-insensitive; TLS 1.2 works as well as 1.3.
-    let (code, _) = curl(
-        &ca,
-        "MyApp.Boxd.Test",
-        pub_ip,
-        "/",
-        &["--tlsv1.2", "--tls-max", "1.2"],
-    );
-    assert_eq!(code, 200);
-
-    // Keep-alive: two requests on one connection (curl counts new connections per transfer).
-    let out = Command::new("curl")
-        .args([
-            "-sS",
-            "--max-time",
-            "30",
-            "--cacert",
-            &ca,
-            "-w",
-            "[%{num_connects}]\n",
-        ])
-        .arg("--resolve")
-        .arg(format!("myapp.boxd.test:{HTTPS_PORT}:{pub_ip}"))
-        .arg(format!("https://myapp.boxd.test:{HTTPS_PORT}/one"))
-        .arg(format!("https://myapp.boxd.test:{HTTPS_PORT}/two"))
-        .output()
-        .unwrap();
-    let text = String::from_utf8_lossy(&out.stdout);
-    let one = text.find("GET /one\n").expect("first answer");
-    let two = text.find("GET /two\n").expect("second answer");
-    assert!(one < two, "{text}");
-    assert!(
-        text[..two].contains("[1]") && text[two..].contains("[0]"),
-        "reused: {text}"
-    );
-    // A Host that names another VM than the connection's SNI is misdirected.
-    let (code, _) = curl(
-        &ca,
-        "myapp.boxd.test",
-        pub_ip,
-        "/",
-        &["-H", "Host: dead.boxd.test"],
-    );
-    assert_eq!(code, 421);
-
-    // 100 MiB each way, streamed, checked by sha256.
-    let big = 100 * 1024 * 1024;
-    let file = dir.path().join("upload.bin");
-    let data: Vec<u8> = (0..big).map(|i| (i % 253) as u8).collect();
-    std::fs::write(&file, &data).unwrap();
-    let sum = |bytes: &[u8]| {
-        let out = Command::new("sha256sum")
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .spawn()
-            .and_then(|mut c| {
-                use std::io::Write as _;
-                c.stdin.take().unwrap().write_all(bytes)?;
-                c.wait_with_output()
-            })
+    // HTTP/1.1 and HTTP/2 (ALPN h2) alike.
+    for version in ["--http1.1", "--http2"] {
+        let curl = |ca: &str, name: &str, ip: &str, path: &str, extra: &[&str]| {
+            let mut e = vec![version];
+            e.extend_from_slice(extra);
+            curl(ca, name, ip, path, &e)
+        };
+        eprintln!("curl {version}");
+        let used = Command::new("curl")
+            .args([version, "-sS", "-o", "/dev/null", "-w", "%{http_version}"])
+            .args(["--cacert", &ca, "--resolve"])
+            .arg(format!("myapp.boxd.test:{HTTPS_PORT}:{pub_ip}"))
+            .arg(format!("https://myapp.boxd.test:{HTTPS_PORT}/"))
+            .output()
             .unwrap();
-        String::from_utf8(out.stdout).unwrap()[..64].to_owned()
-    };
-    let (code, body) = curl(
-        &ca,
-        "myapp.boxd.test",
-        pub_ip,
-        "/upload",
-        &["--data-binary", &format!("@{}", file.display())],
-    );
-    assert_eq!(code, 200);
-    assert_eq!(body, sum(&data), "upload arrived intact");
-    // The same upload chunked (no length known in advance).
-    let (code, body) = curl(
-        &ca,
-        "myapp.boxd.test",
-        pub_ip,
-        "/upload",
-        &[
-            "-H",
-            "Transfer-Encoding: chunked",
-            "--data-binary",
-            &format!("@{}", file.display()),
-        ],
-    );
-    assert_eq!(code, 200);
-    assert_eq!(body, sum(&data), "chunked upload arrived intact");
-    let out = Command::new("curl")
-        .args(["-sS", "--max-time", "60", "--cacert", &ca, "--resolve"])
-        .arg(format!("myapp.boxd.test:{HTTPS_PORT}:{pub_ip}"))
-        .arg(format!("https://myapp.boxd.test:{HTTPS_PORT}/big/{big}"))
-        .output()
-        .unwrap();
-    assert_eq!(out.stdout.len(), big, "download length");
-    let pattern: Vec<u8> = (0..251u8).cycle().take(big).collect();
-    assert_eq!(sum(&out.stdout), sum(&pattern), "download arrived intact");
+        let want = if version == "--http2" { "2" } else { "1.1" };
+        assert_eq!(String::from_utf8_lossy(&used.stdout), want, "negotiated");
+        // A request reaches the VM with the forwarding headers.
+        let (code, body) = curl(&ca, "myapp.boxd.test", pub_ip, "/hello?x=1", &[]);
+        assert_eq!(code, 200, "{body}");
+        assert!(body.starts_with("GET /hello?x=1\n"), "{body}");
+        for want in [
+            "x-forwarded-proto: https",
+            "x-forwarded-host: myapp.boxd.test",
+            "forwarded: for=127.0.0.1;proto=https;host=\"myapp.boxd.test\"",
+            "connection: close",
+        ] {
+            assert!(body.contains(want), "missing {want:?} in {body}");
+        }
+        assert!(body.contains("x-forwarded-for: 127.0.0.1"), "{body}");
+        // Names are case-insensitive; TLS 1.2 works as well as 1.3.
+        let (code, _) = curl(
+            &ca,
+            "MyApp.Boxd.Test",
+            pub_ip,
+            "/",
+            &["--tlsv1.2", "--tls-max", "1.2"],
+        );
+        assert_eq!(code, 200);
+
+        // Keep-alive: two requests on one connection (curl counts new connections per transfer).
+        let out = Command::new("curl")
+            .args([
+                version,
+                "-sS",
+                "--max-time",
+                "30",
+                "--cacert",
+                &ca,
+                "-w",
+                "[%{num_connects}]\n",
+            ])
+            .arg("--resolve")
+            .arg(format!("myapp.boxd.test:{HTTPS_PORT}:{pub_ip}"))
+            .arg(format!("https://myapp.boxd.test:{HTTPS_PORT}/one"))
+            .arg(format!("https://myapp.boxd.test:{HTTPS_PORT}/two"))
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout);
+        let one = text.find("GET /one\n").expect("first answer");
+        let two = text.find("GET /two\n").expect("second answer");
+        assert!(one < two, "{text}");
+        assert!(
+            text[..two].contains("[1]") && text[two..].contains("[0]"),
+            "reused: {text}"
+        );
+        // HTTP/2 multiplexes: eight transfers at once on one connection.
+        if version == "--http2" {
+            let mut cmd = Command::new("curl");
+            cmd.args([
+                "--http2",
+                "-sS",
+                "-Z",
+                "--parallel-max",
+                "8",
+                "--cacert",
+                &ca,
+            ])
+            .args(["-w", "[%{num_connects}]\n", "--resolve"])
+            .arg(format!("myapp.boxd.test:{HTTPS_PORT}:{pub_ip}"));
+            for i in 0..8 {
+                cmd.arg(format!("https://myapp.boxd.test:{HTTPS_PORT}/p{i}"));
+            }
+            let text = String::from_utf8_lossy(&cmd.output().unwrap().stdout).into_owned();
+            for i in 0..8 {
+                assert!(text.contains(&format!("GET /p{i}\n")), "{text}");
+            }
+            assert_eq!(text.matches("[1]").count(), 1, "one connection: {text}");
+        }
+        // A Host that names another VM than the connection's SNI is misdirected.
+        let (code, _) = curl(
+            &ca,
+            "myapp.boxd.test",
+            pub_ip,
+            "/",
+            &["-H", "Host: dead.boxd.test"],
+        );
+        assert_eq!(code, 421);
+
+        // 100 MiB each way, streamed, checked by sha256.
+        let big = 100 * 1024 * 1024;
+        let file = dir.path().join("upload.bin");
+        let data: Vec<u8> = (0..big).map(|i| (i % 253) as u8).collect();
+        std::fs::write(&file, &data).unwrap();
+        let sum = |bytes: &[u8]| {
+            let out = Command::new("sha256sum")
+                .stdin(Stdio::piped())
+                .stdout(Stdio::piped())
+                .spawn()
+                .and_then(|mut c| {
+                    use std::io::Write as _;
+                    c.stdin.take().unwrap().write_all(bytes)?;
+                    c.wait_with_output()
+                })
+                .unwrap();
+            String::from_utf8(out.stdout).unwrap()[..64].to_owned()
+        };
+        let (code, body) = curl(
+            &ca,
+            "myapp.boxd.test",
+            pub_ip,
+            "/upload",
+            &["--data-binary", &format!("@{}", file.display())],
+        );
+        assert_eq!(code, 200);
+        assert_eq!(body, sum(&data), "upload arrived intact");
+        // The same upload chunked (no length known in advance).
+        let (code, body) = curl(
+            &ca,
+            "myapp.boxd.test",
+            pub_ip,
+            "/upload",
+            &[
+                "-H",
+                "Transfer-Encoding: chunked",
+                "--data-binary",
+                &format!("@{}", file.display()),
+            ],
+        );
+        assert_eq!(code, 200);
+        assert_eq!(body, sum(&data), "chunked upload arrived intact");
+        let out = Command::new("curl")
+            .args([
+                version,
+                "-sS",
+                "--max-time",
+                "60",
+                "--cacert",
+                &ca,
+                "--resolve",
+            ])
+            .arg(format!("myapp.boxd.test:{HTTPS_PORT}:{pub_ip}"))
+            .arg(format!("https://myapp.boxd.test:{HTTPS_PORT}/big/{big}"))
+            .output()
+            .unwrap();
+        assert_eq!(out.stdout.len(), big, "download length");
+        let pattern: Vec<u8> = (0..251u8).cycle().take(big).collect();
+        assert_eq!(sum(&out.stdout), sum(&pattern), "download arrived intact");
+
+        // Failure pages.
+        let (code, body) = curl(&ca, "nope.boxd.test", pub_ip, "/", &[]);
+        assert_eq!(code, 404);
+        assert!(
+            body.contains("nope") && body.contains("boxd.test"),
+            "{body}"
+        );
+        let (code, body) = curl(&ca, "sleepy.boxd.test", pub_ip, "/", &[]);
+        assert_eq!(code, 503);
+        assert!(
+            body.contains("sleepy is stopped") && body.contains("start sleepy"),
+            "{body}"
+        );
+        let (code, body) = curl(&ca, "dead.boxd.test", pub_ip, "/", &[]);
+        assert_eq!(code, 502);
+        assert!(body.contains("port 8000"), "{body}");
+        // Over the header limit: 400 naming it.
+        let many: Vec<String> = (0..70).map(|i| format!("X-Filler-{i}: {i}")).collect();
+        let mut args = Vec::new();
+        for h in &many {
+            args.extend(["-H", h.as_str()]);
+        }
+        let (code, body) = curl(&ca, "myapp.boxd.test", pub_ip, "/", &args);
+        assert_eq!(code, 400, "{body}");
+        assert!(body.contains("more than 64 header fields"), "{body}");
+    }
 
     // A WebSocket round trip through the proxy (Python's ssl client: curl here has no ws).
     let ws = format!(
@@ -273,23 +349,6 @@ print(s.recv(frame[1]).decode())
         String::from_utf8_lossy(&out.stderr)
     );
 
-    // Failure pages.
-    let (code, body) = curl(&ca, "nope.boxd.test", pub_ip, "/", &[]);
-    assert_eq!(code, 404);
-    assert!(
-        body.contains("nope") && body.contains("boxd.test"),
-        "{body}"
-    );
-    let (code, body) = curl(&ca, "sleepy.boxd.test", pub_ip, "/", &[]);
-    assert_eq!(code, 503);
-    assert!(
-        body.contains("sleepy is stopped") && body.contains("start sleepy"),
-        "{body}"
-    );
-    let (code, body) = curl(&ca, "dead.boxd.test", pub_ip, "/", &[]);
-    assert_eq!(code, 502);
-    assert!(body.contains("port 8000"), "{body}");
-
     // Plain HTTP redirects to HTTPS.
     let out = Command::new("curl")
         .args([
@@ -312,15 +371,6 @@ print(s.recv(frame[1]).decode())
     // A connection to an address that is neither the lobby nor a pool address is closed.
     let (code, _) = curl(&ca, "myapp.boxd.test", IP, "/", &[]);
     assert_eq!(code, 0, "served on a foreign address");
-    // Over the header limit: 400 naming it.
-    let many: Vec<String> = (0..70).map(|i| format!("X-Filler-{i}: {i}")).collect();
-    let mut args = Vec::new();
-    for h in &many {
-        args.extend(["-H", h.as_str()]);
-    }
-    let (code, body) = curl(&ca, "myapp.boxd.test", pub_ip, "/", &args);
-    assert_eq!(code, 400, "{body}");
-    assert!(body.contains("more than 64 header fields"), "{body}");
 }
 
 /// A CA and a `*.boxd.test` certificate it signed, made with the openssl CLI in `dir`.

@@ -70,6 +70,16 @@ impl Chunked {
     /// Consumes body bytes from `data`; returns how many belong to the body (all of them unless
     /// the body ends inside `data`). Errors on malformed framing.
     pub fn feed(&mut self, data: &[u8]) -> Result<usize, String> {
+        self.feed_with(data, &mut |_| {})
+    }
+
+    /// [`Chunked::feed`] that also appends the chunks' data (without the framing) to `out`:
+    /// for a receiver that takes the body apart, like an HTTP/2 stream.
+    pub fn decode(&mut self, data: &[u8], out: &mut Vec<u8>) -> Result<usize, String> {
+        self.feed_with(data, &mut |d| out.extend_from_slice(d))
+    }
+
+    fn feed_with(&mut self, data: &[u8], sink: &mut dyn FnMut(&[u8])) -> Result<usize, String> {
         let mut i = 0;
         while i < data.len() {
             let b = data[i];
@@ -126,6 +136,7 @@ impl Chunked {
                     let take = usize::try_from(left)
                         .unwrap_or(usize::MAX)
                         .min(data.len() - i);
+                    sink(&data[i..i + take]);
                     i += take;
                     let left = left - take as u64;
                     self.state = if left == 0 {
@@ -188,6 +199,30 @@ mod tests {
         let mut c = Chunked::new(1024);
         let n = c.feed(body)?;
         Ok(c.done().then_some(n))
+    }
+
+    #[test]
+    fn decodes_the_data() {
+        let mut c = Chunked::new(1024);
+        let mut out = Vec::new();
+        let body = b"5;ext=1\r\nhello\r\n7\r\n, world\r\n0\r\nx-t: 1\r\n\r\nNEXT";
+        // Fed in pieces of every size, the data and the end come out the same.
+        for step in 1..body.len() {
+            let (mut c2, mut out2, mut used) = (Chunked::new(1024), Vec::new(), 0);
+            for piece in body.chunks(step) {
+                if c2.done() {
+                    break;
+                }
+                used += c2.decode(piece, &mut out2).unwrap();
+            }
+            assert_eq!(
+                (out2.as_slice(), used),
+                (&b"hello, world"[..], body.len() - 4)
+            );
+        }
+        let n = c.decode(body, &mut out).unwrap();
+        assert!(c.done());
+        assert_eq!((out.as_slice(), n), (&b"hello, world"[..], body.len() - 4));
     }
 
     #[test]

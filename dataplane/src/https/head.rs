@@ -293,6 +293,18 @@ impl Response {
         }
     }
 
+    /// The fields an HTTP/2 response carries: those of [`Response::forward`] less what HTTP/2
+    /// forbids (hop-by-hop and connection-specific fields, `Transfer-Encoding`).
+    pub fn h2_fields(&self) -> impl Iterator<Item = (&str, &[u8])> {
+        let drop = connection_tokens(&self.headers);
+        self.headers
+            .iter()
+            .filter(move |(n, _)| {
+                !HOP_BY_HOP.contains(&n.as_str()) && !drop.contains(n) && n != "transfer-encoding"
+            })
+            .map(|(n, v)| (n.as_str(), v.as_slice()))
+    }
+
     /// The head to send the client: hop-by-hop fields removed; `Connection: close` unless
     /// `keep_alive`; `101 Switching Protocols` keeps its upgrade.
     pub fn forward(&self, keep_alive: bool) -> Vec<u8> {

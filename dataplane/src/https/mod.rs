@@ -3,6 +3,7 @@
 //! proxying HTTP/1.1 to the VM the SNI names, found in the lock-free View.
 
 pub mod framing;
+mod h2;
 pub mod head;
 pub mod pages;
 mod proxy;

@@ -50,6 +50,23 @@ impl Shard {
         }
     }
 
+    /// The shard's settings.
+    pub(super) fn cfg(&self) -> &HttpsConfig {
+        &self.cfg
+    }
+
+    /// The VM `host` names, and the zone.
+    pub(super) fn route(
+        &self,
+        host: &str,
+    ) -> (Option<Arc<boxd_controlplane::view::VmRoute>>, String) {
+        let view = self.view.current();
+        (
+            view.vm_by_host(host).cloned(),
+            view.zone().unwrap_or("").to_owned(),
+        )
+    }
+
     /// Whether a connection to `local` is ours: the lobby or a pool address.
     fn ours(&self, local: SocketAddr) -> bool {
         if self.cfg.any_address {
@@ -121,7 +138,7 @@ pub(super) async fn accept_tls(listener: TcpListener, shard: Rc<Shard>) {
         };
         let shard = shard.clone();
         glommio::spawn_local(async move {
-            if let Err(e) = serve_tls(stream, &shard).await {
+            if let Err(e) = serve_tls(stream, shard).await {
                 tracing::debug!(error = %e, "HTTPS connection");
             }
         })
@@ -143,7 +160,7 @@ pub(super) async fn accept_redirect(listener: TcpListener, shard: Rc<Shard>) {
 }
 
 /// Reads until a complete head (or a limit, or the peer goes away).
-async fn read_head<S, T>(
+pub(super) async fn read_head<S, T>(
     s: &mut S,
     buf: &mut Vec<u8>,
     mut parse: impl FnMut(&[u8]) -> Parse<T>,
@@ -203,7 +220,7 @@ async fn serve_redirect(mut stream: TcpStream, shard: &Shard) -> std::io::Result
     stream.close().await
 }
 
-async fn serve_tls(stream: TcpStream, shard: &Shard) -> std::io::Result<()> {
+async fn serve_tls(stream: TcpStream, shard: Rc<Shard>) -> std::io::Result<()> {
     let local = stream.local_addr()?;
     if !shard.ours(local) {
         return Ok(());
@@ -226,6 +243,12 @@ async fn serve_tls(stream: TcpStream, shard: &Shard) -> std::io::Result<()> {
         shard.acceptor.accept(stream).await?
     };
     let sni = tls.get_ref().1.server_name().map(str::to_ascii_lowercase);
+    if tls.get_ref().1.alpn_protocol() == Some(b"h2") {
+        // Idle HTTP/2 connections are bounded by the per-IP and per-shard limits, not by the
+        // header deadline (a stream may wait on a slow VM with nothing to read meanwhile).
+        tls.get_ref().0.set_read_timeout(None)?;
+        return super::h2::serve(tls, Rc::clone(&shard), sni, client).await;
+    }
     let cfg = &shard.cfg;
     // Bytes read from the client and not yet used: the start of the next request.
     let mut buf = Vec::with_capacity(4096);
@@ -253,13 +276,7 @@ async fn serve_tls(stream: TcpStream, shard: &Shard) -> std::io::Result<()> {
         if req.host.as_ref().is_some_and(|h| *h != host) {
             return reply(&mut tls, &pages::misdirected(&host)).await;
         }
-        let (route, zone) = {
-            let view = shard.view.current();
-            (
-                view.vm_by_host(&host).cloned(),
-                view.zone().unwrap_or("").to_owned(),
-            )
-        };
+        let (route, zone) = shard.route(&host);
         let Some(vm) = route else {
             return reply(&mut tls, &pages::not_found(&host, &zone)).await;
         };

@@ -192,14 +192,14 @@ impl ResolvesServerCert for ZoneCert {
     }
 }
 
-/// TLS 1.2 and 1.3, ALPN http/1.1, session tickets on, no OCSP, certificates from `certs`.
+/// TLS 1.2 and 1.3, ALPN h2 and http/1.1, session tickets on, no OCSP, certificates from `certs`.
 pub fn server_config(certs: Arc<ZoneCert>) -> Result<Arc<ServerConfig>, TlsError> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let mut cfg = ServerConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])?
         .with_no_client_auth()
         .with_cert_resolver(certs);
-    cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
+    cfg.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
     cfg.ticketer = rustls::crypto::ring::Ticketer::new()?;
     cfg.session_storage = rustls::server::ServerSessionMemoryCache::new(4096);
     Ok(Arc::new(cfg))

@@ -1,0 +1,289 @@
+//! HTTP/2 from clients (ALPN `h2`), with the `h2` crate on the shard's glommio executor (its
+//! I/O through tokio-util's compat adapters; it needs no timers or reactor of tokio's). Each
+//! stream is a task of its own on the shard: routed like an HTTP/1.1 request (the
+//! `:authority`, which must match SNI), turned into an HTTP/1.1 request to the VM — the same
+//! head rewriting as HTTP/1.1 (forwarded fields, hop-by-hop fields dropped), body by its
+//! Content-Length or chunked — and the VM's response turned back into HEADERS and DATA frames,
+//! de-chunked, sent as the client's flow-control window allows. Nothing is buffered whole.
+
+use std::net::{IpAddr, SocketAddr};
+use std::rc::Rc;
+
+use boxd_controlplane::model::Desired;
+use bytes::Bytes;
+use futures_lite::{AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _};
+use glommio::net::TcpStream;
+use tokio_util::compat::FuturesAsyncReadCompatExt as _;
+
+use super::framing::{Body, Chunked};
+use super::head::{self, Parse};
+use super::pages;
+use super::proxy::{Shard, read_head};
+
+/// Streams one client may have open at once.
+const MAX_STREAMS: u32 = 128;
+/// Bytes read from a VM per DATA frame batch.
+const READ: usize = 64 << 10;
+
+/// Serves one HTTP/2 connection until the client closes it.
+pub(super) async fn serve<S>(
+    tls: S,
+    shard: Rc<Shard>,
+    sni: Option<String>,
+    client: IpAddr,
+) -> std::io::Result<()>
+where
+    S: AsyncRead + AsyncWrite + Unpin + 'static,
+{
+    let cfg = shard.cfg();
+    let mut conn = h2::server::Builder::new()
+        .max_concurrent_streams(MAX_STREAMS)
+        .max_header_list_size(u32::try_from(cfg.max_header_bytes).unwrap_or(u32::MAX))
+        .initial_window_size(1 << 20)
+        .initial_connection_window_size(4 << 20)
+        .handshake::<_, Bytes>(tls.compat())
+        .await
+        .map_err(std::io::Error::other)?;
+    while let Some(next) = conn.accept().await {
+        let (req, respond) = match next {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::debug!(error = %e, "HTTP/2 connection");
+                break;
+            }
+        };
+        let (shard, sni) = (Rc::clone(&shard), sni.clone());
+        glommio::spawn_local(async move {
+            if let Err(e) = stream(req, respond, &shard, sni, client).await {
+                tracing::debug!(error = %e, "HTTP/2 stream");
+            }
+        })
+        .detach();
+    }
+    Ok(())
+}
+
+type Respond = h2::server::SendResponse<Bytes>;
+
+/// Sends one of the failure pages as the stream's response.
+fn page(mut respond: Respond, page: &[u8]) -> std::io::Result<()> {
+    let (status, body) = match head::parse_response(page, 16, page.len()) {
+        Parse::Complete(r) => (r.status, &page[r.len..]),
+        _ => (500, &b""[..]),
+    };
+    let resp = http::Response::builder()
+        .status(status)
+        .header("content-type", "text/html; charset=utf-8")
+        .header("cache-control", "no-store")
+        .header("content-length", body.len())
+        .body(())
+        .map_err(std::io::Error::other)?;
+    let mut send = respond
+        .send_response(resp, false)
+        .map_err(std::io::Error::other)?;
+    send.send_data(Bytes::copy_from_slice(body), true)
+        .map_err(std::io::Error::other)
+}
+
+/// The request as an HTTP/1.1 head (parsed back with the HTTP/1.1 rules, so both versions are
+/// rewritten alike), and whether its body goes chunked.
+fn h1_head(parts: &http::request::Parts, authority: &str, has_body: bool) -> (Vec<u8>, bool) {
+    let target = parts
+        .uri
+        .path_and_query()
+        .map_or("/", http::uri::PathAndQuery::as_str);
+    let mut out = format!(
+        "{} {target} HTTP/1.1\r\nhost: {authority}\r\n",
+        parts.method
+    )
+    .into_bytes();
+    let mut length = false;
+    for (name, value) in &parts.headers {
+        if name == http::header::HOST {
+            continue;
+        }
+        length |= name == http::header::CONTENT_LENGTH;
+        out.extend_from_slice(name.as_str().as_bytes());
+        out.extend_from_slice(b": ");
+        out.extend_from_slice(value.as_bytes());
+        out.extend_from_slice(b"\r\n");
+    }
+    let chunked = has_body && !length;
+    if chunked {
+        out.extend_from_slice(b"transfer-encoding: chunked\r\n");
+    }
+    out.extend_from_slice(b"\r\n");
+    (out, chunked)
+}
+
+async fn stream(
+    req: http::Request<h2::RecvStream>,
+    respond: Respond,
+    shard: &Shard,
+    sni: Option<String>,
+    client: IpAddr,
+) -> std::io::Result<()> {
+    let cfg = shard.cfg();
+    let (parts, mut body) = req.into_parts();
+    let authority = parts
+        .uri
+        .authority()
+        .map(|a| a.as_str().to_owned())
+        .or_else(|| {
+            parts
+                .headers
+                .get(http::header::HOST)
+                .and_then(|h| h.to_str().ok())
+                .map(str::to_owned)
+        });
+    let named = authority.as_deref().and_then(head::normalize_host);
+    let Some(host) = sni.or_else(|| named.clone()) else {
+        return page(
+            respond,
+            &pages::bad_request("No server name and no :authority."),
+        );
+    };
+    if named.as_ref().is_some_and(|n| *n != host) {
+        return page(respond, &pages::misdirected(&host));
+    }
+    let (route, zone) = shard.route(&host);
+    let Some(vm) = route else {
+        return page(respond, &pages::not_found(&host, &zone));
+    };
+    let Some(private) = vm.private_ip.filter(|_| vm.desired == Desired::Running) else {
+        let stopped = vm.desired != Desired::Running;
+        return page(respond, &pages::unavailable(&vm.name, &zone, stopped));
+    };
+    let has_body = !body.is_end_stream();
+    let (raw, chunked) = h1_head(&parts, authority.as_deref().unwrap_or(&host), has_body);
+    // The same field limit as HTTP/1.1 (`:authority` counts as Host does there), plus the
+    // Transfer-Encoding added here.
+    let req = match head::parse_request(&raw, cfg.max_headers + usize::from(chunked), raw.len()) {
+        Parse::Complete(r) => r,
+        Parse::Invalid(why) => return page(respond, &pages::bad_request(&why)),
+        Parse::Partial => return page(respond, &pages::bad_request("incomplete request head")),
+    };
+    let backend_addr = SocketAddr::from((private, vm.http_port));
+    let mut backend = match TcpStream::connect_timeout(backend_addr, cfg.connect_timeout).await {
+        Ok(b) => b,
+        Err(e) => {
+            tracing::debug!(vm = %vm.name, addr = %backend_addr, error = %e, "VM did not accept");
+            return page(respond, &pages::bad_gateway(&vm.name, vm.http_port));
+        }
+    };
+    backend.set_nodelay(true)?;
+    backend.write_all(&req.forward(client, &host)).await?;
+    // The request body, as it comes, with its flow-control window given back as it is sent on.
+    if has_body {
+        while let Some(data) = body.data().await {
+            let data = data.map_err(std::io::Error::other)?;
+            let n = data.len();
+            if chunked && n > 0 {
+                backend.write_all(format!("{n:x}\r\n").as_bytes()).await?;
+                backend.write_all(&data).await?;
+                backend.write_all(b"\r\n").await?;
+            } else {
+                backend.write_all(&data).await?;
+            }
+            _ = body.flow_control().release_capacity(n);
+        }
+        if chunked {
+            backend.write_all(b"0\r\n\r\n").await?;
+        }
+    }
+    backend.flush().await?;
+
+    let mut rbuf = Vec::with_capacity(4096);
+    let resp = loop {
+        match read_head(&mut backend, &mut rbuf, |b| {
+            head::parse_response(b, cfg.max_headers, cfg.max_header_bytes)
+        })
+        .await
+        {
+            // Interim answers end here; the final one follows.
+            Ok(Parse::Complete(r)) if (100..200).contains(&r.status) => {
+                rbuf.drain(..r.len);
+            }
+            Ok(Parse::Complete(r)) => break r,
+            _ => return page(respond, &pages::bad_gateway(&vm.name, vm.http_port)),
+        }
+    };
+    rbuf.drain(..resp.len);
+    let framing = resp.body(req.method.as_str());
+    let mut out = http::Response::builder().status(resp.status);
+    for (name, value) in resp.h2_fields() {
+        out = out.header(name, value);
+    }
+    let out = out.body(()).map_err(std::io::Error::other)?;
+    let mut respond = respond;
+    if framing == Body::None {
+        respond
+            .send_response(out, true)
+            .map_err(std::io::Error::other)?;
+        return Ok(());
+    }
+    let mut send = respond
+        .send_response(out, false)
+        .map_err(std::io::Error::other)?;
+    let mut left = match framing {
+        Body::Length(n) => Some(n),
+        _ => None,
+    };
+    let mut chunks = (framing == Body::Chunked).then(|| Chunked::new(cfg.max_header_bytes));
+    let mut buf = vec![0u8; READ];
+    loop {
+        let (raw, fresh) = if rbuf.is_empty() {
+            let n = backend.read(&mut buf).await?;
+            if n == 0 {
+                if framing == Body::UntilClose {
+                    break;
+                }
+                return Err(std::io::ErrorKind::UnexpectedEof.into()); // resets the stream
+            }
+            (&buf[..n], true)
+        } else {
+            (&rbuf[..], false)
+        };
+        let data: Vec<u8> = match (&mut chunks, &mut left) {
+            (Some(c), _) => {
+                let mut d = Vec::with_capacity(raw.len());
+                c.decode(raw, &mut d).map_err(std::io::Error::other)?;
+                d
+            }
+            (None, Some(n)) => {
+                let take = usize::try_from(*n).unwrap_or(usize::MAX).min(raw.len());
+                *n -= take as u64;
+                raw[..take].to_vec()
+            }
+            (None, None) => raw.to_vec(),
+        };
+        if !fresh {
+            rbuf.clear();
+        }
+        send_all(&mut send, Bytes::from(data)).await?;
+        let done = chunks.as_ref().is_some_and(Chunked::done) || left == Some(0);
+        if done {
+            break;
+        }
+    }
+    send.send_data(Bytes::new(), true)
+        .map_err(std::io::Error::other)
+}
+
+/// Sends `data` as the client's window allows (never queueing more than it granted).
+async fn send_all(send: &mut h2::SendStream<Bytes>, mut data: Bytes) -> std::io::Result<()> {
+    while !data.is_empty() {
+        send.reserve_capacity(data.len());
+        let granted = std::future::poll_fn(|cx| send.poll_capacity(cx))
+            .await
+            .ok_or_else(|| std::io::Error::from(std::io::ErrorKind::BrokenPipe))?
+            .map_err(std::io::Error::other)?;
+        if granted == 0 {
+            continue;
+        }
+        let piece = data.split_to(granted.min(data.len()));
+        send.send_data(piece, false)
+            .map_err(std::io::Error::other)?;
+    }
+    Ok(())
+}
