@@ -2,9 +2,10 @@
 //! ECDSA P-256 certificate (boxd's local CA's zone certificate) and forwarding to the same
 //! backend (a small HTTP server in this process answering `ok`), a new backend connection per
 //! request in both (`option http-server-close`). Each server is pinned to CPU 0 (boxd: the
-//! whole process; HAProxy: one thread); wrk runs on CPU 1. Two workloads, `BENCH_SECONDS`
-//! (default 10) each: new TLS handshakes (one request per connection, `Connection: close`)
-//! and keep-alive requests. One wrk core can cap the rate, so the table also shows requests
+//! whole process; HAProxy: one thread); the load generator runs on CPU 1. Three workloads,
+//! `BENCH_SECONDS` (default 10) each: new TLS handshakes (wrk, one request per connection,
+//! `Connection: close`), HTTP/1.1 keep-alive requests (wrk), and HTTP/2 requests (h2load, 16
+//! connections × 8 concurrent streams). One load core can cap the rate, so the table also shows requests
 //! per server CPU-second (utime+stime from /proc over the run). `BENCH_ROUNDS` rounds
 //! (default 3), systems alternating, medians.
 //!
@@ -90,7 +91,7 @@ fn start_haproxy(dir: &Path, tls: &Path) -> Result<Proc> {
             "global\n  nbthread 1\n  cpu-map 1/1 0\n  ssl-default-bind-options ssl-min-ver TLSv1.2\n\
              defaults\n  mode http\n  timeout connect 3s\n  timeout client 30s\n  timeout server 30s\n\
                option http-server-close\n  option forwardfor\n\
-             frontend fe\n  bind {HAPROXY_IP}:{PORT} ssl crt {} alpn http/1.1\n  default_backend be\n\
+             frontend fe\n  bind {HAPROXY_IP}:{PORT} ssl crt {} alpn h2,http/1.1\n  default_backend be\n\
              backend be\n  server s1 {BACKEND}\n",
             pem.display()
         ),
@@ -150,6 +151,46 @@ fn wrk(ip: &str, pid: u32, close: bool, seconds: u32) -> Result<(f64, f64, f64)>
     Ok((rps, total, cpu))
 }
 
+/// h2load (HTTP/2, 16 connections × 8 streams) on CPU 1 against `ip`; returns (requests/s,
+/// requests, server CPU seconds).
+fn h2load(ip: &str, pid: u32, seconds: u32) -> Result<(f64, f64, f64)> {
+    let mut c = Command::new("taskset");
+    c.args(["-c", "1", "h2load", "-t1", "-c16", "-m8"])
+        .arg(format!("-D{seconds}"))
+        .arg(format!("--connect-to={ip}:{PORT}"))
+        .arg(format!("https://myapp.boxd.test:{PORT}/"));
+    let before = cpu_seconds(&[pid]);
+    let out = c
+        .output()
+        .context("h2load (apt-get install nghttp2-client)")?;
+    let cpu = cpu_seconds(&[pid]) - before;
+    let text = String::from_utf8_lossy(&out.stdout);
+    // "finished in 10.00s, 12345.60 req/s, 1.23MB/s"
+    let rps: f64 = text
+        .lines()
+        .find_map(|l| l.strip_prefix("finished in "))
+        .and_then(|l| l.split(", ").nth(1))
+        .and_then(|r| r.strip_suffix(" req/s"))
+        .context("no req/s from h2load")?
+        .trim()
+        .parse()?;
+    // "requests: 123 total, 123 started, 123 done, 120 succeeded, 3 failed, ..."
+    let line = text
+        .lines()
+        .find(|l| l.starts_with("requests: "))
+        .context("no request count from h2load")?;
+    let field = |name: &str| -> Option<f64> {
+        line.split(", ")
+            .find_map(|p| p.trim().strip_suffix(name))
+            .and_then(|n| n.trim_start_matches("requests: ").trim().parse().ok())
+    };
+    let ok = field(" succeeded").context("no succeeded count")?;
+    if field(" failed").unwrap_or(0.0) > 0.0 || field(" errored").unwrap_or(0.0) > 0.0 {
+        eprintln!("h2load reported failures against {ip}:\n{text}");
+    }
+    Ok((rps, ok, cpu))
+}
+
 fn main() -> Result<()> {
     let rounds: usize = env_or("BENCH_ROUNDS", 3);
     let seconds: u32 = env_or("BENCH_SECONDS", 10);
@@ -172,10 +213,10 @@ fn main() -> Result<()> {
         }
     }
     println!(
-        "HTTPS: wrk -t1 -c64 on CPU 1, servers on CPU 0, {seconds} s per run, {rounds} rounds"
+        "HTTPS: wrk -t1 -c64 / h2load -c16 -m8 on CPU 1, servers on CPU 0, {seconds} s per run, {rounds} rounds"
     );
     // [system][workload] -> (rps, per CPU-s) samples
-    let mut results: Vec<Vec<(Vec<f64>, Vec<f64>)>> = vec![vec![Default::default(); 2]; 2];
+    let mut results: Vec<Vec<(Vec<f64>, Vec<f64>)>> = vec![vec![Default::default(); 3]; 2];
     for round in 0..rounds {
         let order = if round % 2 == 0 { [0, 1] } else { [1, 0] };
         for sys in order {
@@ -184,10 +225,14 @@ fn main() -> Result<()> {
             } else {
                 (HAPROXY_IP, haproxy.0.id())
             };
-            for (w, close) in [(0, true), (1, false)] {
-                let (rps, total, cpu) = wrk(ip, pid, close, seconds)?;
-                results[sys][w].0.push(rps);
-                results[sys][w].1.push(total / cpu.max(1e-9));
+            for (w, samples) in results[sys].iter_mut().enumerate() {
+                let (rps, total, cpu) = match w {
+                    0 => wrk(ip, pid, true, seconds)?,
+                    1 => wrk(ip, pid, false, seconds)?,
+                    _ => h2load(ip, pid, seconds)?,
+                };
+                samples.0.push(rps);
+                samples.1.push(total / cpu.max(1e-9));
             }
         }
     }
@@ -199,7 +244,8 @@ fn main() -> Result<()> {
     println!("|---|---|---|---|---|---|---|");
     for (w, name) in [
         (0, "new TLS handshake per request"),
-        (1, "keep-alive requests"),
+        (1, "keep-alive requests (HTTP/1.1, wrk)"),
+        (2, "HTTP/2 requests (h2load -c16 -m8)"),
     ] {
         let (b, h) = (&results[0][w], &results[1][w]);
         println!(
