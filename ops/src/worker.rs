@@ -320,6 +320,20 @@ impl Supervisor {
                 {
                     return;
                 }
+                // A guest that could not finish booting here has stopped (emulated KVM ends
+                // the VMM at the first instruction it cannot emulate): say so, and boot it
+                // again only after the backoff, not at once in a loop.
+                if vm.observed == Observed::Booting && self.runtime.cannot_finish().is_some() {
+                    self.spawn_op(id, {
+                        let sup = Arc::clone(self);
+                        move || async move {
+                            let why = sup.host.vmm_ending(&id.to_string());
+                            sup.failed(&vm, format!("its guest stopped booting: {why}"))
+                                .await;
+                        }
+                    });
+                    return;
+                }
                 self.spawn_op(id, {
                     let sup = Arc::clone(self);
                     move || async move { sup.start(vm).await }
@@ -358,14 +372,15 @@ impl Supervisor {
         };
         match r {
             Ok(started) => {
-                if let Ok(mut r) = self.retry.lock() {
-                    r.remove(&id);
-                }
                 match started {
                     Started::Ready(net) => {
+                        if let Ok(mut r) = self.retry.lock() {
+                            r.remove(&id);
+                        }
                         tracing::info!(vm = %vm.name, ip = %net.ip, ms = t0.elapsed().as_millis() as u64, "VM running");
                         self.report(id, Observed::Running, Some(net.ip), None).await;
                     }
+                    // The backoff stays: a guest that cannot finish will stop again.
                     Started::Booting(net, why) => {
                         tracing::warn!(vm = %vm.name, ip = %net.ip, reason = %why, "VM booting; it cannot finish here");
                         self.report(id, Observed::Booting, Some(net.ip), Some(why))
@@ -373,23 +388,28 @@ impl Supervisor {
                     }
                 }
             }
-            Err(e) => {
-                let wait = self
-                    .retry
-                    .lock()
-                    .map(|mut r| {
-                        let next = r.get(&id).map_or(Duration::from_secs(1), |(_, d)| {
-                            (*d * 2).min(Duration::from_secs(60))
-                        });
-                        r.insert(id, (Instant::now() + next, next));
-                        next
-                    })
-                    .unwrap_or(Duration::from_secs(1));
-                tracing::error!(vm = %vm.name, error = %e, retry_in = ?wait, "VM did not start");
-                self.report(id, Observed::Failed, vm.private_ip, Some(e))
-                    .await;
-            }
+            Err(e) => self.failed(&vm, e).await,
         }
+    }
+
+    /// Reports the VM failed with `why` and schedules the next start after a backoff that
+    /// doubles with each failure in a row (1 s to 60 s).
+    async fn failed(&self, vm: &Vm, why: String) {
+        let id = vm.id;
+        let wait = self
+            .retry
+            .lock()
+            .map(|mut r| {
+                let next = r.get(&id).map_or(Duration::from_secs(1), |(_, d)| {
+                    (*d * 2).min(Duration::from_secs(60))
+                });
+                r.insert(id, (Instant::now() + next, next));
+                next
+            })
+            .unwrap_or(Duration::from_secs(1));
+        tracing::error!(vm = %vm.name, error = %why, retry_in = ?wait, "VM did not start");
+        self.report(id, Observed::Failed, vm.private_ip, Some(why))
+            .await;
     }
 
     /// Fetches the VM's image from a peer when this node lacks it (`minimal` is built here

@@ -208,8 +208,7 @@ pub fn tap_name(id: &str) -> String {
 
 /// A persistent tap on the bridge, up; kept across stop/start, removed with the VM.
 fn ensure_tap(tap: &str, bridge: &str) -> Result<(), WorkerError> {
-    // `ip`, not /sys/class/net: sysfs shows the namespace of whoever mounted it.
-    if crate::worker::tool("ip", &["link", "show", "dev", tap]).is_err() {
+    if !crate::worker::link_exists(tap) {
         crate::worker::tool("ip", &["tuntap", "add", "dev", tap, "mode", "tap"])?;
     }
     crate::worker::tool("ip", &["link", "set", "dev", tap, "master", bridge, "up"])

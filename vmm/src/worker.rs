@@ -431,7 +431,7 @@ impl Host {
             return Ok(());
         }
         let b = self.cfg.bridge.as_str();
-        if ip(&["link", "show", "dev", b]).is_err() {
+        if !link_exists(b) {
             ip(&["link", "add", "name", b, "type", "bridge"])?;
             tracing::info!(bridge = b, subnet = %self.cfg.subnet, "bridge created");
         }
@@ -632,6 +632,18 @@ impl Host {
         }
     }
 
+    /// Why a VM's `boxd vmm` ended, from its log (`VM failed: …`), for the report.
+    pub fn vmm_ending(&self, id: &str) -> String {
+        let log = std::fs::read_to_string(self.vm_dir(id).join("vmm.log")).unwrap_or_default();
+        log.lines()
+            .rev()
+            .find_map(|l| {
+                l.split_once("VM failed: ")
+                    .map(|(_, why)| why.trim().to_owned())
+            })
+            .unwrap_or_else(|| "its VMM process ended".into())
+    }
+
     /// Stops the VM's process (the disk stays).
     pub fn stop(&self, id: &str) -> Result<(), WorkerError> {
         api::shutdown(&self.api_sock(id), Duration::from_secs(10)).map_err(WorkerError::Host)
@@ -643,7 +655,7 @@ impl Host {
         // Left behind when a VM process was killed rather than shut down.
         sandbox::remove_cgroups(&cgroup_of(id));
         let tap = crate::kvm_runtime::tap_name(id);
-        if ip(&["link", "show", "dev", &tap]).is_ok() {
+        if link_exists(&tap) {
             ip(&["link", "del", "dev", &tap])?;
         }
         let dir = self.vm_dir(id);
@@ -713,6 +725,16 @@ fn tail(path: &Path) -> String {
     } else {
         out.join(" | ")
     }
+}
+
+/// Whether this network namespace has an interface `name` (`if_nametoindex`, which asks the
+/// kernel in the caller's namespace; `/sys/class/net` shows the namespace sysfs was mounted
+/// in, which under `nsenter --net` is another one).
+pub(crate) fn link_exists(name: &str) -> bool {
+    std::ffi::CString::new(name)
+        // SAFETY: a valid NUL-terminated string; the call only reads it.
+        .map(|c| unsafe { libc::if_nametoindex(c.as_ptr()) } != 0)
+        .unwrap_or(false)
 }
 
 fn ip(args: &[&str]) -> Result<(), WorkerError> {
