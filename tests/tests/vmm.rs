@@ -33,17 +33,28 @@ fn write_vm(dir: &Path, kernel: &Path, cmdline: &str, vcpus: u8, memory_mib: u64
     p
 }
 
+/// Starts `boxd vmm` and returns once its API answers (or it has ended), so that callers
+/// never race its socket.
 fn spawn(dir: &Path, config: &Path) -> Child {
-    Command::new(boxd_bin())
+    let sock = dir.join("api.sock");
+    let mut child = Command::new(boxd_bin())
         .arg("vmm")
         .arg("--config")
         .arg(config)
         .arg("--api-sock")
-        .arg(dir.join("api.sock"))
+        .arg(&sock)
         .stdout(Stdio::null())
         .stderr(std::fs::File::create(dir.join("vmm.log")).unwrap())
         .spawn()
-        .unwrap()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while boxd_vmm::api::probe(&sock).is_none()
+        && child.try_wait().unwrap().is_none()
+        && Instant::now() < deadline
+    {
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    child
 }
 
 /// The test guest under `boxd vmm` in a fresh directory; `None` where there is no KVM.
