@@ -46,6 +46,14 @@ impl Drop for VmReaper {
                 }
             }
         }
+        // A killed monitor leaves its (now empty) cgroups behind.
+        std::thread::sleep(Duration::from_millis(100));
+        if let Ok(rd) = std::fs::read_dir(self.0.join("vms")) {
+            for e in rd.flatten() {
+                let id = e.file_name().to_string_lossy().into_owned();
+                boxd_vmm::sandbox::remove_cgroups(&boxd_vmm::worker::cgroup_of(&id));
+            }
+        }
     }
 }
 

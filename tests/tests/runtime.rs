@@ -83,6 +83,16 @@ fn test_host(dir: &Path, bridge: &str, subnet: &str) -> (Host, PathBuf) {
     (host, key)
 }
 
+/// Deletes a VM (process, disk, cgroups, tap) when dropped, so a failing check leaves nothing
+/// running behind.
+struct Delete<'a>(&'a Host, String);
+
+impl Drop for Delete<'_> {
+    fn drop(&mut self) {
+        let _ = self.0.delete(&self.1);
+    }
+}
+
 fn conform(rt: &dyn Runtime, dir: &Path) {
     let (host, _) = test_host(dir, "bxconf0", "10.201.0.0/24");
     let vm = VmPlan {
@@ -95,6 +105,7 @@ fn conform(rt: &dyn Runtime, dir: &Path) {
     };
     let wait = Duration::from_secs(60);
     let what = rt.name();
+    let _cleanup = Delete(&host, vm.id.clone());
     let vm_dir = host.vm_dir(&vm.id);
 
     // Start: the agent answers SSH on the VM's private address, or (kvm under emulation)
@@ -421,6 +432,7 @@ fn the_kvm_guest_reaches_its_agent_under_qemu() {
     let dir = tempfile::tempdir().unwrap();
     let (host, key) = test_host(dir.path(), "bxqemu0", "10.202.0.0/24");
     let vm = plan("viaqemu", "minimal");
+    let _cleanup = Delete(&host, vm.id.clone());
     let console = dir.path().join("console.log");
     let (mut qemu, ip) = boot_under_qemu(&host, &vm, &console);
     let (code, out, err) = agent_ssh(
@@ -488,6 +500,7 @@ fn the_debian_image_builds_and_runs_on_both_runtimes() {
     own_netns();
 
     let vm = plan("deb-sandbox", "debian");
+    let _cleanup = Delete(&host, vm.id.clone());
     let Started::Ready(net) = host
         .start(&SandboxRuntime, &vm, None, Duration::from_secs(60))
         .unwrap()
@@ -503,6 +516,7 @@ fn the_debian_image_builds_and_runs_on_both_runtimes() {
     host.delete(&vm.id).unwrap();
 
     let vm = plan("deb-kvm", "debian");
+    let _cleanup = Delete(&host, vm.id.clone());
     let console = dir.path().join("console.log");
     let (mut qemu, ip) = boot_under_qemu(&host, &vm, &console);
     let (code, out, err) = agent_ssh(
