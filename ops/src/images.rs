@@ -258,7 +258,7 @@ async fn fetch_from(
     tokio::fs::create_dir_all(&rootfs)
         .await
         .map_err(|e| format!("{}: {e}", rootfs.display()))?;
-    let r = receive(replica, &tmp, node, addr, ad, progress).await;
+    let r = receive(replica, data_dir, &tmp, node, addr, ad, progress).await;
     if r.is_err() {
         _ = tokio::fs::remove_dir_all(&tmp).await;
     }
@@ -267,6 +267,7 @@ async fn fetch_from(
 
 async fn receive(
     replica: &Replica,
+    data_dir: &Path,
     tmp: &Path,
     node: NodeId,
     addr: &str,
@@ -335,8 +336,8 @@ async fn receive(
             ad.bytes, ad.digest
         ));
     }
-    let (tmp2, ad2) = (tmp.to_owned(), ad.clone());
-    tokio::task::spawn_blocking(move || install(&tmp2, &ad2))
+    let (data2, tmp2, ad2) = (data_dir.to_owned(), tmp.to_owned(), ad.clone());
+    tokio::task::spawn_blocking(move || install(&data2, &tmp2, &ad2))
         .await
         .map_err(|e| e.to_string())??;
     let secs = t0.elapsed().as_secs_f64();
@@ -351,7 +352,7 @@ async fn receive(
 
 /// Writes the fetched image's metadata (its archive too, so this node can serve it without
 /// hashing it again) and renames it into place.
-fn install(tmp: &Path, ad: &ImageAd) -> Result<(), String> {
+fn install(data_dir: &Path, tmp: &Path, ad: &ImageAd) -> Result<(), String> {
     let root = tmp.join("rootfs");
     let (files, bytes) = image::tree_size(&root).map_err(|e| e.to_string())?;
     let info = ImageInfo {
@@ -379,12 +380,5 @@ fn install(tmp: &Path, ad: &ImageAd) -> Result<(), String> {
         "archive.json",
         serde_json::to_vec(&archive).unwrap_or_default(),
     )?;
-    let dest = tmp.with_file_name(&ad.name);
-    if dest.exists() {
-        let old = tmp.with_file_name(format!(".{}.old", ad.name));
-        _ = std::fs::remove_dir_all(&old);
-        std::fs::rename(&dest, &old).map_err(|e| format!("{}: {e}", dest.display()))?;
-        _ = std::fs::remove_dir_all(&old);
-    }
-    std::fs::rename(tmp, &dest).map_err(|e| format!("{}: {e}", dest.display()))
+    image::install(data_dir, &ad.name, tmp).map_err(|e| e.to_string())
 }

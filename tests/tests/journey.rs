@@ -159,23 +159,29 @@ fn kernel_dir() -> String {
     std::env::var("BOXD_KERNEL_DIR").unwrap_or_else(|_| "/var/cache/boxd/kernel".into())
 }
 
+/// `boxd.toml` in `dir` for node `name` on `runtime`: the embedded defaults (lobby 127.77.0.1,
+/// SSH 2222, HTTPS 8443, DNS 127.0.0.1:5353, used inside the test's namespace); only the
+/// runtime (and the kvm runtime's kernel) is pinned so a test means the same on every host.
+fn config(dir: &Path, name: &str, runtime: &str) -> PathBuf {
+    let cfg = dir.join("boxd.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "[node]\nname = \"{name}\"\n\n[worker]\nruntime = \"{runtime}\"\nkernel_dir = \"{}\"\n",
+            kernel_dir()
+        ),
+    )
+    .unwrap();
+    cfg
+}
+
 /// The whole journey with `worker.runtime = runtime`.
 fn journey(runtime: &str) {
     let dir = tempfile::tempdir().unwrap();
     let ns = Netns::new("journey");
     let data = dir.path().join("data");
     let _reaper = VmReaper(data.clone());
-    // Embedded defaults (lobby 127.77.0.1, SSH 2222, HTTPS 8443, DNS 127.0.0.1:5353) inside
-    // the namespace; only the runtime is pinned so the test means the same on every host.
-    let cfg = dir.path().join("boxd.toml");
-    std::fs::write(
-        &cfg,
-        format!(
-            "[node]\nname = \"journey\"\n\n[worker]\nruntime = \"{runtime}\"\nkernel_dir = \"{}\"\n",
-            kernel_dir()
-        ),
-    )
-    .unwrap();
+    let cfg = config(dir.path(), "journey", runtime);
     let mut node = Node::start_in(Some(&ns), &["up"], &data, &cfg);
     let ready = node.wait_ready(Duration::from_secs(60));
     assert!(field(&ready, "serving").contains("worker"), "{ready}");
@@ -399,14 +405,7 @@ fn the_kvm_runtime_boots_a_real_vmm() {
     let ns = Netns::new("journey-kvm");
     let data = dir.path().join("data");
     let _reaper = VmReaper(data.clone());
-    let cfg = dir.path().join("boxd.toml");
-    std::fs::write(
-        &cfg,
-        format!(
-            "[node]\nname = \"kvm\"\n\n[worker]\nruntime = \"kvm\"\nkernel_dir = \"{kernel_dir}\"\n"
-        ),
-    )
-    .unwrap();
+    let cfg = config(dir.path(), "kvm", "kvm");
     let node = Node::start_in(Some(&ns), &["up"], &data, &cfg);
     node.wait_ready(Duration::from_secs(60));
     let worker = eventually(Duration::from_secs(10), "the worker's status", || {

@@ -176,16 +176,24 @@ pub fn build_from(
             return Err(e);
         }
     };
+    install(data_dir, name, &tmp)?;
+    Ok(info)
+}
+
+/// Puts the image tree made in `tmp` (a directory under the images directory) in place as
+/// image `name`, replacing an older one; a half-made image is never visible under its name.
+pub fn install(data_dir: &Path, name: &str, tmp: &Path) -> Result<(), ImageError> {
+    let images = images_dir(data_dir);
     let dest = images.join(name);
     if dest.exists() {
         let old = images.join(format!(".{name}.old-{}", std::process::id()));
         std::fs::rename(&dest, &old).map_err(io(&dest))?;
-        std::fs::rename(&tmp, &dest).map_err(io(&dest))?;
+        std::fs::rename(tmp, &dest).map_err(io(&dest))?;
         std::fs::remove_dir_all(&old).map_err(io(&old))?;
     } else {
-        std::fs::rename(&tmp, &dest).map_err(io(&dest))?;
+        std::fs::rename(tmp, &dest).map_err(io(&dest))?;
     }
-    Ok(info)
+    Ok(())
 }
 
 /// The built images, by name.

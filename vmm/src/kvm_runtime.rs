@@ -17,11 +17,10 @@
 //! agent running.
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::sync::Mutex;
 
 use crate::config::{BootConfig, DiskConfig, NetConfig, VmConfig};
-use crate::worker::{Disk, Host, Runtime, VmNet, VmPlan, WorkerError};
+use crate::worker::{Disk, Host, Runtime, VmNet, VmPlan, WorkerError, once};
 
 /// Kernel modules the initramfs loads, each after those it depends on (the `depends=` of
 /// its `.modinfo`); Debian's cloud kernel builds them as modules, ext4 is built in.
@@ -105,19 +104,19 @@ impl KvmRuntime {
     fn initramfs(&self, host: &Host) -> Result<PathBuf, WorkerError> {
         let images = crate::image::images_dir(&host.cfg.data_dir);
         let out = images.join(format!(".initramfs-{}.cpio", self.version));
-        if out.is_file() {
-            return Ok(out);
-        }
         static BUILDING: Mutex<()> = Mutex::new(());
-        let _g = BUILDING.lock();
-        if out.is_file() {
-            return Ok(out);
-        }
-        let work = images.join(format!(".initramfs-{}.building", std::process::id()));
-        _ = std::fs::remove_dir_all(&work);
-        let r = build_initramfs(self, &work, &out);
-        _ = std::fs::remove_dir_all(&work);
-        r.map(|()| out)
+        once(
+            &BUILDING,
+            || out.is_file(),
+            || {
+                let work = images.join(format!(".initramfs-{}.building", std::process::id()));
+                _ = std::fs::remove_dir_all(&work);
+                let r = build_initramfs(self, &work, &out);
+                _ = std::fs::remove_dir_all(&work);
+                r
+            },
+        )?;
+        Ok(out)
     }
 
     /// The VM's kernel command line.
@@ -133,33 +132,7 @@ impl KvmRuntime {
             host.cfg.agent_port,
         )
     }
-}
 
-impl Runtime for KvmRuntime {
-    fn name(&self) -> &'static str {
-        "kvm"
-    }
-
-    fn cannot_finish(&self) -> Option<&str> {
-        self.cannot_finish.as_deref()
-    }
-
-    fn launch(&self, host: &Host, vm: &VmPlan, disk: &Disk, net: VmNet) -> Result<(), WorkerError> {
-        let dir = host.vm_dir(&vm.id);
-        let cfg = self.prepare(host, vm, disk, net)?;
-        let path = dir.join("vm.json");
-        crate::worker::write_json(&path, &cfg)?;
-        let mut cmd = Command::new(&host.cfg.boxd);
-        cmd.arg("vmm")
-            .arg("--config")
-            .arg(&path)
-            .arg("--api-sock")
-            .arg(dir.join("api.sock"));
-        host.spawn_detached(cmd, &dir, "vmm.log")
-    }
-}
-
-impl KvmRuntime {
     /// Everything a VM needs before its VMM starts — root disk, tap on the bridge, initramfs —
     /// and the VMM config that uses them (idempotent: what exists is kept).
     pub fn prepare(
@@ -199,6 +172,21 @@ impl KvmRuntime {
     }
 }
 
+impl Runtime for KvmRuntime {
+    fn name(&self) -> &'static str {
+        "kvm"
+    }
+
+    fn cannot_finish(&self) -> Option<&str> {
+        self.cannot_finish.as_deref()
+    }
+
+    fn launch(&self, host: &Host, vm: &VmPlan, disk: &Disk, net: VmNet) -> Result<(), WorkerError> {
+        let cfg = self.prepare(host, vm, disk, net)?;
+        host.spawn_vm(&vm.id, "vmm", "vm.json", &cfg, "vmm.log")
+    }
+}
+
 /// Host name of a VM's tap: `bt` and the last 12 hex digits of its id (as for veths).
 pub fn tap_name(id: &str) -> String {
     let mut n = crate::worker::host_veth(id);
@@ -226,14 +214,13 @@ fn base_disk(host: &Host, vm: &VmPlan, tree: &Path) -> Result<PathBuf, WorkerErr
     } else {
         host.vm_dir(&vm.id).join("base.ext4") // a VM with a copied tree: no shared base
     };
-    if base.is_file() {
-        return Ok(base);
-    }
     static MAKING: Mutex<()> = Mutex::new(());
-    let _g = MAKING.lock();
-    if base.is_file() {
-        return Ok(base);
-    }
+    once(&MAKING, || base.is_file(), || make_base(tree, &base))?;
+    Ok(base)
+}
+
+/// `mkfs.ext4 -d tree` into `base` (through a temporary name).
+fn make_base(tree: &Path, base: &Path) -> Result<(), WorkerError> {
     let bytes = crate::image::tree_bytes(tree)
         .map_err(|e| WorkerError::Image(format!("reading the image tree: {e}")))?;
     // ext4 needs room for inode tables and the journal next to the data.
@@ -262,9 +249,7 @@ fn base_disk(host: &Host, vm: &VmPlan, tree: &Path) -> Result<PathBuf, WorkerErr
             "making the root disk: {e} (apt-get install e2fsprogs)"
         ))
     })?;
-    std::fs::rename(&tmp, &base)
-        .map_err(|e| WorkerError::Host(format!("{}: {e}", base.display())))?;
-    Ok(base)
+    std::fs::rename(&tmp, base).map_err(|e| WorkerError::Host(format!("{}: {e}", base.display())))
 }
 
 /// The VM's disk: a copy of `base` (reflink where the filesystem has it, else sparse), grown

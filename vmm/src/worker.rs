@@ -150,15 +150,7 @@ impl Runtime for SandboxRuntime {
             },
             cgroup: cgroup_of(&vm.id),
         };
-        let spec_path = dir.join("sandbox.json");
-        write_json(&spec_path, &spec)?;
-        let mut cmd = Command::new(&host.cfg.boxd);
-        cmd.arg("sandbox")
-            .arg("--config")
-            .arg(&spec_path)
-            .arg("--api-sock")
-            .arg(dir.join("api.sock"));
-        host.spawn_detached(cmd, &dir, "console.log")
+        host.spawn_vm(&vm.id, "sandbox", "sandbox.json", &spec, "console.log")
     }
 
     fn netns_visible(&self) -> bool {
@@ -351,29 +343,28 @@ impl Host {
         let pinned = crate::image::images_dir(&self.cfg.data_dir)
             .join(".pinned")
             .join(format!("{name}-{}", info.built_at));
-        if pinned.is_dir() {
-            return Ok(pinned);
-        }
         static PINNING: Mutex<()> = Mutex::new(());
-        let _g = PINNING.lock();
-        if pinned.is_dir() {
-            return Ok(pinned);
-        }
-        let tmp = pinned.with_extension("pinning");
-        _ = std::fs::remove_dir_all(&tmp);
-        if let Some(parent) = tmp.parent() {
-            std::fs::create_dir_all(parent)
-                .map_err(|e| WorkerError::Host(format!("{}: {e}", parent.display())))?;
-        }
-        cp(&["-al"], &image.join("rootfs"), &tmp)?;
-        std::fs::rename(&tmp, &pinned)
-            .map_err(|e| WorkerError::Host(format!("{}: {e}", pinned.display())))?;
+        once(
+            &PINNING,
+            || pinned.is_dir(),
+            || {
+                let tmp = pinned.with_extension("pinning");
+                _ = std::fs::remove_dir_all(&tmp);
+                if let Some(parent) = tmp.parent() {
+                    std::fs::create_dir_all(parent)
+                        .map_err(|e| WorkerError::Host(format!("{}: {e}", parent.display())))?;
+                }
+                cp(&["-al"], &image.join("rootfs"), &tmp)?;
+                std::fs::rename(&tmp, &pinned)
+                    .map_err(|e| WorkerError::Host(format!("{}: {e}", pinned.display())))
+            },
+        )?;
         Ok(pinned)
     }
 
     /// Whether image `name` is built and current: for `minimal`, built by this recipe version
-    /// with the agent that is next to `boxd` now (after an upgrade, new VMs get the new agent; VMs created before
-    /// keep the build they were pinned to).
+    /// with the agent that is next to `boxd` now (after an upgrade, new VMs get the new agent;
+    /// VMs created before keep the build they were pinned to).
     fn image_current(&self, name: &str, dir: &Path) -> bool {
         if !dir.join("rootfs").is_dir() {
             return false;
@@ -399,25 +390,25 @@ impl Host {
     /// The image's directory, building `minimal` here if it is missing or its agent is stale.
     fn ensure_image(&self, name: &str) -> Result<PathBuf, WorkerError> {
         let dir = crate::image::images_dir(&self.cfg.data_dir).join(name);
-        if self.image_current(name, &dir) {
-            return Ok(dir);
-        }
         // One build at a time; a concurrent start waits here and then finds it built.
         static BUILDING: Mutex<()> = Mutex::new(());
-        let _g = BUILDING.lock();
-        if self.image_current(name, &dir) {
-            return Ok(dir);
-        }
-        if name != "minimal" {
-            return Err(WorkerError::Image(format!(
-                "image {name} is not on this worker: build it with `boxd image build {name}`"
-            )));
-        }
-        tracing::info!("image minimal is missing or has an older agent: building it");
-        crate::image::build(&self.cfg.data_dir, name, &self.cfg.minimal, &mut |s| {
-            tracing::info!("image minimal: {s}");
-        })
-        .map_err(|e| WorkerError::Image(format!("building image minimal: {e}")))?;
+        once(
+            &BUILDING,
+            || self.image_current(name, &dir),
+            || {
+                if name != "minimal" {
+                    return Err(WorkerError::Image(format!(
+                        "image {name} is not on this worker: build it with `boxd image build {name}`"
+                    )));
+                }
+                tracing::info!("image minimal is missing or has an older agent: building it");
+                crate::image::build(&self.cfg.data_dir, name, &self.cfg.minimal, &mut |s| {
+                    tracing::info!("image minimal: {s}");
+                })
+                .map(|_| ())
+                .map_err(|e| WorkerError::Image(format!("building image minimal: {e}")))
+            },
+        )?;
         Ok(dir)
     }
 
@@ -513,6 +504,28 @@ impl Host {
         let m = "off: neither nft nor iptables works here (apt-get install nftables)".to_owned();
         tracing::warn!("outbound NAT for VMs is {m}");
         m
+    }
+
+    /// Writes `spec` to `file` in the VM's directory and starts `boxd <subcommand> --config
+    /// <file> --api-sock <dir>/api.sock` detached, its output to `log` there.
+    pub fn spawn_vm<T: Serialize>(
+        &self,
+        id: &str,
+        subcommand: &str,
+        file: &str,
+        spec: &T,
+        log: &str,
+    ) -> Result<(), WorkerError> {
+        let dir = self.vm_dir(id);
+        let path = dir.join(file);
+        write_json(&path, spec)?;
+        let mut cmd = Command::new(&self.cfg.boxd);
+        cmd.arg(subcommand)
+            .arg("--config")
+            .arg(&path)
+            .arg("--api-sock")
+            .arg(dir.join("api.sock"));
+        self.spawn_detached(cmd, &dir, log)
     }
 
     /// Starts `cmd` as a VM process: its own session (a signal to the supervisor's group does
@@ -725,6 +738,26 @@ fn tail(path: &Path) -> String {
     } else {
         out.join(" | ")
     }
+}
+
+/// Makes something once across threads: unless `done()` already, takes `lock`, checks again
+/// (another thread may have made it meanwhile), then `make()`s it. A lock poisoned by a
+/// panicking maker still serialises (the maker cleans up its own temporaries).
+pub(crate) fn once(
+    lock: &Mutex<()>,
+    done: impl Fn() -> bool,
+    make: impl FnOnce() -> Result<(), WorkerError>,
+) -> Result<(), WorkerError> {
+    if done() {
+        return Ok(());
+    }
+    let _g = lock
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    if done() {
+        return Ok(());
+    }
+    make()
 }
 
 /// Whether this network namespace has an interface `name` (`if_nametoindex`, which asks the
