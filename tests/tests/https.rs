@@ -373,6 +373,50 @@ print(s.recv(frame[1]).decode())
     assert_eq!(code, 0, "served on a foreign address");
 }
 
+/// `boxd up` named `name` on `ip` with HTTPS on 0.0.0.0:`port` and the extra `[https]`
+/// settings `https`; returns the node and its ready line.
+fn https_node(
+    dir: &std::path::Path,
+    name: &str,
+    ip: &str,
+    port: u16,
+    https: &str,
+) -> (Node, String) {
+    let cfg = write_config(dir, name, &format!("{ip}:7000"), "");
+    let text = std::fs::read_to_string(&cfg).unwrap().replace(
+        &format!("[https]\nlisten = \"{ip}:8443\""),
+        &format!("[https]\nlisten = \"0.0.0.0:{port}\"\n{https}"),
+    );
+    std::fs::write(&cfg, text).unwrap();
+    let node = Node::start(&UP, &dir.join("data"), &cfg);
+    let ready = node.wait_ready(Duration::from_secs(30));
+    (node, ready)
+}
+
+/// A new account's running VM `myapp` whose web server is `web`:8000.
+fn myapp_at(node: &Node, web: &str) {
+    let owner = Uuid::new_v4();
+    write(
+        node,
+        json!({"type": "create_account", "id": owner, "name": "op", "max_vms": null, "at": now_ms()}),
+    );
+    running_vm(node, &json!(owner), "myapp", 8000, web);
+}
+
+/// curl fetching `/big/<size>` from myapp on `port` at `rate`, its body on a pipe.
+fn download(ca: &str, port: u16, size: usize, rate: &str, extra: &[&str]) -> Child {
+    Command::new("curl")
+        .args(["-sS", "--max-time", "60", "--limit-rate", rate, "-o", "-"])
+        .args(["--cacert", ca])
+        .args(extra)
+        .arg("--resolve")
+        .arg(format!("myapp.boxd.test:{port}:127.77.0.2"))
+        .arg(format!("https://myapp.boxd.test:{port}/big/{size}"))
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap()
+}
+
 /// A CA and a `*.boxd.test` certificate it signed, made with the openssl CLI in `dir`.
 /// Returns (CA certificate, leaf chain, leaf key).
 fn openssl_ca(dir: &std::path::Path, name: &str) -> (String, String, String) {
@@ -416,30 +460,23 @@ fn an_operator_certificate_is_reloaded_without_dropping_connections() {
     let (cert, key) = (dir.path().join("zone.crt"), dir.path().join("zone.key"));
     std::fs::copy(&chain_a, &cert).unwrap();
     std::fs::copy(&key_a, &key).unwrap();
-    let cfg = write_config(dir.path(), "reload", &format!("{IP2}:7000"), "");
-    let text = std::fs::read_to_string(&cfg).unwrap().replace(
-        &format!("[https]\nlisten = \"{IP2}:8443\""),
+    let (node, ready) = https_node(
+        dir.path(),
+        "reload",
+        IP2,
+        PORT,
         &format!(
-            "[https]\nlisten = \"0.0.0.0:{PORT}\"\ncert = \"{}\"\nkey = \"{}\"\nreload_secs = 1\n\
-             max_connections_per_ip = 3",
+            "cert = \"{}\"\nkey = \"{}\"\nreload_secs = 1\nmax_connections_per_ip = 3",
             cert.display(),
             key.display()
         ),
     );
-    std::fs::write(&cfg, text).unwrap();
-    let node = Node::start(&UP, &dir.path().join("data"), &cfg);
-    let ready = node.wait_ready(Duration::from_secs(30));
     assert!(
         !ready.contains(" ca="),
         "no local CA with an operator certificate: {ready}"
     );
     let _web = backend_at(WEB);
-    let owner = Uuid::new_v4();
-    write(
-        &node,
-        json!({"type": "create_account", "id": owner, "name": "op", "max_vms": null, "at": now_ms()}),
-    );
-    running_vm(&node, &json!(owner), "myapp", 8000, WEB);
+    myapp_at(&node, WEB);
     let get = |ca: &str, path: &str, extra: &[&str]| {
         Command::new("curl")
             .args([
@@ -465,24 +502,7 @@ fn an_operator_certificate_is_reloaded_without_dropping_connections() {
 
     // A slow download on a connection made with certificate A, across the swap.
     let size = 6_000_000usize;
-    let slow = Command::new("curl")
-        .args([
-            "-sS",
-            "--max-time",
-            "60",
-            "--limit-rate",
-            "1M",
-            "-o",
-            "-",
-            "--cacert",
-            &ca_a,
-        ])
-        .arg("--resolve")
-        .arg(format!("myapp.boxd.test:{PORT}:127.77.0.2"))
-        .arg(format!("https://myapp.boxd.test:{PORT}/big/{size}"))
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let slow = download(&ca_a, PORT, size, "1M", &[]);
     std::thread::sleep(Duration::from_millis(500));
     for (from, to) in [(&key_b, &key), (&chain_b, &cert)] {
         let tmp = to.with_extension("new");
@@ -503,4 +523,80 @@ fn an_operator_certificate_is_reloaded_without_dropping_connections() {
         "the open download survived the reload"
     );
     assert_eq!(done.stdout.len(), size);
+}
+
+/// The header deadline (slowloris): a TLS client that sends half a request head, or an HTTP/2
+/// client that never sends its preface, idles with no stream open, or trickles a header block
+/// that never ends, is disconnected once `header_timeout_secs` pass (an idle HTTP/2 connection
+/// after a GOAWAY) — while an HTTP/2 download slower than the deadline runs to its end.
+#[test]
+fn slow_and_idle_clients_are_cut_off_at_the_header_deadline() {
+    const IP3: &str = "127.0.39.3";
+    const WEB: &str = "127.0.39.13";
+    const PORT: u16 = 28445;
+    const DEADLINE_SECS: u64 = 2;
+    let deadline = DEADLINE_SECS as f64;
+    let dir = tempfile::tempdir().unwrap();
+    let (node, ready) = https_node(
+        dir.path(),
+        "deadline",
+        IP3,
+        PORT,
+        &format!("header_timeout_secs = {DEADLINE_SECS}"),
+    );
+    let ca = field(&ready, "ca").to_owned();
+    let _web = backend_at(WEB);
+    myapp_at(&node, WEB);
+
+    // Started first, so it is still running while the slow clients are cut off.
+    let size = 3_000_000usize;
+    let download = download(
+        &ca,
+        PORT,
+        size,
+        "500K",
+        &["--http2", "-w", "%{http_version}"],
+    );
+
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/fixtures/slow_client.py");
+    let clients: Vec<_> = ["h1-partial", "h2-silent", "h2-idle", "h2-trickle"]
+        .into_iter()
+        .map(|mode| {
+            let child = Command::new("python3")
+                .args([
+                    script,
+                    "127.77.0.2",
+                    &PORT.to_string(),
+                    "myapp.boxd.test",
+                    &ca,
+                ])
+                .args([mode, "20"])
+                .stdout(Stdio::piped())
+                .spawn()
+                .unwrap();
+            (mode, child)
+        })
+        .collect();
+    for (mode, child) in clients {
+        let out = child.wait_with_output().unwrap();
+        let line = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+        let words: Vec<&str> = line.split(' ').collect();
+        assert_eq!(words.first(), Some(&"closed"), "{mode}: {line}");
+        let secs: f64 = words[1].parse().unwrap();
+        assert!(
+            (deadline - 0.5..deadline + 3.0).contains(&secs),
+            "{mode}: closed after {secs} s, deadline {deadline} s"
+        );
+        if mode == "h2-idle" {
+            // SETTINGS (4) first, and a GOAWAY (7) before the close.
+            let frames: Vec<&str> = words[2].split(',').collect();
+            assert_eq!(frames.first(), Some(&"4"), "{mode}: {line}");
+            assert!(frames.contains(&"7"), "{mode}: no GOAWAY: {line}");
+        }
+    }
+
+    let done = download.wait_with_output().unwrap();
+    assert!(done.status.success(), "{done:?}");
+    assert_eq!(done.stdout.len(), size + 1, "the whole body, then `2`");
+    assert!(done.stdout.ends_with(b"2"), "HTTP/2 was used");
 }

@@ -6,8 +6,11 @@
 //! Content-Length or chunked — and the VM's response turned back into HEADERS and DATA frames,
 //! de-chunked, sent as the client's flow-control window allows. Nothing is buffered whole.
 
+use std::cell::Cell;
+use std::future::Future;
 use std::net::{IpAddr, SocketAddr};
 use std::rc::Rc;
+use std::time::{Duration, Instant};
 
 use boxd_controlplane::model::Desired;
 use bytes::Bytes;
@@ -25,7 +28,10 @@ const MAX_STREAMS: u32 = 128;
 /// Bytes read from a VM per DATA frame batch.
 const READ: usize = 64 << 10;
 
-/// Serves one HTTP/2 connection until the client closes it.
+/// Serves one HTTP/2 connection until the client closes it, or until it has had no open
+/// stream for `header_timeout` — the bound a kept-alive HTTP/1.1 connection has between
+/// requests. A client that never finishes its preface, or trickles a header block, never
+/// opens a stream, so the same bound holds it too (slowloris).
 pub(super) async fn serve<S>(
     tls: S,
     shard: Rc<Shard>,
@@ -36,15 +42,44 @@ where
     S: AsyncRead + AsyncWrite + Unpin + 'static,
 {
     let cfg = shard.cfg();
-    let mut conn = h2::server::Builder::new()
+    let idle = cfg.header_timeout;
+    let handshake = h2::server::Builder::new()
         .max_concurrent_streams(MAX_STREAMS)
         .max_header_list_size(u32::try_from(cfg.max_header_bytes).unwrap_or(u32::MAX))
         .initial_window_size(1 << 20)
         .initial_connection_window_size(4 << 20)
-        .handshake::<_, Bytes>(tls.compat())
-        .await
-        .map_err(std::io::Error::other)?;
-    while let Some(next) = conn.accept().await {
+        .handshake::<_, Bytes>(tls.compat());
+    let Some(conn) = within(idle, handshake).await else {
+        tracing::debug!(%client, "no HTTP/2 preface in time");
+        return Ok(());
+    };
+    let mut conn = conn.map_err(std::io::Error::other)?;
+    let open = Rc::new(OpenStreams {
+        count: Cell::new(0),
+        idle_since: Cell::new(Instant::now()),
+    });
+    loop {
+        // With streams open, wake up once per `idle` only to look again.
+        let wait = match open.count.get() {
+            0 => (open.idle_since.get() + idle).saturating_duration_since(Instant::now()),
+            _ => idle,
+        };
+        let next = match within(wait, conn.accept()).await {
+            Some(Some(next)) => next,
+            Some(None) => break,
+            None if open.count.get() == 0 && open.idle_since.get().elapsed() >= idle => {
+                tracing::debug!(%client, "HTTP/2 connection idle; closing");
+                // GOAWAY, then a short grace for it to go out; streams the client opens
+                // meanwhile are refused by the GOAWAY's last stream id.
+                conn.graceful_shutdown();
+                let _ = within(CLOSE_GRACE, async {
+                    while let Some(Ok(_)) = conn.accept().await {}
+                })
+                .await;
+                break;
+            }
+            None => continue,
+        };
         let (req, respond) = match next {
             Ok(r) => r,
             Err(e) => {
@@ -53,7 +88,9 @@ where
             }
         };
         let (shard, sni) = (Rc::clone(&shard), sni.clone());
+        let guard = OpenStreams::enter(&open);
         glommio::spawn_local(async move {
+            let _open = guard;
             if let Err(e) = stream(req, respond, &shard, sni, client).await {
                 tracing::debug!(error = %e, "HTTP/2 stream");
             }
@@ -61,6 +98,44 @@ where
         .detach();
     }
     Ok(())
+}
+
+/// How long a closing idle connection gets to send its GOAWAY.
+const CLOSE_GRACE: Duration = Duration::from_secs(1);
+
+/// The streams of one connection being served, and since when there have been none.
+struct OpenStreams {
+    count: Cell<usize>,
+    idle_since: Cell<Instant>,
+}
+
+impl OpenStreams {
+    fn enter(this: &Rc<Self>) -> StreamGuard {
+        this.count.set(this.count.get() + 1);
+        StreamGuard(Rc::clone(this))
+    }
+}
+
+/// One open stream; counted until dropped.
+struct StreamGuard(Rc<OpenStreams>);
+
+impl Drop for StreamGuard {
+    fn drop(&mut self) {
+        let n = self.0.count.get().saturating_sub(1);
+        self.0.count.set(n);
+        if n == 0 {
+            self.0.idle_since.set(Instant::now());
+        }
+    }
+}
+
+/// `f`'s output, or `None` if it takes longer than `limit` (then `f` is dropped).
+async fn within<T>(limit: Duration, f: impl Future<Output = T>) -> Option<T> {
+    futures_lite::future::or(async { Some(f.await) }, async {
+        glommio::timer::sleep(limit).await;
+        None
+    })
+    .await
 }
 
 type Respond = h2::server::SendResponse<Bytes>;

@@ -244,8 +244,8 @@ async fn serve_tls(stream: TcpStream, shard: Rc<Shard>) -> std::io::Result<()> {
     };
     let sni = tls.get_ref().1.server_name().map(str::to_ascii_lowercase);
     if tls.get_ref().1.alpn_protocol() == Some(b"h2") {
-        // Idle HTTP/2 connections are bounded by the per-IP and per-shard limits, not by the
-        // header deadline (a stream may wait on a slow VM with nothing to read meanwhile).
+        // h2::serve bounds the preface and the idle time itself: a stream may wait on a slow
+        // VM with nothing to read from the client meanwhile, so no read deadline here.
         tls.get_ref().0.set_read_timeout(None)?;
         return super::h2::serve(tls, Rc::clone(&shard), sni, client).await;
     }

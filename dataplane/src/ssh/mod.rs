@@ -24,6 +24,10 @@ use self::backend::Backend;
 use self::lobby::{Lobby, LobbySettings};
 use self::session::{Conn, HandshakeSlot, Shared};
 
+/// Read buffer per SSH connection (both the client's and the one to the guest agent). Larger
+/// reads (bulk data) bypass it.
+const READ_BUFFER: usize = 8 * 1024;
+
 /// How the SSH front door behaves.
 #[derive(Clone, Debug)]
 pub struct SshConfig {
@@ -261,6 +265,9 @@ async fn shard<B: Backend>(
         tokio::spawn(async move {
             // The deadline covers the version exchange too (a silent client never gets past it).
             let deadline = tokio::time::Instant::now() + auth_timeout;
+            // russh reads each packet with two `read_exact`s (the first block, then the rest):
+            // buffered, one flight of packets costs one `recvfrom` instead of two per packet.
+            let stream = tokio::io::BufReader::with_capacity(READ_BUFFER, stream);
             let start = russh::server::run_stream(russh_cfg, stream, conn);
             let session = match tokio::time::timeout_at(deadline, start).await {
                 Ok(Ok(s)) => s,

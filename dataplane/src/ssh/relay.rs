@@ -148,6 +148,8 @@ impl AgentLink {
             keepalive_interval: Some(Duration::from_secs(30)),
             ..Default::default()
         });
+        // Buffered for the same reason as the shards' accepted connections.
+        let tcp = tokio::io::BufReader::with_capacity(super::READ_BUFFER, tcp);
         let mut h = client::connect_stream(cfg, tcp, AgentClient { user })
             .await
             .map_err(|e| format!("handshake: {e}"))?;

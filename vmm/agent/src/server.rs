@@ -60,6 +60,9 @@ pub async fn serve(listen: SocketAddr, authorized: PublicKey) -> Result<(), Stri
         };
         let config = Arc::clone(&config);
         tokio::spawn(async move {
+            // russh reads each packet with two `read_exact`s (first block, then the rest);
+            // buffered, a flight of packets costs one read instead of two per packet.
+            let stream = tokio::io::BufReader::with_capacity(8 * 1024, stream);
             match russh::server::run_stream(config, stream, agent).await {
                 Ok(s) => {
                     if let Err(e) = s.await {
