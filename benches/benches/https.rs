@@ -7,7 +7,9 @@
 //! `Connection: close`), HTTP/1.1 keep-alive requests (wrk), and HTTP/2 requests (h2load, 16
 //! connections × 8 concurrent streams). One load core can cap the rate, so the table also shows requests
 //! per server CPU-second (utime+stime from /proc over the run). `BENCH_ROUNDS` rounds
-//! (default 3), systems alternating, medians.
+//! (default 3); in each, every workload runs on both systems back to back (which goes first
+//! alternates); medians. The last column is the median of those back-to-back ratios, which
+//! this host's drifting speed (±10 % within minutes) disturbs least.
 //!
 //! `ops/bench https`, or `cargo build --release -p boxd && cargo bench -p boxd-benches --bench https`.
 
@@ -217,31 +219,37 @@ fn main() -> Result<()> {
     );
     // [system][workload] -> (rps, per CPU-s) samples
     let mut results: Vec<Vec<(Vec<f64>, Vec<f64>)>> = vec![vec![Default::default(); 3]; 2];
+    // [workload] -> boxd / HAProxy per CPU-s, each from two runs back to back: this host's
+    // speed drifts within minutes, so ratios of neighbours are steadier than ratios of medians.
+    let mut paired: Vec<Vec<f64>> = vec![Vec::new(); 3];
     for round in 0..rounds {
         let order = if round % 2 == 0 { [0, 1] } else { [1, 0] };
-        for sys in order {
-            let (ip, pid) = if sys == 0 {
-                ("127.77.0.2", boxd.0.id())
-            } else {
-                (HAPROXY_IP, haproxy.0.id())
-            };
-            for (w, samples) in results[sys].iter_mut().enumerate() {
+        for (w, pairs) in paired.iter_mut().enumerate() {
+            let mut per_cpu = [0.0; 2];
+            for sys in order {
+                let (ip, pid) = if sys == 0 {
+                    ("127.77.0.2", boxd.0.id())
+                } else {
+                    (HAPROXY_IP, haproxy.0.id())
+                };
                 let (rps, total, cpu) = match w {
                     0 => wrk(ip, pid, true, seconds)?,
                     1 => wrk(ip, pid, false, seconds)?,
                     _ => h2load(ip, pid, seconds)?,
                 };
-                samples.0.push(rps);
-                samples.1.push(total / cpu.max(1e-9));
+                per_cpu[sys] = total / cpu.max(1e-9);
+                results[sys][w].0.push(rps);
+                results[sys][w].1.push(per_cpu[sys]);
             }
+            pairs.push(per_cpu[0] / per_cpu[1].max(1e-9));
         }
     }
     let m = |v: &Vec<f64>| median(v.clone());
     println!();
     println!(
-        "| workload | boxd req/s | HAProxy req/s | ratio | boxd req/CPU-s | HAProxy req/CPU-s | ratio |"
+        "| workload | boxd req/s | HAProxy req/s | ratio | boxd req/CPU-s | HAProxy req/CPU-s | ratio | paired ratio |"
     );
-    println!("|---|---|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|---|");
     for (w, name) in [
         (0, "new TLS handshake per request"),
         (1, "keep-alive requests (HTTP/1.1, wrk)"),
@@ -249,13 +257,14 @@ fn main() -> Result<()> {
     ] {
         let (b, h) = (&results[0][w], &results[1][w]);
         println!(
-            "| {name} | {:.0} | {:.0} | {:.2} | {:.0} | {:.0} | {:.2} |",
+            "| {name} | {:.0} | {:.0} | {:.2} | {:.0} | {:.0} | {:.2} | {:.2} |",
             m(&b.0),
             m(&h.0),
             m(&b.0) / m(&h.0),
             m(&b.1),
             m(&h.1),
-            m(&b.1) / m(&h.1)
+            m(&b.1) / m(&h.1),
+            m(&paired[w])
         );
     }
     println!();

@@ -163,6 +163,25 @@ fn curl_reaches_vms_through_the_https_front_door() {
             assert!(body.contains(want), "missing {want:?} in {body}");
         }
         assert!(body.contains("x-forwarded-for: 127.0.0.1"), "{body}");
+        // An empty body by `Content-Length: 0` ends the response (HTTP/2: END_STREAM at once).
+        let empty = Command::new("curl")
+            .args([
+                version,
+                "-sS",
+                "-o",
+                "-",
+                "-w",
+                "%{http_code}",
+                "--cacert",
+                &ca,
+            ])
+            .arg("--resolve")
+            .arg(format!("myapp.boxd.test:{HTTPS_PORT}:{pub_ip}"))
+            .arg(format!("https://myapp.boxd.test:{HTTPS_PORT}/big/0"))
+            .output()
+            .unwrap();
+        assert!(empty.status.success(), "{empty:?}");
+        assert_eq!(empty.stdout, b"200");
         // Names are case-insensitive; TLS 1.2 works as well as 1.3.
         let (code, _) = curl(
             &ca,

@@ -291,7 +291,7 @@ async fn stream(
     }
     let out = out.body(()).map_err(std::io::Error::other)?;
     let mut respond = respond;
-    if framing == Body::None {
+    if matches!(framing, Body::None | Body::Length(0)) {
         respond
             .send_response(out, true)
             .map_err(std::io::Error::other)?;
@@ -335,18 +335,27 @@ async fn stream(
         if !fresh {
             rbuf.clear();
         }
-        send_all(&mut send, Bytes::from(data)).await?;
         let done = chunks.as_ref().is_some_and(Chunked::done) || left == Some(0);
+        // The last piece carries END_STREAM itself (no empty DATA frame after it).
+        send_all(&mut send, Bytes::from(data), done).await?;
         if done {
-            break;
+            return Ok(());
         }
     }
     send.send_data(Bytes::new(), true)
         .map_err(std::io::Error::other)
 }
 
-/// Sends `data` as the client's window allows (never queueing more than it granted).
-async fn send_all(send: &mut h2::SendStream<Bytes>, mut data: Bytes) -> std::io::Result<()> {
+/// Sends `data` as the client's window allows (never queueing more than it granted), the
+/// last piece with END_STREAM if `end`.
+async fn send_all(
+    send: &mut h2::SendStream<Bytes>,
+    mut data: Bytes,
+    end: bool,
+) -> std::io::Result<()> {
+    if data.is_empty() && end {
+        return send.send_data(data, true).map_err(std::io::Error::other);
+    }
     while !data.is_empty() {
         send.reserve_capacity(data.len());
         let granted = std::future::poll_fn(|cx| send.poll_capacity(cx))
@@ -357,7 +366,7 @@ async fn send_all(send: &mut h2::SendStream<Bytes>, mut data: Bytes) -> std::io:
             continue;
         }
         let piece = data.split_to(granted.min(data.len()));
-        send.send_data(piece, false)
+        send.send_data(piece, end && data.is_empty())
             .map_err(std::io::Error::other)?;
     }
     Ok(())

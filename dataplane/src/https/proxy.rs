@@ -298,13 +298,15 @@ async fn serve_tls(stream: TcpStream, shard: Rc<Shard>) -> std::io::Result<()> {
             }
         };
         backend.set_nodelay(true)?;
-        backend.write_all(&req.forward(client, &host)).await?;
+        let head = req.forward(client, &host);
         tls.get_ref().0.set_read_timeout(None)?;
         if req.upgrade {
+            backend.write_all(&head).await?;
             backend.write_all(&buf).await?;
             return tunnel(tls, backend, cfg, &vm.name, vm.http_port).await;
         }
-        copy_body(&mut tls, &mut buf, &mut backend, body, cfg.max_header_bytes).await?;
+        let limit = cfg.max_header_bytes;
+        copy_body(&mut tls, &mut buf, &mut backend, body, limit, head).await?;
 
         let mut rbuf = Vec::with_capacity(4096);
         let resp = loop {
@@ -324,22 +326,16 @@ async fn serve_tls(stream: TcpStream, shard: Rc<Shard>) -> std::io::Result<()> {
         };
         let rbody = resp.body(&req.method);
         let keep = !req.wants_close() && rbody != Body::UntilClose && resp.status != 101;
-        tls.write_all(&resp.forward(keep)).await?;
+        let head = resp.forward(keep);
         rbuf.drain(..resp.len);
         if resp.status == 101 {
             // The VM switched protocols without being asked to: carry bytes both ways.
+            tls.write_all(&head).await?;
             tls.write_all(&rbuf).await?;
             backend.write_all(&buf).await?;
             return splice(tls, backend).await;
         }
-        copy_body(
-            &mut backend,
-            &mut rbuf,
-            &mut tls,
-            rbody,
-            cfg.max_header_bytes,
-        )
-        .await?;
+        copy_body(&mut backend, &mut rbuf, &mut tls, rbody, limit, head).await?;
         tls.flush().await?;
         if !keep {
             return tls.close().await;
@@ -347,25 +343,30 @@ async fn serve_tls(stream: TcpStream, shard: Rc<Shard>) -> std::io::Result<()> {
     }
 }
 
-/// Copies one message body from `src` to `dst` as it comes: first what is already in `buf`,
-/// then from `src`, and leaves in `buf` whatever follows the body.
+/// Writes a message's `head` and copies its body from `src` to `dst` as it comes: first what
+/// is already in `buf` (in one write with the head: one TLS record and one `sendto` for a
+/// small message, where two writes cost two), then from `src`; leaves in `buf` whatever
+/// follows the body.
 async fn copy_body<R, W>(
     src: &mut R,
     buf: &mut Vec<u8>,
     dst: &mut W,
     body: Body,
     max_trailer: usize,
+    head: Vec<u8>,
 ) -> std::io::Result<()>
 where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
 {
     let eof = || std::io::Error::from(std::io::ErrorKind::UnexpectedEof);
+    let mut head = head;
     match body {
-        Body::None => Ok(()),
+        Body::None => dst.write_all(&head).await,
         Body::Length(mut left) => {
             let take = usize::try_from(left).unwrap_or(usize::MAX).min(buf.len());
-            dst.write_all(&buf[..take]).await?;
+            head.extend_from_slice(&buf[..take]);
+            dst.write_all(&head).await?;
             buf.drain(..take);
             left -= take as u64;
             let mut chunk = vec![0u8; 64 * 1024];
@@ -384,7 +385,8 @@ where
             let bad = |e: String| std::io::Error::new(std::io::ErrorKind::InvalidData, e);
             let mut dec = Chunked::new(max_trailer);
             let used = dec.feed(buf).map_err(bad)?;
-            dst.write_all(&buf[..used]).await?;
+            head.extend_from_slice(&buf[..used]);
+            dst.write_all(&head).await?;
             buf.drain(..used);
             let mut chunk = vec![0u8; 64 * 1024];
             while !dec.done() {
@@ -399,8 +401,8 @@ where
             Ok(())
         }
         Body::UntilClose => {
-            dst.write_all(buf).await?;
-            buf.clear();
+            head.append(buf);
+            dst.write_all(&head).await?;
             futures_lite::io::copy(src, dst).await.map(|_| ())
         }
     }
