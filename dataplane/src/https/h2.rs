@@ -254,9 +254,12 @@ async fn stream(
             let data = data.map_err(std::io::Error::other)?;
             let n = data.len();
             if chunked && n > 0 {
-                backend.write_all(format!("{n:x}\r\n").as_bytes()).await?;
-                backend.write_all(&data).await?;
-                backend.write_all(b"\r\n").await?;
+                // One write per chunk (size line, data, CRLF): one `sendto`, not three.
+                let mut piece = format!("{n:x}\r\n").into_bytes();
+                piece.reserve(n + 2);
+                piece.extend_from_slice(&data);
+                piece.extend_from_slice(b"\r\n");
+                backend.write_all(&piece).await?;
             } else {
                 backend.write_all(&data).await?;
             }
