@@ -167,7 +167,10 @@ fn config(dir: &Path, name: &str, runtime: &str) -> PathBuf {
     std::fs::write(
         &cfg,
         format!(
-            "[node]\nname = \"{name}\"\n\n[worker]\nruntime = \"{runtime}\"\nkernel_dir = \"{}\"\n",
+            // A fixed disk capacity: detected, it is the data dir's free space, and this host's
+            // build trees can leave less than the journey's three 4 GiB (sparse) disks.
+            "[node]\nname = \"{name}\"\n\n[worker]\nruntime = \"{runtime}\"\nkernel_dir = \"{}\"\n\
+             disk_gib = 64\n",
             kernel_dir()
         ),
     )
