@@ -193,7 +193,8 @@ pub struct HttpsConfig {
     pub cert: PathBuf,
     /// Its private key (PEM).
     pub key: PathBuf,
-    /// Seconds a client has for its TLS handshake and request head.
+    /// Seconds a client has for its TLS handshake and each request head, and a kept-alive
+    /// HTTP/1.1 or an HTTP/2 connection for its next request.
     pub header_timeout_secs: u64,
     /// Seconds to wait for a VM to accept a connection before answering 502.
     pub connect_timeout_secs: u64,
@@ -770,7 +771,8 @@ cpus = []
 # wildcard certificate in <data-dir>/tls/ (the ready line names the CA for curl --cacert).
 cert = ""
 key = ""
-# Seconds a client has for its TLS handshake and request head (slowloris).
+# Seconds a client has for its TLS handshake and each request head (slowloris); also how long
+# a kept-alive HTTP/1.1 or an HTTP/2 connection may wait for its next request.
 header_timeout_secs = 10
 # Seconds to wait for a VM to accept before answering 502.
 connect_timeout_secs = 3

@@ -353,14 +353,13 @@ async fn copy_body<R, W>(
     dst: &mut W,
     body: Body,
     max_trailer: usize,
-    head: Vec<u8>,
+    mut head: Vec<u8>,
 ) -> std::io::Result<()>
 where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
 {
     let eof = || std::io::Error::from(std::io::ErrorKind::UnexpectedEof);
-    let mut head = head;
     match body {
         Body::None => dst.write_all(&head).await,
         Body::Length(mut left) => {
