@@ -1,8 +1,11 @@
 //! HTTPS front door: boxd against HAProxy 2.6 (Debian), both terminating TLS with the same
 //! ECDSA P-256 certificate (boxd's local CA's zone certificate) and forwarding to the same
-//! backend (a small HTTP server in this process answering `ok`), a new backend connection per
-//! request in both (`option http-server-close`). Each server is pinned to CPU 0 (boxd: the
-//! whole process; HAProxy: one thread); the load generator runs on CPU 1. Three workloads,
+//! backend (a small HTTP server in this process answering `ok`), both with their default
+//! backend keep-alive: a client connection's next request reuses the backend connection its
+//! last one left open (HAProxy: `http-keep-alive`, `http-reuse safe`), and choosing the same
+//! cipher suite (checked before measuring). Each server is pinned to CPU 0 (boxd: the
+//! whole process; HAProxy: one thread); the load generator and the backend run on CPU 1. Three
+//! workloads,
 //! `BENCH_SECONDS` (default 10) each: new TLS handshakes (wrk, one request per connection,
 //! `Connection: close`), HTTP/1.1 keep-alive requests (wrk), and HTTP/2 requests (h2load, 16
 //! connections × 8 concurrent streams). One load core can cap the rate, so the table also shows requests
@@ -22,17 +25,19 @@ use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use anyhow::{Context as _, Result, bail};
-use boxd_benches::{Proc, cpu_seconds, env_or, median, running_vm, start_boxd_up};
+use boxd_benches::{Proc, cpu_seconds, env_or, median, pin_to_cpu, running_vm, start_boxd_up};
 
 const BOXD_IP: &str = "127.0.41.1";
 const HAPROXY_IP: &str = "127.0.41.2";
 const BACKEND: &str = "127.0.41.10:8000";
 const PORT: u16 = 29443;
 
-/// The "VM": answers every request on a connection with `ok`, closing when asked.
+/// The "VM": answers every request on a connection with `ok`, closing when asked. Its threads
+/// run on CPU 1 with the load generator, so CPU 0 is the server's alone.
 fn backend() -> Result<()> {
     let l = TcpListener::bind(BACKEND)?;
     std::thread::spawn(move || {
+        pin_to_cpu(1);
         for s in l.incoming().flatten() {
             std::thread::spawn(move || {
                 let mut s = s;
@@ -91,8 +96,9 @@ fn start_haproxy(dir: &Path, tls: &Path) -> Result<Proc> {
         &cfg,
         format!(
             "global\n  nbthread 1\n  cpu-map 1/1 0\n  ssl-default-bind-options ssl-min-ver TLSv1.2\n\
+               ssl-default-bind-ciphersuites {SUITES13}\n  ssl-default-bind-ciphers {SUITES12}\n\
              defaults\n  mode http\n  timeout connect 3s\n  timeout client 30s\n  timeout server 30s\n\
-               option http-server-close\n  option forwardfor\n\
+               option forwardfor\n\
              frontend fe\n  bind {HAPROXY_IP}:{PORT} ssl crt {} alpn h2,http/1.1\n  default_backend be\n\
              backend be\n  server s1 {BACKEND}\n",
             pem.display()
@@ -118,6 +124,28 @@ fn start_haproxy(dir: &Path, tls: &Path) -> Result<Proc> {
         .context("starting haproxy")?;
     std::thread::sleep(Duration::from_millis(500));
     Ok(Proc(child))
+}
+
+/// boxd's cipher suite order (dataplane/src/https/tls.rs), given to HAProxy too: both choose
+/// by their own order, so both negotiate TLS_AES_128_GCM_SHA256 with wrk and h2load.
+const SUITES13: &str = "TLS_AES_128_GCM_SHA256:TLS_AES_256_GCM_SHA384:TLS_CHACHA20_POLY1305_SHA256";
+const SUITES12: &str = "ECDHE-ECDSA-AES128-GCM-SHA256:ECDHE-ECDSA-AES256-GCM-SHA384:\
+                        ECDHE-ECDSA-CHACHA20-POLY1305";
+
+/// The TLS version and cipher suite an OpenSSL client (as wrk and h2load are) negotiates with
+/// `ip`.
+fn negotiated(ip: &str) -> Result<String> {
+    let out = Command::new("openssl")
+        .args(["s_client", "-connect", &format!("{ip}:{PORT}")])
+        .args(["-servername", "myapp.boxd.test"])
+        .stdin(Stdio::null())
+        .output()
+        .context("openssl s_client")?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    text.lines()
+        .find_map(|l| l.strip_prefix("New, "))
+        .map(|l| l.replace(", Cipher is ", " "))
+        .with_context(|| format!("no cipher from openssl s_client against {ip}"))
 }
 
 /// wrk on CPU 1 against `ip`; returns (requests/s, requests, server CPU seconds).
@@ -214,8 +242,13 @@ fn main() -> Result<()> {
             );
         }
     }
+    let suites = [negotiated("127.77.0.2")?, negotiated(HAPROXY_IP)?];
+    if suites[0] != suites[1] {
+        bail!("boxd negotiates {} but HAProxy {}", suites[0], suites[1]);
+    }
     println!(
-        "HTTPS: wrk -t1 -c64 / h2load -c16 -m8 on CPU 1, servers on CPU 0, {seconds} s per run, {rounds} rounds"
+        "HTTPS: wrk -t1 -c64 / h2load -c16 -m8 on CPU 1, servers on CPU 0, {seconds} s per run, {rounds} rounds, {}",
+        suites[0]
     );
     // [system][workload] -> (rps, per CPU-s) samples
     let mut results: Vec<Vec<(Vec<f64>, Vec<f64>)>> = vec![vec![Default::default(); 3]; 2];

@@ -35,8 +35,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, Result, bail};
 use boxd_benches::{
-    Proc, admin, boxd_bin, cpu_seconds, cpu_seconds_with_children, env_or, median, running_vm,
-    sshc, start_boxd_up,
+    Proc, admin, boxd_bin, cpu_seconds, cpu_seconds_with_children, env_or, median, pin_to_cpu,
+    running_vm, sshc, start_boxd_up,
 };
 
 const BOXD_IP: &str = "127.0.44.1";
@@ -231,12 +231,7 @@ fn russh_connections(
     let deadline = start + Duration::from_secs(seconds);
     let (done, failed) = std::thread::scope(|s| {
         s.spawn(|| {
-            // SAFETY: cpu_set_t is plain data; CPU 1 is below CPU_SETSIZE.
-            unsafe {
-                let mut set: libc::cpu_set_t = std::mem::zeroed();
-                libc::CPU_SET(1, &mut set);
-                libc::sched_setaffinity(0, std::mem::size_of_val(&set), &set);
-            }
+            pin_to_cpu(1);
             rt.block_on(async {
                 let mut tasks = Vec::new();
                 for _ in 0..conc {

@@ -628,3 +628,21 @@ pub mod sshc {
         Ok((status, out))
     }
 }
+
+/// Pins the calling thread (and the threads it spawns after this) to `cpu`.
+pub fn pin_to_cpu(cpu: usize) {
+    assert!(cpu < libc::CPU_SETSIZE as usize, "CPU {cpu} out of range");
+    // SAFETY: cpu_set_t is plain data (zeroed is the empty set); `cpu` is below CPU_SETSIZE,
+    // checked above; the set's size is passed along with it, and pid 0 is this thread.
+    let rc = unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(cpu, &mut set);
+        libc::sched_setaffinity(0, std::mem::size_of_val(&set), &set)
+    };
+    assert_eq!(
+        rc,
+        0,
+        "sched_setaffinity: {}",
+        std::io::Error::last_os_error()
+    );
+}

@@ -158,10 +158,13 @@ fn curl_reaches_vms_through_the_https_front_door() {
             "x-forwarded-proto: https",
             "x-forwarded-host: myapp.boxd.test",
             "forwarded: for=127.0.0.1;proto=https;host=\"myapp.boxd.test\"",
-            "connection: close",
         ] {
             assert!(body.contains(want), "missing {want:?} in {body}");
         }
+        assert!(
+            !body.contains("\nconnection:"),
+            "persistent by default: {body}"
+        );
         assert!(body.contains("x-forwarded-for: 127.0.0.1"), "{body}");
         // An empty body by `Content-Length: 0` ends the response (HTTP/2: END_STREAM at once).
         let empty = Command::new("curl")
@@ -208,8 +211,11 @@ fn curl_reaches_vms_through_the_https_front_door() {
             .arg(format!("myapp.boxd.test:{HTTPS_PORT}:{pub_ip}"))
             .arg(format!("https://myapp.boxd.test:{HTTPS_PORT}/one"))
             .arg(format!("https://myapp.boxd.test:{HTTPS_PORT}/two"))
+            .arg(format!("https://myapp.boxd.test:{HTTPS_PORT}/close-after"))
+            .arg(format!("https://myapp.boxd.test:{HTTPS_PORT}/three"))
             .output()
             .unwrap();
+        assert!(out.status.success(), "{out:?}");
         let text = String::from_utf8_lossy(&out.stdout);
         let one = text.find("GET /one\n").expect("first answer");
         let two = text.find("GET /two\n").expect("second answer");
@@ -217,6 +223,18 @@ fn curl_reaches_vms_through_the_https_front_door() {
         assert!(
             text[..two].contains("[1]") && text[two..].contains("[0]"),
             "reused: {text}"
+        );
+        // The VM connection is kept too: /one and /two arrive on one, as does /close-after,
+        // after which the VM closes it; /three still gets through, on a fresh one.
+        let ports: Vec<&str> = text
+            .lines()
+            .filter_map(|l| l.strip_prefix("peer-port: "))
+            .collect();
+        assert_eq!(ports.len(), 4, "{text}");
+        assert!(ports[0] == ports[1] && ports[1] == ports[2], "kept: {text}");
+        assert_ne!(
+            ports[2], ports[3],
+            "a closed VM connection is not reused: {text}"
         );
         // HTTP/2 multiplexes: eight transfers at once on one connection.
         if version == "--http2" {

@@ -54,7 +54,9 @@ impl SqliteThread {
         Self::open_with_idle(name, path, durability, None)
     }
 
-    /// Like `open`; `idle` runs on the thread whenever no job has arrived for its duration.
+    /// Like `open`; `idle` runs on the thread once its duration has passed without a job since
+    /// the last job. A thread with nothing to do sleeps until the next job: an idle node costs no
+    /// wake-ups.
     pub fn open_with_idle(
         name: &str,
         path: &Path,
@@ -114,16 +116,32 @@ impl SqliteThread {
                             job(&mut conn);
                         }
                     }
-                    Some((after, mut hook)) => loop {
-                        match rx.recv_timeout(after) {
-                            Ok(job) => job(&mut conn),
-                            Err(mpsc::RecvTimeoutError::Timeout) => hook(&mut conn),
-                            Err(mpsc::RecvTimeoutError::Disconnected) => {
-                                hook(&mut conn);
-                                break;
+                    Some((after, mut hook)) => {
+                        // Whether a job has run since the hook last did.
+                        let mut worked = false;
+                        loop {
+                            let next = if worked {
+                                rx.recv_timeout(after)
+                            } else {
+                                rx.recv()
+                                    .map_err(|mpsc::RecvError| mpsc::RecvTimeoutError::Disconnected)
+                            };
+                            match next {
+                                Ok(job) => {
+                                    job(&mut conn);
+                                    worked = true;
+                                }
+                                Err(mpsc::RecvTimeoutError::Timeout) => {
+                                    hook(&mut conn);
+                                    worked = false;
+                                }
+                                Err(mpsc::RecvTimeoutError::Disconnected) => {
+                                    hook(&mut conn);
+                                    break;
+                                }
                             }
                         }
-                    },
+                    }
                 }
                 drop(alive);
             });
@@ -225,5 +243,42 @@ mod tests {
             .unwrap()
             .unwrap();
         assert_eq!(mode, "wal");
+    }
+
+    #[tokio::test]
+    async fn the_idle_hook_runs_once_after_work_and_never_while_idle() {
+        let dir = tempfile::tempdir().unwrap();
+        let runs = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let counted = std::sync::Arc::clone(&runs);
+        let hook: IdleHook = (
+            std::time::Duration::from_millis(10),
+            Box::new(move |_: &mut Connection| {
+                counted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            }),
+        );
+        let db = SqliteThread::open_with_idle(
+            "t",
+            &dir.path().join("t.db"),
+            Durability::Normal,
+            Some(hook),
+        )
+        .unwrap();
+        let count = || runs.load(std::sync::atomic::Ordering::SeqCst);
+        // Opening runs no job: nothing to be idle after.
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+        assert_eq!(count(), 0);
+        for round in 1..=2 {
+            db.call(|c| c.execute_batch("SELECT 1"))
+                .await
+                .unwrap()
+                .unwrap();
+            tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+            assert_eq!(
+                count(),
+                round,
+                "one hook run per burst of work, none while idle"
+            );
+        }
+        drop(db);
     }
 }

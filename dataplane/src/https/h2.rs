@@ -21,7 +21,8 @@ use tokio_util::compat::FuturesAsyncReadCompatExt as _;
 use super::framing::{Body, Chunked};
 use super::head::{self, Parse};
 use super::pages;
-use super::proxy::{Shard, read_head};
+use super::pool::Idle;
+use super::proxy::{Shard, connect, read_head};
 
 /// Streams one client may have open at once.
 const MAX_STREAMS: u32 = 128;
@@ -58,6 +59,8 @@ where
         count: Cell::new(0),
         idle_since: Cell::new(Instant::now()),
     });
+    // VM connections kept for this connection's later streams; closed when the last is done.
+    let vms = Rc::new(Idle::default());
     loop {
         // With streams open, wake up once per `idle` only to look again.
         let wait = match open.count.get() {
@@ -87,11 +90,11 @@ where
                 break;
             }
         };
-        let (shard, sni) = (Rc::clone(&shard), sni.clone());
+        let (shard, sni, vms) = (Rc::clone(&shard), sni.clone(), Rc::clone(&vms));
         let guard = OpenStreams::enter(&open);
         glommio::spawn_local(async move {
             let _open = guard;
-            if let Err(e) = stream(req, respond, &shard, sni, client).await {
+            if let Err(e) = stream(req, respond, &shard, &vms, sni, client).await {
                 tracing::debug!(error = %e, "HTTP/2 stream");
             }
         })
@@ -195,6 +198,7 @@ async fn stream(
     req: http::Request<h2::RecvStream>,
     respond: Respond,
     shard: &Shard,
+    idle: &Idle,
     sni: Option<String>,
     client: IpAddr,
 ) -> std::io::Result<()> {
@@ -239,55 +243,49 @@ async fn stream(
         Parse::Partial => return page(respond, &pages::bad_request("incomplete request head")),
     };
     let backend_addr = SocketAddr::from((private, vm.http_port));
-    let mut backend = match TcpStream::connect_timeout(backend_addr, cfg.connect_timeout).await {
-        Ok(b) => b,
-        Err(e) => {
-            tracing::debug!(vm = %vm.name, addr = %backend_addr, error = %e, "VM did not accept");
-            return page(respond, &pages::bad_gateway(&vm.name, vm.http_port));
+    let h1 = req.forward(client, &host, true);
+    // A VM connection an earlier stream of this connection left open first (see `pool`); if it
+    // turns out closed before an answer began, a request without a body goes again on a fresh
+    // one.
+    let mut kept = idle.take(backend_addr);
+    let (mut backend, mut rbuf, resp) = loop {
+        let again = kept.is_some() && !has_body;
+        let mut backend = match kept.take() {
+            Some(b) => b,
+            None => match connect(backend_addr, cfg, &vm.name).await {
+                Some(b) => b,
+                None => return page(respond, &pages::bad_gateway(&vm.name, vm.http_port)),
+            },
+        };
+        match send_request(&mut backend, &h1, &mut body, has_body, chunked).await {
+            Ok(()) => {}
+            Err(_) if again => continue,
+            Err(e) => return Err(e),
         }
-    };
-    backend.set_nodelay(true)?;
-    backend.write_all(&req.forward(client, &host)).await?;
-    // The request body, as it comes, with its flow-control window given back as it is sent on.
-    if has_body {
-        while let Some(data) = body.data().await {
-            let data = data.map_err(std::io::Error::other)?;
-            let n = data.len();
-            if chunked && n > 0 {
-                // One write per chunk (size line, data, CRLF): one `sendto`, not three.
-                let mut piece = format!("{n:x}\r\n").into_bytes();
-                piece.reserve(n + 2);
-                piece.extend_from_slice(&data);
-                piece.extend_from_slice(b"\r\n");
-                backend.write_all(&piece).await?;
-            } else {
-                backend.write_all(&data).await?;
+        let mut rbuf = Vec::with_capacity(4096);
+        let resp = loop {
+            match read_head(&mut backend, &mut rbuf, |b| {
+                head::parse_response(b, cfg.max_headers, cfg.max_header_bytes)
+            })
+            .await
+            {
+                // Interim answers end here; the final one follows.
+                Ok(Parse::Complete(r)) if (100..200).contains(&r.status) => {
+                    rbuf.drain(..r.len);
+                }
+                Ok(Parse::Complete(r)) => break Some(r),
+                Err(_) if again && rbuf.is_empty() => break None,
+                _ => return page(respond, &pages::bad_gateway(&vm.name, vm.http_port)),
             }
-            _ = body.flow_control().release_capacity(n);
-        }
-        if chunked {
-            backend.write_all(b"0\r\n\r\n").await?;
-        }
-    }
-    backend.flush().await?;
-
-    let mut rbuf = Vec::with_capacity(4096);
-    let resp = loop {
-        match read_head(&mut backend, &mut rbuf, |b| {
-            head::parse_response(b, cfg.max_headers, cfg.max_header_bytes)
-        })
-        .await
-        {
-            // Interim answers end here; the final one follows.
-            Ok(Parse::Complete(r)) if (100..200).contains(&r.status) => {
-                rbuf.drain(..r.len);
-            }
-            Ok(Parse::Complete(r)) => break r,
-            _ => return page(respond, &pages::bad_gateway(&vm.name, vm.http_port)),
+        };
+        if let Some(r) = resp {
+            break (backend, rbuf, r);
         }
     };
     rbuf.drain(..resp.len);
     let framing = resp.body(req.method.as_str());
+    // Whether the VM connection may carry a later stream once this response has ended.
+    let reusable = framing != Body::UntilClose && resp.keeps_alive();
     let mut out = http::Response::builder().status(resp.status);
     for (name, value) in resp.h2_fields() {
         out = out.header(name, value);
@@ -298,6 +296,9 @@ async fn stream(
         respond
             .send_response(out, true)
             .map_err(std::io::Error::other)?;
+        if reusable && rbuf.is_empty() {
+            idle.put(backend_addr, backend);
+        }
         return Ok(());
     }
     let mut send = respond
@@ -322,19 +323,21 @@ async fn stream(
         } else {
             (&rbuf[..], false)
         };
-        let data: Vec<u8> = match (&mut chunks, &mut left) {
+        let (data, used): (Vec<u8>, usize) = match (&mut chunks, &mut left) {
             (Some(c), _) => {
                 let mut d = Vec::with_capacity(raw.len());
-                c.decode(raw, &mut d).map_err(std::io::Error::other)?;
-                d
+                let used = c.decode(raw, &mut d).map_err(std::io::Error::other)?;
+                (d, used)
             }
             (None, Some(n)) => {
                 let take = usize::try_from(*n).unwrap_or(usize::MAX).min(raw.len());
                 *n -= take as u64;
-                raw[..take].to_vec()
+                (raw[..take].to_vec(), take)
             }
-            (None, None) => raw.to_vec(),
+            (None, None) => (raw.to_vec(), raw.len()),
         };
+        // Bytes after the body: the VM is out of step, its connection is not kept.
+        let tail = used < raw.len();
         if !fresh {
             rbuf.clear();
         }
@@ -342,11 +345,47 @@ async fn stream(
         // The last piece carries END_STREAM itself (no empty DATA frame after it).
         send_all(&mut send, Bytes::from(data), done).await?;
         if done {
+            if reusable && !tail {
+                idle.put(backend_addr, backend);
+            }
             return Ok(());
         }
     }
     send.send_data(Bytes::new(), true)
         .map_err(std::io::Error::other)
+}
+
+/// Writes the request head `h1` and, if `has_body`, the client's body as it comes (chunked
+/// when the client gave no length), giving its flow-control window back as it is sent on.
+async fn send_request(
+    backend: &mut TcpStream,
+    h1: &[u8],
+    body: &mut h2::RecvStream,
+    has_body: bool,
+    chunked: bool,
+) -> std::io::Result<()> {
+    backend.write_all(h1).await?;
+    if has_body {
+        while let Some(data) = body.data().await {
+            let data = data.map_err(std::io::Error::other)?;
+            let n = data.len();
+            if chunked && n > 0 {
+                // One write per chunk (size line, data, CRLF): one `sendto`, not three.
+                let mut piece = format!("{n:x}\r\n").into_bytes();
+                piece.reserve(n + 2);
+                piece.extend_from_slice(&data);
+                piece.extend_from_slice(b"\r\n");
+                backend.write_all(&piece).await?;
+            } else {
+                backend.write_all(&data).await?;
+            }
+            _ = body.flow_control().release_capacity(n);
+        }
+        if chunked {
+            backend.write_all(b"0\r\n\r\n").await?;
+        }
+    }
+    backend.flush().await
 }
 
 /// Sends `data` as the client's window allows (never queueing more than it granted), the

@@ -42,6 +42,8 @@ pub struct Response {
     pub status: u16,
     /// Bytes of the head in the buffer.
     pub len: usize,
+    /// HTTP/1.x minor version.
+    minor: u8,
     reason: String,
     headers: Vec<(String, Vec<u8>)>,
 }
@@ -156,6 +158,7 @@ pub fn parse_response(buf: &[u8], max_headers: usize, max_bytes: usize) -> Parse
             Some(status @ 100..=599) => Parse::Complete(Response {
                 status,
                 len,
+                minor: resp.version.unwrap_or(0),
                 reason: resp.reason.unwrap_or("").to_owned(),
                 headers: owned(resp.headers),
             }),
@@ -226,9 +229,10 @@ impl Request {
     }
 
     /// The head to send the VM: HTTP/1.1, hop-by-hop fields removed, `Connection: close`
-    /// (or the upgrade kept), and who asked: `X-Forwarded-For` (appended), `X-Forwarded-Proto`,
+    /// unless `keep` (then no `Connection` field: the VM connection stays open for the
+    /// client's next request; an upgrade keeps `Connection: upgrade`), and who asked: `X-Forwarded-For` (appended), `X-Forwarded-Proto`,
     /// `X-Forwarded-Host`, `Forwarded` (RFC 7239).
-    pub fn forward(&self, client: IpAddr, host: &str) -> Vec<u8> {
+    pub fn forward(&self, client: IpAddr, host: &str, keep: bool) -> Vec<u8> {
         let drop = connection_tokens(&self.headers);
         let mut out = Vec::with_capacity(512);
         out.extend_from_slice(self.method.as_bytes());
@@ -259,7 +263,7 @@ impl Request {
                 push_field(&mut out, "upgrade", v);
             }
             push_field(&mut out, "connection", b"upgrade");
-        } else {
+        } else if !keep {
             push_field(&mut out, "connection", b"close");
         }
         let mut chain = xff.unwrap_or_default();
@@ -291,6 +295,15 @@ impl Response {
             Ok(Some(b)) => b,
             Ok(None) | Err(_) => Body::UntilClose,
         }
+    }
+
+    /// Whether the VM keeps its connection open after this response (HTTP/1.1 without
+    /// `Connection: close`), so that it may carry another request.
+    pub fn keeps_alive(&self) -> bool {
+        self.minor >= 1
+            && !connection_tokens(&self.headers)
+                .iter()
+                .any(|t| t == "close")
     }
 
     /// The fields an HTTP/2 response carries: those of [`Response::forward`] less what HTTP/2
@@ -363,11 +376,13 @@ mod tests {
         );
         assert_eq!(r.host.as_deref(), Some("a.boxd.test"));
         assert!(!r.upgrade);
-        let out = String::from_utf8(r.forward("192.0.2.7".parse().expect("ip"), "a.boxd.test"))
-            .expect("utf8");
+        let client = "192.0.2.7".parse().expect("ip");
+        let closing = String::from_utf8(r.forward(client, "a.boxd.test", false)).expect("utf8");
+        assert!(closing.contains("connection: close\r\n"), "{closing}");
+        let out = String::from_utf8(r.forward(client, "a.boxd.test", true)).expect("utf8");
         assert!(out.starts_with("POST /up?x=1 HTTP/1.1\r\n"), "{out}");
         assert!(out.contains("content-length: 3\r\n"));
-        assert!(out.contains("connection: close\r\n"));
+        assert!(!out.contains("connection:"), "persistent by default: {out}");
         assert!(
             out.contains("x-forwarded-for: 10.0.0.1, 192.0.2.7\r\n"),
             "{out}"
@@ -386,8 +401,8 @@ mod tests {
             "GET /ws HTTP/1.1\r\nHost: a.boxd.test\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n",
         );
         assert!(r.upgrade);
-        let out =
-            String::from_utf8(r.forward("::1".parse().expect("ip"), "a.boxd.test")).expect("utf8");
+        let out = String::from_utf8(r.forward("::1".parse().expect("ip"), "a.boxd.test", true))
+            .expect("utf8");
         assert!(
             out.contains("upgrade: websocket\r\nconnection: upgrade\r\n"),
             "{out}"
@@ -449,6 +464,11 @@ mod tests {
             String::from_utf8(resp("HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n").forward(true))
                 .expect("utf8");
         assert!(!keep.contains("connection"), "{keep}");
+        // Whether the VM's connection can carry another request.
+        assert!(resp("HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n").keeps_alive());
+        assert!(!resp("HTTP/1.1 200 OK\r\nConnection: Close\r\n\r\n").keeps_alive());
+        assert!(!resp("HTTP/1.1 200 OK\r\nConnection: x, close\r\n\r\n").keeps_alive());
+        assert!(!resp("HTTP/1.0 200 OK\r\nContent-Length: 0\r\n\r\n").keeps_alive());
     }
 
     #[test]

@@ -6,6 +6,7 @@ pub mod framing;
 mod h2;
 pub mod head;
 pub mod pages;
+mod pool;
 mod proxy;
 pub mod tls;
 
