@@ -309,9 +309,14 @@ async fn stream(
         _ => None,
     };
     let mut chunks = (framing == Body::Chunked).then(|| Chunked::new(cfg.max_header_bytes));
-    let mut buf = vec![0u8; READ];
+    // Allocated (and zeroed) only once a body must be read from the VM: a small response is
+    // usually whole in `rbuf` already (64 KiB zeroed per stream was ~4 % of the shard).
+    let mut buf = Vec::new();
     loop {
         let (raw, fresh) = if rbuf.is_empty() {
+            if buf.is_empty() {
+                buf.resize(READ, 0);
+            }
             let n = backend.read(&mut buf).await?;
             if n == 0 {
                 if framing == Body::UntilClose {
