@@ -1,8 +1,8 @@
 //! HTTPS front door: boxd against HAProxy 2.6 (Debian), both terminating TLS with the same
 //! ECDSA P-256 certificate (boxd's local CA's zone certificate) and forwarding to the same
-//! backend (a small HTTP server in this process answering `ok`), both with their default
-//! backend keep-alive: a client connection's next request reuses the backend connection its
-//! last one left open (HAProxy: `http-keep-alive`, `http-reuse safe`), and choosing the same
+//! backend (a small HTTP server in this process answering `ok`), both keeping backend
+//! connections alive and sharing them between client connections (boxd's default; HAProxy's
+//! `http-keep-alive` with `http-reuse always`), and choosing the same
 //! cipher suite (checked before measuring). Each server is pinned to CPU 0 (boxd: the
 //! whole process; HAProxy: one thread); the load generator and the backend run on CPU 1. Three
 //! workloads,
@@ -13,6 +13,10 @@
 //! (default 3); in each, every workload runs on both systems back to back (which goes first
 //! alternates); medians. The last column is the median of those back-to-back ratios, which
 //! this host's drifting speed (±10 % within minutes) disturbs least.
+//!
+//! `BENCH_ONLY=handshake` (any part of a workload's name) runs just that workload;
+//! `BENCH_HAPROXY_REUSE` sets HAProxy's `http-reuse` (default `always`, as boxd does; HAProxy's
+//! own default is `safe`, which opens a backend connection for each client connection).
 //!
 //! `ops/bench https`, or `cargo build --release -p boxd && cargo bench -p boxd-benches --bench https`.
 
@@ -87,6 +91,7 @@ fn start_boxd(dir: &Path) -> Result<(Proc, std::path::PathBuf)> {
 }
 
 fn start_haproxy(dir: &Path, tls: &Path) -> Result<Proc> {
+    let reuse = std::env::var("BENCH_HAPROXY_REUSE").unwrap_or_else(|_| "always".into());
     let pem = dir.join("haproxy.pem");
     let mut both = std::fs::read(tls.join("zone.crt"))?;
     both.extend(std::fs::read(tls.join("zone.key"))?);
@@ -100,7 +105,7 @@ fn start_haproxy(dir: &Path, tls: &Path) -> Result<Proc> {
              defaults\n  mode http\n  timeout connect 3s\n  timeout client 30s\n  timeout server 30s\n\
                option forwardfor\n\
              frontend fe\n  bind {HAPROXY_IP}:{PORT} ssl crt {} alpn h2,http/1.1\n  default_backend be\n\
-             backend be\n  server s1 {BACKEND}\n",
+             backend be\n  http-reuse {reuse}\n  server s1 {BACKEND}\n",
             pem.display()
         ),
     )?;
@@ -221,8 +226,16 @@ fn h2load(ip: &str, pid: u32, seconds: u32) -> Result<(f64, f64, f64)> {
     Ok((rps, ok, cpu))
 }
 
+/// The workloads, in the order they run; `BENCH_ONLY` picks those whose name contains it.
+const WORKLOADS: [&str; 3] = [
+    "new TLS handshake per request",
+    "keep-alive requests (HTTP/1.1, wrk)",
+    "HTTP/2 requests (h2load -c16 -m8)",
+];
+
 fn main() -> Result<()> {
     let rounds: usize = env_or("BENCH_ROUNDS", 3);
+    let only = std::env::var("BENCH_ONLY").unwrap_or_default();
     let seconds: u32 = env_or("BENCH_SECONDS", 10);
     let dir = tempfile::tempdir()?;
     backend()?;
@@ -258,6 +271,9 @@ fn main() -> Result<()> {
     for round in 0..rounds {
         let order = if round % 2 == 0 { [0, 1] } else { [1, 0] };
         for (w, pairs) in paired.iter_mut().enumerate() {
+            if !only.is_empty() && !WORKLOADS[w].contains(only.as_str()) {
+                continue;
+            }
             let mut per_cpu = [0.0; 2];
             for sys in order {
                 let (ip, pid) = if sys == 0 {
@@ -283,12 +299,11 @@ fn main() -> Result<()> {
         "| workload | boxd req/s | HAProxy req/s | ratio | boxd req/CPU-s | HAProxy req/CPU-s | ratio | paired ratio |"
     );
     println!("|---|---|---|---|---|---|---|---|");
-    for (w, name) in [
-        (0, "new TLS handshake per request"),
-        (1, "keep-alive requests (HTTP/1.1, wrk)"),
-        (2, "HTTP/2 requests (h2load -c16 -m8)"),
-    ] {
+    for (w, name) in WORKLOADS.iter().enumerate() {
         let (b, h) = (&results[0][w], &results[1][w]);
+        if b.0.is_empty() {
+            continue;
+        }
         println!(
             "| {name} | {:.0} | {:.0} | {:.2} | {:.0} | {:.0} | {:.2} | {:.2} |",
             m(&b.0),

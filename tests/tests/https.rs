@@ -236,6 +236,23 @@ fn curl_reaches_vms_through_the_https_front_door() {
             ports[2], ports[3],
             "a closed VM connection is not reused: {text}"
         );
+        // Kept VM connections are shared by a shard's client connections: one request per
+        // client connection, and each shard opens at most one VM connection for them all.
+        let shards = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let mut seen = std::collections::HashSet::new();
+        for i in 0..shards + 3 {
+            let (code, body) = curl(
+                &ca,
+                "myapp.boxd.test",
+                pub_ip,
+                &format!("/c{i}"),
+                &[version],
+            );
+            assert_eq!(code, 200, "{body}");
+            let port = body.lines().find_map(|l| l.strip_prefix("peer-port: "));
+            seen.insert(port.expect("peer port").to_owned());
+        }
+        assert!(seen.len() <= shards, "{shards} shards, VM ports {seen:?}");
         // HTTP/2 multiplexes: eight transfers at once on one connection.
         if version == "--http2" {
             let mut cmd = Command::new("curl");

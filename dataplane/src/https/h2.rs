@@ -21,7 +21,6 @@ use tokio_util::compat::FuturesAsyncReadCompatExt as _;
 use super::framing::{Body, Chunked};
 use super::head::{self, Parse};
 use super::pages;
-use super::pool::Idle;
 use super::proxy::{Shard, connect, read_head};
 
 /// Streams one client may have open at once.
@@ -59,8 +58,6 @@ where
         count: Cell::new(0),
         idle_since: Cell::new(Instant::now()),
     });
-    // VM connections kept for this connection's later streams; closed when the last is done.
-    let vms = Rc::new(Idle::default());
     loop {
         // With streams open, wake up once per `idle` only to look again.
         let wait = match open.count.get() {
@@ -90,11 +87,11 @@ where
                 break;
             }
         };
-        let (shard, sni, vms) = (Rc::clone(&shard), sni.clone(), Rc::clone(&vms));
+        let (shard, sni) = (Rc::clone(&shard), sni.clone());
         let guard = OpenStreams::enter(&open);
         glommio::spawn_local(async move {
             let _open = guard;
-            if let Err(e) = stream(req, respond, &shard, &vms, sni, client).await {
+            if let Err(e) = stream(req, respond, &shard, sni, client).await {
                 tracing::debug!(error = %e, "HTTP/2 stream");
             }
         })
@@ -198,7 +195,6 @@ async fn stream(
     req: http::Request<h2::RecvStream>,
     respond: Respond,
     shard: &Shard,
-    idle: &Idle,
     sni: Option<String>,
     client: IpAddr,
 ) -> std::io::Result<()> {
@@ -243,11 +239,10 @@ async fn stream(
         Parse::Partial => return page(respond, &pages::bad_request("incomplete request head")),
     };
     let backend_addr = SocketAddr::from((private, vm.http_port));
-    let h1 = req.forward(client, &host, true);
-    // A VM connection an earlier stream of this connection left open first (see `pool`); if it
-    // turns out closed before an answer began, a request without a body goes again on a fresh
-    // one.
-    let mut kept = idle.take(backend_addr);
+    let h1 = req.forward(client, &host);
+    // A VM connection an earlier request left open first (see `pool`); if it turns out closed
+    // before an answer began, a request without a body goes again on a fresh one.
+    let mut kept = shard.vms().take(backend_addr);
     let (mut backend, mut rbuf, resp) = loop {
         let again = kept.is_some() && !has_body;
         let mut backend = match kept.take() {
@@ -297,7 +292,7 @@ async fn stream(
             .send_response(out, true)
             .map_err(std::io::Error::other)?;
         if reusable && rbuf.is_empty() {
-            idle.put(backend_addr, backend);
+            shard.vms().put(backend_addr, backend);
         }
         return Ok(());
     }
@@ -351,7 +346,7 @@ async fn stream(
         send_all(&mut send, Bytes::from(data), done).await?;
         if done {
             if reusable && !tail {
-                idle.put(backend_addr, backend);
+                shard.vms().put(backend_addr, backend);
             }
             return Ok(());
         }

@@ -228,11 +228,11 @@ impl Request {
         self.minor == 0 || tokens.iter().any(|t| t == "close")
     }
 
-    /// The head to send the VM: HTTP/1.1, hop-by-hop fields removed, `Connection: close`
-    /// unless `keep` (then no `Connection` field: the VM connection stays open for the
-    /// client's next request; an upgrade keeps `Connection: upgrade`), and who asked: `X-Forwarded-For` (appended), `X-Forwarded-Proto`,
-    /// `X-Forwarded-Host`, `Forwarded` (RFC 7239).
-    pub fn forward(&self, client: IpAddr, host: &str, keep: bool) -> Vec<u8> {
+    /// The head to send the VM: HTTP/1.1, hop-by-hop fields removed, no `Connection` field
+    /// (the VM connection stays open for later requests, whatever the client does with its
+    /// own; an upgrade keeps `Connection: upgrade`), and who asked: `X-Forwarded-For`
+    /// (appended), `X-Forwarded-Proto`, `X-Forwarded-Host`, `Forwarded` (RFC 7239).
+    pub fn forward(&self, client: IpAddr, host: &str) -> Vec<u8> {
         let drop = connection_tokens(&self.headers);
         let mut out = Vec::with_capacity(512);
         out.extend_from_slice(self.method.as_bytes());
@@ -263,8 +263,6 @@ impl Request {
                 push_field(&mut out, "upgrade", v);
             }
             push_field(&mut out, "connection", b"upgrade");
-        } else if !keep {
-            push_field(&mut out, "connection", b"close");
         }
         let mut chain = xff.unwrap_or_default();
         if !chain.is_empty() {
@@ -377,9 +375,7 @@ mod tests {
         assert_eq!(r.host.as_deref(), Some("a.boxd.test"));
         assert!(!r.upgrade);
         let client = "192.0.2.7".parse().expect("ip");
-        let closing = String::from_utf8(r.forward(client, "a.boxd.test", false)).expect("utf8");
-        assert!(closing.contains("connection: close\r\n"), "{closing}");
-        let out = String::from_utf8(r.forward(client, "a.boxd.test", true)).expect("utf8");
+        let out = String::from_utf8(r.forward(client, "a.boxd.test")).expect("utf8");
         assert!(out.starts_with("POST /up?x=1 HTTP/1.1\r\n"), "{out}");
         assert!(out.contains("content-length: 3\r\n"));
         assert!(!out.contains("connection:"), "persistent by default: {out}");
@@ -401,8 +397,8 @@ mod tests {
             "GET /ws HTTP/1.1\r\nHost: a.boxd.test\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n",
         );
         assert!(r.upgrade);
-        let out = String::from_utf8(r.forward("::1".parse().expect("ip"), "a.boxd.test", true))
-            .expect("utf8");
+        let out =
+            String::from_utf8(r.forward("::1".parse().expect("ip"), "a.boxd.test")).expect("utf8");
         assert!(
             out.contains("upgrade: websocket\r\nconnection: upgrade\r\n"),
             "{out}"

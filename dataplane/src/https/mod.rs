@@ -3,6 +3,7 @@
 //! proxying HTTP/1.1 to the VM the SNI names, found in the lock-free View.
 
 pub mod framing;
+mod gather;
 mod h2;
 pub mod head;
 pub mod pages;
@@ -148,10 +149,15 @@ impl HttpsServer {
                     if let Some(r) = r {
                         // SAFETY: as above.
                         let r = unsafe { glommio::net::TcpListener::from_raw_fd(r.into_raw_fd()) };
-                        glommio::spawn_local(proxy::accept_redirect(r, shard)).detach();
+                        glommio::spawn_local(proxy::accept_redirect(r, shard.clone())).detach();
                     }
+                    let mut ticks = 0u32;
                     while !stop.load(Ordering::Relaxed) {
                         glommio::timer::sleep(Duration::from_millis(100)).await;
+                        ticks = ticks.wrapping_add(1);
+                        if ticks.is_multiple_of(10) {
+                            shard.vms().purge();
+                        }
                     }
                 })
                 .map_err(|e| std::io::Error::other(format!("starting HTTPS shard {i}: {e}")))?;

@@ -1,51 +1,116 @@
-//! Kept-alive connections to VMs, held per client connection: HAProxy's default
-//! (`http-keep-alive` with `http-reuse safe`). A client connection's next request to the same
-//! VM reuses the VM connection its last one left open, instead of a TCP connect and close per
-//! request. Connections are never shared between clients, so a VM never sees one client's
-//! request arrive on a connection another client's opened, and a client's first request always
-//! gets a fresh connection.
+//! Kept-alive connections to VMs, one pool per shard, shared by the shard's client
+//! connections: what nginx does with an upstream `keepalive` and HAProxy with
+//! `http-reuse always`. A request to a VM goes on a connection an earlier request (of any
+//! client on this shard) left open, instead of a TCP connect and close per request — which
+//! matters most for clients that send one request per connection.
 //!
-//! A VM may close an idle connection at any time. Before reuse, a kept connection is checked
-//! without blocking (`MSG_PEEK`): closed, reset, or holding bytes nobody asked for, it is
-//! dropped. What remains is the race of a VM closing just as a request goes out; the caller
-//! retries such a request once on a fresh connection when it had no body (nothing of the
-//! client's was consumed), and answers 502 otherwise — as HAProxy and Go's transport do.
+//! A VM may close an idle connection at any time. A connection idle longer than
+//! [`MAX_IDLE_TIME`] (4 s) is never used again (it is below the 5 s keep-alive timeouts of Apache
+//! httpd and Node.js, so servers like those never close a connection as it is being
+//! reused). Before reuse a kept connection is also checked without blocking (`MSG_PEEK`):
+//! closed, reset, or holding bytes nobody asked for, it is dropped. What remains is the race
+//! of a VM closing just as a request goes out; the caller retries such a request once on a
+//! fresh connection when it had no body (nothing of the client's was consumed), and answers
+//! 502 otherwise — as HAProxy, nginx and Go's transport do.
 
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::os::fd::AsRawFd as _;
+use std::time::{Duration, Instant};
 
 use glommio::net::TcpStream;
 
-/// Most idle VM connections one client connection keeps. HTTP/1.1 needs one; HTTP/2 streams
-/// run side by side, each on its own VM connection.
-const MAX_IDLE: usize = 8;
+/// Most idle connections a shard keeps to one VM; a burst that opened more closes the rest.
+const MAX_PER_VM: usize = 32;
 
-/// The idle VM connections of one client connection.
-#[derive(Default)]
-pub(super) struct Idle(RefCell<Vec<(SocketAddr, TcpStream)>>);
+/// Most idle VM connections a shard keeps in all (descriptors held while nobody asks).
+const MAX_IDLE: usize = 1024;
 
-impl Idle {
-    /// A kept connection to `addr` that the VM has not closed, if there is one.
-    pub fn take(&self, addr: SocketAddr) -> Option<TcpStream> {
-        let mut idle = self.0.borrow_mut();
-        while let Some(i) = idle.iter().rposition(|(a, _)| *a == addr) {
-            let (_, s) = idle.swap_remove(i);
-            if usable(&s) {
-                return Some(s);
-            }
+/// How long a connection may sit idle and still be reused.
+const MAX_IDLE_TIME: Duration = Duration::from_secs(4);
+
+/// The idle VM connections of one shard, newest last per VM.
+pub(super) struct Pool {
+    idle: RefCell<HashMap<SocketAddr, Vec<(Instant, TcpStream)>>>,
+    count: Cell<usize>,
+    max_idle_time: Duration,
+}
+
+impl Default for Pool {
+    fn default() -> Self {
+        Self::new(MAX_IDLE_TIME)
+    }
+}
+
+impl Pool {
+    /// A pool whose connections may be reused until idle for `max_idle_time`.
+    fn new(max_idle_time: Duration) -> Self {
+        Self {
+            idle: RefCell::default(),
+            count: Cell::new(0),
+            max_idle_time,
         }
-        None
     }
 
-    /// Keeps `s`, a connection to `addr` whose last exchange ended cleanly; the oldest goes
-    /// when there are too many.
-    pub fn put(&self, addr: SocketAddr, s: TcpStream) {
-        let mut idle = self.0.borrow_mut();
-        if idle.len() >= MAX_IDLE {
-            idle.remove(0);
+    /// The most recently kept connection to `addr` that is neither too old nor closed by the
+    /// VM, if there is one (the newest: the likeliest to still be open; the older ones age out
+    /// when traffic falls).
+    pub fn take(&self, addr: SocketAddr) -> Option<TcpStream> {
+        let mut idle = self.idle.borrow_mut();
+        let kept = idle.get_mut(&addr)?;
+        let now = Instant::now();
+        let mut found = None;
+        while let Some((since, s)) = kept.pop() {
+            self.count.set(self.count.get() - 1);
+            if now.duration_since(since) > self.max_idle_time {
+                // Older still, all of them.
+                self.count.set(self.count.get() - kept.len());
+                kept.clear();
+                break;
+            }
+            if usable(&s) {
+                found = Some(s);
+                break;
+            }
         }
-        idle.push((addr, s));
+        if kept.is_empty() {
+            idle.remove(&addr);
+        }
+        found
+    }
+
+    /// Keeps `s`, a connection to `addr` whose last exchange ended cleanly. The oldest to that
+    /// VM goes when it has too many; `s` itself when the shard has.
+    pub fn put(&self, addr: SocketAddr, s: TcpStream) {
+        let mut idle = self.idle.borrow_mut();
+        let kept = idle.entry(addr).or_default();
+        if kept.len() >= MAX_PER_VM {
+            kept.remove(0);
+        } else if self.count.get() >= MAX_IDLE {
+            return;
+        } else {
+            self.count.set(self.count.get() + 1);
+        }
+        kept.push((Instant::now(), s));
+    }
+
+    /// Closes every connection too old to be reused; the shard calls it now and then, so an
+    /// idle shard holds no descriptors for VMs nobody asks for.
+    pub fn purge(&self) {
+        let now = Instant::now();
+        let mut idle = self.idle.borrow_mut();
+        idle.retain(|_, kept| {
+            kept.retain(|(since, _)| now.duration_since(*since) <= self.max_idle_time);
+            !kept.is_empty()
+        });
+        self.count.set(idle.values().map(Vec::len).sum());
+    }
+
+    /// How many connections are kept.
+    #[cfg(test)]
+    fn len(&self) -> usize {
+        self.count.get()
     }
 }
 
@@ -77,26 +142,80 @@ mod tests {
         glommio::LocalExecutor::default().run(async {
             let l = TcpListener::bind("127.0.0.1:0").expect("bind");
             let addr = l.local_addr().expect("addr");
-            let idle = Idle::default();
+            let pool = Pool::default();
             let mut open = Vec::new();
             for _ in 0..3 {
-                idle.put(addr, TcpStream::connect(addr).await.expect("connect"));
+                pool.put(addr, TcpStream::connect(addr).await.expect("connect"));
                 open.push(l.accept().await.expect("accept"));
             }
             let other = SocketAddr::from(([127, 0, 0, 1], 1));
-            assert!(idle.take(other).is_none(), "kept for another address");
+            assert!(pool.take(other).is_none(), "kept for another address");
             // The newest first: the VM wrote on it unasked.
             open[2].write_all(b"x").await.expect("write");
             // The middle one: closed by the VM.
             drop(open.remove(1));
-            glommio::timer::sleep(std::time::Duration::from_millis(50)).await;
-            let mut kept = idle.take(addr).expect("the oldest is still open");
-            assert!(idle.take(addr).is_none(), "the others were dropped");
+            glommio::timer::sleep(Duration::from_millis(50)).await;
+            let mut kept = pool.take(addr).expect("the oldest is still open");
+            assert!(pool.take(addr).is_none(), "the others were dropped");
+            assert_eq!(pool.len(), 0);
             // And it is the oldest: the VM's end of it still talks to it.
             kept.write_all(b"ping").await.expect("write");
             let mut got = [0u8; 4];
             open[0].read_exact(&mut got).await.expect("read");
             assert_eq!(&got, b"ping");
+        });
+    }
+
+    #[test]
+    fn connections_idle_too_long_are_neither_reused_nor_held() {
+        glommio::LocalExecutor::default().run(async {
+            let l = TcpListener::bind("127.0.0.1:0").expect("bind");
+            let addr = l.local_addr().expect("addr");
+            let pool = Pool::new(Duration::from_millis(100));
+            let mut open = Vec::new();
+            for _ in 0..2 {
+                pool.put(addr, TcpStream::connect(addr).await.expect("connect"));
+                open.push(l.accept().await.expect("accept"));
+            }
+            glommio::timer::sleep(Duration::from_millis(150)).await;
+            assert!(pool.take(addr).is_none(), "an old connection was reused");
+            assert_eq!(pool.len(), 0, "old connections are still held");
+            // Purged without being asked for: the VM sees them closed.
+            pool.put(addr, TcpStream::connect(addr).await.expect("connect"));
+            let mut vm_end = l.accept().await.expect("accept");
+            pool.purge();
+            assert_eq!(pool.len(), 1, "a fresh connection was purged");
+            glommio::timer::sleep(Duration::from_millis(150)).await;
+            pool.purge();
+            assert_eq!(pool.len(), 0);
+            let mut rest = Vec::new();
+            let n = vm_end.read_to_end(&mut rest).await.expect("read");
+            assert_eq!(n, 0, "the purged connection is closed");
+        });
+    }
+
+    #[test]
+    fn a_vm_gets_at_most_its_share_of_kept_connections() {
+        glommio::LocalExecutor::default().run(async {
+            let l = TcpListener::bind("127.0.0.1:0").expect("bind");
+            let addr = l.local_addr().expect("addr");
+            let pool = Pool::default();
+            let mut open = Vec::new();
+            for _ in 0..MAX_PER_VM + 3 {
+                pool.put(addr, TcpStream::connect(addr).await.expect("connect"));
+                open.push(l.accept().await.expect("accept"));
+            }
+            assert_eq!(pool.len(), MAX_PER_VM);
+            // The oldest went: the VM sees the first three closed, the fourth still open.
+            for vm_end in &mut open[..3] {
+                let mut rest = Vec::new();
+                assert_eq!(vm_end.read_to_end(&mut rest).await.expect("read"), 0);
+            }
+            let mut n = 0;
+            while pool.take(addr).is_some() {
+                n += 1;
+            }
+            assert_eq!(n, MAX_PER_VM);
         });
     }
 }

@@ -18,8 +18,9 @@ use futures_rustls::TlsAcceptor;
 use glommio::net::{TcpListener, TcpStream};
 
 use super::framing::{Body, Chunked};
+use super::gather::Gathered;
 use super::head::{self, Parse};
-use super::pool::Idle;
+use super::pool::Pool;
 use super::{HttpsConfig, pages};
 
 /// What every connection on one shard shares.
@@ -31,6 +32,8 @@ pub(super) struct Shard {
     connections: Cell<usize>,
     handshakes: Cell<usize>,
     per_ip: RefCell<HashMap<IpAddr, usize>>,
+    /// Idle VM connections, for any of this shard's client connections (see `pool`).
+    vms: Pool,
 }
 
 impl Shard {
@@ -48,12 +51,18 @@ impl Shard {
             connections: Cell::new(0),
             handshakes: Cell::new(0),
             per_ip: RefCell::new(HashMap::new()),
+            vms: Pool::default(),
         }
     }
 
     /// The shard's settings.
     pub(super) fn cfg(&self) -> &HttpsConfig {
         &self.cfg
+    }
+
+    /// The shard's idle VM connections.
+    pub(super) fn vms(&self) -> &Pool {
+        &self.vms
     }
 
     /// The VM `host` names, and the zone.
@@ -241,7 +250,7 @@ async fn serve_tls(stream: TcpStream, shard: Rc<Shard>) -> std::io::Result<()> {
         let Some(_hs) = Slot::take(&shard.handshakes, shard.cfg.max_handshakes) else {
             return Ok(());
         };
-        shard.acceptor.accept(stream).await?
+        shard.acceptor.accept(Gathered::new(stream)).await?
     };
     let sni = tls.get_ref().1.server_name().map(str::to_ascii_lowercase);
     if tls.get_ref().1.alpn_protocol() == Some(b"h2") {
@@ -253,7 +262,6 @@ async fn serve_tls(stream: TcpStream, shard: Rc<Shard>) -> std::io::Result<()> {
     let cfg = &shard.cfg;
     // Bytes read from the client and not yet used: the start of the next request.
     let mut buf = Vec::with_capacity(4096);
-    let idle = Idle::default();
     loop {
         tls.get_ref().0.set_read_timeout(Some(cfg.header_timeout))?;
         let req = match read_head(&mut tls, &mut buf, |b| {
@@ -291,9 +299,9 @@ async fn serve_tls(stream: TcpStream, shard: Rc<Shard>) -> std::io::Result<()> {
             Err(why) => return reply(&mut tls, &pages::bad_request(&why)).await,
         };
         let backend_addr = SocketAddr::from((private, vm.http_port));
-        // A client that closes after this request leaves nothing to keep the VM's connection
-        // for: ask the VM to close it (it then closes first, as before keep-alive).
-        let mut head = req.forward(client, &host, !req.wants_close());
+        // The VM connection outlives this client connection: other clients of the shard reuse
+        // it, so a client's `Connection: close` is not passed on.
+        let mut head = req.forward(client, &host);
         tls.get_ref().0.set_read_timeout(None)?;
         if req.upgrade {
             let Some(mut backend) = connect(backend_addr, cfg, &vm.name).await else {
@@ -304,10 +312,10 @@ async fn serve_tls(stream: TcpStream, shard: Rc<Shard>) -> std::io::Result<()> {
             return tunnel(tls, backend, cfg, &vm.name, vm.http_port).await;
         }
         let limit = cfg.max_header_bytes;
-        // The request goes on the VM connection the last one left open, if any (see `pool`); if
+        // The request goes on a VM connection an earlier one left open, if any (see `pool`); if
         // that one turns out closed before an answer began, a request without a body goes again
         // on a fresh connection.
-        let mut kept = idle.take(backend_addr);
+        let mut kept = shard.vms.take(backend_addr);
         let (mut backend, mut rbuf, resp) = loop {
             let reused = kept.is_some();
             let mut backend = match kept.take() {
@@ -357,8 +365,10 @@ async fn serve_tls(stream: TcpStream, shard: Rc<Shard>) -> std::io::Result<()> {
             }
         };
         let rbody = resp.body(&req.method);
-        let keep = !req.wants_close() && rbody != Body::UntilClose && resp.status != 101;
-        let reuse = rbody != Body::UntilClose && resp.status != 101 && resp.keeps_alive();
+        // Either connection outlives this exchange only if the response's end is known.
+        let framed = rbody != Body::UntilClose && resp.status != 101;
+        let keep = framed && !req.wants_close();
+        let reuse = framed && resp.keeps_alive();
         let out = resp.forward(keep);
         rbuf.drain(..resp.len);
         if resp.status == 101 {
@@ -369,14 +379,14 @@ async fn serve_tls(stream: TcpStream, shard: Rc<Shard>) -> std::io::Result<()> {
             return splice(tls, backend).await;
         }
         copy_body(&mut backend, &mut rbuf, &mut tls, rbody, limit, out).await?;
-        tls.flush().await?;
-        if !keep {
-            return tls.close().await;
-        }
         // Nothing may follow a response the VM framed; if something did, the connection is
         // out of step and goes.
         if reuse && rbuf.is_empty() {
-            idle.put(backend_addr, backend);
+            shard.vms.put(backend_addr, backend);
+        }
+        tls.flush().await?;
+        if !keep {
+            return tls.close().await;
         }
     }
 }
