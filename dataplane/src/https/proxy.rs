@@ -252,6 +252,9 @@ async fn serve_tls(stream: TcpStream, shard: Rc<Shard>) -> std::io::Result<()> {
         };
         shard.acceptor.accept(Gathered::new(stream)).await?
     };
+    // The handshake's last writes (TLS 1.3 session tickets) are still held: they leave with
+    // the first response (see `gather`).
+    tls.get_mut().0.release();
     let sni = tls.get_ref().1.server_name().map(str::to_ascii_lowercase);
     if tls.get_ref().1.alpn_protocol() == Some(b"h2") {
         // h2::serve bounds the preface and the idle time itself: a stream may wait on a slow
@@ -377,6 +380,16 @@ async fn serve_tls(stream: TcpStream, shard: Rc<Shard>) -> std::io::Result<()> {
             tls.write_all(&rbuf).await?;
             backend.write_all(&buf).await?;
             return splice(tls, backend).await;
+        }
+        let whole = match rbody {
+            Body::None => true,
+            Body::Length(n) => rbuf.len() as u64 >= n,
+            _ => false,
+        };
+        if !keep && whole {
+            // The last response, already read whole, leaves together with the `close_notify`
+            // after it. (Never one still streaming: its bytes must not wait.)
+            tls.get_mut().0.hold();
         }
         copy_body(&mut backend, &mut rbuf, &mut tls, rbody, limit, out).await?;
         // Nothing may follow a response the VM framed; if something did, the connection is
