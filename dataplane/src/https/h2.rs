@@ -91,7 +91,9 @@ where
         let guard = OpenStreams::enter(&open);
         glommio::spawn_local(async move {
             let _open = guard;
-            if let Err(e) = stream(req, respond, &shard, sni, client).await {
+            // Boxed: spawning then moves a small future, not the stream's (copying it whole
+            // on spawn was ~3 % of the shard's time under h2load).
+            if let Err(e) = Box::pin(stream(req, respond, &shard, sni, client)).await {
                 tracing::debug!(error = %e, "HTTP/2 stream");
             }
         })

@@ -147,8 +147,11 @@ pub(super) async fn accept_tls(listener: TcpListener, shard: Rc<Shard>) {
             }
         };
         let shard = shard.clone();
+        // Boxed, so spawning moves a pointer: the connection's future is several KB (rustls'
+        // state, the request loop), and glommio copied it whole more than once per spawn.
+        let conn = Box::pin(serve_tls(stream, shard));
         glommio::spawn_local(async move {
-            if let Err(e) = serve_tls(stream, shard).await {
+            if let Err(e) = conn.await {
                 tracing::debug!(error = %e, "HTTPS connection");
             }
         })
