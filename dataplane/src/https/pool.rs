@@ -87,15 +87,18 @@ impl Pool {
     /// VM goes when it has too many; `s` itself when the shard has.
     pub fn put(&self, addr: SocketAddr, s: TcpStream) {
         let mut idle = self.idle.borrow_mut();
-        let kept = idle.entry(addr).or_default();
-        if kept.len() >= MAX_PER_VM {
+        let now = Instant::now();
+        if let Some(kept) = idle.get_mut(&addr).filter(|k| k.len() >= MAX_PER_VM) {
             kept.remove(0);
-        } else if self.count.get() >= MAX_IDLE {
+            kept.push((now, s));
             return;
-        } else {
-            self.count.set(self.count.get() + 1);
         }
-        kept.push((Instant::now(), s));
+        // A full shard keeps nothing more (and leaves no empty entry behind).
+        if self.count.get() >= MAX_IDLE {
+            return;
+        }
+        self.count.set(self.count.get() + 1);
+        idle.entry(addr).or_default().push((now, s));
     }
 
     /// Closes every connection too old to be reused; the shard calls it now and then, so an
