@@ -45,3 +45,106 @@ pub fn pin_current_thread(cpu: usize) -> std::io::Result<()> {
         Err(std::io::Error::last_os_error())
     }
 }
+
+/// The vendored glommio's reactor (dataplane/vendor/README.md) keeps its timers armed across
+/// loop iterations and preempts by the clock: these check that the shards still preempt a busy
+/// task queue and still wake for their timers.
+#[cfg(test)]
+mod runtime_tests {
+    use std::cell::Cell;
+    use std::rc::Rc;
+    use std::sync::mpsc;
+    use std::time::{Duration, Instant};
+
+    use glommio::{LocalExecutorBuilder, Placement};
+
+    /// Runs `f` on a glommio executor in its own thread; fails instead of hanging.
+    fn on_shard<T, Fut>(f: impl FnOnce() -> Fut + Send + 'static) -> T
+    where
+        T: Send + 'static,
+        Fut: std::future::Future<Output = T> + 'static,
+    {
+        let (tx, rx) = mpsc::channel();
+        LocalExecutorBuilder::new(Placement::Unbound)
+            .preempt_timer(Duration::from_millis(10))
+            .spawn(move || async move {
+                let _ = tx.send(f().await);
+            })
+            .expect("executor");
+        rx.recv_timeout(Duration::from_secs(30))
+            .expect("the shard hung")
+    }
+
+    #[test]
+    fn a_busy_task_queue_is_preempted_so_a_timer_fires() {
+        let spins = on_shard(|| async {
+            let done = Rc::new(Cell::new(false));
+            let flag = Rc::clone(&done);
+            let timer = glommio::spawn_local(async move {
+                glommio::timer::sleep(Duration::from_millis(20)).await;
+                flag.set(true);
+            })
+            .detach();
+            // Never sleeps: only a preemption lets the executor run its timers.
+            let mut spins = 0u64;
+            while !done.get() {
+                spins += 1;
+                glommio::yield_if_needed().await;
+            }
+            timer.await;
+            spins
+        });
+        assert!(spins > 0);
+    }
+
+    #[test]
+    fn a_sleeping_shard_wakes_for_an_earlier_timer_made_while_it_slept() {
+        let (tx, rx) = glommio::channels::shared_channel::new_bounded::<()>(1);
+        // Another shard pokes this one over a channel (a foreign wake-up) after 50 ms; this
+        // one is asleep by then, its wake timer armed for its 600 ms timer.
+        let poke = LocalExecutorBuilder::new(Placement::Unbound)
+            .spawn(move || async move {
+                let tx = tx.connect().await;
+                glommio::timer::sleep(Duration::from_millis(50)).await;
+                tx.send(()).await.expect("send");
+            })
+            .expect("poking executor");
+        let (early, late) = on_shard(move || async move {
+            let start = Instant::now();
+            let long = glommio::spawn_local(async move {
+                glommio::timer::sleep(Duration::from_millis(600)).await;
+                start.elapsed()
+            })
+            .detach();
+            let rx = rx.connect().await;
+            rx.recv().await.expect("poke");
+            // A timer earlier than the one the shard slept for.
+            glommio::timer::sleep(Duration::from_millis(10)).await;
+            let early = start.elapsed();
+            (early, long.await.expect("long timer"))
+        });
+        poke.join().expect("poke thread");
+        assert!(late >= Duration::from_millis(600), "{late:?}");
+        // The 10 ms timer after a 50 ms poke: woken for it, not at 600 ms with the long one.
+        assert!(
+            early < Duration::from_millis(400),
+            "early {early:?}, late {late:?}"
+        );
+    }
+
+    #[test]
+    fn timers_in_a_row_each_wake_a_sleeping_shard() {
+        let slept = on_shard(|| async {
+            let mut slept = Vec::new();
+            for ms in [30u64, 5, 40, 1, 15] {
+                let t = Instant::now();
+                glommio::timer::sleep(Duration::from_millis(ms)).await;
+                slept.push((ms, t.elapsed()));
+            }
+            slept
+        });
+        for (ms, took) in slept {
+            assert!(took >= Duration::from_millis(ms), "{ms} ms took {took:?}");
+        }
+    }
+}

@@ -223,6 +223,10 @@ pub fn server_config(certs: Arc<ZoneCert>) -> Result<Arc<ServerConfig>, TlsError
     cfg.ignore_client_order = true;
     cfg.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
     cfg.ticketer = rustls::crypto::ring::Ticketer::new()?;
+    // One TLS 1.3 ticket per handshake, as Go's crypto/tls sends and OpenSSL sends after a
+    // resumed handshake (rustls's default is two, always): a resuming client gets the one it
+    // spent back, and a ticket costs the server a key derivation, an encryption and a record.
+    cfg.send_tls13_tickets = 1;
     cfg.session_storage = rustls::server::ServerSessionMemoryCache::new(4096);
     Ok(Arc::new(cfg))
 }
@@ -230,6 +234,7 @@ pub fn server_config(certs: Arc<ZoneCert>) -> Result<Arc<ServerConfig>, TlsError
 #[cfg(test)]
 mod tests {
     use super::*;
+    use rustls_pki_types::ServerName;
 
     #[test]
     fn local_ca_is_made_once_and_loads() {
@@ -251,26 +256,33 @@ mod tests {
         assert_eq!(mode & 0o777, 0o600);
     }
 
-    /// Handshakes an in-memory client against `server`; returns the negotiated suite.
-    fn negotiate(
-        server: Arc<ServerConfig>,
+    /// A client trusting the CA in `ca`, listing the provider's default suite order (AES-256
+    /// first, as OpenSSL does).
+    fn client_config(
         ca: &Path,
         versions: &[&'static rustls::SupportedProtocolVersion],
-    ) -> rustls::CipherSuite {
+    ) -> rustls::ClientConfig {
         let mut roots = rustls::RootCertStore::empty();
         for c in CertificateDer::pem_file_iter(ca).expect("ca") {
             roots.add(c.expect("ca cert")).expect("root");
         }
-        // The client lists the provider's default order: AES-256 first, as OpenSSL does.
-        let client = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::ClientConfig::builder_with_provider(Arc::new(
             rustls::crypto::ring::default_provider(),
         ))
         .with_protocol_versions(versions)
         .expect("versions")
         .with_root_certificates(roots)
-        .with_no_client_auth();
+        .with_no_client_auth()
+    }
+
+    /// Handshakes an in-memory client against `server`, and lets it read what the server sends
+    /// after the handshake (session tickets).
+    fn handshake(
+        server: Arc<ServerConfig>,
+        client: Arc<rustls::ClientConfig>,
+    ) -> rustls::ClientConnection {
         let name = rustls_pki_types::ServerName::try_from("myapp.boxd.test").expect("name");
-        let mut c = rustls::ClientConnection::new(Arc::new(client), name).expect("client");
+        let mut c = rustls::ClientConnection::new(client, name).expect("client");
         let mut s = rustls::ServerConnection::new(server).expect("server");
         for _ in 0..10 {
             let mut wire = Vec::new();
@@ -286,7 +298,93 @@ mod tests {
             }
         }
         assert!(!c.is_handshaking(), "handshake did not finish");
+        c
+    }
+
+    /// Handshakes an in-memory client against `server`; returns the negotiated suite.
+    fn negotiate(
+        server: Arc<ServerConfig>,
+        ca: &Path,
+        versions: &[&'static rustls::SupportedProtocolVersion],
+    ) -> rustls::CipherSuite {
+        let c = handshake(server, Arc::new(client_config(ca, versions)));
         c.negotiated_cipher_suite().expect("suite").suite()
+    }
+
+    /// A client session store that counts the TLS 1.3 tickets it is given.
+    #[derive(Debug)]
+    struct CountingStore {
+        inner: rustls::client::ClientSessionMemoryCache,
+        tickets: std::sync::atomic::AtomicUsize,
+    }
+
+    impl rustls::client::ClientSessionStore for CountingStore {
+        fn set_kx_hint(&self, name: ServerName<'static>, group: rustls::NamedGroup) {
+            self.inner.set_kx_hint(name, group);
+        }
+        fn kx_hint(&self, name: &ServerName<'_>) -> Option<rustls::NamedGroup> {
+            self.inner.kx_hint(name)
+        }
+        fn set_tls12_session(
+            &self,
+            name: ServerName<'static>,
+            value: rustls::client::Tls12ClientSessionValue,
+        ) {
+            self.inner.set_tls12_session(name, value);
+        }
+        fn tls12_session(
+            &self,
+            name: &ServerName<'_>,
+        ) -> Option<rustls::client::Tls12ClientSessionValue> {
+            self.inner.tls12_session(name)
+        }
+        fn remove_tls12_session(&self, name: &ServerName<'static>) {
+            self.inner.remove_tls12_session(name);
+        }
+        fn insert_tls13_ticket(
+            &self,
+            name: ServerName<'static>,
+            value: rustls::client::Tls13ClientSessionValue,
+        ) {
+            self.tickets
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            self.inner.insert_tls13_ticket(name, value);
+        }
+        fn take_tls13_ticket(
+            &self,
+            name: &ServerName<'static>,
+        ) -> Option<rustls::client::Tls13ClientSessionValue> {
+            self.inner.take_tls13_ticket(name)
+        }
+    }
+
+    #[test]
+    fn one_session_ticket_per_handshake_full_or_resumed() {
+        let d = tempfile::tempdir().expect("tempdir");
+        let files = local_ca(d.path(), "boxd.test").expect("ca");
+        let server = server_config(ZoneCert::new(load(&files).expect("load"))).expect("config");
+        let ca = files.ca.clone().expect("local CA file");
+        let store = Arc::new(CountingStore {
+            inner: rustls::client::ClientSessionMemoryCache::new(32),
+            tickets: std::sync::atomic::AtomicUsize::new(0),
+        });
+        let mut client = client_config(&ca, &[&rustls::version::TLS13]);
+        client.resumption = rustls::client::Resumption::store(store.clone());
+        let client = Arc::new(client);
+        let tickets = || store.tickets.load(std::sync::atomic::Ordering::Relaxed);
+
+        let full = handshake(Arc::clone(&server), Arc::clone(&client));
+        assert_eq!(full.handshake_kind(), Some(rustls::HandshakeKind::Full));
+        assert_eq!(tickets(), 1, "tickets after a full handshake");
+        for round in 2..=4 {
+            let resumed = handshake(Arc::clone(&server), Arc::clone(&client));
+            assert_eq!(
+                resumed.handshake_kind(),
+                Some(rustls::HandshakeKind::Resumed),
+                "handshake {round} resumes with the ticket it was given"
+            );
+            assert_eq!(tickets(), round, "one new ticket per resumed handshake");
+        }
     }
 
     #[test]

@@ -224,6 +224,12 @@ impl Source {
         })
     }
 
+    /// Whether the request is in the ring (queued or submitted) and its completion has not been
+    /// consumed yet.
+    pub(crate) fn in_flight(&self) -> bool {
+        self.inner.borrow().enqueued.is_some()
+    }
+
     pub(crate) fn result(&self) -> Option<io::Result<usize>> {
         let mut inner = self.inner.borrow_mut();
         let ret = inner

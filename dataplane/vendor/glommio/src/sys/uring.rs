@@ -1051,12 +1051,23 @@ impl SleepableRing {
         }
     }
 
-    fn sleep(&mut self, link: &Source) -> io::Result<usize> {
+    fn sleep(&mut self, link: &Source, linked: bool) -> io::Result<usize> {
         assert_eq!(
             self.waiting_kernel_submission(),
             0,
             "sleeping with pending SQEs"
         );
+        if linked {
+            // The link from an earlier sleep is still armed: just wait.
+            return self
+                .ring
+                .cq()
+                .wait(1)
+                .map(|_| 1)
+                .or_else(Reactor::busy_ok)
+                .or_else(Reactor::again_ok)
+                .or_else(Reactor::intr_ok);
+        }
         if let Some(mut sqe) = self.ring.sq().prepare_sqe() {
             let sqe_ptr = unsafe { sqe.raw_mut() as *mut _ };
             let op = UringDescriptor {
@@ -1222,6 +1233,10 @@ impl UringCommon for SleepableRing {
     }
 }
 
+/// How far from the next user timer an already armed wake timer may fire and still be kept
+/// for a sleep.
+const WAKE_TIMER_SLACK: Duration = Duration::from_millis(1);
+
 pub(crate) struct Reactor {
     // FIXME: it is starting to feel we should clean this up to a Inner pattern
     main_ring: RefCell<SleepableRing>,
@@ -1230,6 +1245,17 @@ pub(crate) struct Reactor {
 
     latency_preemption_timeout_src: Cell<Option<Source>>,
     throughput_preemption_timeout_src: Cell<Option<Source>>,
+    // When the latency ring's timer (the one that wakes a sleeping reactor for a user timer)
+    // fires. It stays armed across loop iterations while it still matches; cancelling and
+    // re-arming it (and the throughput timer, and the rings' link) on every iteration cost two
+    // to three `IORING_OP_ASYNC_CANCEL`s and as many new requests per iteration.
+    latency_timer_deadline: Cell<Option<Instant>>,
+    // When the running task queue should yield: checked by `need_preempt` against the clock
+    // instead of arming a latency-ring timeout on every loop iteration.
+    preempt_deadline: Cell<Option<Instant>>,
+    // The poll that links the latency ring into the main ring for sleeping; it stays armed
+    // until it fires.
+    link_rings_src: Cell<Option<Source>>,
 
     link_fd: RawFd,
 
@@ -1361,6 +1387,9 @@ impl Reactor {
             poll_ring: RefCell::new(poll_ring),
             latency_preemption_timeout_src: Cell::new(None),
             throughput_preemption_timeout_src: Cell::new(None),
+            latency_timer_deadline: Cell::new(None),
+            preempt_deadline: Cell::new(None),
+            link_rings_src: Cell::new(None),
             blocking_thread,
             link_fd,
             notifier,
@@ -1733,14 +1762,30 @@ impl Reactor {
     /// We may not be able to register an `SQE` at this point, so we return an
     /// Error and will just not sleep.
     fn link_rings_and_sleep(&self, ring: &mut SleepableRing) -> io::Result<()> {
-        let link_rings = Source::new(
-            IoRequirements::default(),
-            self.link_fd,
-            SourceType::LinkRings,
-            None,
-            None,
-        );
-        ring.sleep(&link_rings).or_else(Self::busy_ok).map(|_| {})
+        // A link from an earlier sleep that has not fired is still armed in the kernel.
+        let armed = self.link_rings_src.take().filter(Source::in_flight);
+        let linked = armed.is_some();
+        let link_rings = armed.unwrap_or_else(|| {
+            Source::new(
+                IoRequirements::default(),
+                self.link_fd,
+                SourceType::LinkRings,
+                None,
+                None,
+            )
+        });
+        let slept = ring.sleep(&link_rings, linked).or_else(Self::busy_ok).map(|_| {});
+        self.link_rings_src.set(Some(link_rings));
+        slept
+    }
+
+    /// Whether the running task queue has used up its time slice (see `preempt_deadline`).
+    #[inline(always)]
+    pub(crate) fn preempt_deadline_passed(&self) -> bool {
+        match self.preempt_deadline.get() {
+            Some(deadline) => Instant::now() >= deadline,
+            None => false,
+        }
     }
 
     pub(crate) fn poll_io(&self, woke: &mut usize) -> io::Result<()> {
@@ -1821,22 +1866,50 @@ impl Reactor {
         // consume all events from the rings
         consume_rings!(into &mut woke; lat_ring, poll_ring, main_ring);
 
-        // Cancel the old timer regardless of whether we can sleep:
-        // if we won't sleep, we will register the new timer with its new
-        // value.
-        //
-        // But if we will sleep, there might be a timer registered that needs
-        // to be removed otherwise we'll wake up when it expires.
-        drop(self.latency_preemption_timeout_src.take());
+        // The time slice is set again below if the caller wants one.
+        self.preempt_deadline.set(None);
 
-        // Schedule the throughput-based timeout immediately: it won't matter if we end
-        // up sleeping.
-        self.throughput_preemption_timeout_src.replace(Some(
-            main_ring.prepare_throughput_preemption_timer(
-                self.ring_depth() as u32,
-                self.eventfd_src.raw(),
-            ),
-        ));
+        // The latency ring's wake timer stays armed while the reactor runs (if it fires, the
+        // running queue is preempted and the timers are processed, which is what is due).
+        // Before a sleep it stays only if it fires within `WAKE_TIMER_SLACK` of the next user
+        // timer; otherwise it is cancelled here, so that the cancellation is flushed and
+        // consumed below with everything else, and a new one is armed before sleeping.
+        let wake_at = user_timer.map(|dur| Instant::now() + dur);
+        let armed = self
+            .latency_preemption_timeout_src
+            .take()
+            .filter(Source::in_flight);
+        let keep = match (&armed, preempt_timer().is_none()) {
+            (None, _) => false,
+            (Some(_), false) => true,
+            (Some(_), true) => match (wake_at, self.latency_timer_deadline.get()) {
+                (Some(want), Some(at)) => {
+                    at <= want + WAKE_TIMER_SLACK && want <= at + WAKE_TIMER_SLACK
+                }
+                _ => false,
+            },
+        };
+        if keep {
+            self.latency_preemption_timeout_src.set(armed);
+        } else {
+            drop(armed);
+            self.latency_timer_deadline.set(None);
+        }
+
+        // The throughput-based timeout fires after `ring_depth` completions on the main ring;
+        // one that has not fired yet stays (it then fires a little early, which only means
+        // an early preemption). It won't matter if we end up sleeping.
+        let throughput = self
+            .throughput_preemption_timeout_src
+            .take()
+            .filter(Source::in_flight)
+            .unwrap_or_else(|| {
+                main_ring.prepare_throughput_preemption_timer(
+                    self.ring_depth() as u32,
+                    self.eventfd_src.raw(),
+                )
+            });
+        self.throughput_preemption_timeout_src.set(Some(throughput));
 
         // This will only dispatch if we run out of sqes. Which means until
         // flush_rings! nothing is really send to the kernel...
@@ -1857,10 +1930,14 @@ impl Reactor {
         if should_sleep {
             // We are about to go to sleep. It's ok to sleep, but if there
             // is a timer set, we need to make sure we wake up to handle it.
-            if let Some(dur) = user_timer {
-                self.latency_preemption_timeout_src
-                    .set(Some(lat_ring.prepare_latency_preemption_timer(dur)));
-                assert!(flush_rings!(lat_ring)? > 0);
+            // A timer still armed for about the same moment was kept above.
+            if let (Some(dur), Some(want)) = (user_timer, wake_at) {
+                if self.latency_timer_deadline.get().is_none() {
+                    self.latency_preemption_timeout_src
+                        .set(Some(lat_ring.prepare_latency_preemption_timer(dur)));
+                    self.latency_timer_deadline.set(Some(want));
+                    assert!(flush_rings!(lat_ring)? > 0);
+                }
             }
             // From this moment on the remote executors are aware that we are sleeping
             // We have to sweep the remote channels function once more because since
@@ -1887,9 +1964,7 @@ impl Reactor {
         }
 
         if let Some(preempt) = preempt_timer() {
-            self.latency_preemption_timeout_src
-                .set(Some(lat_ring.prepare_latency_preemption_timer(preempt)));
-            flush_rings!(lat_ring, main_ring)?;
+            self.preempt_deadline.set(Some(Instant::now() + preempt));
         }
 
         // A Note about `need_preempt`:
