@@ -515,6 +515,16 @@ fn vm_sessions_are_relayed_to_the_guest_agent() {
     std::fs::write(&key_file, &key).unwrap();
     let _agent = agent(&format!("{AGENT}:2200"), &key_file);
 
+    // The agent takes AES-GCM, which the relay asks it for first (a key it does not authorise
+    // gets as far as authentication, not "no matching cipher").
+    let (code, _, err) = ssh(&alice, AGENT)
+        .port(2200)
+        .opt("-c")
+        .opt("aes128-gcm@openssh.com")
+        .run(&["true"]);
+    assert_eq!(code, 255, "{err}");
+    assert!(err.contains("Permission denied (publickey)"), "{err}");
+
     // A VM whose private address is the agent's (a worker's report stands in for the worker).
     let owner =
         serde_json::from_str::<Value>(&at(LOBBY).run(&["whoami", "--json"]).1).unwrap()["id"]

@@ -37,6 +37,28 @@ pub fn agent_key(cluster_secret: &str) -> PrivateKey {
     PrivateKey::from(Ed25519Keypair::from_seed(&seed))
 }
 
+/// Ciphers the relay offers the agent, first choice first: AES-GCM, which ring runs on the
+/// CPU's AES instructions (the agent, in the VM, has the host's CPU). Both ends are boxd's, so
+/// the private hop need not take a user's client's choice (OpenSSH picks ChaCha20-Poly1305).
+pub const AGENT_CIPHERS: &[russh::cipher::Name] = &[
+    russh::cipher::AES_128_GCM,
+    russh::cipher::AES_256_GCM,
+    russh::cipher::CHACHA20_POLY1305,
+];
+
+/// The relay's SSH client configuration for its connection to a guest agent.
+fn agent_client_config() -> client::Config {
+    client::Config {
+        inactivity_timeout: None,
+        keepalive_interval: Some(Duration::from_secs(30)),
+        preferred: russh::Preferred {
+            cipher: std::borrow::Cow::Borrowed(AGENT_CIPHERS),
+            ..russh::Preferred::default()
+        },
+        ..Default::default()
+    }
+}
+
 /// The public half of a key in OpenSSH form.
 pub fn public_openssh(key: &PrivateKey) -> String {
     key.public_key().to_openssh().unwrap_or_default()
@@ -143,11 +165,7 @@ impl AgentLink {
             .await
             .map_err(|e| format!("{addr}: {e}"))?;
         let _ = tcp.set_nodelay(true);
-        let cfg = Arc::new(client::Config {
-            inactivity_timeout: None,
-            keepalive_interval: Some(Duration::from_secs(30)),
-            ..Default::default()
-        });
+        let cfg = Arc::new(agent_client_config());
         // Buffered for the same reason as the shards' accepted connections.
         let tcp = tokio::io::BufReader::with_capacity(super::READ_BUFFER, tcp);
         let mut h = client::connect_stream(cfg, tcp, AgentClient { user })

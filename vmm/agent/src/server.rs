@@ -18,6 +18,18 @@ use tokio::io::AsyncWriteExt as _;
 
 use crate::pty;
 
+/// Ciphers the agent accepts: russh's defaults plus AES-128-GCM, which boxd's relay asks for
+/// first (ring runs AES-GCM on the CPU's AES instructions; the relay's own hop need not follow
+/// the user's client, whose first choice is ChaCha20-Poly1305).
+const CIPHERS: &[russh::cipher::Name] = &[
+    russh::cipher::AES_128_GCM,
+    russh::cipher::AES_256_GCM,
+    russh::cipher::CHACHA20_POLY1305,
+    russh::cipher::AES_256_CTR,
+    russh::cipher::AES_192_CTR,
+    russh::cipher::AES_128_CTR,
+];
+
 /// Serves the proxy on `listen` until the process ends.
 pub async fn serve(listen: SocketAddr, authorized: PublicKey) -> Result<(), String> {
     let listener = tokio::net::TcpListener::bind(listen)
@@ -35,6 +47,10 @@ pub async fn serve(listen: SocketAddr, authorized: PublicKey) -> Result<(), Stri
         auth_rejection_time_initial: Some(Duration::ZERO),
         inactivity_timeout: None,
         nodelay: true,
+        preferred: russh::Preferred {
+            cipher: std::borrow::Cow::Borrowed(CIPHERS),
+            ..russh::Preferred::default()
+        },
         ..Default::default()
     });
     println!(
