@@ -4,11 +4,15 @@
 //! connections alive and sharing them between client connections (boxd's default; HAProxy's
 //! `http-keep-alive` with `http-reuse always`), and choosing the same
 //! cipher suite (checked before measuring). Each server is pinned to CPU 0 (boxd: the
-//! whole process; HAProxy: one thread); the load generator and the backend run on CPU 1. Three
+//! whole process; HAProxy: one thread); the load generator and the backend run on CPU 1. Four
 //! workloads,
 //! `BENCH_SECONDS` (default 10) each: new TLS handshakes (wrk, one request per connection,
-//! `Connection: close`), HTTP/1.1 keep-alive requests (wrk), and HTTP/2 requests (h2load, 16
-//! connections × 8 concurrent streams). One load core can cap the rate, so the table also shows requests
+//! `Connection: close`; wrk resumes its TLS session on each reconnect, so these are resumed
+//! TLS 1.3 handshakes: PSK plus an X25519 exchange), HTTP/1.1 keep-alive requests (wrk),
+//! HTTP/2 requests (h2load, 16 connections × 8 concurrent streams), and full handshakes
+//! (`openssl s_time -new`, 8 processes: no resumption, so the server signs with its ECDSA key
+//! every time; no request, the client closes after the handshake). One load core can cap the
+//! rate, so the table also shows requests
 //! per server CPU-second (utime+stime from /proc over the run). `BENCH_ROUNDS` rounds
 //! (default 3); in each, every workload runs on both systems back to back (which goes first
 //! alternates); medians. The last column is the median of those back-to-back ratios, which
@@ -226,11 +230,50 @@ fn h2load(ip: &str, pid: u32, seconds: u32) -> Result<(f64, f64, f64)> {
     Ok((rps, ok, cpu))
 }
 
+/// `S_TIME` `openssl s_time -new` processes on CPU 1 against `ip`, each making full TLS
+/// handshakes (no resumption: ECDHE and the server's ECDSA signature every time), one at a
+/// time, closing each right after; returns (handshakes/s, handshakes, server CPU seconds).
+fn s_time(ip: &str, pid: u32, seconds: u32) -> Result<(f64, f64, f64)> {
+    let before = cpu_seconds(&[pid]);
+    let start = std::time::Instant::now();
+    let children = (0..S_TIME)
+        .map(|_| {
+            Command::new("taskset")
+                .args(["-c", "1", "openssl", "s_time", "-new"])
+                .arg(format!("-time={seconds}"))
+                .arg(format!("-connect={ip}:{PORT}"))
+                .stdout(Stdio::piped())
+                .stderr(Stdio::null())
+                .spawn()
+                .context("openssl s_time")
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let mut total = 0.0;
+    for child in children {
+        let out = child.wait_with_output()?;
+        let text = String::from_utf8_lossy(&out.stdout);
+        // "1688 connections in 1.05s; 1607.62 connections/user sec, bytes read 0"
+        let n: f64 = text
+            .lines()
+            .find_map(|l| l.split_once(" connections in ").map(|(n, _)| n.trim()))
+            .with_context(|| format!("no connection count from openssl s_time: {text}"))?
+            .parse()?;
+        total += n;
+    }
+    let wall = start.elapsed().as_secs_f64();
+    let cpu = cpu_seconds(&[pid]) - before;
+    Ok((total / wall, total, cpu))
+}
+
+/// Concurrent `openssl s_time` processes in the full-handshake workload.
+const S_TIME: usize = 8;
+
 /// The workloads, in the order they run; `BENCH_ONLY` picks those whose name contains it.
-const WORKLOADS: [&str; 3] = [
+const WORKLOADS: [&str; 4] = [
     "new TLS handshake per request",
     "keep-alive requests (HTTP/1.1, wrk)",
     "HTTP/2 requests (h2load -c16 -m8)",
+    "full TLS handshake, no resumption (openssl s_time -new ×8)",
 ];
 
 fn main() -> Result<()> {
@@ -264,10 +307,11 @@ fn main() -> Result<()> {
         suites[0]
     );
     // [system][workload] -> (rps, per CPU-s) samples
-    let mut results: Vec<Vec<(Vec<f64>, Vec<f64>)>> = vec![vec![Default::default(); 3]; 2];
+    let mut results: Vec<Vec<(Vec<f64>, Vec<f64>)>> =
+        vec![vec![Default::default(); WORKLOADS.len()]; 2];
     // [workload] -> boxd / HAProxy per CPU-s, each from two runs back to back: this host's
     // speed drifts within minutes, so ratios of neighbours are steadier than ratios of medians.
-    let mut paired: Vec<Vec<f64>> = vec![Vec::new(); 3];
+    let mut paired: Vec<Vec<f64>> = vec![Vec::new(); WORKLOADS.len()];
     for round in 0..rounds {
         let order = if round % 2 == 0 { [0, 1] } else { [1, 0] };
         for (w, pairs) in paired.iter_mut().enumerate() {
@@ -284,7 +328,8 @@ fn main() -> Result<()> {
                 let (rps, total, cpu) = match w {
                     0 => wrk(ip, pid, true, seconds)?,
                     1 => wrk(ip, pid, false, seconds)?,
-                    _ => h2load(ip, pid, seconds)?,
+                    2 => h2load(ip, pid, seconds)?,
+                    _ => s_time(ip, pid, seconds)?,
                 };
                 per_cpu[sys] = total / cpu.max(1e-9);
                 results[sys][w].0.push(rps);
