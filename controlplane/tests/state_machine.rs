@@ -113,3 +113,37 @@ async fn applied_state_is_visible_snapshotted_installed_and_resumed() {
     assert_eq!(applied.map(|l| l.index), Some(2));
     assert_eq!(sm.reader().vms().await.unwrap(), vms);
 }
+
+/// openraft builds snapshots in a task of its own while the state machine may be installing a
+/// leader's: neither may remove the other's files (the install's once vanished before it was
+/// restored, which stopped the node).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_snapshot_built_while_a_leaders_is_installed_breaks_neither() {
+    let (a, b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let (owner, vm) = (AccountId::random(), VmId::random());
+    let mut leader = StateMachine::open(a.path(), ViewHandle::new()).unwrap();
+    leader.apply(history(owner, vm)).await.unwrap();
+    leader
+        .get_snapshot_builder()
+        .await
+        .build_snapshot()
+        .await
+        .unwrap();
+    let mut node = StateMachine::open(b.path(), ViewHandle::new()).unwrap();
+    node.apply(history(owner, vm)).await.unwrap();
+    for round in 0..30 {
+        let snap = leader.get_current_snapshot().await.unwrap().unwrap();
+        let mut rx = node.begin_receiving_snapshot().await.unwrap();
+        let mut data = *snap.snapshot;
+        tokio::io::copy(&mut data, &mut *rx).await.unwrap();
+        let mut builder = node.get_snapshot_builder().await;
+        let build = tokio::spawn(async move { builder.build_snapshot().await.map(|s| s.meta) });
+        let installed = node.install_snapshot(&snap.meta, rx).await;
+        let built = build.await.unwrap();
+        installed.unwrap_or_else(|e| panic!("round {round}: install: {e}"));
+        built.unwrap_or_else(|e| panic!("round {round}: build: {e}"));
+        let current = node.get_current_snapshot().await.unwrap();
+        assert!(current.is_some(), "round {round}: no current snapshot");
+        assert_eq!(node.reader().vms().await.unwrap().len(), 1);
+    }
+}

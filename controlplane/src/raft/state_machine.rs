@@ -70,7 +70,14 @@ pub struct StateMachine {
     view: Arc<ViewHandle>,
     stats: Arc<SmStats>,
     receiving: Option<PathBuf>,
+    snapshot_files: SnapshotFiles,
 }
+
+/// Held while the snapshot directory changes or is read: openraft builds snapshots in a task
+/// of its own, concurrently with the state machine installing a leader's snapshot, and each
+/// one's `promote_snapshot` removes every file but its own (it once removed the snapshot being
+/// installed before it was restored, which stopped the node).
+type SnapshotFiles = Arc<tokio::sync::Mutex<()>>;
 
 /// Builds snapshots from a separate read connection so apply is not blocked.
 pub struct SnapshotBuilder {
@@ -78,6 +85,7 @@ pub struct SnapshotBuilder {
     state_path: PathBuf,
     snapshot_dir: PathBuf,
     stats: Arc<SmStats>,
+    snapshot_files: SnapshotFiles,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -127,6 +135,7 @@ impl StateMachine {
             view,
             stats: Arc::default(),
             receiving: None,
+            snapshot_files: SnapshotFiles::default(),
         };
         if let Some((meta, path)) = current_snapshot(&sm.snapshot_dir)? {
             let applied = sm.db.call_blocking(|c| last_applied(c))??;
@@ -300,10 +309,14 @@ impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
             .map_err(write_err)?
             .map_err(write_err)?;
         let (state, dir) = (self.state_path.clone(), self.snapshot_dir.clone());
-        let meta = tokio::task::spawn_blocking(move || build_snapshot_file(&state, &dir))
-            .await
-            .map_err(write_err)?
-            .map_err(write_err)?;
+        let files = Arc::clone(&self.snapshot_files).lock_owned().await;
+        let meta = tokio::task::spawn_blocking(move || {
+            let _files = files;
+            build_snapshot_file(&state, &dir)
+        })
+        .await
+        .map_err(write_err)?
+        .map_err(write_err)?;
         self.stats.snapshots_built.fetch_add(1, Ordering::Relaxed);
         tracing::info!(snapshot = %meta.snapshot_id, "built snapshot");
         let path = self.snapshot_dir.join(format!("{}.db", meta.snapshot_id));
@@ -399,6 +412,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             state_path: self.state_path.clone(),
             snapshot_dir: self.snapshot_dir.clone(),
             stats: Arc::clone(&self.stats),
+            snapshot_files: Arc::clone(&self.snapshot_files),
         }
     }
 
@@ -425,6 +439,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         mut snapshot: Box<tokio::fs::File>,
     ) -> Result<(), StoreError> {
         use tokio::io::AsyncSeekExt as _;
+        let _files = self.snapshot_files.lock().await;
         // Copy from the handle rather than trusting the path handed out by
         // `begin_receiving_snapshot`: the caller may pass any file.
         let target = self.snapshot_dir.join(format!("{}.db", meta.snapshot_id));
@@ -467,6 +482,8 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
     }
 
     async fn get_current_snapshot(&mut self) -> Result<Option<Snapshot<TypeConfig>>, StoreError> {
+        // The file is opened under the lock; once open it survives a later removal.
+        let _files = self.snapshot_files.lock().await;
         let current = current_snapshot(&self.snapshot_dir).map_err(read_err)?;
         match current {
             Some((meta, path)) => open_snapshot(meta, &path).await.map(Some),
