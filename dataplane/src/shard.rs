@@ -101,7 +101,7 @@ mod runtime_tests {
     fn a_sleeping_shard_wakes_for_an_earlier_timer_made_while_it_slept() {
         let (tx, rx) = glommio::channels::shared_channel::new_bounded::<()>(1);
         // Another shard pokes this one over a channel (a foreign wake-up) after 50 ms; this
-        // one is asleep by then, its wake timer armed for its 600 ms timer.
+        // one is asleep by then, its wake timer armed for its 1.5 s timer.
         let poke = LocalExecutorBuilder::new(Placement::Unbound)
             .spawn(move || async move {
                 let tx = tx.connect().await;
@@ -112,7 +112,7 @@ mod runtime_tests {
         let (early, late) = on_shard(move || async move {
             let start = Instant::now();
             let long = glommio::spawn_local(async move {
-                glommio::timer::sleep(Duration::from_millis(600)).await;
+                glommio::timer::sleep(Duration::from_millis(1500)).await;
                 start.elapsed()
             })
             .detach();
@@ -124,10 +124,10 @@ mod runtime_tests {
             (early, long.await.expect("long timer"))
         });
         poke.join().expect("poke thread");
-        assert!(late >= Duration::from_millis(600), "{late:?}");
-        // The 10 ms timer after a 50 ms poke: woken for it, not at 600 ms with the long one.
+        assert!(late >= Duration::from_millis(1500), "{late:?}");
+        // The 10 ms timer after a 50 ms poke: woken for it, not at 1.5 s with the long one.
         assert!(
-            early < Duration::from_millis(400),
+            early < Duration::from_millis(1000),
             "early {early:?}, late {late:?}"
         );
     }
