@@ -18,7 +18,7 @@
 //! alternates); medians. The last column is the median of those back-to-back ratios, which
 //! this host's drifting speed (±10 % within minutes) disturbs least.
 //!
-//! `BENCH_ONLY=handshake` (any part of a workload's name) runs just that workload;
+//! `BENCH_ONLY=handshake` (any part of a workload's name) runs just the workloads that match;
 //! `BENCH_HAPROXY_REUSE` sets HAProxy's `http-reuse` (default `always`, as boxd does; HAProxy's
 //! own default is `safe`, which opens a backend connection for each client connection).
 //!
