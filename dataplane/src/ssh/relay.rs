@@ -40,7 +40,7 @@ pub fn agent_key(cluster_secret: &str) -> PrivateKey {
 /// Ciphers the relay offers the agent, first choice first: AES-GCM, which ring runs on the
 /// CPU's AES instructions (the agent, in the VM, has the host's CPU). Both ends are boxd's, so
 /// the private hop need not take a user's client's choice (OpenSSH picks ChaCha20-Poly1305).
-pub const AGENT_CIPHERS: &[russh::cipher::Name] = &[
+const AGENT_CIPHERS: &[russh::cipher::Name] = &[
     russh::cipher::AES_128_GCM,
     russh::cipher::AES_256_GCM,
     russh::cipher::CHACHA20_POLY1305,
