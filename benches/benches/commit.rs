@@ -25,6 +25,7 @@ use boxd_benches::{
 
 const LATENCY_WRITES: u64 = 1000;
 const WRITERS: usize = 64;
+/// Writes per writer in the batched scenario; `BENCH_PER_WRITER` raises it (for profiling).
 const PER_WRITER: u64 = 150;
 
 #[derive(Default, Clone)]
@@ -60,7 +61,7 @@ async fn measure<W: Writer + 'static>(
         writers.push(make().await?);
     }
     let cpu0 = cpu_seconds(pids);
-    let s = run(writers, PER_WRITER).await?;
+    let s = run(writers, env_or("BENCH_PER_WRITER", PER_WRITER)).await?;
     thr.add(&s, cpu_seconds(pids) - cpu0);
     Ok(())
 }

@@ -466,8 +466,9 @@ fn leader_of(raft: &Raft) -> Option<(NodeId, String)> {
 }
 
 /// The proposer: takes every command queued since the last proposal into one log entry, with up
-/// to `IN_FLIGHT` entries outstanding. openraft 0.9 waits for each entry's fsync before taking
-/// the next client write, so this is what turns concurrent writers into group commits.
+/// to `IN_FLIGHT` entries outstanding. A follower's openraft core waits for each entry's fsync
+/// before it takes the next one (the leader's no longer does: `vendor/README.md`), so this is
+/// what turns concurrent writers into group commits.
 ///
 /// An attempt is bounded by `attempt_timeout`: openraft 0.9 restarts a former leader as leader
 /// at once, and an entry it accepts before learning of the newer term never completes. The
