@@ -304,7 +304,9 @@ pub fn main() -> ExitCode {
 }
 
 fn run_node(start: Start, cfg: Config, data_dir: PathBuf) -> ExitCode {
-    let rt = match tokio::runtime::Builder::new_multi_thread()
+    // One thread: task hand-offs on the write path stay on it instead of waking a parked
+    // worker on another core each time (controlplane/DESIGN.md). Blocking work is elsewhere.
+    let rt = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .thread_name("boxd-control")
         .build()
