@@ -302,8 +302,12 @@ mod tests {
         let wal = std::fs::metadata(dir.path().join("t.db-wal"))
             .unwrap()
             .len();
-        // A WAL starts over after WAL_RESTART_FRAMES frames; allow for one commit past it.
-        let bound = u64::try_from((frames + 16) * (4096 + 24)).unwrap();
+        // A WAL starts over once it passes WAL_RESTART_FRAMES frames and the writer's checkpoint
+        // gets through; while the checkpointer's own checkpoint holds the lock (long, on a busy
+        // machine) the writer retries after each commit and the WAL keeps growing meanwhile
+        // (seen: 1.3× the threshold under CI's parallel tests). Without the restart it grows to
+        // ~167 MB here.
+        let bound = u64::try_from(4 * frames * (4096 + 24)).unwrap();
         assert!(
             wal <= bound,
             "the WAL grew to {wal} bytes (bound {bound}): it is not being restarted"
