@@ -211,7 +211,10 @@ fn restart_large_wal(
     if frames >= WAL_RESTART_FRAMES
         && let Err(e) = wal.checkpoint()
     {
-        tracing::warn!(error = %e, "WAL checkpoint after commit failed; the checkpointer will retry");
+        // Busy: the checkpointer is at it right now. The next commit tries again.
+        if e.sqlite_error_code() != Some(rusqlite::ErrorCode::DatabaseBusy) {
+            tracing::warn!(error = %e, "WAL checkpoint after commit failed; the next commit retries");
+        }
     }
     Ok(())
 }
