@@ -143,6 +143,13 @@ pub struct Replica {
 /// A command waiting for the proposer, with where its answer goes.
 type Proposal = (Command, tokio::sync::oneshot::Sender<WriteReply>);
 
+/// How many log entries openraft purges at once: 256, or less when a snapshot interval leaves
+/// fewer to purge. openraft purges only once a whole batch can go, so a batch larger than
+/// `snapshot_every - logs_kept` would leave the log unpurged until a later snapshot.
+fn purge_batch(snapshot_every: u64, logs_kept: u64) -> u64 {
+    (snapshot_every.saturating_sub(logs_kept) / 2).clamp(1, 256)
+}
+
 /// Most commands in one log entry.
 const MAX_BATCH: usize = 1024;
 /// Log entries proposed and not yet applied at once (openraft pipelines them).
@@ -203,7 +210,7 @@ impl Replica {
             install_snapshot_timeout: 10_000,
             snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(t.snapshot_every),
             max_in_snapshot_log_to_keep: t.logs_kept,
-            purge_batch_size: 256,
+            purge_batch_size: purge_batch(t.snapshot_every, t.logs_kept),
             max_payload_entries: 1024,
             ..Default::default()
         }
@@ -525,5 +532,18 @@ async fn propose(
             }
             drop(permit);
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::purge_batch;
+
+    #[test]
+    fn a_purge_batch_fits_in_one_snapshot_interval() {
+        assert_eq!(purge_batch(10_000, 1_000), 256, "the defaults");
+        // Snapshot at 199 keeping 20: 180 entries can go, so a batch must be at most that.
+        assert_eq!(purge_batch(200, 20), 90);
+        assert_eq!(purge_batch(1, 1_000), 1, "never zero");
     }
 }
