@@ -6,7 +6,9 @@
 //! `COMMIT_EVERY` (or `COMMIT_COMMANDS` commands, or when its thread has been idle for
 //! `COMMIT_IDLE`), so a burst of batches rewrites each index page once instead of once per
 //! batch. A crash loses at most that uncommitted tail, and openraft re-applies it from the log
-//! on restart. `state.db` runs with `synchronous=NORMAL` for the same reason. Before a snapshot
+//! on restart. `state.db` runs with `synchronous=NORMAL` for the same reason. Small batches are
+//! applied on the caller's thread when the state thread is free (`INLINE_COMMANDS`); commits,
+//! checkpoints and large batches run on the state thread. Before a snapshot
 //! lets openraft purge the log, the transaction is committed and a full WAL checkpoint makes the
 //! file durable up to the snapshot point.
 //!
@@ -65,6 +67,7 @@ pub struct SmStats {
 /// The SQLite state machine.
 pub struct StateMachine {
     db: SqliteThread,
+    open_tx: OpenTx,
     state_path: PathBuf,
     snapshot_dir: PathBuf,
     view: Arc<ViewHandle>,
@@ -82,6 +85,7 @@ type SnapshotFiles = Arc<tokio::sync::Mutex<()>>;
 /// Builds snapshots from a separate read connection so apply is not blocked.
 pub struct SnapshotBuilder {
     db: SqliteThread,
+    open_tx: OpenTx,
     state_path: PathBuf,
     snapshot_dir: PathBuf,
     stats: Arc<SmStats>,
@@ -113,13 +117,11 @@ impl StateMachine {
         let state_path = dir.join("state.db");
         let snapshot_dir = dir.join("snapshots");
         std::fs::create_dir_all(&snapshot_dir)?;
+        let open_tx = OpenTx::default();
+        let tx = open_tx.clone();
         let idle: crate::store::sqlite::IdleHook = (
             COMMIT_IDLE,
-            Box::new(|c: &mut Connection| {
-                if let Err(e) = commit_open(c) {
-                    tracing::error!(error = %e, "committing the state database failed");
-                }
-            }),
+            Box::new(move |c: &mut Connection| commit_logged(c, &tx)),
         );
         let db = SqliteThread::open_with_idle(
             "boxd-state",
@@ -130,6 +132,7 @@ impl StateMachine {
         db.call_blocking(|c| schema::migrate(c))??;
         let sm = Self {
             db,
+            open_tx,
             state_path,
             snapshot_dir,
             view,
@@ -141,7 +144,8 @@ impl StateMachine {
             let applied = sm.db.call_blocking(|c| last_applied(c))??;
             if applied.map(|l| l.index) < meta.last_log_id.map(|l| l.index) {
                 tracing::warn!(snapshot = %meta.snapshot_id, "state database is behind the latest snapshot; restoring it");
-                sm.db.call_blocking(move |c| restore(c, &path))??;
+                let tx = sm.open_tx.clone();
+                sm.db.call_blocking(move |c| restore(c, &tx, &path))??;
             }
         }
         sm.republish_blocking()?;
@@ -180,25 +184,48 @@ const COMMIT_COMMANDS: usize = 10_000;
 /// ...or when no apply arrived for this long.
 const COMMIT_IDLE: std::time::Duration = std::time::Duration::from_millis(5);
 
-thread_local! {
-    /// When the open transaction began and how many commands it holds. The state database is
-    /// only ever written from its own thread, so thread-local bookkeeping is exact.
-    static OPEN_TX: std::cell::Cell<Option<(std::time::Instant, usize)>> =
-        const { std::cell::Cell::new(None) };
+/// When the state machine's open transaction began and how many commands it holds. Only
+/// touched with the connection held (on its thread or in `try_call_here`), so the lock inside
+/// is never contended.
+#[derive(Clone, Default)]
+struct OpenTx(Arc<std::sync::Mutex<Option<(std::time::Instant, usize)>>>);
+
+impl OpenTx {
+    fn get(&self) -> Option<(std::time::Instant, usize)> {
+        *self
+            .0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn set(&self, v: Option<(std::time::Instant, usize)>) {
+        *self
+            .0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = v;
+    }
 }
 
 /// Commits the state machine's open transaction, if any.
-fn commit_open(c: &Connection) -> rusqlite::Result<()> {
+fn commit_open(c: &Connection, tx: &OpenTx) -> rusqlite::Result<()> {
     if !c.is_autocommit() {
         c.execute_batch("COMMIT")?;
     }
-    OPEN_TX.with(|t| t.set(None));
+    tx.set(None);
     Ok(())
 }
 
+/// `commit_open` where nobody waits for the outcome (idle and periodic commits). A failed
+/// commit leaves the transaction open; the next one retries, and the log still holds it all.
+fn commit_logged(c: &mut Connection, tx: &OpenTx) {
+    if let Err(e) = commit_open(c, tx) {
+        tracing::error!(error = %e, "committing the state database failed");
+    }
+}
+
 /// Replaces the live database's contents with the snapshot file at `src`.
-fn restore(live: &mut Connection, src: &Path) -> Result<(), SmError> {
-    commit_open(live)?;
+fn restore(live: &mut Connection, tx: &OpenTx, src: &Path) -> Result<(), SmError> {
+    commit_open(live, tx)?;
     let src = Connection::open_with_flags(src, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)?;
     src.busy_timeout(crate::store::sqlite::BUSY_TIMEOUT)?;
     {
@@ -300,9 +327,10 @@ impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
         // Make state.db durable up to (at least) the snapshot point before openraft may purge
         // the log entries the snapshot contains. Runs on the writer's thread: it is the only
         // writer, so the checkpoint cannot collide with an apply.
+        let tx = self.open_tx.clone();
         self.db
-            .call(|c| {
-                commit_open(c)?;
+            .call(move |c| {
+                commit_open(c, &tx)?;
                 c.query_row("PRAGMA wal_checkpoint(FULL)", [], |_| Ok(()))
             })
             .await
@@ -326,10 +354,24 @@ impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
 
 type Applied = (Vec<BatchResponse>, Vec<crate::view::ViewChange>, u64);
 
-fn apply_entries(c: &mut Connection, entries: Vec<Entry>) -> Result<Applied, SmError> {
+/// Batches of at most this many commands are applied on the calling thread (`try_call_here`,
+/// when the state thread is not busy):
+/// tens of microseconds of CPU, less than handing them to the state thread and back costs in
+/// latency. Larger batches go to the state thread, so that under load the control plane's
+/// thread serves the network while the previous batch is applied.
+const INLINE_COMMANDS: usize = 8;
+
+/// Applies `entries` into the open transaction (beginning one if none is open). Returns what
+/// was applied and whether the transaction is due to be committed (`COMMIT_EVERY`,
+/// `COMMIT_COMMANDS`); committing is the caller's business.
+fn apply_entries(
+    c: &mut Connection,
+    tx_clock: &OpenTx,
+    entries: Vec<Entry>,
+) -> Result<(Applied, bool), SmError> {
     if c.is_autocommit() {
         c.execute_batch("BEGIN")?;
-        OPEN_TX.with(|t| t.set(Some((std::time::Instant::now(), 0))));
+        tx_clock.set(Some((std::time::Instant::now(), 0)));
     }
     // The transaction stays open after this function: it is committed by `commit_open`.
     let tx: &Connection = c;
@@ -363,17 +405,12 @@ fn apply_entries(c: &mut Connection, entries: Vec<Entry>) -> Result<Applied, SmE
         index = last.index;
     }
     let changes = view_changes(tx, &applier.touched)?;
-    let (since, held) = OPEN_TX
-        .with(std::cell::Cell::get)
-        .unwrap_or((std::time::Instant::now(), 0));
+    let (since, held) = tx_clock.get().unwrap_or((std::time::Instant::now(), 0));
     let held = held + commands;
-    if since.elapsed() >= COMMIT_EVERY || held >= COMMIT_COMMANDS {
-        commit_open(c)?;
-    } else {
-        OPEN_TX.with(|t| t.set(Some((since, held))));
-    }
+    tx_clock.set(Some((since, held)));
+    let due = since.elapsed() >= COMMIT_EVERY || held >= COMMIT_COMMANDS;
     tracing::debug!(entries = responses.len(), commands, "applied");
-    Ok((responses, changes, index))
+    Ok(((responses, changes, index), due))
 }
 
 impl RaftStateMachine<TypeConfig> for StateMachine {
@@ -396,12 +433,32 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         if entries.is_empty() {
             return Ok(Vec::new());
         }
-        let (responses, changes, index) = self
-            .db
-            .call(move |c| apply_entries(c, entries))
-            .await
-            .map_err(write_err)?
-            .map_err(write_err)?;
+        let commands: usize = entries
+            .iter()
+            .map(|e| match &e.payload {
+                EntryPayload::Normal(batch) => batch.0.len(),
+                EntryPayload::Blank | EntryPayload::Membership(_) => 1,
+            })
+            .sum();
+        let tx = self.open_tx.clone();
+        let apply = move |c: &mut Connection| apply_entries(c, &tx, entries);
+        let inline = if commands <= INLINE_COMMANDS {
+            self.db.try_call_here(apply)
+        } else {
+            Err(apply)
+        };
+        let ((responses, changes, index), due) = match inline {
+            Ok(applied) => applied,
+            Err(apply) => self.db.call(apply).await.map_err(write_err)?,
+        }
+        .map_err(write_err)?;
+        if due {
+            // Writing the transaction out is I/O: a job for the state thread, after this batch.
+            let tx = self.open_tx.clone();
+            self.db
+                .send(move |c| commit_logged(c, &tx))
+                .map_err(write_err)?;
+        }
         self.view.update(index, changes);
         Ok(responses)
     }
@@ -409,6 +466,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
     async fn get_snapshot_builder(&mut self) -> Self::SnapshotBuilder {
         SnapshotBuilder {
             db: self.db.clone(),
+            open_tx: self.open_tx.clone(),
             state_path: self.state_path.clone(),
             snapshot_dir: self.snapshot_dir.clone(),
             stats: Arc::clone(&self.stats),
@@ -456,10 +514,11 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         }
         let meta = meta.clone();
         let dir = self.snapshot_dir.clone();
+        let tx = self.open_tx.clone();
         let view = self
             .db
             .call(move |c| -> Result<_, SmError> {
-                restore(c, &target)?;
+                restore(c, &tx, &target)?;
                 let applied = last_applied(c)?;
                 if applied != meta.last_log_id {
                     return Err(SmError::Inconsistent(format!(

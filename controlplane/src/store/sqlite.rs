@@ -5,12 +5,19 @@
 //! await a oneshot reply. FIFO order matters: the Raft log store relies on an `append` queued
 //! before a `truncate` being executed before it.
 //!
+//! Work that is known to be short and free of I/O (the state machine applying a small batch
+//! into its open transaction) can instead run on the caller's thread with
+//! [`SqliteThread::try_call_here`] when the thread is not busy: the connection sits behind a
+//! mutex that the thread holds for each job, so the two never overlap, and the caller saves the
+//! two thread hand-offs of a round trip.
+//!
 //! A writable database also gets a checkpointer thread with its own connection: WAL
 //! checkpoints (and their fsync of the main file) run there in PASSIVE mode instead of inside
 //! whichever commit crossed SQLite's auto-checkpoint threshold.
 
 use std::path::Path;
-use std::sync::mpsc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError, mpsc};
 
 use rusqlite::Connection;
 
@@ -36,6 +43,26 @@ pub struct Closed;
 #[derive(Clone)]
 pub struct SqliteThread {
     jobs: mpsc::Sender<Job>,
+    conn: Arc<Mutex<Connection>>,
+    idle: Arc<IdleState>,
+}
+
+/// What `try_call_here` tells the thread so that its idle hook also follows work it did not see.
+#[derive(Default)]
+struct IdleState {
+    /// The thread has an idle hook.
+    hooked: bool,
+    /// Bumped by every `try_call_here`.
+    calls: AtomicU64,
+    /// The thread is counting towards its idle hook (it will run the hook after the next quiet
+    /// spell); when false, the thread sleeps until a job arrives.
+    armed: AtomicBool,
+}
+
+fn lock(conn: &Mutex<Connection>) -> MutexGuard<'_, Connection> {
+    // A job that panicked leaves the connection usable: SQLite rolls back whatever statement
+    // was in flight when it is next used.
+    conn.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
 /// How durable commits must be.
@@ -105,46 +132,27 @@ impl SqliteThread {
     /// Like `spawn`; `alive` is dropped when the thread ends (the checkpointer watches it).
     fn spawn_with(
         name: &str,
-        mut conn: Connection,
+        conn: Connection,
         alive: mpsc::Sender<()>,
         idle: Option<IdleHook>,
     ) -> Self {
         let (tx, rx) = mpsc::channel::<Job>();
+        let conn = Arc::new(Mutex::new(conn));
+        let state = Arc::new(IdleState {
+            hooked: idle.is_some(),
+            ..IdleState::default()
+        });
+        let (thread_conn, thread_state) = (Arc::clone(&conn), Arc::clone(&state));
         let spawned = std::thread::Builder::new()
             .name(name.to_owned())
             .spawn(move || {
                 match idle {
                     None => {
                         while let Ok(job) = rx.recv() {
-                            job(&mut conn);
+                            job(&mut lock(&thread_conn));
                         }
                     }
-                    Some((after, mut hook)) => {
-                        // Whether a job has run since the hook last did.
-                        let mut worked = false;
-                        loop {
-                            let next = if worked {
-                                rx.recv_timeout(after)
-                            } else {
-                                rx.recv()
-                                    .map_err(|mpsc::RecvError| mpsc::RecvTimeoutError::Disconnected)
-                            };
-                            match next {
-                                Ok(job) => {
-                                    job(&mut conn);
-                                    worked = true;
-                                }
-                                Err(mpsc::RecvTimeoutError::Timeout) => {
-                                    hook(&mut conn);
-                                    worked = false;
-                                }
-                                Err(mpsc::RecvTimeoutError::Disconnected) => {
-                                    hook(&mut conn);
-                                    break;
-                                }
-                            }
-                        }
-                    }
+                    Some((after, hook)) => idle_loop(&rx, &thread_conn, &thread_state, after, hook),
                 }
                 drop(alive);
             });
@@ -152,7 +160,38 @@ impl SqliteThread {
             // Jobs sent to a handle whose thread never started fail with `Closed`.
             tracing::error!(thread = name, error = %e, "could not start SQLite thread");
         }
-        Self { jobs: tx }
+        Self {
+            jobs: tx,
+            conn,
+            idle: state,
+        }
+    }
+
+    /// Runs `f` on the caller's thread if the connection is free right now, or gives `f` back
+    /// (the thread is running a job: a commit, a checkpoint, a read) so that the caller can
+    /// queue it instead of blocking. For short work without I/O only. An idle hook counts these
+    /// calls as work.
+    pub fn try_call_here<T, F>(&self, f: F) -> Result<T, F>
+    where
+        F: FnOnce(&mut Connection) -> T,
+    {
+        let mut conn = match self.conn.try_lock() {
+            Ok(c) => c,
+            Err(std::sync::TryLockError::Poisoned(p)) => p.into_inner(),
+            Err(std::sync::TryLockError::WouldBlock) => return Err(f),
+        };
+        let out = f(&mut conn);
+        drop(conn);
+        if self.idle.hooked {
+            self.idle.calls.fetch_add(1, Ordering::SeqCst);
+            // After the connection is released: if the thread was already armed, its hook runs
+            // later and locks the connection after us, so it sees this call's work.
+            if !self.idle.armed.swap(true, Ordering::SeqCst) {
+                // The thread may be asleep with no deadline: wake it to start counting.
+                let _ = self.send(|_| {});
+            }
+        }
+        Ok(out)
     }
 
     /// Runs `f` on the connection's thread and returns its result.
@@ -187,6 +226,53 @@ impl SqliteThread {
         F: FnOnce(&mut Connection) + Send + 'static,
     {
         self.jobs.send(Box::new(f)).map_err(|_| Closed)
+    }
+}
+
+/// The loop of a connection thread with an idle hook: the hook runs once `after` has passed
+/// with neither a job nor a `try_call_here`, and never while the connection is idle.
+fn idle_loop(
+    rx: &mpsc::Receiver<Job>,
+    conn: &Mutex<Connection>,
+    state: &IdleState,
+    after: std::time::Duration,
+    mut hook: Box<dyn FnMut(&mut Connection) + Send + 'static>,
+) {
+    // Whether work has been seen since the hook last ran, and the `try_call_here` count then.
+    let mut worked = false;
+    let mut seen = state.calls.load(Ordering::SeqCst);
+    loop {
+        let next = if worked {
+            rx.recv_timeout(after)
+        } else {
+            rx.recv()
+                .map_err(|mpsc::RecvError| mpsc::RecvTimeoutError::Disconnected)
+        };
+        match next {
+            Ok(job) => {
+                state.armed.store(true, Ordering::SeqCst);
+                job(&mut lock(conn));
+                worked = true;
+                seen = state.calls.load(Ordering::SeqCst);
+            }
+            Err(mpsc::RecvTimeoutError::Timeout) => {
+                let calls = state.calls.load(Ordering::SeqCst);
+                if calls != seen {
+                    // Work on the callers' threads during the interval: not idle yet.
+                    seen = calls;
+                    continue;
+                }
+                // Disarm before the hook: a `try_call_here` that finds the thread disarmed wakes
+                // it again; one that found it armed finished before the hook locks.
+                state.armed.store(false, Ordering::SeqCst);
+                hook(&mut lock(conn));
+                worked = false;
+            }
+            Err(mpsc::RecvTimeoutError::Disconnected) => {
+                hook(&mut lock(conn));
+                break;
+            }
+        }
     }
 }
 
@@ -315,6 +401,83 @@ mod tests {
             wal <= bound,
             "the WAL grew to {wal} bytes (bound {bound}): it is not being restarted"
         );
+    }
+
+    #[tokio::test]
+    async fn work_done_on_the_callers_thread_is_committed_by_the_idle_hook() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("t.db");
+        let runs = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let counted = std::sync::Arc::clone(&runs);
+        let hook: IdleHook = (
+            std::time::Duration::from_millis(100),
+            Box::new(move |c: &mut Connection| {
+                if !c.is_autocommit() {
+                    c.execute_batch("COMMIT").unwrap();
+                }
+                counted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            }),
+        );
+        let db = SqliteThread::open_with_idle("t", &path, Durability::Normal, Some(hook)).unwrap();
+        db.call(|c| c.execute_batch("CREATE TABLE t (v INTEGER)"))
+            .await
+            .unwrap()
+            .unwrap();
+        tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+        let count = || runs.load(std::sync::atomic::Ordering::SeqCst);
+        let after_create = count();
+        // A burst of inserts on this thread, into one open transaction, none through the
+        // thread's queue; while they keep coming the hook waits.
+        for i in 0..60 {
+            let done = db.try_call_here(|c| {
+                if c.is_autocommit() {
+                    c.execute_batch("BEGIN").unwrap();
+                }
+                c.execute("INSERT INTO t VALUES (?1)", [i]).unwrap();
+            });
+            assert!(
+                done.is_ok(),
+                "the connection's thread is idle, so the call runs here"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        }
+        assert_eq!(
+            count(),
+            after_create,
+            "no idle hook while work keeps coming"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(600)).await;
+        assert_eq!(count(), after_create + 1, "one idle hook after the burst");
+        // Committed: another connection sees every row.
+        let other = Connection::open(&path).unwrap();
+        let rows: i64 = other
+            .query_row("SELECT count(*) FROM t", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(rows, 60);
+        tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+        assert_eq!(count(), after_create + 1, "no hook while idle");
+    }
+
+    #[tokio::test]
+    async fn a_busy_connection_hands_the_work_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = SqliteThread::open("t", &dir.path().join("t.db"), Durability::Normal).unwrap();
+        let (started, wait) = std::sync::mpsc::channel();
+        let (release, hold) = std::sync::mpsc::channel::<()>();
+        db.send(move |_| {
+            started.send(()).unwrap();
+            let _ = hold.recv();
+        })
+        .unwrap();
+        wait.recv().unwrap();
+        let back = db.try_call_here(|_| 7);
+        assert!(
+            back.is_err(),
+            "the thread holds the connection: the caller must not block"
+        );
+        release.send(()).unwrap();
+        let f = back.err().unwrap();
+        assert_eq!(db.call(f).await.unwrap(), 7);
     }
 
     #[tokio::test]
