@@ -15,7 +15,8 @@ use std::net::Ipv4Addr;
 use std::sync::Arc;
 
 use arc_swap::ArcSwap;
-use imbl::HashMap;
+use imbl::GenericHashMap;
+use imbl::shared_ptr::DefaultSharedPtr;
 use tokio::sync::watch;
 
 use crate::model::{AccountId, ClusterSettings, Desired, Fingerprint, NodeId, Observed, Vm, VmId};
@@ -80,6 +81,11 @@ pub enum ViewChange {
     /// TXT records at a name were removed.
     TxtRemove(String),
 }
+
+/// The View's maps: persistent, hashed with foldhash (seeded per map, like the standard
+/// library's `RandomState`). Every DNS query and TLS handshake does a lookup, and SipHash was
+/// a third of a name lookup's cost.
+type HashMap<K, V> = GenericHashMap<K, V, foldhash::fast::RandomState, DefaultSharedPtr>;
 
 /// An immutable routing snapshot. Cheap to clone.
 #[derive(Clone, Debug, Default)]

@@ -19,8 +19,6 @@ use boxd_controlplane::ViewHandle;
 use futures_lite::{AsyncReadExt as _, AsyncWriteExt as _};
 use glommio::{LocalExecutorBuilder, Placement};
 
-use socket2::SockAddr;
-
 use crate::engine::{Action, Engine, Transport};
 use crate::mmsg::Batch;
 use crate::rrl::{self, RateLimiter, RrlConfig, Verdict};
@@ -95,6 +93,7 @@ impl Sockets {
             let u = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))?;
             u.set_reuse_port(true)?;
             u.set_recv_buffer_size(4 << 20)?;
+            crate::mmsg::set_dont_fragment(&u, addr.is_ipv6())?;
             u.bind(&addr.into())?;
             u.set_nonblocking(true)?;
             // With port 0 the first bind picks the port; the others must share it.
@@ -125,10 +124,11 @@ pub struct DnsServer {
     addr: SocketAddr,
 }
 
+/// How long a task runs before it yields when others wait: a UDP loop that always finds
+/// datagrams queued gives the shard's TCP connections a turn at least this often.
+const TIME_SLICE: Duration = Duration::from_millis(1);
 /// I/O memory per executor: small, so that the default 8 MiB memlock limit suffices.
 const IO_MEMORY: usize = 512 << 10;
-/// Concurrent UDP loops per shard; each drains up to `mmsg::BATCH` datagrams per wake-up.
-const UDP_TASKS: usize = 2;
 
 impl DnsServer {
     /// Starts one shard per socket pair.
@@ -155,6 +155,7 @@ impl DnsServer {
             let handle = LocalExecutorBuilder::new(placement)
                 .name(&format!("boxd-dns-{i}"))
                 .io_memory(IO_MEMORY)
+                .preempt_timer(TIME_SLICE)
                 .spawn(move || shard(udp, tcp, engine, source, cfg, stop))
                 .map_err(|e| io::Error::other(format!("starting DNS shard {i}: {e}")))?;
             shards.push(handle);
@@ -192,16 +193,14 @@ async fn shard<S: ZoneSource>(
     let engine = Rc::new(engine);
     let rrl = Rc::new(RefCell::new(RateLimiter::new(cfg.rrl)));
     let epoch = Instant::now();
-    for _ in 0..UDP_TASKS {
-        glommio::spawn_local(serve_udp(
-            Rc::clone(&udp),
-            Rc::clone(&engine),
-            Arc::clone(&source),
-            Rc::clone(&rrl),
-            epoch,
-        ))
-        .detach();
-    }
+    glommio::spawn_local(serve_udp(
+        Rc::clone(&udp),
+        Rc::clone(&engine),
+        Arc::clone(&source),
+        Rc::clone(&rrl),
+        epoch,
+    ))
+    .detach();
     glommio::spawn_local(accept_tcp(tcp, engine, source, cfg)).detach();
     while !stop.load(Ordering::Relaxed) {
         glommio::timer::sleep(Duration::from_millis(100)).await;
@@ -218,41 +217,51 @@ async fn serve_udp<S: ZoneSource>(
     let fd = udp.as_raw_fd();
     let mut batch = Box::<Batch>::default();
     loop {
-        // Wait for one datagram through glommio, then take whatever else is queued at once.
-        let (n, peer) = match udp.recv_from(&mut batch.queries[0]).await {
-            Ok(r) => r,
+        // Take whatever is queued; only an empty socket waits for readiness through glommio.
+        let count = match batch.recv(fd) {
+            Ok(0) => {
+                if let Err(e) = udp.readable().await {
+                    tracing::debug!(error = %e, "DNS UDP readiness");
+                }
+                continue;
+            }
+            Ok(n) => n,
             Err(e) => {
-                tracing::debug!(error = %e, "DNS UDP receive");
+                tracing::debug!(error = %e, "DNS UDP recvmmsg");
+                glommio::yield_if_needed().await;
                 continue;
             }
         };
-        batch.lens[0] = n;
-        batch.peers[0] = SockAddr::from(peer);
-        let count = 1 + batch.recv(fd, 1).unwrap_or(0);
-        let now = u64::try_from(epoch.elapsed().as_millis()).unwrap_or(u64::MAX);
-        source.with(|z| {
+        {
             let mut limiter = rrl.borrow_mut();
-            let b = &mut *batch;
-            for i in 0..count {
-                let out = &mut b.responses[i];
-                let Some(peer) = b.peers[i].as_socket() else {
-                    out.clear();
-                    continue;
-                };
-                let query = &b.queries[i][..b.lens[i]];
-                if engine.answer(z, query, Transport::Udp, peer.ip(), out) != Action::Reply {
-                    out.clear();
-                    continue;
-                }
-                if limiter.enabled() {
-                    match limiter.check(peer.ip(), now) {
-                        Verdict::Send => {}
-                        Verdict::Slip => rrl::truncate(out),
-                        Verdict::Drop => out.clear(),
+            let now = if limiter.enabled() {
+                u64::try_from(epoch.elapsed().as_millis()).unwrap_or(u64::MAX)
+            } else {
+                0
+            };
+            source.with(|z| {
+                let b = &mut *batch;
+                for i in 0..count {
+                    let out = &mut b.responses[i];
+                    let Some(peer) = b.peers[i].as_socket() else {
+                        out.clear();
+                        continue;
+                    };
+                    let query = &b.queries[i][..b.lens[i]];
+                    if engine.answer(z, query, Transport::Udp, peer.ip(), out) != Action::Reply {
+                        out.clear();
+                        continue;
+                    }
+                    if limiter.enabled() {
+                        match limiter.check(peer.ip(), now) {
+                            Verdict::Send => {}
+                            Verdict::Slip => rrl::truncate(out),
+                            Verdict::Drop => out.clear(),
+                        }
                     }
                 }
-            }
-        });
+            });
+        }
         match batch.send(fd, count) {
             Ok(unsent) => {
                 // The socket buffer was full: wait for room through glommio.
@@ -266,6 +275,8 @@ async fn serve_udp<S: ZoneSource>(
             }
             Err(e) => tracing::debug!(error = %e, "DNS UDP sendmmsg"),
         }
+        // A busy socket never leaves this loop: let the shard's other tasks (TCP) run.
+        glommio::yield_if_needed().await;
     }
 }
 

@@ -85,6 +85,22 @@ impl<S: AsRawFd + FromRawFd + From<socket2::Socket>> GlommioDatagram<S> {
         Ok(sz)
     }
 
+    /// Waits until a datagram can be read, without taking it: a one-byte `MSG_PEEK` receive
+    /// through the latency ring, submitted at once (the path `recv_from` takes when it must
+    /// wait). Change for boxd: lets a caller that drains the socket itself with `recvmmsg`
+    /// wait without a `recvmsg` of its own. (A poll request on the main ring, the obvious
+    /// choice, lost its wake-up now and then on the rings' COOP_TASKRUN setup: see
+    /// dataplane/vendor/README.md.)
+    pub(crate) async fn readable(&self) -> io::Result<()> {
+        let source = self.reactor.upgrade().unwrap().rushed_recvmsg(
+            self.socket.as_raw_fd(),
+            1,
+            MsgFlags::MSG_PEEK,
+            self.read_timeout.get(),
+        )?;
+        source.collect_rw().await.map(drop)
+    }
+
     pub(crate) async fn peek(&self, buf: &mut [u8]) -> io::Result<usize> {
         let source = self.reactor.upgrade().unwrap().recv(
             self.socket.as_raw_fd(),

@@ -500,6 +500,12 @@ impl UdpSocket {
         self.socket.peek(buf).await.map_err(Into::into)
     }
 
+    /// Waits until the socket has a datagram to read, without reading it. Change for boxd:
+    /// a server that drains the socket with `recvmmsg` waits here when it finds it empty.
+    pub async fn readable(&self) -> Result<()> {
+        self.socket.readable().await.map_err(Into::into)
+    }
+
     ///Receives a single datagram message on the socket, without removing it
     /// from the queue. On success, returns the number of bytes read and the
     /// origin.
