@@ -11,9 +11,9 @@ use std::time::Duration;
 
 use boxd_controlplane::membership::{self, Founding, SelfInfo};
 use boxd_controlplane::model::{Role, Roles, roles_to_string};
-use boxd_controlplane::rpc::{pb, server};
+use boxd_controlplane::rpc::{pb, server, stream as rpc_stream};
 use boxd_controlplane::{Replica, ReplicaConfig, SystemClock, controller, token};
-use tokio::net::{TcpListener, UnixListener};
+use tokio::net::{TcpListener, TcpStream, UnixListener};
 use tokio::sync::watch;
 use uuid::Uuid;
 
@@ -531,14 +531,39 @@ async fn serve_grpc(
     >,
     mut stop: watch::Receiver<bool>,
 ) {
-    use tokio_stream::StreamExt as _;
-    // The builder's tcp_nodelay applies only to listeners tonic binds itself; without it here
-    // Nagle and delayed ACKs add ~40 ms to Raft round trips.
-    let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener).map(|s| {
-        s.inspect(|s| {
-            let _ = s.set_nodelay(true);
-        })
+    // Raft stream connections and gRPC share the port: each accepted connection is told apart
+    // by its first bytes, off the accept loop. The builder's tcp_nodelay applies only to
+    // listeners tonic binds itself; without it here Nagle and delayed ACKs add ~40 ms to
+    // gRPC round trips.
+    let (grpc_tx, grpc_rx) = tokio::sync::mpsc::channel::<std::io::Result<TcpStream>>(64);
+    let raft_streams = services.stream.clone();
+    let mut accept_stop = stop.clone();
+    tokio::spawn(async move {
+        loop {
+            let conn = tokio::select! {
+                c = listener.accept() => c,
+                () = controller::stopped(&mut accept_stop) => return,
+            };
+            let (conn, _) = match conn {
+                Ok(c) => c,
+                Err(e) => {
+                    tracing::debug!(error = %e, "accept on the Raft/gRPC port");
+                    tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+                    continue;
+                }
+            };
+            let _ = conn.set_nodelay(true);
+            let (grpc_tx, raft_streams) = (grpc_tx.clone(), raft_streams.clone());
+            tokio::spawn(async move {
+                if rpc_stream::is_raft_stream(&conn).await {
+                    raft_streams.serve(conn).await;
+                } else {
+                    let _ = grpc_tx.send(Ok(conn)).await;
+                }
+            });
+        }
     });
+    let incoming = tokio_stream::wrappers::ReceiverStream::new(grpc_rx);
     let result = tonic::transport::Server::builder()
         .add_service(services.raft)
         .add_service(services.cluster)

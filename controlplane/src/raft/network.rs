@@ -1,4 +1,5 @@
-//! openraft's network: Raft RPCs to other members over the internal gRPC service.
+//! openraft's network: AppendEntries and Vote on a Raft stream per target (`rpc::stream`),
+//! snapshots over the internal gRPC service.
 //!
 //! Transport failures become `Unreachable` (openraft backs off) and the remote node's own Raft
 //! errors come back as `RemoteError`, so openraft sees exactly what the peer decided.
@@ -20,6 +21,7 @@ use serde::de::DeserializeOwned;
 
 use super::TypeConfig;
 use crate::model::NodeId;
+use crate::rpc::stream::{self, CallError, RaftStream};
 use crate::rpc::{Peers, pb};
 
 /// Creates connections to members.
@@ -40,6 +42,7 @@ pub struct Connection {
     target: NodeId,
     addr: String,
     peers: Peers,
+    stream: RaftStream,
 }
 
 impl RaftNetworkFactory<TypeConfig> for Network {
@@ -49,6 +52,7 @@ impl RaftNetworkFactory<TypeConfig> for Network {
         Connection {
             target,
             addr: node.addr.clone(),
+            stream: self.peers.raft_stream(&node.addr),
             peers: self.peers.clone(),
         }
     }
@@ -62,6 +66,15 @@ fn transport<E: std::error::Error>(e: tonic::Status) -> RPCError<NodeId, BasicNo
             RPCError::Unreachable(Unreachable::new(&e))
         }
         _ => RPCError::Network(NetworkError::new(&e)),
+    }
+}
+
+fn stream_error<E: std::error::Error>(e: CallError) -> RPCError<NodeId, BasicNode, E> {
+    match e {
+        CallError::Connect { .. } => RPCError::Unreachable(Unreachable::new(&e)),
+        CallError::Broken { .. } | CallError::Timeout(_) => {
+            RPCError::Network(NetworkError::new(&e))
+        }
     }
 }
 
@@ -104,13 +117,12 @@ impl RaftNetwork<TypeConfig> for Connection {
         rpc: AppendEntriesRequest<TypeConfig>,
         option: RPCOption,
     ) -> Result<AppendEntriesResponse<NodeId>, RpcErr> {
-        let json = encode(&rpc)?;
-        let reply = self
-            .client()?
-            .append_entries(timed(pb::Json { json }, &option))
+        let answer = self
+            .stream
+            .call(stream::APPEND_ENTRIES, &rpc, option.hard_ttl())
             .await
-            .map_err(transport)?;
-        decode(self.target, &reply.into_inner().json)
+            .map_err(stream_error)?;
+        decode(self.target, answer)
     }
 
     async fn install_snapshot(
@@ -144,13 +156,12 @@ impl RaftNetwork<TypeConfig> for Connection {
         rpc: VoteRequest<NodeId>,
         option: RPCOption,
     ) -> Result<VoteResponse<NodeId>, RpcErr> {
-        let json = encode(&rpc)?;
-        let reply = self
-            .client()?
-            .vote(timed(pb::Json { json }, &option))
+        let answer = self
+            .stream
+            .call(stream::VOTE, &rpc, option.hard_ttl())
             .await
-            .map_err(transport)?;
-        decode(self.target, &reply.into_inner().json)
+            .map_err(stream_error)?;
+        decode(self.target, answer)
     }
 }
 

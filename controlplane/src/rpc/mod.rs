@@ -3,6 +3,7 @@
 //! `raft::network`.
 
 pub mod server;
+pub mod stream;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, PoisonError};
@@ -93,6 +94,7 @@ pub type Authed = InterceptedService<Channel, PeerAuth>;
 #[derive(Clone)]
 pub struct Peers {
     auth: PeerAuth,
+    key: Arc<str>,
     channels: Arc<Mutex<HashMap<String, Channel>>>,
 }
 
@@ -127,8 +129,14 @@ impl Peers {
         })?;
         Ok(Self {
             auth: PeerAuth(value),
+            key: Arc::from(peer_key),
             channels: Arc::default(),
         })
+    }
+
+    /// A Raft stream client for `addr` (AppendEntries and Vote; see [`stream`]).
+    pub fn raft_stream(&self, addr: &str) -> stream::RaftStream {
+        stream::RaftStream::new(addr, Arc::clone(&self.key))
     }
 
     fn channel(&self, addr: &str) -> Result<Channel, BadAddress> {

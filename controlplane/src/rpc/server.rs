@@ -1,5 +1,6 @@
-//! The internal gRPC services a member serves on its Raft/gRPC port: Raft RPCs and forwarded
-//! writes (peer-key authenticated) and Join (token authenticated).
+//! The internal services a member serves on its Raft/gRPC port: Raft RPCs and forwarded writes
+//! (peer-key authenticated) and Join (token authenticated) over gRPC, and the Raft stream
+//! connections (`rpc::stream`) that share the port.
 
 use std::sync::Arc;
 
@@ -79,7 +80,21 @@ impl pb::join_server::Join for JoinService {
     }
 }
 
-/// The three services, ready to add to a tonic server.
+/// Serves Raft stream connections (`rpc::stream`) that arrive on the gRPC port.
+#[derive(Clone)]
+pub struct StreamService {
+    replica: Arc<Replica>,
+    peer_key: Arc<str>,
+}
+
+impl StreamService {
+    /// Serves `conn` (recognised by [`super::stream::is_raft_stream`]) until it closes.
+    pub async fn serve(&self, conn: tokio::net::TcpStream) {
+        super::stream::serve(Arc::clone(&self.replica), Arc::clone(&self.peer_key), conn).await;
+    }
+}
+
+/// The three services, ready to add to a tonic server, and the Raft stream service beside them.
 pub struct Services {
     /// Raft RPCs (peer key required).
     pub raft: InterceptedService<pb::raft_server::RaftServer<RaftService>, CheckPeer>,
@@ -87,6 +102,8 @@ pub struct Services {
     pub cluster: InterceptedService<pb::cluster_server::ClusterServer<ClusterService>, CheckPeer>,
     /// Join (token in the request).
     pub join: pb::join_server::JoinServer<JoinService>,
+    /// AppendEntries and Vote on plain streams (peer key in the preface).
+    pub stream: StreamService,
 }
 
 /// Builds the services for `replica`, checking `peer_key` on internal calls.
@@ -104,5 +121,9 @@ pub fn services(replica: &Arc<Replica>, peer_key: &str) -> Services {
             check,
         ),
         join: pb::join_server::JoinServer::new(JoinService(Arc::clone(replica))),
+        stream: StreamService {
+            replica: Arc::clone(replica),
+            peer_key: Arc::from(peer_key),
+        },
     }
 }
