@@ -884,3 +884,38 @@ fn first_key_claims_the_cluster_and_host_key_is_written_once() {
         Err(ApplyError::Invalid { .. })
     ));
 }
+
+/// A batch applied with one savepoint answers and ends exactly as its commands applied one by
+/// one, whether or not some of them are refused (the history refuses about a third), and
+/// records the same changes for the View.
+#[test]
+fn a_batch_ends_as_its_commands_one_by_one() {
+    let cmds: Vec<Command> = history().into_iter().map(|(_, cmd, _)| cmd).collect();
+    let single = db();
+    let mut one_by_one = Applier::default();
+    let want: Vec<String> = cmds
+        .iter()
+        .map(|cmd| format!("{:?}", one_by_one.apply(&single, cmd).unwrap()))
+        .collect();
+    let want_state = digest(&single);
+    for size in [2, 3, 5, 8, cmds.len()] {
+        let c = db();
+        let mut batched = Applier::default();
+        let mut got = Vec::new();
+        for chunk in cmds.chunks(size) {
+            got.extend(
+                batched
+                    .apply_batch(&c, chunk)
+                    .unwrap()
+                    .iter()
+                    .map(|r| format!("{r:?}")),
+            );
+        }
+        assert_eq!(got, want, "answers, batches of {size}");
+        assert_eq!(digest(&c), want_state, "state, batches of {size}");
+        assert_eq!(
+            batched.touched, one_by_one.touched,
+            "View changes, batches of {size}"
+        );
+    }
+}

@@ -46,7 +46,7 @@ impl ZoneView for View {
     }
 
     fn vm_addr(&self, label: &str) -> Option<Ipv4Addr> {
-        self.vm_by_name(label).map(|r| r.public_ip)
+        View::vm_addr(self, label)
     }
 
     fn lobby(&self) -> Option<Ipv4Addr> {

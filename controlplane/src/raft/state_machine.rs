@@ -384,11 +384,7 @@ fn apply_entries(
             EntryPayload::Blank => Vec::new(),
             EntryPayload::Normal(batch) => {
                 commands += batch.0.len();
-                batch
-                    .0
-                    .iter()
-                    .map(|cmd| applier.apply(tx, cmd))
-                    .collect::<Result<_, _>>()?
+                applier.apply_batch(tx, &batch.0)?
             }
             EntryPayload::Membership(m) => {
                 let stored = StoredMembership::new(Some(e.log_id), m.clone());

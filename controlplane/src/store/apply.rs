@@ -101,6 +101,53 @@ impl Applier {
     }
 }
 
+impl Applier {
+    /// Applies `cmds` in order with the same answers and the same end state as calling
+    /// [`Applier::apply`] on each (a refused command changes nothing), but with one savepoint
+    /// for the whole batch: each savepoint copies every page its command first touches into the
+    /// statement journal, and the commands of a batch mostly touch the same pages. Should a
+    /// command be refused, the batch is rolled back and applied again one command at a time.
+    pub fn apply_batch(
+        &mut self,
+        c: &Connection,
+        cmds: &[Command],
+    ) -> rusqlite::Result<Vec<Response>> {
+        if cmds.len() <= 1 {
+            return cmds.iter().map(|cmd| self.apply(c, cmd)).collect();
+        }
+        exec(c, "SAVEPOINT apply_batch", [])?;
+        let mut settings = self.settings.take();
+        let mut touched = Touched::default();
+        let mut out = Vec::with_capacity(cmds.len());
+        for cmd in cmds {
+            let mut one = Touched::default();
+            match apply_one(c, cmd, &mut one, &mut settings) {
+                Ok(outcome) => {
+                    if one.settings {
+                        settings = None;
+                    }
+                    touched.merge(one);
+                    out.push(Ok(outcome));
+                }
+                Err(Fail::Reject(_)) => {
+                    exec(c, "ROLLBACK TO apply_batch", [])?;
+                    exec(c, "RELEASE apply_batch", [])?;
+                    return cmds.iter().map(|cmd| self.apply(c, cmd)).collect();
+                }
+                Err(Fail::Sql(e)) => {
+                    let _ = exec(c, "ROLLBACK TO apply_batch", []);
+                    let _ = exec(c, "RELEASE apply_batch", []);
+                    return Err(e);
+                }
+            }
+        }
+        exec(c, "RELEASE apply_batch", [])?;
+        self.settings = settings;
+        self.touched.merge(touched);
+        Ok(out)
+    }
+}
+
 /// Most images one node may publish.
 pub const MAX_IMAGES: usize = 256;
 
