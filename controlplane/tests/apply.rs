@@ -919,3 +919,36 @@ fn a_batch_ends_as_its_commands_one_by_one() {
         );
     }
 }
+
+/// The View takes a created VM's route from the create itself; it must be exactly what the
+/// row reads back as. A VM changed after its create in the same batch is read back.
+#[test]
+fn a_created_route_is_the_row_read_back() {
+    let i = ids();
+    let c = db();
+    let mut applier = Applier::default();
+    let setup = [init("127.77.0.0/16", 10), account(i.alice, "alice")];
+    applier.apply_batch(&c, &setup).unwrap();
+    let create = vm_with(i.vm1, i.alice, "web", VmSpec::default(), 8080);
+    let mut fresh = Applier::default();
+    assert!(fresh.apply(&c, &create).unwrap().is_ok());
+    let route = fresh.touched.created.get(&i.vm1).expect("a create records its route");
+    let row = rows::vm(&c, i.vm1).unwrap().unwrap();
+    assert_eq!(*route, boxd_controlplane::VmRoute::from(&row));
+
+    let mut changed = Applier::default();
+    let cmds = [
+        vm(i.vm2, i.alice, "db"),
+        Command::DeleteVm {
+            by: i.alice,
+            vm: i.vm2,
+            at: 9,
+        },
+    ];
+    changed.apply_batch(&c, &cmds).unwrap();
+    assert!(changed.touched.vms.contains(&i.vm2));
+    assert!(
+        changed.touched.created.is_empty(),
+        "a VM deleted after its create is read back (and found gone)"
+    );
+}

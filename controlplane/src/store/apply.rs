@@ -6,7 +6,7 @@
 //! is rolled back on refusal). Storage failures are a different thing and surface as
 //! `rusqlite::Error`; Raft treats those as fatal.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::Ipv4Addr;
 
 use rusqlite::{Connection, OptionalExtension, params};
@@ -14,8 +14,8 @@ use rusqlite::{Connection, OptionalExtension, params};
 use super::rows::{self, sql_u64};
 use crate::command::{ApplyError, Command, Outcome, Response};
 use crate::model::{
-    ClusterSettings, Fingerprint, NodeId, Observed, Role, VmId, is_dns_label, roles_to_string,
-    vm_name_problem,
+    ClusterSettings, Desired, Fingerprint, NodeId, Observed, Role, VmId, is_dns_label,
+    roles_to_string, vm_name_problem,
 };
 
 /// What a batch of commands changed, for patching the View.
@@ -23,6 +23,9 @@ use crate::model::{
 pub struct Touched {
     /// VMs created, changed or deleted.
     pub vms: BTreeSet<VmId>,
+    /// The routes of VMs these commands created and did not change afterwards: the View takes
+    /// them as they are instead of reading the rows back.
+    pub created: BTreeMap<VmId, crate::view::VmRoute>,
     /// Keys added or removed.
     pub keys: BTreeSet<Fingerprint>,
     /// Cluster settings were written.
@@ -34,10 +37,22 @@ pub struct Touched {
 impl Touched {
     /// Adds `other`'s changes.
     pub fn merge(&mut self, other: Touched) {
+        for id in &other.vms {
+            if !other.created.contains_key(id) {
+                self.created.remove(id);
+            }
+        }
+        self.created.extend(other.created);
         self.vms.extend(other.vms);
         self.keys.extend(other.keys);
         self.settings |= other.settings;
         self.txt.extend(other.txt);
+    }
+
+    /// Records that `vm` changed (or went): its row must be read back for the View.
+    fn vm(&mut self, vm: VmId) {
+        self.vms.insert(vm);
+        self.created.remove(&vm);
     }
 
     /// Whether nothing changed.
@@ -732,12 +747,9 @@ fn apply_one(
             at,
         } => {
             let s = settings(c, cache)?;
-            if let Some(existing) = rows::vm(c, *id)? {
-                return if existing.owner == *owner && existing.name == *name {
-                    Ok(Outcome::VmCreated {
-                        id: *id,
-                        public_ip: existing.public_ip,
-                    })
+            if let Some((existing_owner, existing_name, public_ip)) = rows::vm_identity(c, *id)? {
+                return if existing_owner == *owner && existing_name == *name {
+                    Ok(Outcome::VmCreated { id: *id, public_ip })
                 } else {
                     Err(ApplyError::IdConflict {
                         what: "VM".into(),
@@ -753,10 +765,10 @@ fn apply_one(
             if *http_port == 0 {
                 return Err(invalid("HTTP port 0", "use a port from 1 to 65535"));
             }
-            let Some(account) = rows::account(c, *owner)? else {
+            let Some(account) = account_counters(c, *owner)? else {
                 return Err(not_found("account", owner));
             };
-            if rows::vm_by_name(c, name)?.is_some() {
+            if rows::vm_name_taken(c, name)? {
                 return Err(ApplyError::NameTaken { name: name.clone() }.into());
             }
             if account.vm_count >= account.max_vms {
@@ -765,12 +777,13 @@ fn apply_one(
                 }
                 .into());
             }
-            let Some(public_ip) = allocate_address(c, &s, *owner)? else {
+            let Some((public_ip, reused)) = pick_address(c, &s, *owner, &account)? else {
                 return Err(ApplyError::PoolExhausted {
                     pool: s.public_pool,
                 }
                 .into());
             };
+            // Nothing is written before this point, so a refusal above changes nothing.
             exec(
                 c,
                 "INSERT INTO vms (id, name, owner, vcpus, memory_mib, disk_gib, image, desired,
@@ -790,12 +803,41 @@ fn apply_one(
                     sql_u64(*at)
                 ],
             )?;
+            let ip = i64::from(u32::from(public_ip));
+            if reused {
+                exec(
+                    c,
+                    "DELETE FROM free_public_ips WHERE owner = ?1 AND ip = ?2",
+                    params![owner.to_string(), ip],
+                )?;
+            }
             exec(
                 c,
-                "UPDATE accounts SET vm_count = vm_count + 1 WHERE id = ?1",
-                params![owner.to_string()],
+                "UPDATE accounts SET vm_count = vm_count + 1, freed_ips = freed_ips - ?2,
+                     ip_high_water = ?3 WHERE id = ?1",
+                params![
+                    owner.to_string(),
+                    i64::from(reused),
+                    if reused { account.ip_high_water } else { Some(ip) }
+                ],
             )?;
-            t.vms.insert(*id);
+            t.vm(*id);
+            // The row as just inserted (`view_changes` would read the same back).
+            t.created.insert(
+                *id,
+                crate::view::VmRoute {
+                    id: *id,
+                    name: name.clone(),
+                    owner: *owner,
+                    public_ip,
+                    private_ip: None,
+                    http_port: *http_port,
+                    desired: Desired::Running,
+                    observed: Observed::Pending,
+                    reason: None,
+                    worker: None,
+                },
+            );
             Ok(Outcome::VmCreated { id: *id, public_ip })
         }
 
@@ -836,7 +878,7 @@ fn apply_one(
                  WHERE id = ?1",
                 params![vm.to_string(), sql_u64(*worker), sql_u64(*at)],
             )?;
-            t.vms.insert(*vm);
+            t.vm(*vm);
             Ok(Outcome::Done)
         }
 
@@ -852,7 +894,7 @@ fn apply_one(
                 "UPDATE vms SET desired = ?2, updated_at = ?3 WHERE id = ?1",
                 params![vm.to_string(), desired.as_str(), sql_u64(*at)],
             )?;
-            t.vms.insert(*vm);
+            t.vm(*vm);
             Ok(Outcome::Done)
         }
 
@@ -897,7 +939,7 @@ fn apply_one(
                     reason
                 ],
             )?;
-            t.vms.insert(*vm);
+            t.vm(*vm);
             Ok(Outcome::Done)
         }
 
@@ -928,7 +970,7 @@ fn apply_one(
                     params![vm.to_string(), sql_u64(worker), sql_u64(*at)],
                 )?;
             }
-            t.vms.insert(*vm);
+            t.vm(*vm);
             Ok(Outcome::Done)
         }
 
@@ -1103,27 +1145,48 @@ pub fn next_assignable(s: &ClusterSettings, from: u32) -> Option<Ipv4Addr> {
         .find(|ip| s.is_assignable(*ip))
 }
 
-/// Takes the owner's lowest free pool address: the lowest address freed by a deletion, or the
-/// first assignable one above the owner's high-water mark, whichever is lower. Allocation always
-/// takes the lowest, so every free address at or below the mark is in `free_public_ips`; an
-/// owner who never deleted a VM costs no lookup beyond its account row.
-fn allocate_address(
+/// An account's counters that a create checks and moves.
+struct AccountCounters {
+    max_vms: u32,
+    vm_count: u32,
+    ip_high_water: Option<i64>,
+    freed_ips: i64,
+}
+
+fn account_counters(
+    c: &Connection,
+    owner: crate::model::AccountId,
+) -> rusqlite::Result<Option<AccountCounters>> {
+    c.prepare_cached(
+        "SELECT max_vms, vm_count, ip_high_water, freed_ips FROM accounts WHERE id = ?1",
+    )?
+    .query_row(params![owner.to_string()], |r| {
+        Ok(AccountCounters {
+            max_vms: u32::try_from(r.get::<_, i64>(0)?).unwrap_or(u32::MAX),
+            vm_count: u32::try_from(r.get::<_, i64>(1)?).unwrap_or(u32::MAX),
+            ip_high_water: r.get(2)?,
+            freed_ips: r.get(3)?,
+        })
+    })
+    .optional()
+}
+
+/// The owner's lowest free pool address, and whether it is one freed by a deletion: the lowest
+/// freed address or the first assignable one above the owner's high-water mark, whichever is
+/// lower. Allocation always takes the lowest, so every free address at or below the mark is in
+/// `free_public_ips`; an owner who never deleted a VM costs no lookup beyond its account row.
+/// Writes nothing: the create records what it took along with its own counter update.
+fn pick_address(
     c: &Connection,
     s: &ClusterSettings,
     owner: crate::model::AccountId,
-) -> rusqlite::Result<Option<Ipv4Addr>> {
-    let owner = owner.to_string();
-    let (high_water, freed): (Option<i64>, i64) = one(
-        c,
-        "SELECT ip_high_water, freed_ips FROM accounts WHERE id = ?1",
-        params![owner],
-        |r| Ok((r.get(0)?, r.get(1)?)),
-    )?;
-    let lowest_freed = if freed > 0 {
+    account: &AccountCounters,
+) -> rusqlite::Result<Option<(Ipv4Addr, bool)>> {
+    let lowest_freed = if account.freed_ips > 0 {
         one(
             c,
             "SELECT ip FROM free_public_ips WHERE owner = ?1 ORDER BY ip LIMIT 1",
-            params![owner],
+            params![owner.to_string()],
             |r| r.get::<_, i64>(0),
         )
         .optional()?
@@ -1132,35 +1195,14 @@ fn allocate_address(
     } else {
         None
     };
-    let above = match high_water.and_then(|h| u32::try_from(h).ok()) {
+    let above = match account.ip_high_water.and_then(|h| u32::try_from(h).ok()) {
         None => next_assignable(s, 0),
         Some(h) => h.checked_add(1).and_then(|n| next_assignable(s, n)),
     };
-    let pick = match (lowest_freed, above) {
-        (Some(f), Some(a)) => Some(f.min(a)),
-        (f, a) => f.or(a),
-    };
-    match pick {
-        Some(ip) if Some(ip) == lowest_freed => {
-            exec(
-                c,
-                "DELETE FROM free_public_ips WHERE owner = ?1 AND ip = ?2",
-                params![owner, u32::from(ip)],
-            )?;
-            exec(
-                c,
-                "UPDATE accounts SET freed_ips = freed_ips - 1 WHERE id = ?1",
-                params![owner],
-            )?;
-        }
-        Some(ip) => {
-            exec(
-                c,
-                "UPDATE accounts SET ip_high_water = ?2 WHERE id = ?1",
-                params![owner, u32::from(ip)],
-            )?;
-        }
-        None => {}
-    }
-    Ok(pick)
+    Ok(match (lowest_freed, above) {
+        (Some(f), Some(a)) if f < a => Some((f, true)),
+        (Some(f), None) => Some((f, true)),
+        (_, Some(a)) => Some((a, false)),
+        (None, None) => None,
+    })
 }

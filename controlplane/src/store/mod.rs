@@ -25,6 +25,10 @@ pub fn view_changes(c: &Connection, touched: &Touched) -> rusqlite::Result<Vec<V
         out.push(ViewChange::Settings(s));
     }
     for id in &touched.vms {
+        if let Some(route) = touched.created.get(id) {
+            out.push(ViewChange::VmUpsert(route.clone()));
+            continue;
+        }
         out.push(match rows::vm(c, *id)? {
             Some(v) => ViewChange::VmUpsert(VmRoute::from(&v)),
             None => ViewChange::VmRemove(*id),

@@ -113,11 +113,30 @@ pub fn vm(conn: &Connection, id: VmId) -> rusqlite::Result<Option<Vm>> {
         .optional()
 }
 
-/// One VM by name.
-pub fn vm_by_name(conn: &Connection, name: &str) -> rusqlite::Result<Option<Vm>> {
-    conn.prepare_cached(&format!("SELECT {VM_COLUMNS} FROM vms WHERE name = ?1"))?
-        .query_row(params![name], vm_row)
+/// Who owns a VM, its name and its public address (the create's idempotency check), without
+/// decoding the whole row.
+pub fn vm_identity(
+    conn: &Connection,
+    id: VmId,
+) -> rusqlite::Result<Option<(AccountId, String, Ipv4Addr)>> {
+    conn.prepare_cached("SELECT owner, name, public_ip FROM vms WHERE id = ?1")?
+        .query_row(params![id.to_string()], |r| {
+            Ok((
+                AccountId(uuid(r, 0)?),
+                r.get(1)?,
+                Ipv4Addr::from(unsigned::<u32>(r, 2)?),
+            ))
+        })
         .optional()
+}
+
+/// Whether a VM has this name (from the name index alone).
+pub fn vm_name_taken(conn: &Connection, name: &str) -> rusqlite::Result<bool> {
+    Ok(conn
+        .prepare_cached("SELECT 1 FROM vms WHERE name = ?1")?
+        .query_row(params![name], |_| Ok(()))
+        .optional()?
+        .is_some())
 }
 
 /// Every VM, by name.
