@@ -932,7 +932,11 @@ fn a_created_route_is_the_row_read_back() {
     let create = vm_with(i.vm1, i.alice, "web", VmSpec::default(), 8080);
     let mut fresh = Applier::default();
     assert!(fresh.apply(&c, &create).unwrap().is_ok());
-    let route = fresh.touched.created.get(&i.vm1).expect("a create records its route");
+    let route = fresh
+        .touched
+        .created
+        .get(&i.vm1)
+        .expect("a create records its route");
     let row = rows::vm(&c, i.vm1).unwrap().unwrap();
     assert_eq!(*route, boxd_controlplane::VmRoute::from(&row));
 

@@ -818,7 +818,11 @@ fn apply_one(
                 params![
                     owner.to_string(),
                     i64::from(reused),
-                    if reused { account.ip_high_water } else { Some(ip) }
+                    if reused {
+                        account.ip_high_water
+                    } else {
+                        Some(ip)
+                    }
                 ],
             )?;
             t.vm(*id);
