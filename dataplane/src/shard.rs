@@ -132,6 +132,43 @@ mod runtime_tests {
         );
     }
 
+    /// Voluntary context switches of thread `tid` of this process so far.
+    fn sleeps_of(tid: i32) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/self/task/{tid}/status"))
+            .expect("thread status");
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("voluntary_ctxt_switches:"))
+            .and_then(|v| v.trim().parse().ok())
+            .expect("voluntary_ctxt_switches")
+    }
+
+    #[test]
+    fn an_idle_shard_looks_at_its_rings_again_within_its_longest_sleep() {
+        // The vendored glommio bounds each sleep in io_uring_enter (100 ms), so that a
+        // completion whose wake-up the kernel lost is picked up at the latest then
+        // (dataplane/vendor/README.md). Its only timer here is 2 s away: without the bound the
+        // shard sleeps through the whole measurement.
+        let (tx, rx) = mpsc::channel();
+        let shard = LocalExecutorBuilder::new(Placement::Unbound)
+            .spawn(move || async move {
+                // SAFETY: gettid has no preconditions.
+                let _ = tx.send(unsafe { libc::gettid() });
+                glommio::timer::sleep(Duration::from_secs(2)).await;
+            })
+            .expect("executor");
+        let tid = rx.recv_timeout(Duration::from_secs(30)).expect("tid");
+        std::thread::sleep(Duration::from_millis(200));
+        let before = sleeps_of(tid);
+        std::thread::sleep(Duration::from_millis(700));
+        let woke = sleeps_of(tid) - before;
+        shard.join().expect("shard");
+        assert!(
+            (3..=20).contains(&woke),
+            "an idle shard woke {woke} times in 700 ms"
+        );
+    }
+
     #[test]
     fn timers_in_a_row_each_wake_a_sleeping_shard() {
         let slept = on_shard(|| async {

@@ -60,6 +60,33 @@ impl<'ring> CompletionQueue<'ring> {
         self.wait_inner(count).map(|_| ())
     }
 
+    /// boxd patch: like [`wait`](Self::wait), but gives up after `timeout` (an `ETIME` error)
+    /// when the kernel takes the timeout with the wait itself (`IORING_FEAT_EXT_ARG`, Linux
+    /// 5.11+): the sleeping thread is woken by its own timer, not by a completion. On older
+    /// kernels, where liburing would queue a timeout request instead, it waits as `wait` does.
+    pub fn wait_at_most(&mut self, count: u32, timeout: std::time::Duration) -> io::Result<()> {
+        // SAFETY: `ring` points at the live ring this queue borrows.
+        let features = unsafe { self.ring.as_ref().features };
+        if features & uring_sys::IORING_FEAT_EXT_ARG == 0 {
+            return self.wait(count);
+        }
+        let ts = uring_sys::__kernel_timespec {
+            tv_sec: timeout.as_secs() as _,
+            tv_nsec: timeout.subsec_nanos() as _,
+        };
+        unsafe {
+            let mut cqe = MaybeUninit::uninit();
+            resultify(uring_sys::io_uring_wait_cqes(
+                self.ring.as_ptr(),
+                cqe.as_mut_ptr(),
+                count as _,
+                &ts,
+                ptr::null(),
+            ))?;
+        }
+        Ok(())
+    }
+
     #[inline(always)]
     fn wait_inner(&mut self, count: u32) -> io::Result<&mut uring_sys::io_uring_cqe> {
         unsafe {

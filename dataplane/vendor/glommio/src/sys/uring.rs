@@ -895,6 +895,15 @@ struct SleepableRing {
     in_kernel: usize,
 }
 
+/// boxd patch: the longest an executor sleeps in `io_uring_enter` before it looks at its rings
+/// again. On rings set up with `IORING_SETUP_COOP_TASKRUN` a completion that arrived while the
+/// thread slept was, every few hundred thousand sleeps on these hosts, never delivered (its
+/// wake-up lost: the thread slept on with work queued, and its own timers did not fire either,
+/// since they complete the same way). The wait's own timeout wakes the thread directly, and
+/// the kernel then runs the queued completions. A lost wake-up costs at most this long; an
+/// idle executor wakes this often.
+const MAX_SLEEP: Duration = Duration::from_millis(100);
+
 impl SleepableRing {
     fn new(
         size: usize,
@@ -1062,11 +1071,12 @@ impl SleepableRing {
             return self
                 .ring
                 .cq()
-                .wait(1)
+                .wait_at_most(1, MAX_SLEEP)
                 .map(|_| 1)
                 .or_else(Reactor::busy_ok)
                 .or_else(Reactor::again_ok)
-                .or_else(Reactor::intr_ok);
+                .or_else(Reactor::intr_ok)
+                .or_else(Reactor::time_ok);
         }
         if let Some(mut sqe) = self.ring.sq().prepare_sqe() {
             let sqe_ptr = unsafe { sqe.raw_mut() as *mut _ };
@@ -1107,11 +1117,12 @@ impl SleepableRing {
                 // The rings are linked. Goodnight!
                 self.ring
                     .cq()
-                    .wait(1)
+                    .wait_at_most(1, MAX_SLEEP)
                     .map(|_| 1)
                     .or_else(Reactor::busy_ok)
                     .or_else(Reactor::again_ok)
                     .or_else(Reactor::intr_ok)
+                    .or_else(Reactor::time_ok)
             }
         } else {
             // Can't link rings because we ran out of `CQE`s. Just can't sleep.
@@ -1749,6 +1760,15 @@ impl Reactor {
     fn intr_ok<T: Default>(x: std::io::Error) -> io::Result<T> {
         match x.raw_os_error() {
             Some(libc::EINTR) => Ok(Default::default()),
+            Some(_) => Err(x),
+            None => Err(x),
+        }
+    }
+
+    /// boxd patch: a bounded sleep (`MAX_SLEEP`) ran out: nothing to do, look again.
+    fn time_ok<T: Default>(x: std::io::Error) -> io::Result<T> {
+        match x.raw_os_error() {
+            Some(libc::ETIME) => Ok(Default::default()),
             Some(_) => Err(x),
             None => Err(x),
         }
