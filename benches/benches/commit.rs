@@ -146,6 +146,28 @@ fn main() -> Result<()> {
         "etcd w/cpu",
         "ratio"
     );
+    // Each round runs boxd and etcd back to back; this host's speed drifts within minutes, so
+    // the median of each round's own ratio is steadier than the ratio of the medians.
+    let paired = |b: &[f64], e: &[f64]| -> String {
+        if b.is_empty() || b.len() != e.len() {
+            return "-".into();
+        }
+        format!(
+            "{:.2}",
+            median(b.iter().zip(e).map(|(x, y)| x / y.max(1e-9)).collect())
+        )
+    };
+    let paired_rows: Vec<String> = rows
+        .iter()
+        .map(|(name, b, e)| {
+            format!(
+                "{name:<24} {:>10} {:>10} {:>10}",
+                paired(&b.p50, &e.p50),
+                paired(&b.ops, &e.ops),
+                paired(&b.per_cpu, &e.per_cpu)
+            )
+        })
+        .collect();
     for (name, b, e) in rows {
         let (bp50, ep50) = (median(b.p50), median(e.p50));
         let (bp99, ep99) = (median(b.p99), median(e.p99));
@@ -166,6 +188,13 @@ fn main() -> Result<()> {
             ecpu,
             bcpu / ecpu
         );
+    }
+    println!(
+        "\n{:<24} {:>10} {:>10} {:>10}",
+        "paired per round", "p50", "w/s", "w/cpu"
+    );
+    for row in paired_rows {
+        println!("{row}");
     }
     println!(
         "\nlatency ratios: boxd/etcd (lower is better for boxd); w/s and w/cpu ratios: boxd/etcd (higher is better)."
