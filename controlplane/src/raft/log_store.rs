@@ -1,9 +1,11 @@
 //! The Raft log, vote and commit index in SQLite (`raft-log.db`, WAL, `synchronous=FULL`).
 //!
 //! All access goes through one dedicated thread, so an append queued before a read is visible to
-//! that read. `append` returns as soon as the entries are queued and reports durability through
-//! openraft's callback after the transaction commits; several appends queued back to back are
-//! committed by one transaction and one fsync (group commit).
+//! that read. A leader's `append` returns as soon as the entries are queued and reports
+//! durability through openraft's callback after the transaction commits; several appends queued
+//! back to back are committed by one transaction and one fsync (group commit). A follower's
+//! core waits for each append's flush anyway, so its append commits on the calling thread when
+//! the log thread is free and nothing is queued, and returns with the callback fired.
 
 use std::fmt::Debug;
 use std::ops::{Bound, RangeBounds};
@@ -357,7 +359,36 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         // the scheduled job and an append that joins its batch.
         let first = {
             let mut q = self.pending.lock().unwrap_or_else(PoisonError::into_inner);
-            q.push((rows, callback));
+            // A follower's core waits for this flush before it does anything else, so the
+            // write may as well happen here: that saves waking the log thread and being woken
+            // by it. Only when nothing is queued (the log keeps its order) and the connection
+            // is free (no read or commit running on the log thread). A leader's append stays on
+            // the log thread, where its fsync overlaps replication.
+            if q.is_empty() && callback.is_awaited() {
+                let committed = *self
+                    .committed_pending
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner);
+                let batch = [(rows, callback)];
+                match self
+                    .db
+                    .try_call_here(|c| write_entries(c, &batch, committed))
+                {
+                    Ok(result) => {
+                        let [(_, callback)] = batch;
+                        callback.log_io_completed(
+                            result.map_err(|e| std::io::Error::other(e.to_string())),
+                        );
+                        return Ok(());
+                    }
+                    Err(_) => {
+                        let [pending] = batch;
+                        q.push(pending);
+                    }
+                }
+            } else {
+                q.push((rows, callback));
+            }
             q.len() == 1
         };
         if !first {

@@ -58,6 +58,13 @@ where C: RaftTypeConfig
         }
     }
 
+    /// boxd patch: whether `RaftCore` blocks until this callback fires (a follower's or a
+    /// learner's append), rather than reading it from its notification queue (a leader's).
+    /// A store may then do the write on the calling thread: nothing else runs meanwhile.
+    pub fn is_awaited(&self) -> bool {
+        matches!(self.tx, FlushedTx::Oneshot(_))
+    }
+
     /// Report log io completion event.
     ///
     /// It will be called when the log is successfully appended to the storage or an error occurs.

@@ -637,7 +637,6 @@ pub(crate) trait UringCommon {
     fn submission_queue(&mut self) -> ReactorQueue;
     fn submit_sqes(&mut self) -> io::Result<usize>;
     fn waiting_kernel_submission(&self) -> usize;
-    fn in_kernel(&self) -> usize;
     fn waiting_kernel_collection(&self) -> usize;
     fn needs_kernel_enter(&self) -> bool;
     fn can_sleep(&self) -> bool;
@@ -816,10 +815,6 @@ impl UringCommon for PollRing {
 
     fn waiting_kernel_submission(&self) -> usize {
         self.ring.sq().ready() as usize
-    }
-
-    fn in_kernel(&self) -> usize {
-        self.in_kernel
     }
 
     fn waiting_kernel_collection(&self) -> usize {
@@ -1171,10 +1166,6 @@ impl UringCommon for SleepableRing {
 
     fn waiting_kernel_submission(&self) -> usize {
         self.ring.sq().ready() as usize
-    }
-
-    fn in_kernel(&self) -> usize {
-        self.in_kernel
     }
 
     fn waiting_kernel_collection(&self) -> usize {
