@@ -920,6 +920,83 @@ fn a_batch_ends_as_its_commands_one_by_one() {
     }
 }
 
+/// A batch of creates alone runs without a savepoint (a create checks everything before it
+/// writes); every way a create can be refused, inside such a batch and behind creates that
+/// succeed, must still answer and end as one by one — nothing of a refused create written.
+#[test]
+fn a_batch_of_creates_refuses_without_a_trace() {
+    let i = ids();
+    // A /29 pool: six assignable addresses, the lobby excluded, so the pool runs out.
+    let carol = AccountId(Uuid::from_u128(12));
+    let setup = [
+        init("127.77.0.0/29", 3),
+        account(i.alice, "alice"),
+        account(i.bob, "bob"),
+        Command::CreateAccount {
+            id: carol,
+            name: "carol".into(),
+            max_vms: Some(10),
+            at: 2,
+        },
+    ];
+    let vid = |n: u128| VmId(Uuid::from_u128(1_000 + n));
+    let creates = vec![
+        vm(vid(1), i.alice, "web"),
+        vm(vid(2), i.bob, "web"),     // name taken in this batch
+        vm(vid(1), i.alice, "web"),   // the same create again: its answer
+        vm(vid(1), i.alice, "other"), // the same id, another VM
+        vm(vid(3), AccountId(Uuid::from_u128(99)), "lost"), // no such account
+        vm(vid(4), i.alice, "Bad_Name"), // invalid name
+        vm_with(vid(5), i.alice, "port", VmSpec::default(), 0), // port 0
+        vm(vid(6), i.alice, "db"),
+        vm(vid(7), i.alice, "cache"),
+        vm(vid(8), i.alice, "queue"), // over alice's quota of 3
+        vm(vid(9), i.bob, "b1"),
+        vm(vid(10), i.bob, "b2"),
+        vm(vid(11), i.bob, "b3"),
+    ];
+    // Carol's quota is above the five addresses the pool has for each owner.
+    let mut creates = creates;
+    creates.extend((0..6).map(|n| vm(vid(20 + n), carol, &format!("c{n}"))));
+    let single = db();
+    let mut one_by_one = Applier::default();
+    for cmd in &setup {
+        assert!(one_by_one.apply(&single, cmd).unwrap().is_ok());
+    }
+    let want: Vec<String> = creates
+        .iter()
+        .map(|cmd| format!("{:?}", one_by_one.apply(&single, cmd).unwrap()))
+        .collect();
+    for refusal in [
+        "NameTaken",
+        "IdConflict",
+        "NotFound",
+        "Invalid",
+        "QuotaExceeded",
+        "PoolExhausted",
+    ] {
+        assert!(
+            want.iter()
+                .any(|a| a.starts_with("Err") && a.contains(refusal)),
+            "the batch must be refused with {refusal}: {want:?}"
+        );
+    }
+    let c = db();
+    let mut batched = Applier::default();
+    for cmd in &setup {
+        assert!(batched.apply(&c, cmd).unwrap().is_ok());
+    }
+    let got: Vec<String> = batched
+        .apply_batch(&c, &creates)
+        .unwrap()
+        .iter()
+        .map(|r| format!("{r:?}"))
+        .collect();
+    assert_eq!(got, want, "answers");
+    assert_eq!(digest(&c), digest(&single), "state");
+    assert_eq!(batched.touched, one_by_one.touched, "View changes");
+}
+
 /// The View takes a created VM's route from the create itself; it must be exactly what the
 /// row reads back as. A VM changed after its create in the same batch is read back.
 #[test]

@@ -147,3 +147,71 @@ async fn a_snapshot_built_while_a_leaders_is_installed_breaks_neither() {
         assert_eq!(node.reader().vms().await.unwrap().len(), 1);
     }
 }
+
+/// A storage error in the middle of an apply stops the state machine, and nothing of the open
+/// transaction may reach the database afterwards: not the commands that went before the error
+/// in the same apply, whose `last_applied` was never written (the log re-applies them at the
+/// next start). Before, the state thread's idle commit wrote them out 5 ms later.
+#[tokio::test]
+async fn a_storage_error_leaves_nothing_half_applied() {
+    let dir = tempfile::tempdir().unwrap();
+    let owner = AccountId::random();
+    let mut sm = StateMachine::open(dir.path(), ViewHandle::new()).unwrap();
+    let setup = history(owner, VmId::random()).remove(0);
+    sm.apply(vec![setup]).await.unwrap();
+    // Let the idle commit end the open transaction, then put a row behind apply's back at the
+    // address the owner's second VM will get, so that its insert fails as a bug in apply would
+    // make it fail (UNIQUE (owner, public_ip)).
+    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    let state = dir.path().join("state.db");
+    let side = rusqlite::Connection::open(&state).unwrap();
+    side.busy_timeout(std::time::Duration::from_secs(10))
+        .unwrap();
+    side.execute(
+        "INSERT INTO vms (id, name, owner, vcpus, memory_mib, disk_gib, image, desired, observed,
+             worker, private_ip, public_ip, http_port, created_at, updated_at)
+         VALUES (?1, 'planted', ?2, 1, 512, 1, 'debian', 'running', 'pending', NULL, NULL, ?3,
+             80, 1, 1)",
+        rusqlite::params![
+            VmId::random().to_string(),
+            owner.to_string(),
+            u32::from("127.77.0.3".parse::<std::net::Ipv4Addr>().unwrap())
+        ],
+    )
+    .unwrap();
+    drop(side);
+    let create = |name: &str| Command::CreateVm {
+        id: VmId::random(),
+        owner,
+        name: name.into(),
+        spec: VmSpec::default(),
+        http_port: 80,
+        at: 3,
+    };
+    let failed = sm
+        .apply(vec![
+            entry(2, vec![create("one")]),
+            entry(3, vec![create("two"), create("three")]),
+        ])
+        .await;
+    assert!(failed.is_err(), "the planted row must make the apply fail");
+    // Long enough for the state thread's idle commit (5 ms) to have run.
+    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    let look = rusqlite::Connection::open(&state).unwrap();
+    let names: Vec<String> = look
+        .prepare("SELECT name FROM vms ORDER BY name")
+        .unwrap()
+        .query_map([], |r| r.get(0))
+        .unwrap()
+        .collect::<Result<_, _>>()
+        .unwrap();
+    assert_eq!(names, ["planted"], "nothing of the failed apply is stored");
+    let applied: String = look
+        .query_row(
+            "SELECT value FROM meta WHERE key = 'last_applied'",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert!(applied.contains("\"index\":1"), "{applied}");
+}

@@ -369,6 +369,25 @@ fn apply_entries(
     tx_clock: &OpenTx,
     entries: Vec<Entry>,
 ) -> Result<(Applied, bool), SmError> {
+    let applied = apply_entries_open(c, tx_clock, entries);
+    if applied.is_err() && !c.is_autocommit() {
+        // A storage error stops the state machine. Whatever the open transaction holds (this
+        // call's commands up to the failure, and earlier calls' not yet committed) must never
+        // be committed without the `last_applied` that goes with it: drop it all. The log
+        // still holds every entry, and the next start re-applies them from the last commit.
+        if let Err(e) = c.execute_batch("ROLLBACK") {
+            tracing::error!(error = %e, "rolling back the state database failed");
+        }
+        tx_clock.set(None);
+    }
+    applied
+}
+
+fn apply_entries_open(
+    c: &mut Connection,
+    tx_clock: &OpenTx,
+    entries: Vec<Entry>,
+) -> Result<(Applied, bool), SmError> {
     if c.is_autocommit() {
         c.execute_batch("BEGIN")?;
         tx_clock.set(Some((std::time::Instant::now(), 0)));
