@@ -59,7 +59,7 @@ fn changes(routes: &[VmRoute], k: usize) -> Vec<ViewChange> {
         .map(|r| {
             let mut r = r.clone();
             r.observed = Observed::Stopped;
-            ViewChange::VmUpsert(r)
+            ViewChange::VmUpsert(std::sync::Arc::new(r))
         })
         .collect()
 }

@@ -26,11 +26,11 @@ pub fn view_changes(c: &Connection, touched: &Touched) -> rusqlite::Result<Vec<V
     }
     for id in &touched.vms {
         if let Some(route) = touched.created.get(id) {
-            out.push(ViewChange::VmUpsert(route.clone()));
+            out.push(ViewChange::VmUpsert(std::sync::Arc::new(route.clone())));
             continue;
         }
         out.push(match rows::vm(c, *id)? {
-            Some(v) => ViewChange::VmUpsert(VmRoute::from(&v)),
+            Some(v) => ViewChange::VmUpsert(std::sync::Arc::new(VmRoute::from(&v))),
             None => ViewChange::VmRemove(*id),
         });
     }
