@@ -341,6 +341,27 @@ fn history() -> Vec<(&'static str, Command, Check)> {
             vm(VmId(Uuid::from_u128(105)), i.alice, "app5"),
             err(|e| matches!(e, ApplyError::QuotaExceeded { limit: 3 })),
         ),
+        // A create's refusals are worked out after the fact (apply.rs): these pin their order.
+        (
+            "a retried create at the quota still returns its vm",
+            vm(i.vm2, i.alice, "app2"),
+            Box::new(created("127.77.0.3")),
+        ),
+        (
+            "a taken name is reported before the quota",
+            vm(VmId(Uuid::from_u128(106)), i.alice, "bobapp"),
+            err(|e| matches!(e, ApplyError::NameTaken { .. })),
+        ),
+        (
+            "an id in use is reported before a bad name",
+            vm(i.vm2, i.alice, "Not A Label"),
+            err(|e| matches!(e, ApplyError::IdConflict { .. })),
+        ),
+        (
+            "an id in use is reported before an unknown owner",
+            vm(i.vm2, AccountId(Uuid::from_u128(999)), "app2"),
+            err(|e| matches!(e, ApplyError::IdConflict { .. })),
+        ),
         (
             "register control node with id 1",
             node(Some(1), 1, "control", 4096),

@@ -789,44 +789,50 @@ fn apply_one(
             at,
         } => {
             let s = settings(c, cache)?;
-            if let Some((existing_owner, existing_name, public_ip)) = rows::vm_identity(c, *id)? {
-                return if existing_owner == *owner && existing_name == *name {
-                    Ok(Outcome::VmCreated { id: *id, public_ip })
-                } else {
-                    Err(ApplyError::IdConflict {
-                        what: "VM".into(),
-                        id: id.to_string(),
-                    }
-                    .into())
-                };
-            }
+            // The success path reads only the account: the INSERT itself proves that the id
+            // is new and the name free (both unique), and SQLite checks a row's constraints
+            // before it writes any of it. A refusal then works out what the one-by-one
+            // checks would have said, in their order: a repeat of an earlier create first,
+            // then the name, spec and port, the account, the name's owner, quota, pool.
+            let refuse = |c: &Connection, why: Fail, after_account: bool| -> Result<_, Fail> {
+                if let Some(earlier) = earlier_create(c, *id, *owner, name)? {
+                    return earlier;
+                }
+                if after_account && rows::vm_name_taken(c, name)? {
+                    return Err(ApplyError::NameTaken { name: name.clone() }.into());
+                }
+                Err(why)
+            };
             if let Some(p) = vm_name_problem(name) {
-                return Err(invalid(format!("name `{name}`"), p));
+                return refuse(c, invalid(format!("name `{name}`"), p), false);
             }
-            spec.validate().map_err(|r| invalid("VM spec", r))?;
+            if let Err(r) = spec.validate() {
+                return refuse(c, invalid("VM spec", r), false);
+            }
             if *http_port == 0 {
-                return Err(invalid("HTTP port 0", "use a port from 1 to 65535"));
+                return refuse(
+                    c,
+                    invalid("HTTP port 0", "use a port from 1 to 65535"),
+                    false,
+                );
             }
             let Some(account) = account_counters(c, *owner)? else {
-                return Err(not_found("account", owner));
+                return refuse(c, not_found("account", owner), false);
             };
-            if rows::vm_name_taken(c, name)? {
-                return Err(ApplyError::NameTaken { name: name.clone() }.into());
-            }
             if account.vm_count >= account.max_vms {
-                return Err(ApplyError::QuotaExceeded {
+                let quota = ApplyError::QuotaExceeded {
                     limit: account.max_vms,
-                }
-                .into());
+                };
+                return refuse(c, quota.into(), true);
             }
             let Some((public_ip, reused)) = pick_address(c, &s, *owner, &account)? else {
-                return Err(ApplyError::PoolExhausted {
+                let exhausted = ApplyError::PoolExhausted {
                     pool: s.public_pool,
-                }
-                .into());
+                };
+                return refuse(c, exhausted.into(), true);
             };
             // Nothing is written before this point, so a refusal above changes nothing.
-            exec(
+            let inserted = exec(
                 c,
                 "INSERT INTO vms (id, name, owner, vcpus, memory_mib, disk_gib, image, desired,
                      observed, worker, private_ip, public_ip, http_port, created_at, updated_at)
@@ -844,7 +850,15 @@ fn apply_one(
                     http_port,
                     sql_u64(*at)
                 ],
-            )?;
+            );
+            if let Err(e) = inserted {
+                // A unique constraint (id, name) refused the row before any of it was written.
+                return if is_constraint(&e) {
+                    refuse(c, e.into(), true)
+                } else {
+                    Err(e.into())
+                };
+            }
             let ip = i64::from(u32::from(public_ip));
             if reused {
                 exec(
@@ -1120,6 +1134,34 @@ fn one<T>(
     f: impl FnOnce(&rusqlite::Row<'_>) -> rusqlite::Result<T>,
 ) -> rusqlite::Result<T> {
     c.prepare_cached(sql)?.query_row(p, f)
+}
+
+/// What a create with `id` gets if an earlier create already made that VM: the same outcome
+/// again when it is the same VM (a client retrying after a lost reply), else `IdConflict`.
+fn earlier_create(
+    c: &Connection,
+    id: VmId,
+    owner: crate::model::AccountId,
+    name: &str,
+) -> rusqlite::Result<Option<Result<Outcome, Fail>>> {
+    Ok(
+        rows::vm_identity(c, id)?.map(|(existing_owner, existing_name, public_ip)| {
+            if existing_owner == owner && existing_name == name {
+                Ok(Outcome::VmCreated { id, public_ip })
+            } else {
+                Err(ApplyError::IdConflict {
+                    what: "VM".into(),
+                    id: id.to_string(),
+                }
+                .into())
+            }
+        }),
+    )
+}
+
+/// Whether SQLite refused a statement for a constraint (nothing of it was written).
+fn is_constraint(e: &rusqlite::Error) -> bool {
+    e.sqlite_error_code() == Some(rusqlite::ErrorCode::ConstraintViolation)
 }
 
 fn ignore_no_rows<T>(e: rusqlite::Error) -> rusqlite::Result<Option<T>> {
