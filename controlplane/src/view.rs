@@ -158,28 +158,26 @@ impl View {
     }
 
     fn upsert_vm(&mut self, r: Arc<VmRoute>) {
-        // Removing what is absent still copies the map's path (imbl makes it unique first),
-        // so only keys that change are removed; inserting over a key replaces its value.
-        if let Some(old) = self.by_id.get(&r.id) {
-            if (old.owner, old.public_ip) != (r.owner, r.public_ip) {
-                let key = (old.owner, old.public_ip);
-                self.by_owner_ip.remove(&key);
+        let (id, owner, public_ip) = (r.id, r.owner, r.public_ip);
+        // Longer names are refused by the control plane (`vm_name_problem`); one that got
+        // here anyway could not be asked for in DNS or TLS either.
+        let label = Label::from(&r.name).ok();
+        // The insert hands back the route it replaces: one walk of `by_id`, not a lookup
+        // and then an insert (a create, nearly every upsert, replaces nothing).
+        if let Some(old) = self.by_id.insert(id, r) {
+            // Removing what is absent still makes the map's path unique (imbl), so only keys
+            // that change are removed; inserting over a key replaces its value.
+            if (old.owner, old.public_ip) != (owner, public_ip) {
+                self.by_owner_ip.remove(&(old.owner, old.public_ip));
             }
-            if old.name != r.name {
+            if label.as_ref().is_none_or(|l| l.as_str() != old.name) {
                 self.by_name.remove(old.name.as_str());
             }
         }
-        self.by_owner_ip.insert((r.owner, r.public_ip), r.id);
-        // Longer names are refused by the control plane (`vm_name_problem`); one that got
-        // here anyway could not be asked for in DNS or TLS either.
-        if let Ok(label) = Label::from(&r.name) {
-            let entry = NameEntry {
-                id: r.id,
-                public_ip: r.public_ip,
-            };
-            self.by_name.insert(label, entry);
+        self.by_owner_ip.insert((owner, public_ip), id);
+        if let Some(label) = label {
+            self.by_name.insert(label, NameEntry { id, public_ip });
         }
-        self.by_id.insert(r.id, r);
     }
 
     fn remove_vm(&mut self, id: VmId) {
@@ -554,6 +552,60 @@ mod tests {
         assert_eq!(h.current().zone(), Some("boxd.test"));
     }
 
+    /// A reproducible stream of indexes below `n` (xorshift).
+    fn indexes(mut seed: u64) -> impl FnMut(usize) -> usize {
+        move |n: usize| {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            usize::try_from(seed % n as u64).unwrap()
+        }
+    }
+
+    #[test]
+    fn patching_gives_what_building_from_the_routes_gives() {
+        // Renames, moves to another address or owner, deletions and re-creations, with names
+        // and (owner, address) pairs unique as the control plane keeps them: no key of an
+        // earlier version of a VM may survive in any map.
+        let owners: Vec<AccountId> = (0..3).map(|_| AccountId::random()).collect();
+        let ids: Vec<VmId> = (0..30).map(|_| VmId::random()).collect();
+        let mut next = indexes(0x9e37_79b9_7f4a_7c15);
+        let mut routes: std::collections::BTreeMap<VmId, VmRoute> = Default::default();
+        let mut view = View::build(1, Some(settings()), [], []);
+        for step in 2..3_000u64 {
+            let id = ids[next(ids.len())];
+            let change = if next(5) == 0 {
+                routes.remove(&id);
+                ViewChange::VmRemove(id)
+            } else {
+                let long = "x".repeat(64);
+                let name = if next(40) == 0 {
+                    long // over a DNS label: in no name map
+                } else {
+                    format!("vm{}", next(50))
+                };
+                let mut r = route(
+                    &name,
+                    owners[next(owners.len())],
+                    &format!("127.77.0.{}", 2 + next(40)),
+                );
+                r.id = id;
+                let clash = routes.values().any(|o| {
+                    o.id != id
+                        && (o.name == r.name || (o.owner, o.public_ip) == (r.owner, r.public_ip))
+                });
+                if clash {
+                    continue;
+                }
+                routes.insert(id, r.clone());
+                ViewChange::VmUpsert(Arc::new(r))
+            };
+            view.patch(step, [change]);
+            let built = View::build(step, Some(settings()), routes.values().cloned(), []);
+            assert_eq!(view, built, "step {step}");
+        }
+    }
+
     /// The two copies behind a `ViewHandle` take turns; whatever the order of updates,
     /// wholesale publications and readers holding on to old Views (which sends an update down
     /// the cloning path), the published View is always the one plain patching gives.
@@ -561,13 +613,7 @@ mod tests {
     fn the_handle_publishes_what_patching_gives() {
         let owners: Vec<AccountId> = (0..3).map(|_| AccountId::random()).collect();
         let ids: Vec<VmId> = (0..40).map(|_| VmId::random()).collect();
-        let mut seed = 0x2545_f491_4f6c_dd1d_u64;
-        let mut next = move |n: usize| {
-            seed ^= seed << 13;
-            seed ^= seed >> 7;
-            seed ^= seed << 17;
-            usize::try_from(seed % n as u64).unwrap()
-        };
+        let mut next = indexes(0x2545_f491_4f6c_dd1d);
         let handle = ViewHandle::new();
         let mut want = View::build(1, Some(settings()), [], []);
         handle.publish(want.clone());
