@@ -3,7 +3,9 @@
 //! plane; Knot and NSD with one UDP worker); dnsperf runs on CPU 1 with a query mix of 90 %
 //! existing names and 10 % NXDOMAIN. One dnsperf core can cap the rate, so besides queries per
 //! second the table shows queries per server CPU-second (utime+stime of the server process from
-//! /proc over the run). `BENCH_ROUNDS` rounds (default 3), systems in rotating order, medians.
+//! /proc over the run), and a second table splits each query's CPU time into the server's
+//! own code (utime) and the kernel (stime). `BENCH_ROUNDS` rounds (default 3), systems in
+//! rotating order, medians.
 //!
 //! `ops/bench dns`, or `cargo build --release -p boxd && cargo bench -p boxd-benches --bench dns`.
 
@@ -15,7 +17,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, Result, bail};
-use boxd_benches::{Proc, cpu_seconds, env_or, median, start_boxd_up};
+use boxd_benches::{Proc, cpu_split, env_or, median, start_boxd_up};
 
 const NAMES: usize = 10_000;
 const SECONDS: u32 = 10;
@@ -268,12 +270,27 @@ impl Drop for Tree {
     }
 }
 
-fn measure(pid: u32, ip: &str, queries: &Path) -> Result<(f64, f64)> {
+/// One dnsperf run: qps, queries per server CPU-second, and the server's user and kernel
+/// CPU time per query (ns).
+struct Sample {
+    qps: f64,
+    per_cpu: f64,
+    user_ns: f64,
+    kernel_ns: f64,
+}
+
+fn measure(pid: u32, ip: &str, queries: &Path) -> Result<Sample> {
     let pids = process_tree(pid);
-    let cpu0 = cpu_seconds(&pids);
+    let (u0, s0) = cpu_split(&pids);
     let (done, qps) = dnsperf(ip, queries)?;
-    let cpu = cpu_seconds(&pids) - cpu0;
-    Ok((qps, done / cpu.max(1e-9)))
+    let (u1, s1) = cpu_split(&pids);
+    let done = done.max(1.0);
+    Ok(Sample {
+        qps,
+        per_cpu: done / (u1 - u0 + s1 - s0).max(1e-9),
+        user_ns: (u1 - u0) * 1e9 / done,
+        kernel_ns: (s1 - s0) * 1e9 / done,
+    })
 }
 
 fn main() -> Result<()> {
@@ -299,17 +316,25 @@ fn main() -> Result<()> {
     ];
     let mut qps: Vec<Vec<f64>> = vec![Vec::new(); 3];
     let mut per_cpu: Vec<Vec<f64>> = vec![Vec::new(); 3];
+    let mut user: Vec<Vec<f64>> = vec![Vec::new(); 3];
+    let mut kernel: Vec<Vec<f64>> = vec![Vec::new(); 3];
     for round in 0..rounds {
         for k in 0..3 {
             let i = (k + round) % 3;
             let (name, pid, ip) = servers[i];
-            let (q, c) = measure(pid, ip, &queries)?;
+            let m = measure(pid, ip, &queries)?;
             eprintln!(
-                "  round {} {name}: {q:.0} qps, {c:.0} queries per CPU-second",
-                round + 1
+                "  round {} {name}: {:.0} qps, {:.0} queries per CPU-second ({:.0} ns user + {:.0} ns kernel per query)",
+                round + 1,
+                m.qps,
+                m.per_cpu,
+                m.user_ns,
+                m.kernel_ns
             );
-            qps[i].push(q);
-            per_cpu[i].push(c);
+            qps[i].push(m.qps);
+            per_cpu[i].push(m.per_cpu);
+            user[i].push(m.user_ns);
+            kernel[i].push(m.kernel_ns);
         }
     }
     // Each server's per-CPU-s rate over Knot's in the same round (the three run back to back):
@@ -349,6 +374,24 @@ fn main() -> Result<()> {
             c[i] / c[1],
             c[i] / c[2],
             paired[i]
+        );
+    }
+    // Where a query's CPU time goes: the server's own code (user) and the kernel's UDP path
+    // (system). On loopback the kernel's share also carries delivering each response into
+    // dnsperf's socket, which the sender pays.
+    let u: Vec<f64> = user.into_iter().map(median).collect();
+    let k: Vec<f64> = kernel.into_iter().map(median).collect();
+    println!(
+        "\n{:<6} {:>14} {:>16} {:>12} {:>14}",
+        "server", "user ns/query", "kernel ns/query", "user /knot", "kernel /knot"
+    );
+    for (i, (name, _, _)) in servers.iter().enumerate() {
+        println!(
+            "{name:<6} {:>14.0} {:>16.0} {:>12.2} {:>14.2}",
+            u[i],
+            k[i],
+            u[i] / u[1],
+            k[i] / k[1]
         );
     }
     Ok(())

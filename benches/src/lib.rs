@@ -414,6 +414,12 @@ impl Writer for EtcdWriter {
 
 /// CPU seconds (user + system) consumed so far by `pids`, from /proc.
 pub fn cpu_seconds(pids: &[u32]) -> f64 {
+    let (user, system) = cpu_split(pids);
+    user + system
+}
+
+/// CPU seconds consumed so far by `pids` in user space and in the kernel (utime, stime).
+pub fn cpu_split(pids: &[u32]) -> (f64, f64) {
     // SAFETY: sysconf has no preconditions.
     let ticks = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
     pids.iter()
@@ -424,9 +430,9 @@ pub fn cpu_seconds(pids: &[u32]) -> f64 {
             let f: Vec<&str> = rest.split_whitespace().collect();
             let utime: f64 = f.get(11)?.parse().ok()?;
             let stime: f64 = f.get(12)?.parse().ok()?;
-            Some((utime + stime) / ticks)
+            Some((utime / ticks, stime / ticks))
         })
-        .sum()
+        .fold((0.0, 0.0), |(u, s), (pu, ps)| (u + pu, s + ps))
 }
 
 /// `boxd up` pinned to CPU 0 with `config` (TOML) in `dir`, logging warnings to
