@@ -578,9 +578,8 @@ mod tests {
                 routes.remove(&id);
                 ViewChange::VmRemove(id)
             } else {
-                let long = "x".repeat(64);
                 let name = if next(40) == 0 {
-                    long // over a DNS label: in no name map
+                    "x".repeat(64) // over a DNS label: in no name map
                 } else {
                     format!("vm{}", next(50))
                 };
