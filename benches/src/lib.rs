@@ -195,13 +195,15 @@ impl BoxdCluster {
                     .is_ok_and(|s| s["replica"]["leader"].is_u64())
             })?;
             if i == 0 {
-                token = admin_sync(
-                    &socket,
-                    &serde_json::json!({"op": "join-token", "roles": ["control"]}),
-                )?["token"]
-                    .as_str()
-                    .unwrap_or_default()
-                    .to_owned();
+                // The admin socket answers before the founder has applied its cluster settings
+                // ("ready" comes after): until then a join token is refused, so ask again.
+                let req = serde_json::json!({"op": "join-token", "roles": ["control"]});
+                wait_for("a join token", Duration::from_secs(30), || {
+                    admin_sync(&socket, &req).is_ok_and(|r| {
+                        token = r["token"].as_str().unwrap_or_default().to_owned();
+                        !token.is_empty()
+                    })
+                })?;
             }
             dirs.push(data);
         }
