@@ -284,12 +284,13 @@ fn measure(pid: u32, ip: &str, queries: &Path) -> Result<Sample> {
     let (u0, s0) = cpu_split(&pids);
     let (done, qps) = dnsperf(ip, queries)?;
     let (u1, s1) = cpu_split(&pids);
-    let done = done.max(1.0);
+    // A run that completed nothing reports 0 per CPU-second, not a rate made up of the floor.
+    let per_query = done.max(1.0);
     Ok(Sample {
         qps,
         per_cpu: done / (u1 - u0 + s1 - s0).max(1e-9),
-        user_ns: (u1 - u0) * 1e9 / done,
-        kernel_ns: (s1 - s0) * 1e9 / done,
+        user_ns: (u1 - u0) * 1e9 / per_query,
+        kernel_ns: (s1 - s0) * 1e9 / per_query,
     })
 }
 
