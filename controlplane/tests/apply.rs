@@ -941,6 +941,70 @@ fn a_batch_ends_as_its_commands_one_by_one() {
     }
 }
 
+/// Within a transaction the state machine hands what one applier remembers (cluster settings,
+/// the account counters creates move) to the next. Applying through such a chain must answer
+/// and end exactly as a fresh applier per command, which reads every row: creates for the same
+/// owner back to back, deletes that free addresses for the next create to reuse, quota and
+/// pool refusals in between.
+#[test]
+fn remembered_rows_match_the_tables() {
+    let i = ids();
+    let vid = |n: u128| VmId(Uuid::from_u128(2_000 + n));
+    let mut cmds: Vec<Command> = history().into_iter().map(|(_, cmd, _)| cmd).collect();
+    // After the history: a small pool and quota of its own for a new account, filled, emptied
+    // in the middle and filled again.
+    let dave = AccountId(Uuid::from_u128(13));
+    cmds.push(Command::CreateAccount {
+        id: dave,
+        name: "dave".into(),
+        max_vms: Some(4),
+        at: 50,
+    });
+    // No refusal between the creates and the deletes: a refusal rolls back, and with it
+    // whatever the applier remembered.
+    for n in 0..4 {
+        cmds.push(vm(vid(n), dave, &format!("d{n}")));
+    }
+    for n in [1, 2] {
+        cmds.push(Command::DeleteVm {
+            by: dave,
+            vm: vid(n),
+            at: 60,
+        });
+    }
+    for n in 4..8 {
+        cmds.push(vm(vid(n), dave, &format!("d{n}")));
+    }
+    cmds.push(vm(vid(20), i.alice, "after-all"));
+    let fresh = db();
+    let want: Vec<String> = cmds
+        .iter()
+        .map(|cmd| format!("{:?}", Applier::default().apply(&fresh, cmd).unwrap()))
+        .collect();
+    assert!(
+        want.iter().any(|a| a.contains("QuotaExceeded")),
+        "dave's quota must be reached: {want:?}"
+    );
+    for size in [1, 2, 3, 7, cmds.len()] {
+        let c = db();
+        let mut cache = Default::default();
+        let mut got = Vec::new();
+        for chunk in cmds.chunks(size) {
+            let mut applier = Applier::with_cache(cache);
+            got.extend(
+                applier
+                    .apply_batch(&c, chunk)
+                    .unwrap()
+                    .iter()
+                    .map(|r| format!("{r:?}")),
+            );
+            cache = applier.into_parts().1;
+        }
+        assert_eq!(got, want, "answers, batches of {size}");
+        assert_eq!(digest(&c), digest(&fresh), "state, batches of {size}");
+    }
+}
+
 /// A batch of creates alone runs without a savepoint (a create checks everything before it
 /// writes); every way a create can be refused, inside such a batch and behind creates that
 /// succeed, must still answer and end as one by one — nothing of a refused create written.

@@ -30,7 +30,7 @@ use super::{
     Entry, LogId, SnapshotMeta, StoreError, StoredMembership, TypeConfig, read_err, write_err,
 };
 use crate::command::BatchResponse;
-use crate::store::apply::Applier;
+use crate::store::apply::{Applier, Cache};
 use crate::store::sqlite::{Durability, SqliteThread};
 use crate::store::{full_view, rows, schema, view_changes};
 use crate::view::ViewHandle;
@@ -192,25 +192,60 @@ const COMMIT_COMMANDS: usize = 10_000;
 /// ...or when no apply arrived for this long.
 const COMMIT_IDLE: std::time::Duration = std::time::Duration::from_millis(5);
 
-/// When the state machine's open transaction began and how many commands it holds. Only
-/// touched with the connection held (on its thread or in `try_call_here`), so the lock inside
-/// is never contended.
+/// The state machine's open transaction: when it began, how many commands it holds, and what
+/// apply remembers inside it (`store::apply::Cache`), which goes with it whether it commits or
+/// rolls back. Only touched with the connection held (on its thread or in `try_call_here`), so
+/// the lock inside is never contended.
 #[derive(Clone, Default)]
-struct OpenTx(Arc<std::sync::Mutex<Option<(std::time::Instant, usize)>>>);
+struct OpenTx(Arc<std::sync::Mutex<Option<TxState>>>);
+
+struct TxState {
+    since: std::time::Instant,
+    held: usize,
+    cache: Cache,
+}
 
 impl OpenTx {
-    fn get(&self) -> Option<(std::time::Instant, usize)> {
-        *self
-            .0
+    fn lock(&self) -> std::sync::MutexGuard<'_, Option<TxState>> {
+        self.0
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    fn set(&self, v: Option<(std::time::Instant, usize)>) {
-        *self
-            .0
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner) = v;
+    /// A transaction began.
+    fn begin(&self) {
+        *self.lock() = Some(TxState {
+            since: std::time::Instant::now(),
+            held: 0,
+            cache: Cache::default(),
+        });
+    }
+
+    /// The transaction committed or rolled back.
+    fn end(&self) {
+        *self.lock() = None;
+    }
+
+    /// What apply remembered so far in this transaction (empty if none is open).
+    fn take_cache(&self) -> Cache {
+        self.lock()
+            .as_mut()
+            .map(|t| std::mem::take(&mut t.cache))
+            .unwrap_or_default()
+    }
+
+    /// Records `commands` more applied, and what apply remembers now; returns whether the
+    /// transaction is due to be committed.
+    fn applied(&self, commands: usize, cache: Cache) -> bool {
+        let mut state = self.lock();
+        let t = state.get_or_insert_with(|| TxState {
+            since: std::time::Instant::now(),
+            held: 0,
+            cache: Cache::default(),
+        });
+        t.held += commands;
+        t.cache = cache;
+        t.since.elapsed() >= COMMIT_EVERY || t.held >= COMMIT_COMMANDS
     }
 }
 
@@ -219,7 +254,7 @@ fn commit_open(c: &Connection, tx: &OpenTx) -> rusqlite::Result<()> {
     if !c.is_autocommit() {
         c.execute_batch("COMMIT")?;
     }
-    tx.set(None);
+    tx.end();
     Ok(())
 }
 
@@ -386,7 +421,7 @@ fn apply_entries(
         if let Err(e) = c.execute_batch("ROLLBACK") {
             tracing::error!(error = %e, "rolling back the state database failed");
         }
-        tx_clock.set(None);
+        tx_clock.end();
     }
     applied
 }
@@ -398,11 +433,11 @@ fn apply_entries_open(
 ) -> Result<(Applied, bool), SmError> {
     if c.is_autocommit() {
         c.execute_batch("BEGIN")?;
-        tx_clock.set(Some((std::time::Instant::now(), 0)));
+        tx_clock.begin();
     }
     // The transaction stays open after this function: it is committed by `commit_open`.
     let tx: &Connection = c;
-    let mut applier = Applier::default();
+    let mut applier = Applier::with_cache(tx_clock.take_cache());
     let mut responses = Vec::with_capacity(entries.len());
     let mut last = None;
     let mut commands = 0;
@@ -427,11 +462,9 @@ fn apply_entries_open(
         rows::set_meta(tx, "last_applied", &serde_json::to_string(&last)?)?;
         index = last.index;
     }
-    let changes = view_changes(tx, &applier.touched)?;
-    let (since, held) = tx_clock.get().unwrap_or((std::time::Instant::now(), 0));
-    let held = held + commands;
-    tx_clock.set(Some((since, held)));
-    let due = since.elapsed() >= COMMIT_EVERY || held >= COMMIT_COMMANDS;
+    let (touched, cache) = applier.into_parts();
+    let changes = view_changes(tx, &touched)?;
+    let due = tx_clock.applied(commands, cache);
     tracing::debug!(entries = responses.len(), commands, "applied");
     Ok(((responses, changes, index), due))
 }
