@@ -17,8 +17,15 @@ use crate::model::{
 };
 
 /// One entry of the replicated log.
+///
+/// Two forms. In JSON (and any human-readable format) a command is an object whose `type`
+/// names the variant: `{"type":"create_vm","id":…}` — what the admin socket, the gRPC API and
+/// logs written before the binary form take and give. In binary formats (the Raft stream and
+/// the log, through `raft::codec`) it is serde's default enum form, which postcard can read
+/// back without buffering: the `type`-tagged form can only be read by buffering the whole
+/// object first, and reading it back was most of a follower's Raft message decoding.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(tag = "type", rename_all = "snake_case")]
+#[serde(remote = "Self", rename_all = "snake_case")]
 pub enum Command {
     /// Fixes the cluster settings. Applied once; a repeat with the same cluster id is a no-op.
     InitCluster {
@@ -209,7 +216,7 @@ pub enum Command {
         private_ip: Option<Ipv4Addr>,
         /// Why, for states that need one (failed, booting). Absent in logs written before
         /// it existed.
-        #[serde(default, skip_serializing_if = "Option::is_none")]
+        #[serde(default)]
         reason: Option<String>,
         /// Proposal time.
         at: Millis,
@@ -245,6 +252,66 @@ pub enum Command {
         /// One TXT record per value (each at most 255 bytes).
         values: Vec<String>,
     },
+}
+
+/// The name of the field that holds a command's variant in its JSON form.
+const TAG: &str = "type";
+
+/// A command in serde's default enum form, `{"create_vm":{…}}`, whatever the format.
+struct Untagged<'a>(&'a Command);
+
+impl Serialize for Untagged<'_> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        Command::serialize(self.0, s)
+    }
+}
+
+impl Serialize for Command {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::{Error as _, SerializeMap as _};
+        if !s.is_human_readable() {
+            return Command::serialize(self, s);
+        }
+        // JSON is off the hot path (Raft and the log are binary): build the default form as
+        // a value and move the variant's name into `type`, first.
+        let value = serde_json::to_value(Untagged(self)).map_err(S::Error::custom)?;
+        let serde_json::Value::Object(outer) = value else {
+            return Err(S::Error::custom("a command serializes as an object"));
+        };
+        let Some((kind, serde_json::Value::Object(fields))) = outer.into_iter().next() else {
+            return Err(S::Error::custom("a command serializes as one named object"));
+        };
+        let mut map = s.serialize_map(Some(fields.len() + 1))?;
+        map.serialize_entry(TAG, &kind)?;
+        for (k, v) in &fields {
+            map.serialize_entry(k, v)?;
+        }
+        map.end()
+    }
+}
+
+impl<'de> Deserialize<'de> for Command {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        use serde::de::Error as _;
+        if !d.is_human_readable() {
+            return Command::deserialize(d);
+        }
+        let mut fields = serde_json::Map::deserialize(d)?;
+        let kind = match fields.remove(TAG) {
+            Some(serde_json::Value::String(kind)) => kind,
+            Some(other) => {
+                return Err(D::Error::custom(format!(
+                    "`{TAG}` must be a string naming the command, not {other}"
+                )));
+            }
+            None => return Err(D::Error::missing_field(TAG)),
+        };
+        let untagged = serde_json::Value::Object(serde_json::Map::from_iter([(
+            kind,
+            serde_json::Value::Object(fields),
+        )]));
+        Command::deserialize(untagged).map_err(D::Error::custom)
+    }
 }
 
 impl Command {

@@ -941,6 +941,93 @@ fn a_batch_ends_as_its_commands_one_by_one() {
     }
 }
 
+/// Every command of the history survives both of its forms: the JSON the admin socket and the
+/// API take (`type` first, then the fields) and the binary one of the Raft stream and the log.
+#[test]
+fn every_command_round_trips_in_json_and_binary() {
+    let i = ids();
+    let mut cmds: Vec<Command> = history().into_iter().map(|(_, cmd, _)| cmd).collect();
+    // The three the history leaves out.
+    cmds.extend([
+        Command::ClaimOwner {
+            id: i.alice,
+            name: "owner".into(),
+            fingerprint: i.ka.clone(),
+            public_key: "ssh-ed25519 AAAA".into(),
+            at: 5,
+        },
+        Command::SetSshHostKey {
+            private_key: "-----BEGIN OPENSSH PRIVATE KEY-----\nx\n".into(),
+        },
+        Command::SetTlsLocalCa {
+            material: TlsMaterial {
+                ca_cert: "ca".into(),
+                chain: "chain".into(),
+                key: "key".into(),
+            },
+        },
+    ]);
+    let kinds: std::collections::BTreeSet<&str> = cmds.iter().map(Command::kind).collect();
+    assert_eq!(
+        kinds.len(),
+        21,
+        "the history holds every kind of command: {kinds:?}"
+    );
+    for cmd in &cmds {
+        let json = serde_json::to_string(cmd).unwrap();
+        assert!(
+            json.starts_with(&format!("{{\"type\":\"{}\",", cmd.kind())),
+            "{json}"
+        );
+        assert_eq!(&serde_json::from_str::<Command>(&json).unwrap(), cmd);
+        let mut binary = Vec::new();
+        boxd_controlplane::raft::codec::encode_into(cmd, &mut binary).unwrap();
+        let back: Command = boxd_controlplane::raft::codec::decode(&binary).unwrap();
+        assert_eq!(&back, cmd, "binary form of {json}");
+    }
+}
+
+/// The JSON form is read with `type` anywhere in the object, and tells a caller what is wrong.
+#[test]
+fn command_json_says_what_is_wrong() {
+    let vm = "00000000-0000-0000-0000-000000000001";
+    let last = format!(r#"{{"vm":"{vm}","type":"purge_vm"}}"#);
+    assert_eq!(
+        serde_json::from_str::<Command>(&last).unwrap(),
+        Command::PurgeVm {
+            vm: VmId(Uuid::from_u128(1))
+        }
+    );
+    // A ReportVm logged before `reason` existed.
+    let old = format!(
+        r#"{{"type":"report_vm","vm":"{vm}","worker":1,"observed":"running","private_ip":null,"at":3}}"#
+    );
+    assert!(matches!(
+        serde_json::from_str::<Command>(&old).unwrap(),
+        Command::ReportVm { reason: None, .. }
+    ));
+    for (bad, says) in [
+        (format!(r#"{{"vm":"{vm}"}}"#), "missing field `type`"),
+        (
+            r#"{"type":"reboot_vm"}"#.to_owned(),
+            "unknown variant `reboot_vm`",
+        ),
+        (r#"{"type":7}"#.to_owned(), "`type` must be a string"),
+        (r#"{"type":"purge_vm"}"#.to_owned(), "missing field `vm`"),
+        (
+            format!(r#"{{"type":"purge_vm","vm":"{vm}","extra":1}}"#),
+            "",
+        ),
+        (r#"[1,2]"#.to_owned(), "invalid type"),
+    ] {
+        match serde_json::from_str::<Command>(&bad) {
+            Err(e) => assert!(e.to_string().contains(says), "{bad}: {e}"),
+            // Unknown fields are ignored, as before.
+            Ok(cmd) => assert!(says.is_empty(), "{bad} parsed as {cmd:?}"),
+        }
+    }
+}
+
 /// Within a transaction the state machine hands what one applier remembers (cluster settings,
 /// the account counters creates move) to the next. Applying through such a chain must answer
 /// and end exactly as a fresh applier per command, which reads every row: creates for the same

@@ -80,16 +80,45 @@ async fn votes_and_appends_travel_and_come_back_with_the_peers_answer() {
         entries: Vec::new(),
         leader_commit: None,
     };
-    let answer = client
+    // In postcard, as this version's leaders send it, and in JSON, as older ones did.
+    let binary = stream::append_entries_frame(&append).unwrap();
+    let answer = client.call_frame(&binary, DEADLINE).await.unwrap().to_vec();
+    let json = client
         .call(stream::APPEND_ENTRIES, &append, DEADLINE)
         .await
         .unwrap();
+    assert_eq!(answer, json, "both forms get the same answer");
     let append: Result<AppendEntriesResponse<NodeId>, RaftError<NodeId>> =
-        serde_json::from_slice(answer).unwrap();
+        serde_json::from_slice(&answer).unwrap();
     assert!(
         matches!(append.unwrap(), AppendEntriesResponse::HigherVote(v) if v.leader_id().term == term(&replica)),
         "a stale leader is told about the higher vote"
     );
+}
+
+#[tokio::test]
+async fn a_malformed_binary_append_closes_the_connection() {
+    let (_dir, replica, addr) = node().await;
+    let mut client = RaftStream::new(&addr, Arc::from(KEY));
+    let append = AppendEntriesRequest::<TypeConfig> {
+        vote: Vote::new_committed(0, 2),
+        prev_log_id: None,
+        entries: Vec::new(),
+        leader_commit: None,
+    };
+    let mut frame = stream::append_entries_frame(&append).unwrap();
+    // Cut the body short and fix up the length: a well-framed request that does not decode.
+    frame.truncate(frame.len() - 1);
+    let len = u32::try_from(frame.len() - 4).unwrap();
+    frame[..4].copy_from_slice(&len.to_be_bytes());
+    let err = client.call_frame(&frame, DEADLINE).await.unwrap_err();
+    assert!(matches!(err, CallError::Broken { .. }), "{err}");
+    // The node still answers on a new connection.
+    let stale = VoteRequest::<NodeId>::new(Vote::new(0, 2), None);
+    let answer = client.call(stream::VOTE, &stale, DEADLINE).await.unwrap();
+    let vote: Result<VoteResponse<NodeId>, RaftError<NodeId>> =
+        serde_json::from_slice(answer).unwrap();
+    assert_eq!(vote.unwrap().vote.leader_id().term, term(&replica));
 }
 
 #[tokio::test]

@@ -37,6 +37,9 @@ pub enum LogDbError {
     /// A stored value did not decode.
     #[error("raft log database holds an undecodable value: {0}")]
     Codec(#[from] serde_json::Error),
+    /// A stored entry did not decode.
+    #[error("raft log database holds an undecodable entry: {0}")]
+    Entry(#[from] super::codec::CodecError),
     /// The database thread stopped.
     #[error(transparent)]
     Closed(#[from] crate::store::sqlite::Closed),
@@ -186,7 +189,7 @@ fn read_range(c: &Connection, start: i64, end: i64) -> Result<Vec<Entry>, LogDbE
     let rows = stmt.query_map(params![start, end], |r| r.get::<_, Vec<u8>>(0))?;
     let mut out = Vec::new();
     for raw in rows {
-        out.push(serde_json::from_slice(&raw?)?);
+        out.push(super::codec::decode_entry(&raw?)?);
     }
     Ok(out)
 }
@@ -269,7 +272,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
                     })
                     .optional()?;
                 let last_log_id = match last {
-                    Some(raw) => Some(serde_json::from_slice::<Entry>(&raw)?.log_id),
+                    Some(raw) => Some(super::codec::decode_entry(&raw)?.log_id),
                     None => last_purged,
                 };
                 Ok(LogState {
@@ -347,7 +350,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         let entries: Vec<Entry> = entries.into_iter().collect();
         let mut rows = Vec::with_capacity(entries.len());
         for e in &entries {
-            let raw = serde_json::to_vec(e).map_err(write_err)?;
+            let raw = super::codec::encode_entry(e).map_err(write_err)?;
             rows.push((sql_index(e.log_id.index), raw));
         }
         self.cache

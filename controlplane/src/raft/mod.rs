@@ -2,6 +2,7 @@
 //! network between nodes. Nothing here decides anything about VMs; it moves batches of `Command`s into the
 //! same order on every node and hands them to `store::apply`.
 
+pub mod codec;
 pub mod log_store;
 pub mod network;
 pub mod state_machine;

@@ -117,9 +117,11 @@ impl RaftNetwork<TypeConfig> for Connection {
         rpc: AppendEntriesRequest<TypeConfig>,
         option: RPCOption,
     ) -> Result<AppendEntriesResponse<NodeId>, RpcErr> {
+        let request = stream::append_entries_frame(&rpc)
+            .map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
         let answer = self
             .stream
-            .call(stream::APPEND_ENTRIES, &rpc, option.hard_ttl())
+            .call_frame(&request, option.hard_ttl())
             .await
             .map_err(stream_error)?;
         decode(self.target, answer)

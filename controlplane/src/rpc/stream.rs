@@ -12,8 +12,10 @@
 //!
 //! - The client opens with [`PREFACE`], then the peer key's length (`u16`) and the key. A
 //!   server that does not accept the key closes the connection.
-//! - Request: `u32` length of what follows, a kind byte ([`APPEND_ENTRIES`] or [`VOTE`]), and
-//!   the JSON of openraft's request.
+//! - Request: `u32` length of what follows, a kind byte, and openraft's request:
+//!   [`APPEND_ENTRIES_BINARY`] in postcard (`raft::codec`), which is what this version sends;
+//!   [`VOTE`] in JSON; [`APPEND_ENTRIES`] in JSON, still served for a leader that predates the
+//!   binary form (a rolling upgrade replaces followers first).
 //! - Answer: `u32` length, then the JSON of `Result<response, RaftError>`.
 //!
 //! A connection carries one request at a time (openraft sends one RPC at a time per target);
@@ -39,6 +41,8 @@ pub const PREFACE: &[u8; 8] = b"BOXDRFT1";
 pub const APPEND_ENTRIES: u8 = 1;
 /// Request kind: openraft's `VoteRequest`.
 pub const VOTE: u8 = 2;
+/// Request kind: openraft's `AppendEntriesRequest` in postcard.
+pub const APPEND_ENTRIES_BINARY: u8 = 3;
 /// Largest frame either side accepts (the gRPC service's limit too).
 pub const MAX_FRAME: usize = 64 << 20;
 /// How long a new connection may take to say what it is.
@@ -89,14 +93,31 @@ async fn read_frame(r: &mut BufReader<OwnedReadHalf>, buf: &mut Vec<u8>) -> Resu
     Ok(())
 }
 
-/// A frame: the `u32` length, then `kind` (if any) and the JSON of `body`.
-fn frame(kind: Option<u8>, body: &impl serde::Serialize) -> Result<Vec<u8>, serde_json::Error> {
+/// A frame: the `u32` length, then `kind` (if any) and what `write` appends.
+fn frame_with<E>(
+    kind: Option<u8>,
+    write: impl FnOnce(&mut Vec<u8>) -> Result<(), E>,
+) -> Result<Vec<u8>, E> {
     let mut out = vec![0u8; 4];
     out.extend(kind);
-    serde_json::to_writer(&mut out, body)?;
+    write(&mut out)?;
     let len = u32::try_from(out.len() - 4).unwrap_or(u32::MAX);
     out[..4].copy_from_slice(&len.to_be_bytes());
     Ok(out)
+}
+
+/// A frame: the `u32` length, then `kind` (if any) and the JSON of `body`.
+fn frame(kind: Option<u8>, body: &impl serde::Serialize) -> Result<Vec<u8>, serde_json::Error> {
+    frame_with(kind, |out| serde_json::to_writer(out, body))
+}
+
+/// The request frame of an AppendEntries, in postcard.
+pub fn append_entries_frame(
+    rpc: &openraft::raft::AppendEntriesRequest<crate::raft::TypeConfig>,
+) -> Result<Vec<u8>, postcard::Error> {
+    frame_with(Some(APPEND_ENTRIES_BINARY), |out| {
+        crate::raft::codec::encode_into(rpc, out)
+    })
 }
 
 /// Serves one Raft stream connection (already recognised by [`is_raft_stream`]) until the peer
@@ -133,6 +154,13 @@ async fn serve_inner(
         }
         let (&kind, body) = buf.split_first().ok_or("empty frame")?;
         let answer = match kind {
+            APPEND_ENTRIES_BINARY => frame(
+                None,
+                &replica
+                    .raft()
+                    .append_entries(crate::raft::codec::decode_append_entries(body)?)
+                    .await,
+            )?,
             APPEND_ENTRIES => frame(
                 None,
                 &replica
@@ -210,7 +238,8 @@ impl RaftStream {
         Ok((BufReader::with_capacity(READ_BUFFER, r), w))
     }
 
-    /// Sends one request of `kind` and returns the JSON of its answer, within `deadline`.
+    /// Sends one request of `kind` in JSON and returns the JSON of its answer, within
+    /// `deadline`.
     pub async fn call(
         &mut self,
         kind: u8,
@@ -221,7 +250,17 @@ impl RaftStream {
             addr: self.addr.clone(),
             reason: e.to_string(),
         })?;
-        match tokio::time::timeout(deadline, self.exchange(&request)).await {
+        self.call_frame(&request, deadline).await
+    }
+
+    /// Sends a whole request frame (see [`append_entries_frame`]) and returns the JSON of its
+    /// answer, within `deadline`.
+    pub async fn call_frame(
+        &mut self,
+        request: &[u8],
+        deadline: Duration,
+    ) -> Result<&[u8], CallError> {
+        match tokio::time::timeout(deadline, self.exchange(request)).await {
             Ok(Ok(())) => Ok(&self.buf),
             Ok(Err(e)) => {
                 self.conn = None;
