@@ -24,6 +24,11 @@ use crate::model::{
 /// the log, through `raft::codec`) it is serde's default enum form, which postcard can read
 /// back without buffering: the `type`-tagged form can only be read by buffering the whole
 /// object first, and reading it back was most of a follower's Raft message decoding.
+///
+/// The default form comes from serde's derive with `remote = "Self"`, which also leaves the
+/// inherent functions `Command::serialize` and `Command::deserialize` behind: they always use
+/// the default form. Go through the traits (`serde_json::from_str::<Command>`, …) for the
+/// form that fits the format.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(remote = "Self", rename_all = "snake_case")]
 pub enum Command {
@@ -292,25 +297,198 @@ impl Serialize for Command {
 
 impl<'de> Deserialize<'de> for Command {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        use serde::de::Error as _;
         if !d.is_human_readable() {
             return Command::deserialize(d);
         }
-        let mut fields = serde_json::Map::deserialize(d)?;
-        let kind = match fields.remove(TAG) {
-            Some(serde_json::Value::String(kind)) => kind,
-            Some(other) => {
-                return Err(D::Error::custom(format!(
-                    "`{TAG}` must be a string naming the command, not {other}"
-                )));
+        d.deserialize_map(tagged::CommandVisitor)
+    }
+}
+
+/// Reading the `type`-tagged JSON form as it streams by: the fields before `type` are kept as
+/// JSON values, then the variant it names reads them and the rest of the object directly.
+/// (serde's own internally tagged enums buffer the whole object first; a value per field and a
+/// map was what made that a sixth of the admin socket's time.)
+mod tagged {
+    use serde::de::{self, Error as _, IntoDeserializer as _, MapAccess, Visitor};
+
+    use super::{Command, TAG};
+
+    pub(super) struct CommandVisitor;
+
+    impl<'de> Visitor<'de> for CommandVisitor {
+        type Value = Command;
+
+        fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            write!(f, "a command: an object whose `{TAG}` names it")
+        }
+
+        fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Command, A::Error> {
+            let mut before = Vec::new();
+            loop {
+                match map.next_key::<Key>()? {
+                    Some(Key::Tag) => break,
+                    Some(Key::Other(name)) => {
+                        before.push((name, map.next_value::<serde_json::Value>()?));
+                    }
+                    None => return Err(A::Error::missing_field(TAG)),
+                }
             }
-            None => return Err(D::Error::missing_field(TAG)),
-        };
-        let untagged = serde_json::Value::Object(serde_json::Map::from_iter([(
-            kind,
-            serde_json::Value::Object(fields),
-        )]));
-        Command::deserialize(untagged).map_err(D::Error::custom)
+            let Kind(kind) = map.next_value()?;
+            Command::deserialize(Variant {
+                kind,
+                fields: Fields {
+                    before: before.into_iter(),
+                    pending: None,
+                    rest: map,
+                },
+            })
+        }
+    }
+
+    /// A key: the tag, or any other (kept, to hand to the variant).
+    enum Key {
+        Tag,
+        Other(String),
+    }
+
+    impl<'de> de::Deserialize<'de> for Key {
+        fn deserialize<D: de::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+            struct KeyVisitor;
+            impl Visitor<'_> for KeyVisitor {
+                type Value = Key;
+                fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                    f.write_str("a field name")
+                }
+                fn visit_str<E: de::Error>(self, v: &str) -> Result<Key, E> {
+                    Ok(if v == TAG {
+                        Key::Tag
+                    } else {
+                        Key::Other(v.to_owned())
+                    })
+                }
+                fn visit_string<E: de::Error>(self, v: String) -> Result<Key, E> {
+                    Ok(if v == TAG { Key::Tag } else { Key::Other(v) })
+                }
+            }
+            d.deserialize_str(KeyVisitor)
+        }
+    }
+
+    /// The tag's value: the command's name.
+    struct Kind(String);
+
+    impl<'de> de::Deserialize<'de> for Kind {
+        fn deserialize<D: de::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+            struct KindVisitor;
+            impl Visitor<'_> for KindVisitor {
+                type Value = Kind;
+                fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                    write!(f, "the command's name as a string in `{TAG}`")
+                }
+                fn visit_str<E: de::Error>(self, v: &str) -> Result<Kind, E> {
+                    Ok(Kind(v.to_owned()))
+                }
+                fn visit_string<E: de::Error>(self, v: String) -> Result<Kind, E> {
+                    Ok(Kind(v))
+                }
+            }
+            d.deserialize_str(KindVisitor)
+        }
+    }
+
+    /// The rest of the object as serde's default enum form: `kind` names the variant, whose
+    /// fields are `fields`.
+    struct Variant<A> {
+        kind: String,
+        fields: Fields<A>,
+    }
+
+    impl<'de, A: MapAccess<'de>> de::Deserializer<'de> for Variant<A> {
+        type Error = A::Error;
+
+        fn deserialize_any<V: Visitor<'de>>(self, visitor: V) -> Result<V::Value, A::Error> {
+            visitor.visit_enum(self)
+        }
+
+        serde::forward_to_deserialize_any! {
+            bool i8 i16 i32 i64 i128 u8 u16 u32 u64 u128 f32 f64 char str string bytes
+            byte_buf option unit unit_struct newtype_struct seq tuple tuple_struct map struct
+            enum identifier ignored_any
+        }
+    }
+
+    impl<'de, A: MapAccess<'de>> de::EnumAccess<'de> for Variant<A> {
+        type Error = A::Error;
+        type Variant = Fields<A>;
+
+        fn variant_seed<V: de::DeserializeSeed<'de>>(
+            self,
+            seed: V,
+        ) -> Result<(V::Value, Fields<A>), A::Error> {
+            let name = seed.deserialize(self.kind.into_deserializer())?;
+            Ok((name, self.fields))
+        }
+    }
+
+    /// The fields seen before the tag, then the ones after it, as one map.
+    struct Fields<A> {
+        before: std::vec::IntoIter<(String, serde_json::Value)>,
+        pending: Option<serde_json::Value>,
+        rest: A,
+    }
+
+    impl<'de, A: MapAccess<'de>> de::VariantAccess<'de> for Fields<A> {
+        type Error = A::Error;
+
+        fn unit_variant(self) -> Result<(), A::Error> {
+            Err(A::Error::custom("every command has fields"))
+        }
+
+        fn newtype_variant_seed<T: de::DeserializeSeed<'de>>(
+            self,
+            _seed: T,
+        ) -> Result<T::Value, A::Error> {
+            Err(A::Error::custom("every command has named fields"))
+        }
+
+        fn tuple_variant<V: Visitor<'de>>(self, _len: usize, _v: V) -> Result<V::Value, A::Error> {
+            Err(A::Error::custom("every command has named fields"))
+        }
+
+        fn struct_variant<V: Visitor<'de>>(
+            self,
+            _fields: &'static [&'static str],
+            visitor: V,
+        ) -> Result<V::Value, A::Error> {
+            visitor.visit_map(self)
+        }
+    }
+
+    impl<'de, A: MapAccess<'de>> MapAccess<'de> for Fields<A> {
+        type Error = A::Error;
+
+        fn next_key_seed<K: de::DeserializeSeed<'de>>(
+            &mut self,
+            seed: K,
+        ) -> Result<Option<K::Value>, A::Error> {
+            match self.before.next() {
+                Some((name, value)) => {
+                    self.pending = Some(value);
+                    seed.deserialize(name.into_deserializer()).map(Some)
+                }
+                None => self.rest.next_key_seed(seed),
+            }
+        }
+
+        fn next_value_seed<V: de::DeserializeSeed<'de>>(
+            &mut self,
+            seed: V,
+        ) -> Result<V::Value, A::Error> {
+            match self.pending.take() {
+                Some(value) => seed.deserialize(value).map_err(A::Error::custom),
+                None => self.rest.next_value_seed(seed),
+            }
+        }
     }
 }
 

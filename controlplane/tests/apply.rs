@@ -998,6 +998,22 @@ fn command_json_says_what_is_wrong() {
             vm: VmId(Uuid::from_u128(1))
         }
     );
+    // Fields on both sides of `type`, and inside another object read the same way.
+    let split = r#"{"owner":"00000000-0000-0000-0000-00000000000a","name":"web","type":"create_vm",
+        "id":"00000000-0000-0000-0000-000000000001","http_port":80,"at":4,
+        "spec":{"vcpus":1,"memory_mib":512,"disk_gib":4,"image":"minimal"}}"#;
+    let want = Command::CreateVm {
+        id: VmId(Uuid::from_u128(1)),
+        owner: ids().alice,
+        name: "web".into(),
+        spec: VmSpec::default(),
+        http_port: 80,
+        at: 4,
+    };
+    assert_eq!(VmSpec::default().image, "minimal");
+    assert_eq!(serde_json::from_str::<Command>(split).unwrap(), want);
+    let value: serde_json::Value = serde_json::from_str(split).unwrap();
+    assert_eq!(serde_json::from_value::<Command>(value).unwrap(), want);
     // A ReportVm logged before `reason` existed.
     let old = format!(
         r#"{{"type":"report_vm","vm":"{vm}","worker":1,"observed":"running","private_ip":null,"at":3}}"#
@@ -1012,7 +1028,10 @@ fn command_json_says_what_is_wrong() {
             r#"{"type":"reboot_vm"}"#.to_owned(),
             "unknown variant `reboot_vm`",
         ),
-        (r#"{"type":7}"#.to_owned(), "`type` must be a string"),
+        (
+            r#"{"type":7}"#.to_owned(),
+            "expected the command's name as a string",
+        ),
         (r#"{"type":"purge_vm"}"#.to_owned(), "missing field `vm`"),
         (
             format!(r#"{{"type":"purge_vm","vm":"{vm}","extra":1}}"#),
