@@ -306,8 +306,9 @@ impl<'de> Deserialize<'de> for Command {
 
 /// Reading the `type`-tagged JSON form as it streams by: the fields before `type` are kept as
 /// JSON values, then the variant it names reads them and the rest of the object directly.
-/// (serde's own internally tagged enums buffer the whole object first; a value per field and a
-/// map was what made that a sixth of the admin socket's time.)
+/// serde's own internally tagged enums buffer the whole object first, and so would reading it
+/// into a JSON map: 1.5 µs a create that way against 0.6 µs here when `type` comes first (as
+/// boxd writes it), 2.3 against 2.0 µs when it comes last.
 mod tagged {
     use serde::de::{self, Error as _, IntoDeserializer as _, MapAccess, Visitor};
 

@@ -205,6 +205,16 @@ struct TxState {
     cache: Cache,
 }
 
+impl TxState {
+    fn new() -> Self {
+        Self {
+            since: std::time::Instant::now(),
+            held: 0,
+            cache: Cache::default(),
+        }
+    }
+}
+
 impl OpenTx {
     fn lock(&self) -> std::sync::MutexGuard<'_, Option<TxState>> {
         self.0
@@ -214,11 +224,7 @@ impl OpenTx {
 
     /// A transaction began.
     fn begin(&self) {
-        *self.lock() = Some(TxState {
-            since: std::time::Instant::now(),
-            held: 0,
-            cache: Cache::default(),
-        });
+        *self.lock() = Some(TxState::new());
     }
 
     /// The transaction committed or rolled back.
@@ -238,11 +244,7 @@ impl OpenTx {
     /// transaction is due to be committed.
     fn applied(&self, commands: usize, cache: Cache) -> bool {
         let mut state = self.lock();
-        let t = state.get_or_insert_with(|| TxState {
-            since: std::time::Instant::now(),
-            held: 0,
-            cache: Cache::default(),
-        });
+        let t = state.get_or_insert_with(TxState::new);
         t.held += commands;
         t.cache = cache;
         t.since.elapsed() >= COMMIT_EVERY || t.held >= COMMIT_COMMANDS
