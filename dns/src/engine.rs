@@ -391,11 +391,14 @@ impl Engine {
                 usize::from(e.max_payload().clamp(512, self.cfg.edns_payload.max(512)))
             }
         };
-        if req.edns.is_some() {
+        if let Some(asked) = &req.edns {
             let mut e = Edns::new();
             e.set_max_payload(self.cfg.edns_payload.max(512));
             e.set_version(0);
             e.set_rcode_high(rcode.high());
+            // RFC 3225 §3: the DO bit is copied into the response (the zone is unsigned, so
+            // nothing else changes).
+            e.set_dnssec_ok(asked.flags().dnssec_ok);
             m.edns = Some(e);
         }
         m.answers = sections.answers;

@@ -31,6 +31,8 @@ struct Shape {
     qtype: u16,
     /// Whether the query carried EDNS (version 0).
     edns: bool,
+    /// The OPT record's DO bit (RFC 3225), echoed in the answer.
+    dnssec_ok: bool,
 }
 
 /// Answers `query` into `out` if it is of the fast-path shape; `false` otherwise (`out` may
@@ -80,10 +82,12 @@ pub fn answer<Z: ZoneView + ?Sized>(
         }
     }
     if shape.edns {
-        // OPT: root owner, our payload size, extended rcode 0, version 0, no flags, no data.
+        // OPT: root owner, our payload size, extended rcode 0, version 0, the query's DO bit
+        // echoed (RFC 3225 §3) and no other flags, no data.
         out.extend_from_slice(&[0, 0, TYPE_OPT as u8]);
         out.extend_from_slice(&cfg.edns_payload.to_be_bytes());
-        out.extend_from_slice(&[0, 0, 0, 0, 0, 0]);
+        let flags = if shape.dnssec_ok { 0x80 } else { 0 };
+        out.extend_from_slice(&[0, 0, flags, 0, 0, 0]);
     }
     true
 }
@@ -163,6 +167,7 @@ fn parse(q: &[u8], apex: &str, label: &mut [u8; MAX_LABEL]) -> Option<(Shape, us
     }
     let question_end = i + 4;
     let mut edns = false;
+    let mut dnssec_ok = false;
     let mut end = question_end;
     if arcount == 1 {
         // OPT: root owner, type 41, class = payload (≥ 512), ext-rcode 0, version 0.
@@ -172,6 +177,7 @@ fn parse(q: &[u8], apex: &str, label: &mut [u8; MAX_LABEL]) -> Option<(Shape, us
         if *q.get(end + 5)? != 0 || *q.get(end + 6)? != 0 {
             return None;
         }
+        dnssec_ok = *q.get(end + 7)? & 0x80 != 0;
         let rdlen = usize::from(u16_at(q, end + 9)?);
         end += 11;
         // Options must be well-formed TLVs filling the data exactly.
@@ -194,6 +200,7 @@ fn parse(q: &[u8], apex: &str, label: &mut [u8; MAX_LABEL]) -> Option<(Shape, us
             apex_at,
             qtype,
             edns,
+            dnssec_ok,
         },
         len,
     ))

@@ -222,6 +222,34 @@ fn edns_is_echoed_and_unknown_versions_get_badvers() {
     assert!(m.answers.is_empty());
 }
 
+/// RFC 3225 §3: the DO bit of the query's OPT record comes back in the answer's, on the fast
+/// path (a VM name) and the full path (the apex SOA) alike; without it, none.
+#[test]
+fn the_do_bit_is_echoed() {
+    let e = engine();
+    let z = zone();
+    for (name, t) in [
+        ("myapp.boxd.test.", RecordType::A),
+        ("nope.boxd.test.", RecordType::AAAA),
+        ("boxd.test.", RecordType::SOA),
+    ] {
+        for dnssec_ok in [false, true] {
+            let mut q = Message::from_vec(&query(name, t, Some(1232))).unwrap();
+            q.edns.as_mut().unwrap().set_dnssec_ok(dnssec_ok);
+            let q = q.to_vec().unwrap();
+            let mut fast = Vec::new();
+            let mut answers = vec![ask(&q, Transport::Udp).unwrap()];
+            if boxd_dns::fastpath::answer(&e, &z, &q, &mut fast) {
+                answers.push(Message::from_vec(&fast).unwrap());
+            }
+            for m in answers {
+                let opt = m.edns.expect("OPT in the response");
+                assert_eq!(opt.flags().dnssec_ok, dnssec_ok, "{name} {t}");
+            }
+        }
+    }
+}
+
 #[test]
 fn truncation_over_udp_and_full_answer_over_tcp() {
     // 16 strings of 252 bytes: ~4 KiB.
