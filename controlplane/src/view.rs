@@ -97,6 +97,10 @@ pub struct View {
     by_id: HashMap<VmId, Arc<VmRoute>>,
     by_owner_ip: HashMap<(AccountId, Ipv4Addr), VmId>,
     by_name: HashMap<Label, NameEntry>,
+    /// Public addresses some VM has, with how many VMs have each (addresses are unique per
+    /// owner, shared between owners): the front door serves these and the lobby, nothing else
+    /// of the pool.
+    addresses: HashMap<Ipv4Addr, u32>,
     txt: HashMap<String, Arc<[String]>>,
 }
 
@@ -173,6 +177,12 @@ impl View {
             if label.as_ref().is_none_or(|l| l.as_str() != old.name) {
                 self.by_name.remove(old.name.as_str());
             }
+            if old.public_ip != public_ip {
+                self.release_address(old.public_ip);
+                *self.addresses.entry(public_ip).or_insert(0) += 1;
+            }
+        } else {
+            *self.addresses.entry(public_ip).or_insert(0) += 1;
         }
         self.by_owner_ip.insert((owner, public_ip), id);
         if let Some(label) = label {
@@ -187,6 +197,18 @@ impl View {
         if let Some(old) = self.by_id.remove(&id) {
             self.by_owner_ip.remove(&(old.owner, old.public_ip));
             self.by_name.remove(old.name.as_str());
+            self.release_address(old.public_ip);
+        }
+    }
+
+    /// One VM fewer has `ip`.
+    fn release_address(&mut self, ip: Ipv4Addr) {
+        match self.addresses.get_mut(&ip) {
+            Some(n) if *n > 1 => *n -= 1,
+            Some(_) => {
+                self.addresses.remove(&ip);
+            }
+            None => {}
         }
     }
 
@@ -210,11 +232,10 @@ impl View {
         self.settings.iter().map(|s| s.lobby)
     }
 
-    /// Whether a connection addressed to `ip` is ours to accept (lobby or pool address).
+    /// Whether a connection addressed to `ip` is ours to accept: the lobby, or an address that
+    /// some VM has (a pool address no VM has is not served).
     pub fn is_public_address(&self, ip: Ipv4Addr) -> bool {
-        self.settings
-            .as_ref()
-            .is_some_and(|s| s.lobby == ip || s.is_assignable(ip))
+        self.settings.as_ref().is_some_and(|s| s.lobby == ip) || self.addresses.contains_key(&ip)
     }
 
     /// The account a key belongs to.
@@ -249,7 +270,8 @@ impl View {
         let zone = self.zone()?;
         let host = host.strip_suffix('.').unwrap_or(host);
         let split = host.len().checked_sub(zone.len() + 1)?;
-        let (label, rest) = host.split_at(split);
+        // A name from a Host header may hold any UTF-8; no VM name does.
+        let (label, rest) = host.split_at_checked(split)?;
         let rest = rest.strip_prefix('.')?;
         if !rest.eq_ignore_ascii_case(zone) {
             return None;
@@ -533,13 +555,30 @@ mod tests {
         assert_eq!(v.applied(), 3);
     }
 
+    /// The lobby and the addresses VMs have are ours; the rest of the pool is not (issue 25:
+    /// unallocated pool addresses were served). An address two owners' VMs share stays ours
+    /// until both are gone, and one a VM moves off is released.
     #[test]
     fn public_address_check() {
-        let v = View::build(1, Some(settings()), [], []);
-        assert!(v.is_public_address("127.77.0.1".parse().unwrap()));
-        assert!(v.is_public_address("127.77.3.4".parse().unwrap()));
-        assert!(!v.is_public_address("127.0.0.1".parse().unwrap()));
-        assert!(!View::default().is_public_address("127.77.0.1".parse().unwrap()));
+        let (a, b) = (AccountId::random(), AccountId::random());
+        let ra = route("a", a, "127.77.3.4");
+        let rb = route("b", b, "127.77.3.4");
+        let mut v = View::build(1, Some(settings()), [ra.clone(), rb.clone()], []);
+        let ours = |v: &View, ip: &str| v.is_public_address(ip.parse().unwrap());
+        assert!(ours(&v, "127.77.0.1"));
+        assert!(ours(&v, "127.77.3.4"));
+        assert!(!ours(&v, "127.77.3.5"), "an unallocated pool address");
+        assert!(!ours(&v, "127.0.0.1"));
+        assert!(!ours(&View::default(), "127.77.0.1"));
+        v.patch(2, [ViewChange::VmRemove(ra.id)]);
+        assert!(ours(&v, "127.77.3.4"), "b still has it");
+        let mut moved = rb.clone();
+        moved.public_ip = "127.77.3.5".parse().unwrap();
+        v.patch(3, [ViewChange::VmUpsert(Arc::new(moved))]);
+        assert!(!ours(&v, "127.77.3.4"));
+        assert!(ours(&v, "127.77.3.5"));
+        v.patch(4, [ViewChange::VmRemove(rb.id)]);
+        assert!(!ours(&v, "127.77.3.5"));
     }
 
     #[tokio::test]
