@@ -1,7 +1,8 @@
 //! Any bytes as what a client or a VM sends the HTTPS proxy: parsing a request or response
 //! head never panics, and a head the proxy forwards parses again as a complete head with the
-//! same method, target and status, with a Connection field only for an upgrade (the VM
-//! connection is otherwise kept); the body framing is
+//! same method, target, body framing and status, with exactly one Host, every framing field
+//! the client sent (no request smuggling through `Connection`), and a Connection field only
+//! for an upgrade (the VM connection is otherwise kept); the body framing is
 //! decided without panicking; the chunked decoder finds the same end whether fed whole or in
 //! two pieces.
 #![no_main]
@@ -18,6 +19,9 @@ fuzz_target!(|data: &[u8]| {
                 assert_eq!(again.method, req.method);
                 assert_eq!(again.target, req.target);
                 assert_eq!(again.len, out.len());
+                if let Ok(body) = req.body() {
+                    assert_eq!(again.body(), Ok(body), "the VM frames the body as we do");
+                }
             }
             other => panic!("forwarded request does not parse: {other:?}"),
         }
@@ -26,6 +30,11 @@ fuzz_target!(|data: &[u8]| {
         let text = String::from_utf8_lossy(&out).to_ascii_lowercase();
         let fields = usize::from(req.upgrade);
         assert_eq!(text.matches("\r\nconnection:").count(), fields, "{text}");
+        assert_eq!(text.matches("\r\nhost:").count(), 1, "{text}");
+        let sent = String::from_utf8_lossy(&data[..req.len]).to_ascii_lowercase();
+        for framing in ["\r\ncontent-length:", "\r\ntransfer-encoding:"] {
+            assert_eq!(text.matches(framing).count(), sent.matches(framing).count());
+        }
     }
     if let Parse::Complete(resp) = parse_response(data, 64, 16384) {
         let _ = resp.body("GET");

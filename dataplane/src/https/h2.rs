@@ -7,7 +7,6 @@
 //! de-chunked, sent as the client's flow-control window allows. Nothing is buffered whole.
 
 use std::cell::Cell;
-use std::future::Future;
 use std::net::{IpAddr, SocketAddr};
 use std::rc::Rc;
 use std::time::{Duration, Instant};
@@ -21,7 +20,7 @@ use tokio_util::compat::FuturesAsyncReadCompatExt as _;
 use super::framing::{Body, Chunked};
 use super::head::{self, Parse};
 use super::pages;
-use super::proxy::{Shard, connect, read_head};
+use super::proxy::{Shard, connect, read_head, within};
 
 /// Streams one client may have open at once.
 const MAX_STREAMS: u32 = 128;
@@ -129,15 +128,6 @@ impl Drop for StreamGuard {
             self.0.idle_since.set(Instant::now());
         }
     }
-}
-
-/// `f`'s output, or `None` if it takes longer than `limit` (then `f` is dropped).
-async fn within<T>(limit: Duration, f: impl Future<Output = T>) -> Option<T> {
-    futures_lite::future::or(async { Some(f.await) }, async {
-        glommio::timer::sleep(limit).await;
-        None
-    })
-    .await
 }
 
 type Respond = h2::server::SendResponse<Bytes>;

@@ -26,6 +26,9 @@ pub struct Request {
     pub target: String,
     /// Host header (port and trailing dot removed, lower case), if any.
     pub host: Option<String>,
+    /// The host an absolute-form target names (`GET https://a.zone/ …`), normalized like
+    /// `host`; the target itself is then kept in origin form (RFC 9112 3.2.2).
+    pub authority: Option<String>,
     /// The client asks to switch protocols (WebSocket).
     pub upgrade: bool,
     /// Bytes of the head in the buffer.
@@ -60,6 +63,11 @@ const HOP_BY_HOP: &[&str] = &[
     "upgrade",
 ];
 
+/// Fields that frame or route a message: a `Connection` field naming one of them would make
+/// the proxy drop it while still acting on it (request smuggling), so such a request is
+/// refused, and no response ever loses one to `Connection`.
+const FRAMING: &[&str] = &["content-length", "transfer-encoding", "host"];
+
 fn owned(headers: &[httparse::Header<'_>]) -> Vec<(String, Vec<u8>)> {
     headers
         .iter()
@@ -70,6 +78,13 @@ fn owned(headers: &[httparse::Header<'_>]) -> Vec<(String, Vec<u8>)> {
 /// Names the Connection field lists, which are hop-by-hop too.
 fn connection_tokens(headers: &[(String, Vec<u8>)]) -> Vec<String> {
     tokens(headers, "connection")
+}
+
+/// The fields to drop because Connection names them: never a framing or routing field.
+fn connection_drops(headers: &[(String, Vec<u8>)]) -> Vec<String> {
+    let mut drop = connection_tokens(headers);
+    drop.retain(|t| !FRAMING.contains(&t.as_str()));
+    drop
 }
 
 /// The comma-separated tokens of every `name` field, lower-cased.
@@ -103,7 +118,8 @@ pub fn normalize_host(v: &str) -> Option<String> {
         })
     };
     let host = host.strip_suffix('.').unwrap_or(host);
-    (!host.is_empty()).then(|| host.to_ascii_lowercase())
+    // A URI host is ASCII (RFC 3986 3.2.2); anything else names nothing of ours.
+    (!host.is_empty() && host.is_ascii()).then(|| host.to_ascii_lowercase())
 }
 
 /// Parses a request head.
@@ -123,25 +139,84 @@ pub fn parse_request(buf: &[u8], max_headers: usize, max_bytes: usize) -> Parse<
             Parse::Invalid(format!("request head larger than {max_bytes} bytes"))
         }
         Ok(httparse::Status::Complete(len)) => {
+            let method = req.method.unwrap_or("GET");
+            let minor = req.version.unwrap_or(1);
             let headers = owned(req.headers);
-            let host = headers
-                .iter()
-                .find(|(n, _)| n == "host")
-                .and_then(|(_, v)| std::str::from_utf8(v).ok())
-                .and_then(normalize_host);
-            let upgrade = headers.iter().any(|(n, _)| n == "upgrade")
-                && connection_tokens(&headers).iter().any(|t| t == "upgrade");
-            Parse::Complete(Request {
-                method: req.method.unwrap_or("GET").to_owned(),
-                target: req.path.unwrap_or("/").to_owned(),
-                host,
-                upgrade,
-                len,
-                minor: req.version.unwrap_or(1),
-                headers,
-            })
+            match checked_request(method, req.path.unwrap_or("/"), minor, &headers) {
+                Ok((target, host, authority)) => {
+                    let upgrade = headers.iter().any(|(n, _)| n == "upgrade")
+                        && connection_tokens(&headers).iter().any(|t| t == "upgrade");
+                    Parse::Complete(Request {
+                        method: method.to_owned(),
+                        target,
+                        host,
+                        authority,
+                        upgrade,
+                        len,
+                        minor,
+                        headers,
+                    })
+                }
+                Err(why) => Parse::Invalid(why),
+            }
         }
     }
+}
+
+/// The checks RFC 9112 asks of a request head before anyone acts on it: exactly one valid
+/// `Host` in HTTP/1.1 (at most one in 1.0), no framing or routing field named by `Connection`,
+/// a request target in one of the four forms; an absolute-form target is split into its
+/// host (returned as the authority) and its origin form.
+/// Returns the target to forward, the Host and the authority.
+fn checked_request(
+    method: &str,
+    target: &str,
+    minor: u8,
+    headers: &[(String, Vec<u8>)],
+) -> Result<(String, Option<String>, Option<String>), String> {
+    let mut hosts = headers.iter().filter(|(n, _)| n == "host");
+    let host = match (hosts.next(), hosts.next()) {
+        (Some(_), Some(_)) => return Err("more than one Host header".into()),
+        (None, _) if minor >= 1 => return Err("an HTTP/1.1 request needs a Host header".into()),
+        (None, _) => None,
+        (Some((_, v)), None) => Some(
+            std::str::from_utf8(v)
+                .ok()
+                .and_then(normalize_host)
+                .ok_or("the Host header is empty or not text")?,
+        ),
+    };
+    if let Some(t) = connection_tokens(headers)
+        .into_iter()
+        .find(|t| FRAMING.contains(&t.as_str()))
+    {
+        return Err(format!(
+            "the Connection header may not name {t}: it frames or routes the request"
+        ));
+    }
+    let (target, authority) = if target.starts_with('/') {
+        (target.to_owned(), None)
+    } else if let Some((scheme, rest)) = target.split_once("://")
+        && (scheme.eq_ignore_ascii_case("http") || scheme.eq_ignore_ascii_case("https"))
+    {
+        let end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+        let (auth, path) = rest.split_at(end);
+        if auth.contains('@') {
+            return Err("a request target with user information".into());
+        }
+        let auth = normalize_host(auth).ok_or("a request target without a host")?;
+        let path = match path {
+            "" => "/".to_owned(),
+            p if p.starts_with('/') => p.to_owned(),
+            p => format!("/{p}"),
+        };
+        (path, Some(auth))
+    } else if (target == "*" && method == "OPTIONS") || method == "CONNECT" {
+        (target.to_owned(), None)
+    } else {
+        return Err(format!("request target {target:?} is not a path or a URL"));
+    };
+    Ok((target, host, authority))
 }
 
 /// Parses a response head.
@@ -185,6 +260,9 @@ fn forwarded_for(ip: IpAddr) -> String {
 /// (all copies equal). `Err` for what cannot be framed safely.
 fn declared_body(headers: &[(String, Vec<u8>)]) -> Result<Option<Body>, String> {
     let te = tokens(headers, "transfer-encoding");
+    if te.is_empty() && headers.iter().any(|(n, _)| n == "transfer-encoding") {
+        return Err("empty Transfer-Encoding".into());
+    }
     let mut lengths = headers
         .iter()
         .filter(|(n, _)| n == "content-length")
@@ -215,6 +293,13 @@ impl Request {
     /// The request body's framing (RFC 9112 6.3): none unless declared; a transfer coding
     /// that does not end in chunked, or both codings and a length, cannot be framed: `Err`.
     pub fn body(&self) -> Result<Body, String> {
+        let te = tokens(&self.headers, "transfer-encoding");
+        if !te.is_empty() && self.minor == 0 {
+            return Err("Transfer-Encoding in an HTTP/1.0 request".into());
+        }
+        if te.iter().filter(|t| *t == "chunked").count() > 1 {
+            return Err("chunked applied more than once".into());
+        }
         match declared_body(&self.headers)? {
             None => Ok(Body::None),
             Some(Body::UntilClose) => Err("request Transfer-Encoding must end in chunked".into()),
@@ -233,7 +318,7 @@ impl Request {
     /// own; an upgrade keeps `Connection: upgrade`), and who asked: `X-Forwarded-For`
     /// (appended), `X-Forwarded-Proto`, `X-Forwarded-Host`, `Forwarded` (RFC 7239).
     pub fn forward(&self, client: IpAddr, host: &str) -> Vec<u8> {
-        let drop = connection_tokens(&self.headers);
+        let drop = connection_drops(&self.headers);
         let mut out = Vec::with_capacity(512);
         out.extend_from_slice(self.method.as_bytes());
         out.push(b' ');
@@ -257,6 +342,10 @@ impl Request {
                 continue;
             }
             push_field(&mut out, name, value);
+        }
+        if self.host.is_none() {
+            // An HTTP/1.0 client may omit Host; the VM gets the name the request was routed by.
+            push_field(&mut out, "host", host.as_bytes());
         }
         if self.upgrade {
             if let Some((_, v)) = self.headers.iter().find(|(n, _)| n == "upgrade") {
@@ -307,7 +396,7 @@ impl Response {
     /// The fields an HTTP/2 response carries: those of [`Response::forward`] less what HTTP/2
     /// forbids (hop-by-hop and connection-specific fields, `Transfer-Encoding`).
     pub fn h2_fields(&self) -> impl Iterator<Item = (&str, &[u8])> {
-        let drop = connection_tokens(&self.headers);
+        let drop = connection_drops(&self.headers);
         self.headers
             .iter()
             .filter(move |(n, _)| {
@@ -319,7 +408,7 @@ impl Response {
     /// The head to send the client: hop-by-hop fields removed; `Connection: close` unless
     /// `keep_alive`; `101 Switching Protocols` keeps its upgrade.
     pub fn forward(&self, keep_alive: bool) -> Vec<u8> {
-        let drop = connection_tokens(&self.headers);
+        let drop = connection_drops(&self.headers);
         let mut out = Vec::with_capacity(512);
         out.extend_from_slice(format!("HTTP/1.1 {} {}\r\n", self.status, self.reason).as_bytes());
         for (name, value) in &self.headers {
@@ -419,22 +508,29 @@ mod tests {
 
     #[test]
     fn body_framing() {
-        let r = req("POST / HTTP/1.1\r\nContent-Length: 5\r\n\r\n");
+        let r = req("POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\n\r\n");
         assert_eq!(r.body(), Ok(Body::Length(5)));
         assert!(!r.wants_close());
-        let r = req("POST / HTTP/1.1\r\nTransfer-Encoding: gzip, chunked\r\n\r\n");
+        let r = req("POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: gzip, chunked\r\n\r\n");
         assert_eq!(r.body(), Ok(Body::Chunked));
-        assert_eq!(req("GET / HTTP/1.1\r\n\r\n").body(), Ok(Body::None));
+        assert_eq!(
+            req("GET / HTTP/1.1\r\nHost: a\r\n\r\n").body(),
+            Ok(Body::None)
+        );
         assert!(req("GET / HTTP/1.0\r\n\r\n").wants_close());
-        assert!(req("GET / HTTP/1.1\r\nConnection: Close\r\n\r\n").wants_close());
+        assert!(req("GET / HTTP/1.1\r\nHost: a\r\nConnection: Close\r\n\r\n").wants_close());
         for bad in [
-            "POST / HTTP/1.1\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n",
-            "POST / HTTP/1.1\r\nContent-Length: 5\r\nContent-Length: 6\r\n\r\n",
-            "POST / HTTP/1.1\r\nContent-Length: -1\r\n\r\n",
-            "POST / HTTP/1.1\r\nContent-Length: +5\r\n\r\n",
-            "POST / HTTP/1.1\r\nTransfer-Encoding: gzip\r\n\r\n",
+            "POST / HTTP/1.1\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n",
+            "POST / HTTP/1.1\r\nContent-Length: 5\r\nContent-Length: 6\r\n",
+            "POST / HTTP/1.1\r\nContent-Length: -1\r\n",
+            "POST / HTTP/1.1\r\nContent-Length: +5\r\n",
+            "POST / HTTP/1.1\r\nTransfer-Encoding: gzip\r\n",
+            "POST / HTTP/1.1\r\nTransfer-Encoding: chunked, chunked\r\n",
+            "POST / HTTP/1.1\r\nTransfer-Encoding:\r\nContent-Length: 5\r\n",
+            "POST / HTTP/1.0\r\nTransfer-Encoding: chunked\r\n",
         ] {
-            assert!(req(bad).body().is_err(), "{bad}");
+            let bad = format!("{bad}Host: a\r\n\r\n");
+            assert!(req(&bad).body().is_err(), "{bad}");
         }
         let resp = |s: &str| match parse_response(s.as_bytes(), 64, 16384) {
             Parse::Complete(r) => r,
@@ -465,6 +561,62 @@ mod tests {
         assert!(!resp("HTTP/1.1 200 OK\r\nConnection: Close\r\n\r\n").keeps_alive());
         assert!(!resp("HTTP/1.1 200 OK\r\nConnection: x, close\r\n\r\n").keeps_alive());
         assert!(!resp("HTTP/1.0 200 OK\r\nContent-Length: 0\r\n\r\n").keeps_alive());
+    }
+
+    fn invalid(s: &str) -> String {
+        match parse_request(s.as_bytes(), 64, 16384) {
+            Parse::Invalid(why) => why,
+            other => panic!("{s:?} parsed: {other:?}"),
+        }
+    }
+
+    /// Issue 25, finding 1: `Connection` naming a framing or routing field would have the proxy
+    /// drop the field while still framing by it, so the VM read the body as a second request.
+    #[test]
+    fn connection_may_not_name_framing_fields() {
+        for name in ["Content-Length", "transfer-encoding", "Host"] {
+            let why = invalid(&format!(
+                "POST / HTTP/1.1\r\nHost: a\r\nConnection: keep-alive, {name}\r\n\
+                 Content-Length: 5\r\n\r\n"
+            ));
+            assert!(why.contains(&name.to_ascii_lowercase()), "{why}");
+        }
+        // A response cannot lose its framing to Connection either.
+        let resp = match parse_response(
+            b"HTTP/1.1 200 OK\r\nConnection: Content-Length\r\nContent-Length: 2\r\n\r\nok",
+            64,
+            16384,
+        ) {
+            Parse::Complete(r) => r,
+            other => panic!("{other:?}"),
+        };
+        let out = String::from_utf8(resp.forward(true)).expect("utf8");
+        assert!(out.contains("content-length: 2\r\n"), "{out}");
+        assert!(resp.h2_fields().any(|(n, _)| n == "content-length"));
+    }
+
+    /// Issue 25, finding 7: one Host, and an absolute-form target's host is reported for the
+    /// proxy to check (and forwarded in origin form).
+    #[test]
+    fn host_and_target_forms() {
+        assert!(invalid("GET / HTTP/1.1\r\n\r\n").contains("Host"));
+        assert!(invalid("GET / HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n").contains("Host"));
+        assert!(invalid("GET / HTTP/1.0\r\nHost: a\r\nhost: a\r\n\r\n").contains("Host"));
+        assert!(invalid("GET / HTTP/1.1\r\nHost: \r\n\r\n").contains("Host"));
+        assert!(invalid("GET foo HTTP/1.1\r\nHost: a\r\n\r\n").contains("target"));
+        assert!(invalid("GET * HTTP/1.1\r\nHost: a\r\n\r\n").contains("target"));
+        assert!(invalid("GET http://u@b/ HTTP/1.1\r\nHost: a\r\n\r\n").contains("user"));
+        let r = req("GET HTTPS://B.boxd.test:8443?q=1 HTTP/1.1\r\nHost: a.boxd.test\r\n\r\n");
+        assert_eq!(r.authority.as_deref(), Some("b.boxd.test"));
+        assert_eq!(r.host.as_deref(), Some("a.boxd.test"));
+        assert_eq!(r.target, "/?q=1");
+        assert_eq!(req("OPTIONS * HTTP/1.1\r\nHost: a\r\n\r\n").target, "*");
+        // HTTP/1.0 may leave Host out; the VM then gets the name the request was routed by.
+        let r = req("GET / HTTP/1.0\r\n\r\n");
+        assert_eq!(r.host, None);
+        let out = String::from_utf8(r.forward("192.0.2.7".parse().expect("ip"), "a.boxd.test"))
+            .expect("utf8");
+        assert!(out.contains("\r\nhost: a.boxd.test\r\n"), "{out}");
     }
 
     #[test]

@@ -10,6 +10,7 @@ use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
 use std::rc::Rc;
 use std::sync::Arc;
+use std::time::Duration;
 
 use boxd_controlplane::model::Desired;
 use boxd_controlplane::view::ViewHandle;
@@ -77,7 +78,22 @@ impl Shard {
         )
     }
 
-    /// Whether a connection to `local` is ours: the lobby or a pool address.
+    /// Whether `host` is the zone or a name in it.
+    fn in_zone(&self, host: &str) -> bool {
+        let view = self.view.current();
+        let Some(zone) = view.zone() else {
+            return false;
+        };
+        host.eq_ignore_ascii_case(zone)
+            || host.len().checked_sub(zone.len() + 1).is_some_and(|dot| {
+                let (name, rest) = host.as_bytes().split_at(dot);
+                !name.is_empty()
+                    && rest[1..].eq_ignore_ascii_case(zone.as_bytes())
+                    && rest[0] == b'.'
+            })
+    }
+
+    /// Whether a connection to `local` is ours: the lobby or a VM's public address.
     fn ours(&self, local: SocketAddr) -> bool {
         if self.cfg.any_address {
             return true;
@@ -172,6 +188,53 @@ pub(super) async fn accept_redirect(listener: TcpListener, shard: Rc<Shard>) {
     }
 }
 
+/// `f`'s output, or `None` if it takes longer than `limit` (then `f` is dropped).
+pub(super) async fn within<T>(limit: Duration, f: impl Future<Output = T>) -> Option<T> {
+    futures_lite::future::or(async { Some(f.await) }, async {
+        glommio::timer::sleep(limit).await;
+        None
+    })
+    .await
+}
+
+fn timed_out(what: &str) -> std::io::Error {
+    std::io::Error::new(
+        std::io::ErrorKind::TimedOut,
+        format!("{what} not complete in time"),
+    )
+}
+
+/// Reads a request head whose first bytes may take as long as the socket's read timeout (a
+/// kept-alive connection waiting for its next request) and which, from its first byte, must be
+/// whole within `limit`: a head dripped a byte at a time does not renew its time with each
+/// byte (slowloris).
+async fn read_request_head<S, T>(
+    s: &mut S,
+    buf: &mut Vec<u8>,
+    limit: Duration,
+    mut parse: impl FnMut(&[u8]) -> Parse<T>,
+) -> std::io::Result<Parse<T>>
+where
+    S: AsyncRead + Unpin,
+{
+    if buf.is_empty() {
+        let mut first = [0u8; 4096];
+        let n = s.read(&mut first).await?;
+        if n == 0 {
+            return Err(std::io::ErrorKind::UnexpectedEof.into());
+        }
+        buf.extend_from_slice(&first[..n]);
+    }
+    // Nearly every head is whole after its first read: no timer for those.
+    match parse(buf) {
+        Parse::Partial => {}
+        done => return Ok(done),
+    }
+    within(limit, read_head(s, buf, parse))
+        .await
+        .unwrap_or_else(|| Err(timed_out("request head")))
+}
+
 /// Reads until a complete head (or a limit, or the peer goes away).
 pub(super) async fn read_head<S, T>(
     s: &mut S,
@@ -205,12 +268,19 @@ async fn serve_redirect(mut stream: TcpStream, shard: &Shard) -> std::io::Result
     stream.set_read_timeout(Some(shard.cfg.header_timeout))?;
     let cfg = &shard.cfg;
     let mut buf = Vec::with_capacity(1024);
-    let resp = match read_head(&mut stream, &mut buf, |b| {
+    let read = read_head(&mut stream, &mut buf, |b| {
         head::parse_request(b, cfg.max_headers, cfg.max_header_bytes)
-    })
-    .await?
+    });
+    let resp = match within(cfg.header_timeout, read)
+        .await
+        .unwrap_or_else(|| Err(timed_out("request head")))?
     {
         Parse::Complete(req) => match req.host {
+            // Only names of this cluster are redirected (else any Host would make this an
+            // open redirect).
+            Some(host) if !shard.in_zone(&host) => pages::bad_request(&format!(
+                "{host} is not served here: only names in this cluster's zone are redirected to HTTPS."
+            )),
             Some(host) => {
                 let port = if shard.https_port == 443 {
                     String::new()
@@ -253,7 +323,11 @@ async fn serve_tls(stream: TcpStream, shard: Rc<Shard>) -> std::io::Result<()> {
         let Some(_hs) = Slot::take(&shard.handshakes, shard.cfg.max_handshakes) else {
             return Ok(());
         };
-        shard.acceptor.accept(Gathered::new(stream)).await?
+        // One deadline for the whole handshake, however the client paces its bytes.
+        let accept = shard.acceptor.accept(Gathered::new(stream));
+        within(shard.cfg.header_timeout, accept)
+            .await
+            .unwrap_or_else(|| Err(timed_out("TLS handshake")))?
     };
     // The handshake's last writes (TLS 1.3 session tickets) are still held: they leave with
     // the first response (see `gather`).
@@ -270,7 +344,7 @@ async fn serve_tls(stream: TcpStream, shard: Rc<Shard>) -> std::io::Result<()> {
     let mut buf = Vec::with_capacity(4096);
     loop {
         tls.get_ref().0.set_read_timeout(Some(cfg.header_timeout))?;
-        let req = match read_head(&mut tls, &mut buf, |b| {
+        let req = match read_request_head(&mut tls, &mut buf, cfg.header_timeout, |b| {
             head::parse_request(b, cfg.max_headers, cfg.max_header_bytes)
         })
         .await
@@ -289,7 +363,11 @@ async fn serve_tls(stream: TcpStream, shard: Rc<Shard>) -> std::io::Result<()> {
             let page = pages::bad_request("No server name and no Host header.");
             return reply(&mut tls, &page).await;
         };
-        if req.host.as_ref().is_some_and(|h| *h != host) {
+        // An absolute-form target names the host too (RFC 9112 3.2.2): it must be this one.
+        if [&req.host, &req.authority]
+            .into_iter()
+            .any(|h| h.as_ref().is_some_and(|h| *h != host))
+        {
             return reply(&mut tls, &pages::misdirected(&host)).await;
         }
         let (route, zone) = shard.route(&host);
@@ -342,6 +420,11 @@ async fn serve_tls(stream: TcpStream, shard: Rc<Shard>) -> std::io::Result<()> {
             };
             let sent = copy_body(&mut tls, &mut buf, &mut backend, body, limit, h).await;
             if let Err(e) = sent {
+                if let Some(why) = BadFraming::of(&e) {
+                    // The client's chunked body is malformed: its fault, said so; the VM
+                    // connection, left mid-message, is dropped.
+                    return reply(&mut tls, &pages::bad_request(why)).await;
+                }
                 if again {
                     continue;
                 }
@@ -423,6 +506,21 @@ pub(super) async fn connect(addr: SocketAddr, cfg: &HttpsConfig, vm: &str) -> Op
     }
 }
 
+/// A chunked body that does not follow RFC 9112 7.1: the sender's fault (for a request, the
+/// client gets 400).
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+struct BadFraming(String);
+
+impl BadFraming {
+    /// The framing problem `e` carries, if it is one.
+    fn of(e: &std::io::Error) -> Option<&str> {
+        e.get_ref()
+            .and_then(|inner| inner.downcast_ref::<BadFraming>())
+            .map(|b| b.0.as_str())
+    }
+}
+
 /// Most bytes of a body read at a time. Allocated only for a body that is not already
 /// buffered whole (zeroing 64 KiB per small response cost ~3 % of the shard under wrk).
 const COPY_BUFFER: usize = 64 * 1024;
@@ -469,7 +567,8 @@ where
             Ok(())
         }
         Body::Chunked => {
-            let bad = |e: String| std::io::Error::new(std::io::ErrorKind::InvalidData, e);
+            let bad =
+                |e: String| std::io::Error::new(std::io::ErrorKind::InvalidData, BadFraming(e));
             let mut dec = Chunked::new(max_trailer);
             let used = dec.feed(buf).map_err(bad)?;
             head.extend_from_slice(&buf[..used]);
