@@ -1227,3 +1227,47 @@ fn a_created_route_is_the_row_read_back() {
         "a VM deleted after its create is read back (and found gone)"
     );
 }
+
+/// Issue 25, finding 6: every unknown key that connects causes a registration, so the table is
+/// bounded: expired links go when a new one comes, and past `MAX_REGISTRATIONS` the oldest
+/// live ones make room. Replayed elsewhere, the same history leaves the same rows.
+#[test]
+fn registrations_are_bounded_oldest_first() {
+    use boxd_controlplane::store::apply::MAX_REGISTRATIONS;
+    let reg = |n: i64, at: u64| Command::CreateRegistration {
+        code: format!("code{n:08}"),
+        fingerprint: Fingerprint::of_key_blob(format!("stranger{n}").as_bytes()),
+        public_key: "ssh-ed25519 AAAA stranger".into(),
+        at,
+        expires_at: at + 1_000_000,
+    };
+    let count = |c: &Connection| -> i64 {
+        c.query_row("SELECT count(*) FROM registrations", [], |r| r.get(0))
+            .unwrap()
+    };
+    let history: Vec<Command> = std::iter::once(init("127.77.0.0/16", 10))
+        .chain((0..MAX_REGISTRATIONS + 3).map(|n| reg(n, 100 + n.unsigned_abs())))
+        .collect();
+    let mut c = db();
+    let mut applier = Applier::default();
+    for batch in history.chunks(1000) {
+        for r in applier.apply_batch(&c, batch).unwrap() {
+            assert!(r.is_ok(), "{r:?}");
+        }
+    }
+    assert_eq!(count(&c), MAX_REGISTRATIONS);
+    let oldest: String = c
+        .query_row("SELECT min(code) FROM registrations", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(oldest, "code00000003", "the three oldest made room");
+    let again = db();
+    let mut replay = Applier::default();
+    for batch in history.chunks(1000) {
+        replay.apply_batch(&again, batch).unwrap();
+    }
+    assert_eq!(digest(&c), digest(&again));
+    // Once every link has expired, a new one finds the table empty of them.
+    let late = reg(MAX_REGISTRATIONS + 10, 10_000_000);
+    assert!(apply(&mut c, &late).is_ok());
+    assert_eq!(count(&c), 1);
+}

@@ -241,6 +241,10 @@ fn checks_before_writing(cmd: &Command) -> bool {
 /// Most images one node may publish.
 pub const MAX_IMAGES: usize = 256;
 
+/// Most registration links the replica keeps: any stranger's key can ask for one, so past
+/// this the oldest make room (a proxy also bounds them per source address).
+pub const MAX_REGISTRATIONS: i64 = 10_000;
+
 /// Longest reason a worker may give for a VM's state.
 pub const MAX_REASON: usize = 1024;
 
@@ -703,6 +707,19 @@ fn apply_one(
                 }
                 .into());
             }
+            // Any stranger's key causes one of these: expired links go, and past the bound
+            // the oldest live ones make room (deterministic: by the proposal's own time).
+            exec(
+                c,
+                "DELETE FROM registrations WHERE expires_at < ?1",
+                params![sql_u64(*at)],
+            )?;
+            exec(
+                c,
+                "DELETE FROM registrations WHERE code IN (SELECT code FROM registrations
+                 ORDER BY expires_at, code LIMIT max(0, (SELECT count(*) FROM registrations) - ?1))",
+                params![MAX_REGISTRATIONS - 1],
+            )?;
             exec(
                 c,
                 "INSERT INTO registrations (code, fingerprint, public_key, created_at, expires_at)

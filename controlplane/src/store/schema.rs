@@ -72,6 +72,7 @@ CREATE TABLE IF NOT EXISTS registrations (
     created_at  INTEGER NOT NULL,
     expires_at  INTEGER NOT NULL
 );
+CREATE INDEX IF NOT EXISTS registrations_by_expiry ON registrations (expires_at, code);
 CREATE TABLE IF NOT EXISTS vms (
     id         TEXT PRIMARY KEY,
     name       TEXT NOT NULL UNIQUE,

@@ -5,8 +5,10 @@
 
 pub mod backend;
 pub mod command;
+mod cutoff;
 pub mod lobby;
 mod prompt;
+mod registrations;
 pub mod relay;
 mod session;
 
@@ -21,6 +23,7 @@ use russh::keys::PrivateKey;
 use tokio::sync::watch;
 
 use self::backend::Backend;
+use self::cutoff::{Cutoff, Switch};
 use self::lobby::{Lobby, LobbySettings};
 use self::session::{Conn, HandshakeSlot, Shared};
 
@@ -162,6 +165,7 @@ impl SshServer {
             ..Default::default()
         });
         let agent_key = Arc::new(agent_key);
+        let registrations = Arc::new(Mutex::new(registrations::RegistrationLimits::default()));
         let (stop, stop_rx) = watch::channel(false);
         let addr = listeners.addr;
         let mut shards = Vec::new();
@@ -173,6 +177,7 @@ impl SshServer {
                 limits: Limits::default(),
                 agent_key: Arc::clone(&agent_key),
                 agent_port: cfg.agent_port,
+                registrations: Arc::clone(&registrations),
             });
             let russh_cfg = Arc::clone(&russh_cfg);
             let stop_rx = stop_rx.clone();
@@ -259,42 +264,40 @@ async fn shard<B: Backend>(
         };
         let _ = stream.set_nodelay(true);
         let authed = Arc::new(AtomicBool::new(false));
-        let conn = Conn::new(Arc::clone(&shared), local, slot, Arc::clone(&authed));
+        let conn = Conn::new(
+            Arc::clone(&shared),
+            local,
+            peer.ip(),
+            slot,
+            Arc::clone(&authed),
+        );
         let russh_cfg = Arc::clone(&russh_cfg);
         let auth_timeout = cfg.auth_timeout;
         tokio::spawn(async move {
-            // The deadline covers the version exchange too (a silent client never gets past it).
+            // One deadline from accept for the version exchange, the key exchange and
+            // authentication, however the client paces its bytes: past it, the connection is
+            // cut off wherever the session is (see `cutoff`).
             let deadline = tokio::time::Instant::now() + auth_timeout;
-            // russh reads each packet with two `read_exact`s (the first block, then the rest):
-            // buffered, one flight of packets costs one `recvfrom` instead of two per packet.
-            let stream = tokio::io::BufReader::with_capacity(READ_BUFFER, stream);
-            let start = russh::server::run_stream(russh_cfg, stream, conn);
-            let session = match tokio::time::timeout_at(deadline, start).await {
-                Ok(Ok(s)) => s,
-                Ok(Err(e)) => {
-                    tracing::debug!(%peer, error = %e, "ssh handshake");
-                    return;
-                }
-                Err(_) => {
-                    tracing::debug!(%peer, "no SSH version line in time");
-                    return;
-                }
-            };
-            let handle = session.handle();
+            let switch = Switch::default();
+            let cut = switch.clone();
             let watchdog = tokio::spawn(async move {
                 tokio::time::sleep_until(deadline).await;
                 if !authed.load(Ordering::Relaxed) {
-                    let _ = handle
-                        .disconnect(
-                            russh::Disconnect::ByApplication,
-                            "authentication timed out".into(),
-                            String::new(),
-                        )
-                        .await;
+                    tracing::debug!(%peer, "not authenticated in time; closing");
+                    cut.cut();
                 }
             });
-            if let Err(e) = session.await {
-                tracing::debug!(%peer, error = %e, "ssh session ended");
+            // russh reads each packet with two `read_exact`s (the first block, then the rest):
+            // buffered, one flight of packets costs one `recvfrom` instead of two per packet.
+            let stream =
+                tokio::io::BufReader::with_capacity(READ_BUFFER, Cutoff::new(stream, switch));
+            match russh::server::run_stream(russh_cfg, stream, conn).await {
+                Ok(session) => {
+                    if let Err(e) = session.await {
+                        tracing::debug!(%peer, error = %e, "ssh session ended");
+                    }
+                }
+                Err(e) => tracing::debug!(%peer, error = %e, "ssh handshake"),
             }
             watchdog.abort();
         });

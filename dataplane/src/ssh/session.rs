@@ -21,6 +21,7 @@ use russh::{Channel, ChannelId, ChannelMsg, ChannelOpenFailure};
 use super::backend::Backend;
 use super::lobby::{Caller, EXIT_FAILED, Lobby};
 use super::prompt::{Term, exec, interactive};
+use super::registrations::RegistrationLimits;
 use super::relay::{self, AgentLink};
 use super::{Limits, SshConfig};
 
@@ -39,6 +40,8 @@ pub(crate) struct Shared<B> {
     pub agent_key: Arc<russh::keys::PrivateKey>,
     /// The port agents listen on.
     pub agent_port: u16,
+    /// Registration links per source address, shared by every shard of the proxy.
+    pub registrations: Arc<std::sync::Mutex<RegistrationLimits>>,
 }
 
 /// What an authenticated connection may do.
@@ -96,6 +99,8 @@ impl Drop for HandshakeSlot {
 pub(crate) struct Conn<B: Backend> {
     shared: Arc<Shared<B>>,
     local: SocketAddr,
+    /// The client's address.
+    peer: IpAddr,
     mode: Mode,
     /// The first verified key that was not admitted, with its OpenSSH form.
     unknown: Option<(Fingerprint, String)>,
@@ -112,12 +117,14 @@ impl<B: Backend> Conn<B> {
     pub fn new(
         shared: Arc<Shared<B>>,
         local: SocketAddr,
+        peer: IpAddr,
         slot: HandshakeSlot,
         authed: Arc<AtomicBool>,
     ) -> Self {
         Self {
             shared,
             local,
+            peer,
             mode: Mode::Pending,
             unknown: None,
             slot: Some(slot),
@@ -172,6 +179,19 @@ impl<B: Backend> Conn<B> {
         let code = match live {
             Some(c) => c,
             None => {
+                // Each new link is a Raft write any stranger can cause: bounded per address.
+                let taken = self
+                    .shared
+                    .registrations
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+                    .take(self.peer, now);
+                if let Err(why) = taken {
+                    tracing::info!(peer = %self.peer, key = %fp, "registration link refused: {why}");
+                    return format!(
+                        "this key ({fp}) is not registered with {zone}, and no link was made: {why},\nor add it from a registered key with `keys add`."
+                    );
+                }
                 let code = uuid::Uuid::new_v4().simple().to_string();
                 let w = backend
                     .write(Command::CreateRegistration {
