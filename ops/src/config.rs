@@ -748,7 +748,8 @@ write_timeout_ms = 10000
 listen = "0.0.0.0:2222"
 # CPUs to run shards on, one pinned shard each (SO_REUSEPORT); empty means every CPU.
 cpus = []
-# Seconds a client has to authenticate.
+# Seconds from accept in which a client must finish the version and key exchange and
+# authenticate; then the connection is cut wherever it is.
 auth_timeout_secs = 30
 # Connections still authenticating, per shard and per client address per shard.
 max_handshakes_per_shard = 256
@@ -771,7 +772,8 @@ cpus = []
 # wildcard certificate in <data-dir>/tls/ (the ready line names the CA for curl --cacert).
 cert = ""
 key = ""
-# Seconds a client has for its TLS handshake and each request head (slowloris); also how long
+# Seconds a client has for its TLS handshake and for each request head from its first byte
+# (one deadline, not renewed by each byte: slowloris); also how long
 # a kept-alive HTTP/1.1 or an HTTP/2 connection may wait for its next request.
 header_timeout_secs = 10
 # Seconds to wait for a VM to accept before answering 502.

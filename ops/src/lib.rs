@@ -4,6 +4,7 @@
 pub mod admin;
 pub mod cli;
 pub mod config;
+pub mod datadir;
 pub mod host;
 pub mod https;
 pub mod identity;

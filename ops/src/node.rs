@@ -65,12 +65,15 @@ pub async fn run(
     data_dir: PathBuf,
     shutdown: impl std::future::Future<Output = ()>,
 ) -> Result<(), NodeError> {
-    create_private_dir(&data_dir).map_err(|e| {
+    let tightened = crate::datadir::make_private(&data_dir).map_err(|e| {
         NodeError::Usage(format!(
             "cannot create data directory {}: {e} (choose another with --data-dir)",
             data_dir.display()
         ))
     })?;
+    for change in tightened {
+        tracing::warn!(%change, "others could read this state or key file; made it private");
+    }
     let data_dir = data_dir
         .canonicalize()
         .map_err(|e| NodeError::Usage(format!("data directory {}: {e}", data_dir.display())))?;
@@ -579,27 +582,14 @@ async fn serve_grpc(
     }
 }
 
-fn create_private_dir(dir: &Path) -> std::io::Result<()> {
-    use std::os::unix::fs::DirBuilderExt as _;
-    std::fs::DirBuilder::new()
-        .recursive(true)
-        .mode(0o700)
-        .create(dir)
-}
-
 fn lock(dir: &Path) -> Result<std::fs::File, NodeError> {
-    let path = dir.join("lock");
-    let f = std::fs::File::create(&path)
-        .map_err(|e| NodeError::Usage(format!("cannot create {}: {e}", path.display())))?;
-    match f.try_lock() {
-        Ok(()) => Ok(f),
-        Err(std::fs::TryLockError::WouldBlock) => Err(NodeError::Usage(format!(
+    match crate::datadir::lock(dir) {
+        Ok(Some(f)) => Ok(f),
+        Ok(None) => Err(NodeError::Usage(format!(
             "{} is in use by another boxd process: stop it, or pass another --data-dir",
             dir.display()
         ))),
-        Err(std::fs::TryLockError::Error(e)) => {
-            Err(failed("locking the data directory")(e.to_string()))
-        }
+        Err(e) => Err(failed("locking the data directory")(e.to_string())),
     }
 }
 

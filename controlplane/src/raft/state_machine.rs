@@ -317,7 +317,14 @@ fn promote_snapshot(dir: &Path, meta: &SnapshotMeta) -> Result<(), SmError> {
 
 fn write_synced(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     use std::io::Write as _;
-    let mut f = std::fs::File::create(path)?;
+    use std::os::unix::fs::OpenOptionsExt as _;
+    // Snapshots hold the whole state, secrets included: the owner's alone.
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)?;
     f.write_all(bytes)?;
     f.sync_all()
 }
@@ -540,6 +547,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             .read(true)
             .write(true)
             .create_new(true)
+            .mode(0o600)
             .open(&path)
             .await
             .map_err(write_err)?;
@@ -561,7 +569,13 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         let target = self.snapshot_dir.join(format!("{}.db", meta.snapshot_id));
         let copy = async {
             snapshot.seek(std::io::SeekFrom::Start(0)).await?;
-            let mut out = tokio::fs::File::create(&target).await?;
+            let mut out = tokio::fs::OpenOptions::new()
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .mode(0o600)
+                .open(&target)
+                .await?;
             tokio::io::copy(&mut snapshot, &mut out).await?;
             out.sync_all().await
         };
