@@ -97,6 +97,25 @@ impl Listeners {
     }
 }
 
+/// Key exchanges offered, best first: the post-quantum hybrid (OpenSSH 9.9+), then X25519
+/// (every OpenSSH since 6.5; Debian 12 ships 9.2), then finite-field groups of 3072 bits and
+/// more for clients without either. Not offered: `diffie-hellman-group14-sha256` (2048 bits,
+/// which ssh-audit warns about) and group exchange. The pseudo-algorithms announce RFC 8308
+/// extensions and strict key exchange (Terrapin).
+const KEX: &[russh::kex::Name] = &[
+    russh::kex::MLKEM768X25519_SHA256,
+    russh::kex::CURVE25519,
+    russh::kex::CURVE25519_PRE_RFC_8731,
+    russh::kex::DH_G16_SHA512,
+    russh::kex::DH_G18_SHA512,
+    russh::kex::EXTENSION_SUPPORT_AS_SERVER,
+    russh::kex::EXTENSION_OPENSSH_STRICT_KEX_AS_SERVER,
+];
+
+/// MACs for the non-AEAD ciphers: encrypt-then-MAC only (ssh-audit warns about
+/// encrypt-and-MAC). AEAD ciphers (chosen by every current client) need none.
+const MACS: &[russh::mac::Name] = &[russh::mac::HMAC_SHA512_ETM, russh::mac::HMAC_SHA256_ETM];
+
 /// A parsed host key.
 pub type HostKey = PrivateKey;
 
@@ -162,6 +181,11 @@ impl SshServer {
             keepalive_max: 3,
             max_auth_attempts: 8,
             nodelay: true,
+            preferred: russh::Preferred {
+                kex: std::borrow::Cow::Borrowed(KEX),
+                mac: std::borrow::Cow::Borrowed(MACS),
+                ..russh::Preferred::DEFAULT
+            },
             ..Default::default()
         });
         let agent_key = Arc::new(agent_key);
