@@ -267,20 +267,30 @@ impl View {
     /// The VM a host name (`<vm>.<zone>`, any case, optional trailing dot) refers to; serves
     /// both SNI and DNS.
     pub fn vm_by_host(&self, host: &str) -> Option<&Arc<VmRoute>> {
+        let label = self.zone_label(host)?;
+        if label.bytes().any(|b| b.is_ascii_uppercase()) {
+            self.vm_by_name(&label.to_ascii_lowercase())
+        } else {
+            self.vm_by_name(label)
+        }
+    }
+
+    /// Whether `host` is the zone or a name in it (any case, optional trailing dot).
+    pub fn in_zone(&self, host: &str) -> bool {
+        let bare = host.strip_suffix('.').unwrap_or(host);
+        self.zone().is_some_and(|z| bare.eq_ignore_ascii_case(z))
+            || self.zone_label(host).is_some_and(|l| !l.is_empty())
+    }
+
+    /// The part of `host` before `.<zone>` (any case, optional trailing dot), if it ends so.
+    fn zone_label<'a>(&self, host: &'a str) -> Option<&'a str> {
         let zone = self.zone()?;
         let host = host.strip_suffix('.').unwrap_or(host);
         let split = host.len().checked_sub(zone.len() + 1)?;
         // A name from a Host header may hold any UTF-8; no VM name does.
         let (label, rest) = host.split_at_checked(split)?;
         let rest = rest.strip_prefix('.')?;
-        if !rest.eq_ignore_ascii_case(zone) {
-            return None;
-        }
-        if label.bytes().any(|b| b.is_ascii_uppercase()) {
-            self.vm_by_name(&label.to_ascii_lowercase())
-        } else {
-            self.vm_by_name(label)
-        }
+        rest.eq_ignore_ascii_case(zone).then_some(label)
     }
 
     /// TXT records at `name` (relative to the zone, lowercase; empty for the apex).
@@ -579,6 +589,29 @@ mod tests {
         assert!(ours(&v, "127.77.3.5"));
         v.patch(4, [ViewChange::VmRemove(rb.id)]);
         assert!(!ours(&v, "127.77.3.5"));
+    }
+
+    #[test]
+    fn names_in_the_zone() {
+        let v = View::build(1, Some(settings()), [], []);
+        for yes in ["boxd.test", "BOXD.test.", "a.boxd.test", "x.y.Boxd.Test."] {
+            assert!(v.in_zone(yes), "{yes}");
+        }
+        for no in [
+            "evil.example",
+            "aboxd.test",
+            ".boxd.test",
+            "boxd.test.evil",
+            "ä.boxd.tes",
+            "",
+        ] {
+            assert!(!v.in_zone(no), "{no}");
+        }
+        assert!(
+            v.vm_by_host("\u{e4}boxd.test").is_none(),
+            "multi-byte names do not panic"
+        );
+        assert!(!View::default().in_zone("boxd.test"));
     }
 
     #[tokio::test]

@@ -219,6 +219,17 @@ fn the_https_front_door_frames_strictly() {
             "{what}: the connection must close after a refusal"
         );
     }
+    // Without SNI the Host header routes; one that is not ASCII is refused (it used to reach a
+    // byte split of the name that panicked the shard).
+    for bad_host in ["\u{e4}boxd.test", "\u{e4}.boxd.test"] {
+        let req = format!("GET / HTTP/1.1\r\nHost: {bad_host}\r\n\r\n");
+        let got = send(&addr, Some(("-", ca.as_str())), req.as_bytes(), None, 10);
+        assert!(
+            got.reply.starts_with("HTTP/1.1 400 "),
+            "{bad_host}: {:?}",
+            got.reply
+        );
+    }
     // The VM never read a request it was not sent, and the shard still serves normally.
     let ok = send(
         &addr,

@@ -78,21 +78,6 @@ impl Shard {
         )
     }
 
-    /// Whether `host` is the zone or a name in it.
-    fn in_zone(&self, host: &str) -> bool {
-        let view = self.view.current();
-        let Some(zone) = view.zone() else {
-            return false;
-        };
-        host.eq_ignore_ascii_case(zone)
-            || host.len().checked_sub(zone.len() + 1).is_some_and(|dot| {
-                let (name, rest) = host.as_bytes().split_at(dot);
-                !name.is_empty()
-                    && rest[1..].eq_ignore_ascii_case(zone.as_bytes())
-                    && rest[0] == b'.'
-            })
-    }
-
     /// Whether a connection to `local` is ours: the lobby or a VM's public address.
     fn ours(&self, local: SocketAddr) -> bool {
         if self.cfg.any_address {
@@ -278,7 +263,7 @@ async fn serve_redirect(mut stream: TcpStream, shard: &Shard) -> std::io::Result
         Parse::Complete(req) => match req.host {
             // Only names of this cluster are redirected (else any Host would make this an
             // open redirect).
-            Some(host) if !shard.in_zone(&host) => pages::bad_request(&format!(
+            Some(host) if !shard.view.current().in_zone(&host) => pages::bad_request(&format!(
                 "{host} is not served here: only names in this cluster's zone are redirected to HTTPS."
             )),
             Some(host) => {
