@@ -12,6 +12,10 @@ const TYPE_A: u16 = 1;
 const TYPE_AAAA: u16 = 28;
 const TYPE_SOA: u16 = 6;
 const TYPE_OPT: u16 = 41;
+/// EDNS options hickory-proto decodes rather than keeps as bytes (RFC 5001, 6975, 7871).
+const OPT_NSID: u16 = 3;
+const OPT_DAU: u16 = 5;
+const OPT_SUBNET: u16 = 8;
 const CLASS_IN: u16 = 1;
 const HEADER: usize = 12;
 /// Longest label kept on the stack (DNS labels are at most 63 bytes).
@@ -180,9 +184,14 @@ fn parse(q: &[u8], apex: &str, label: &mut [u8; MAX_LABEL]) -> Option<(Shape, us
         dnssec_ok = *q.get(end + 7)? & 0x80 != 0;
         let rdlen = usize::from(u16_at(q, end + 9)?);
         end += 11;
-        // Options must be well-formed TLVs filling the data exactly.
+        // Options must be well-formed TLVs filling the data exactly, and opaque to hickory:
+        // the options it reads (NSID, DAU, client subnet) may be refused there as malformed,
+        // and the full path defines what such a query gets.
         let data_end = end + rdlen;
         while end < data_end {
+            if matches!(u16_at(q, end)?, OPT_NSID | OPT_DAU | OPT_SUBNET) {
+                return None;
+            }
             let olen = usize::from(u16_at(q, end + 2)?);
             end += 4 + olen;
         }

@@ -429,3 +429,22 @@ fn fast_path_agrees_with_the_full_path() {
         }
     }
 }
+
+/// Found by the `dns_engine` fuzz target: an OPT record with a malformed client-subnet option
+/// (code 8). hickory-proto refuses the query whole (FORMERR), while the fast path, which reads
+/// options only as opaque TLVs, answered it. The fast path now leaves options that hickory
+/// decodes to the full path.
+#[test]
+fn the_fast_path_leaves_decoded_edns_options_to_the_full_path() {
+    let q: &[u8] = &[
+        18, 52, 1, 0, 0, 1, 0, 0, 0, 0, 0, 1, 4, 110, 111, 112, 101, 4, 98, 111, 120, 100, 4, 116,
+        101, 115, 116, 0, 0, 28, 0, 1, 0, 0, 41, 4, 208, 0, 0, 18, 1, 0, 52, 0, 1, 0, 9, 0, 0, 0,
+        63, 0, 0, 0, 255, 25, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 8, 0, 19, 0, 0, 0, 0, 43, 111,
+        44, 101, 0, 0, 0, 44, 101, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,
+    ];
+    let (e, z) = (engine(), zone());
+    let mut fast = Vec::new();
+    assert!(!boxd_dns::fastpath::answer(&e, &z, q, &mut fast));
+    let m = ask(q, Transport::Udp).unwrap();
+    assert_eq!(m.metadata.response_code, ResponseCode::FormErr);
+}
