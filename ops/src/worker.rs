@@ -351,6 +351,7 @@ impl Supervisor {
             vcpus: vm.spec.vcpus,
             memory_mib: vm.spec.memory_mib,
             disk_gib: vm.spec.disk_gib,
+            owner: vm.owner.to_string(),
         };
         let (host, runtime, timeout) = (
             Arc::clone(&self.host),

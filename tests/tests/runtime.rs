@@ -102,6 +102,7 @@ fn conform(rt: &dyn Runtime, dir: &Path) {
         vcpus: 1,
         memory_mib: 256,
         disk_gib: 1,
+        owner: "tester".into(),
     };
     let wait = Duration::from_secs(60);
     let what = rt.name();
@@ -222,6 +223,77 @@ fn every_runtime_conforms() {
     for rt in runtimes() {
         let dir = tempfile::tempdir().unwrap();
         conform(rt.as_ref(), dir.path());
+    }
+}
+
+/// Issue 25, finding 2 (hostile tenants on one bridge, sandbox runtime): a VM's root that
+/// takes another VM's address and announces it (`ip addr add`, `arping -U`) does not get that
+/// VM's traffic; VMs of other accounts cannot reach each other's ports while one account's
+/// VMs can; and no VM opens a connection to the worker host itself.
+#[test]
+fn the_bridge_keeps_tenants_apart() {
+    own_netns();
+    let dir = tempfile::tempdir().unwrap();
+    let (host, key) = test_host(dir.path(), "bxiso0", "10.202.0.0/24");
+    let vm = |name: &str, owner: &str| VmPlan {
+        owner: owner.into(),
+        id: uuid::Uuid::new_v4().to_string(),
+        ..plan(name, "minimal")
+    };
+    let (a1, a2, b) = (
+        vm("alice1", "alice"),
+        vm("alice2", "alice"),
+        vm("bob", "bob"),
+    );
+    let _cleanup = [&a1, &a2, &b].map(|v| Delete(&host, v.id.clone()));
+    let start = |v: &VmPlan| match host.start(&SandboxRuntime, v, None, Duration::from_secs(60)) {
+        Ok(Started::Ready(n)) => n.ip,
+        other => panic!("{}: {other:?}", v.name),
+    };
+    let (ia1, ia2, ib) = (start(&a1), start(&a2), start(&b));
+    let run = |ip, cmd: &str| {
+        let (code, out, err) = agent_ssh(&key, ip, cmd);
+        assert_eq!(code, Some(0), "{ip}: {cmd}: {err}");
+        out.trim().to_owned()
+    };
+    let banner_of = |from, to| {
+        run(
+            from,
+            &format!("timeout 5 nc -w 3 {to} 2200 </dev/null | head -c 7; true"),
+        )
+    };
+    assert_eq!(
+        banner_of(ia2, ia1),
+        "SSH-2.0",
+        "one account's VMs reach each other"
+    );
+    assert_eq!(banner_of(ib, ia1), "", "bob reached alice's VM");
+    assert_eq!(banner_of(ia1, ib), "", "alice reached bob's VM");
+
+    // The worker host: a port listening on the bridge address is not for VMs.
+    let gateway = host.gateway();
+    let listener = std::net::TcpListener::bind((gateway, 7777)).unwrap();
+    listener.set_nonblocking(true).unwrap();
+    run(
+        ib,
+        &format!("timeout 5 nc -w 3 {gateway} 7777 </dev/null; true"),
+    );
+    assert!(listener.accept().is_err(), "a VM connected to the host");
+
+    // Address takeover: bob adds alice1's address and announces it for three seconds.
+    assert_eq!(run(ia1, "hostname"), "alice1");
+    run(
+        ib,
+        &format!(
+            "ip addr add {ia1}/32 dev eth0 && timeout 10 arping -U -c 3 -s {ia1} -I eth0 {gateway}; true"
+        ),
+    );
+    for _ in 0..3 {
+        assert_eq!(
+            run(ia1, "hostname"),
+            "alice1",
+            "alice1's address led into bob's VM"
+        );
     }
 }
 
@@ -420,6 +492,7 @@ fn plan(name: &str, image: &str) -> VmPlan {
         vcpus: 1,
         memory_mib: 512,
         disk_gib: 1,
+        owner: "tester".into(),
     }
 }
 

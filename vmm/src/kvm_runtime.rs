@@ -166,7 +166,11 @@ impl KvmRuntime {
                 read_only: false,
                 id: Some("boxd-root".into()),
             }],
-            net: vec![NetConfig { tap, mac: None }],
+            // The MAC the port's rules allow (see `isolation`).
+            net: vec![NetConfig {
+                tap,
+                mac: Some(crate::isolation::mac_of(&vm.id)),
+            }],
             vsock: None,
         })
     }
@@ -184,6 +188,10 @@ impl Runtime for KvmRuntime {
     fn launch(&self, host: &Host, vm: &VmPlan, disk: &Disk, net: VmNet) -> Result<(), WorkerError> {
         let cfg = self.prepare(host, vm, disk, net)?;
         host.spawn_vm(&vm.id, "vmm", "vm.json", &cfg, "vmm.log")
+    }
+
+    fn port(&self, id: &str) -> String {
+        tap_name(id)
     }
 }
 

@@ -8,6 +8,7 @@ pub mod config;
 pub mod devices;
 pub mod host;
 pub mod image;
+pub mod isolation;
 pub mod kvm_runtime;
 pub mod machine;
 pub mod process;

@@ -81,6 +81,9 @@ pub struct SandboxNet {
     pub bridge: String,
     /// Host end's name (at most 15 bytes).
     pub host_veth: String,
+    /// The MAC of the VM's end (`eth0`); empty: the kernel's choice.
+    #[serde(default)]
+    pub mac: String,
     /// The VM's address on `eth0`.
     pub ip: Ipv4Addr,
     /// Prefix length of the bridge subnet.
@@ -152,6 +155,9 @@ impl SandboxSpec {
             }
             if n.prefix == 0 || n.prefix > 30 {
                 return Err(format!("prefix /{} must be between 1 and 30", n.prefix));
+            }
+            if !n.mac.is_empty() && !crate::isolation::parse_mac(&n.mac) {
+                return Err(format!("MAC {:?} is not six hex pairs", n.mac));
             }
         }
         if self.cgroup.split('/').any(|p| p.is_empty() || p == "..") {
@@ -440,8 +446,13 @@ fn ip_batch(commands: &[String]) -> Result<(), String> {
 fn wire_host(net: &SandboxNet, pid: libc::pid_t) -> Result<(), String> {
     let cmds = [
         format!(
-            "link add {} type veth peer name eth0 netns {pid}",
-            net.host_veth
+            "link add {} type veth peer name eth0{} netns {pid}",
+            net.host_veth,
+            if net.mac.is_empty() {
+                String::new()
+            } else {
+                format!(" address {}", net.mac)
+            }
         ),
         format!("link set {} master {} up", net.host_veth, net.bridge),
         // A VM started again keeps its address but not its MAC: forget the old one, or the
@@ -836,6 +847,7 @@ mod tests {
         bad.net = Some(SandboxNet {
             bridge: "boxd0".into(),
             host_veth: "a-name-longer-than-15".into(),
+            mac: String::new(),
             ip: Ipv4Addr::new(10, 0, 0, 2),
             prefix: 24,
             gateway: Ipv4Addr::new(10, 0, 0, 1),

@@ -56,6 +56,8 @@ pub struct VmPlan {
     pub memory_mib: u64,
     /// Disk size (the kvm runtime's root disk).
     pub disk_gib: u64,
+    /// The owning account: only its VMs may reach this one over the bridge.
+    pub owner: String,
 }
 
 /// Host settings shared by every VM on this worker.
@@ -104,6 +106,8 @@ pub trait Runtime: Send + Sync {
     fn netns_visible(&self) -> bool {
         false
     }
+    /// The host-side interface of VM `id`'s port on the bridge.
+    fn port(&self, id: &str) -> String;
 }
 
 /// How a start ended.
@@ -139,6 +143,7 @@ impl Runtime for SandboxRuntime {
             net: Some(SandboxNet {
                 bridge: host.cfg.bridge.clone(),
                 host_veth: host_veth(&vm.id),
+                mac: crate::isolation::mac_of(&vm.id),
                 ip: net.ip,
                 prefix: host.cfg.subnet.prefix_len(),
                 gateway: host.gateway(),
@@ -155,6 +160,10 @@ impl Runtime for SandboxRuntime {
 
     fn netns_visible(&self) -> bool {
         true
+    }
+
+    fn port(&self, id: &str) -> String {
+        host_veth(id)
     }
 }
 
@@ -188,6 +197,8 @@ pub struct Host {
     bridge_ready: Mutex<bool>,
     /// How outbound traffic is NATed, once the bridge is up.
     nat: Mutex<Option<String>>,
+    /// Held while the isolation rules are rebuilt, so two rebuilds never interleave.
+    isolating: Mutex<()>,
 }
 
 impl Host {
@@ -206,6 +217,7 @@ impl Host {
             taken: Mutex::new(taken),
             bridge_ready: Mutex::new(false),
             nat: Mutex::new(None),
+            isolating: Mutex::new(()),
         }
     }
 
@@ -601,6 +613,19 @@ impl Host {
         self.ensure_bridge()?;
         let net = self.address(&vm.id, hint)?;
         let disk = self.ensure_disk(vm)?;
+        // The VM's port is pinned (its MAC and address) and fenced off from other accounts
+        // before the VM can send anything.
+        let port = crate::isolation::Port {
+            ifname: runtime.port(&vm.id),
+            mac: crate::isolation::mac_of(&vm.id),
+            ip: net.ip,
+            owner: vm.owner.clone(),
+        };
+        write_json(
+            &self.vm_dir(&vm.id).join(crate::isolation::PORT_FILE),
+            &port,
+        )?;
+        self.isolate()?;
         let prepared = t0.elapsed();
         if self.probe(&vm.id).is_none() {
             runtime.launch(self, vm, &disk, net)?;
@@ -681,6 +706,18 @@ impl Host {
         if let (Some(n), Ok(mut t)) = (net, self.taken.lock()) {
             t.remove(&n.ip);
         }
+        if let Err(e) = self.isolate() {
+            tracing::warn!(error = %e, "VM deleted; its rules stay until the next VM starts");
+        }
+        Ok(())
+    }
+
+    /// Loads the rules that pin each VM's port and keep accounts apart (see `isolation`).
+    pub fn isolate(&self) -> Result<(), WorkerError> {
+        let _one_at_a_time = self.isolating.lock();
+        let n = crate::isolation::enforce(&self.cfg.data_dir.join("vms"), &self.cfg.bridge)
+            .map_err(WorkerError::Host)?;
+        tracing::debug!(ports = n, "VM isolation rules loaded");
         Ok(())
     }
 }
@@ -775,7 +812,7 @@ fn ip(args: &[&str]) -> Result<(), WorkerError> {
 }
 
 /// Runs a host tool with `input` on its stdin; its stderr becomes the error.
-fn stdin_tool(program: &str, args: &[&str], input: &str) -> Result<(), WorkerError> {
+pub(crate) fn stdin_tool(program: &str, args: &[&str], input: &str) -> Result<(), WorkerError> {
     use std::io::Write as _;
     let mut child = Command::new(program)
         .args(args)
