@@ -297,6 +297,64 @@ fn the_bridge_keeps_tenants_apart() {
     }
 }
 
+/// Issue 25, finding 3: root inside a sandbox VM is not the host's root — no capability to
+/// mount, make device nodes or read the kernel log, a seccomp filter, the kernel's knobs under
+/// `/proc/sys` read-only, no host devices, a cgroup namespace of its own — and the VM still
+/// works as one (a shell, its network).
+#[test]
+fn a_sandbox_vm_root_is_confined() {
+    own_netns();
+    let dir = tempfile::tempdir().unwrap();
+    let (host, key) = test_host(dir.path(), "bxconfine0", "10.203.0.0/24");
+    let vm = VmPlan {
+        id: uuid::Uuid::new_v4().to_string(),
+        ..plan("confined", "minimal")
+    };
+    let _cleanup = Delete(&host, vm.id.clone());
+    let ip = match host.start(&SandboxRuntime, &vm, None, Duration::from_secs(60)) {
+        Ok(Started::Ready(n)) => n.ip,
+        other => panic!("{other:?}"),
+    };
+    let sh = |cmd: &str| {
+        let (code, out, err) = agent_ssh(&key, ip, cmd);
+        assert_eq!(code, Some(0), "{cmd}: {err}");
+        out.trim().to_owned()
+    };
+    let field = |name: &str| sh(&format!("grep '^{name}:' /proc/self/status | cut -f2"));
+    let cap_eff = u64::from_str_radix(&field("CapEff"), 16).unwrap();
+    for (bit, cap) in [
+        (21, "CAP_SYS_ADMIN"),
+        (27, "CAP_MKNOD"),
+        (34, "CAP_SYSLOG"),
+        (16, "CAP_SYS_MODULE"),
+    ] {
+        assert_eq!(cap_eff & (1 << bit), 0, "{cap} in CapEff {cap_eff:x}");
+    }
+    assert_eq!(field("Seccomp"), "2", "a seccomp filter");
+    let refused = |cmd: &str| sh(&format!("{cmd} >/dev/null 2>&1; echo $?")) != "0";
+    assert!(
+        refused("mkdir -p /mnt/d && mount -t devtmpfs none /mnt/d"),
+        "devtmpfs mounted"
+    );
+    assert!(
+        refused(
+            "cat /proc/sys/kernel/core_pattern > /tmp/cp && cat /tmp/cp > /proc/sys/kernel/core_pattern"
+        ),
+        "core_pattern written"
+    );
+    assert!(refused("dmesg"), "the host's kernel log read");
+    assert!(refused("mknod /tmp/sda b 8 0"), "a block device made");
+    assert!(refused("unshare -m true"), "a new namespace made");
+    assert_eq!(
+        sh("ls /dev | tr '\\n' ' '"),
+        "fd full null ptmx pts random shm stderr stdin stdout tty urandom zero"
+    );
+    assert_eq!(sh("cut -d: -f3 /proc/self/cgroup | sort -u"), "/");
+    // Still a machine to use: its own network, processes, files.
+    assert!(sh("ip -4 addr show eth0").contains(&ip.to_string()));
+    assert_eq!(sh("echo hi > /tmp/f && cat /tmp/f && sh -c 'exit 0'"), "hi");
+}
+
 /// What a kvm VM is made of: a `boxd vmm` process with Debian's kernel, the initramfs, an ext4
 /// root disk grown to the VM's size and a tap on the bridge; and the kernel's first lines in
 /// its console log.

@@ -5,6 +5,7 @@
 pub mod api;
 pub mod arch;
 pub mod config;
+pub mod confine;
 pub mod devices;
 pub mod host;
 pub mod image;

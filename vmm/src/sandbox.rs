@@ -13,8 +13,9 @@
 //!    the other on the worker's bridge) and puts the child into its cgroups, then lets it go;
 //! 4. the child configures `lo` and `eth0`, bind-mounts the VM's root tree, mounts `/proc`, a
 //!    fresh `/dev` (device binds, its own devpts) and `pivot_root`s into it;
-//! 5. as PID 1 it starts the guest agent as its child, restarts it if it dies, and reaps
-//!    orphans — the job of an init.
+//! 5. with its own cgroup namespace, a cut capability bounding set and a seccomp filter
+//!    (`confine`), as PID 1 it starts the guest agent as its child, restarts it if it dies,
+//!    and reaps orphans — the job of an init.
 //!
 //! The child has `PR_SET_PDEATHSIG = SIGKILL`: the VM ends with its monitor, and the monitor
 //! ends when PID 1 does. Shutdown is `SIGKILL` to PID 1, which ends every process of the VM;
@@ -516,7 +517,31 @@ fn init_child(
         .map_or(Ok(()), std::fs::create_dir_all)
         .and_then(|()| std::fs::write(&key_file, format!("{}\n", spec.agent.authorized_key)))
         .map_err(|e| format!("cannot write {}: {e}", key_file.display()))?;
+    // Its own view of cgroups (it is at the root of its own), then the limits on what its
+    // root may do (see `confine`); the agent and everything after it inherit both.
+    // SAFETY: unshare of the cgroup namespace in a single-threaded process.
+    if unsafe { libc::unshare(libc::CLONE_NEWCGROUP) } != 0 {
+        return Err(errno("unshare(cgroup)"));
+    }
+    crate::confine::confine()?;
     init_loop(&spec.agent)
+}
+
+/// [`mount`] with a path as the source.
+pub(crate) fn mount_path(
+    src: Option<&Path>,
+    target: &Path,
+    fstype: Option<&str>,
+    flags: libc::c_ulong,
+    data: Option<&str>,
+) -> Result<(), String> {
+    let src = src
+        .map(|p| {
+            p.to_str()
+                .ok_or_else(|| format!("{} is not UTF-8", p.display()))
+        })
+        .transpose()?;
+    mount(src, target, fstype, flags, data)
 }
 
 fn cstr(s: impl AsRef<[u8]>) -> Result<CString, String> {
@@ -629,6 +654,8 @@ fn enter_root(rootfs: &Path, overlay: Option<&Overlay>) -> Result<(), String> {
         libc::MS_NOSUID | libc::MS_NODEV,
         Some("mode=1777"),
     )?;
+    // The host's kernel knobs are not the VM's to turn (see `confine`).
+    crate::confine::restrict_proc(&proc_dir, &dev.join("null"))?;
     for (link, to) in [
         ("ptmx", "pts/ptmx"),
         ("fd", "/proc/self/fd"),
