@@ -6,8 +6,8 @@
 //! clients that hold slots past the deadline, unbounded registration writes, secrets others can
 //! read, DNS answers that drop the DO bit, and SSH algorithms ssh-audit warns about.
 //!
-//! Still to come (see the note): network isolation between VMs, the sandbox's user
-//! namespace and seccomp filter, per-VM agent host keys, a testssl.sh run.
+//! Network isolation between VMs and the sandbox's confinement are attacked from inside VMs in
+//! `runtime.rs` (`the_bridge_keeps_tenants_apart`, `a_sandbox_vm_root_is_confined`).
 
 #![allow(clippy::unwrap_used)]
 
@@ -520,4 +520,43 @@ fn ssh_audit_finds_nothing_a_client_can_avoid() {
         }
         assert_eq!(kex[0], "mlkem768x25519-sha256", "{target}: {kex:?}");
     }
+}
+
+/// testssl.sh (Debian) against the HTTPS front door: nothing rated HIGH or CRITICAL except the
+/// local CA's certificate policy (a self-signed root, a 20-year leaf, no CRL or OCSP: a CA made
+/// for one cluster, trusted by whoever chooses to; an operator certificate replaces it).
+#[test]
+fn testssl_finds_nothing_but_the_local_cas_policy() {
+    let dir = tempfile::tempdir().unwrap();
+    let ip = "127.0.44.6";
+    let port = HTTPS_PORT + 50;
+    let (_node, _ready) = node(dir.path(), ip, port, 29272, "");
+    let json = dir.path().join("testssl.json");
+    let out = Command::new("testssl")
+        .args(["--quiet", "--color", "0", "--warnings", "off", "--jsonfile"])
+        .arg(&json)
+        .args(["--ip", "127.77.0.1"])
+        .arg(format!("https://boxd.test:{port}"))
+        .output()
+        .unwrap();
+    let findings: Value = serde_json::from_slice(&std::fs::read(&json).unwrap_or_default())
+        .unwrap_or_else(|e| panic!("testssl: {e}: {}", String::from_utf8_lossy(&out.stdout)));
+    let policy = [
+        "cert_chain_of_trust",
+        "cert_validityPeriod",
+        "cert_revocation",
+    ];
+    let mut serious = Vec::new();
+    for f in findings.as_array().unwrap() {
+        let severity = f["severity"].as_str().unwrap_or("");
+        let id = f["id"].as_str().unwrap_or("");
+        if matches!(severity, "HIGH" | "CRITICAL") && !policy.contains(&id) {
+            serious.push(format!("{severity} {id}: {}", f["finding"]));
+        }
+    }
+    assert!(serious.is_empty(), "{serious:#?}");
+    assert!(
+        findings.as_array().unwrap().len() > 50,
+        "testssl ran its checks: {findings}"
+    );
 }
