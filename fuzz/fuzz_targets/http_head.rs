@@ -14,26 +14,24 @@ use libfuzzer_sys::fuzz_target;
 fuzz_target!(|data: &[u8]| {
     if let Parse::Complete(req) = parse_request(data, 64, 16384) {
         let out = req.forward("192.0.2.1".parse().expect("ip"), "a.boxd.test");
-        match parse_request(&out, 80, 1 << 20) {
-            Parse::Complete(again) => {
-                assert_eq!(again.method, req.method);
-                assert_eq!(again.target, req.target);
-                assert_eq!(again.len, out.len());
-                if let Ok(body) = req.body() {
-                    assert_eq!(again.body(), Ok(body), "the VM frames the body as we do");
-                }
-            }
+        let again = match parse_request(&out, 80, 1 << 20) {
+            Parse::Complete(again) => again,
             other => panic!("forwarded request does not parse: {other:?}"),
+        };
+        assert_eq!(again.method, req.method);
+        assert_eq!(again.target, req.target);
+        assert_eq!(again.len, out.len());
+        if let Ok(body) = req.body() {
+            assert_eq!(again.body(), Ok(body), "the VM frames the body as we do");
         }
         let _ = req.body();
         let _ = req.wants_close();
         let text = String::from_utf8_lossy(&out).to_ascii_lowercase();
         let fields = usize::from(req.upgrade);
         assert_eq!(text.matches("\r\nconnection:").count(), fields, "{text}");
-        assert_eq!(text.matches("\r\nhost:").count(), 1, "{text}");
-        let sent = String::from_utf8_lossy(&data[..req.len]).to_ascii_lowercase();
-        for framing in ["\r\ncontent-length:", "\r\ntransfer-encoding:"] {
-            assert_eq!(text.matches(framing).count(), sent.matches(framing).count());
+        assert_eq!(again.fields("host"), 1, "{text}");
+        for framing in ["content-length", "transfer-encoding"] {
+            assert_eq!(again.fields(framing), req.fields(framing), "{text}");
         }
     }
     if let Parse::Complete(resp) = parse_response(data, 64, 16384) {

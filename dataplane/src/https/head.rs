@@ -307,6 +307,11 @@ impl Request {
         }
     }
 
+    /// How many fields named `name` (lower case) the head has.
+    pub fn fields(&self, name: &str) -> usize {
+        self.headers.iter().filter(|(n, _)| n == name).count()
+    }
+
     /// Whether the client wants the connection closed after this exchange.
     pub fn wants_close(&self) -> bool {
         let tokens = connection_tokens(&self.headers);

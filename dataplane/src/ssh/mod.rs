@@ -98,8 +98,8 @@ impl Listeners {
 }
 
 /// Key exchanges offered, best first: the post-quantum hybrid (OpenSSH 9.9+), then X25519
-/// (every OpenSSH since 6.5; Debian 12 ships 9.2), then finite-field groups of 3072 bits and
-/// more for clients without either. Not offered: `diffie-hellman-group14-sha256` (2048 bits,
+/// (every OpenSSH since 6.5; Debian 12 ships 9.2), then the 4096- and 8192-bit groups
+/// for clients without either. Not offered: `diffie-hellman-group14-sha256` (2048 bits,
 /// which ssh-audit warns about) and group exchange. The pseudo-algorithms announce RFC 8308
 /// extensions and strict key exchange (Terrapin).
 const KEX: &[russh::kex::Name] = &[
