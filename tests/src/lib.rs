@@ -427,6 +427,35 @@ impl Drop for Netns {
     }
 }
 
+/// Spawns `cmd` with its stdout piped and waits for its first line to be `ready` (the test
+/// fixtures' servers print it once they listen).
+pub fn spawn_ready(cmd: &mut Command) -> Child {
+    let mut child = cmd.stdout(Stdio::piped()).spawn().unwrap();
+    let mut line = String::new();
+    BufReader::new(child.stdout.as_mut().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    assert_eq!(line.trim(), "ready", "{cmd:?}");
+    child
+}
+
+/// Options for an OpenSSH client in tests: no user config, only the given key, no host key
+/// pinning, quiet, no passwords.
+pub const SSH_OPTS: [&str; 12] = [
+    "-F",
+    "/dev/null",
+    "-o",
+    "IdentitiesOnly=yes",
+    "-o",
+    "StrictHostKeyChecking=no",
+    "-o",
+    "UserKnownHostsFile=/dev/null",
+    "-o",
+    "LogLevel=ERROR",
+    "-o",
+    "PasswordAuthentication=no",
+];
+
 /// A new passphrase-less Ed25519 key pair at `path` (and `path`.pub), made by ssh-keygen.
 pub fn keygen(path: &Path) {
     let ok = Command::new("ssh-keygen")

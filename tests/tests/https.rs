@@ -5,7 +5,7 @@
 
 #![allow(clippy::unwrap_used)]
 
-use std::io::{BufRead, BufReader, Write as _};
+use std::io::Write as _;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
@@ -39,17 +39,9 @@ fn backend() -> Backend {
 /// The fixture web server on `ip`:8000.
 fn backend_at(ip: &str) -> Backend {
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/fixtures/http_backend.py");
-    let mut child = Command::new("python3")
-        .args([script, ip, "8000"])
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut line = String::new();
-    BufReader::new(child.stdout.as_mut().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    assert_eq!(line.trim(), "ready");
-    Backend(child)
+    Backend(boxd_tests::spawn_ready(
+        Command::new("python3").args([script, ip, "8000"]),
+    ))
 }
 
 /// curl with the local CA, `name.boxd.test` resolved to `ip`; returns (status, body).

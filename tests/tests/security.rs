@@ -11,13 +11,15 @@
 
 #![allow(clippy::unwrap_used)]
 
-use std::io::{BufRead, BufReader, Write as _};
+use std::io::Write as _;
 use std::os::unix::fs::PermissionsExt as _;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use boxd_tests::{Node, UP, keygen, now_ms, ready_field, running_vm, write, write_config};
+use boxd_tests::{
+    Node, SSH_OPTS, UP, keygen, now_ms, ready_field, running_vm, spawn_ready, write, write_config,
+};
 use serde_json::{Value, json};
 use uuid::Uuid;
 
@@ -73,17 +75,11 @@ impl Backend {
     fn start(ip: &str, dir: &Path) -> Backend {
         let log = dir.join(format!("backend-{ip}.log"));
         std::fs::write(&log, "").unwrap();
-        let mut child = Command::new("python3")
-            .args([HOSTILE, "backend", ip, "8000"])
-            .arg(&log)
-            .stdout(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let mut line = String::new();
-        BufReader::new(child.stdout.as_mut().unwrap())
-            .read_line(&mut line)
-            .unwrap();
-        assert_eq!(line.trim(), "ready");
+        let child = spawn_ready(
+            Command::new("python3")
+                .args([HOSTILE, "backend", ip, "8000"])
+                .arg(&log),
+        );
         Backend { child, log }
     }
 
@@ -365,14 +361,7 @@ fn ssh_slots_and_registrations_are_bounded() {
         let out = Command::new("ssh")
             .args(["-p", &ssh_port.to_string(), "-i"])
             .arg(key)
-            .args(["-F", "/dev/null", "-o", "IdentitiesOnly=yes"])
-            .args([
-                "-o",
-                "StrictHostKeyChecking=no",
-                "-o",
-                "UserKnownHostsFile=/dev/null",
-            ])
-            .args(["-o", "LogLevel=ERROR", "-o", "PasswordAuthentication=no"])
+            .args(SSH_OPTS)
             .args(["-o", "ConnectTimeout=10", "127.77.0.1", "whoami"])
             .stdin(Stdio::null())
             .output()
