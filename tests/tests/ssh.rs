@@ -14,7 +14,7 @@ use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use boxd_tests::{
-    Node, UP, eventually, fake_worker, now_ms, ready_field as field, running_vm, write,
+    Node, SSH_OPTS, UP, eventually, fake_worker, now_ms, ready_field as field, running_vm, write,
     write_config,
 };
 use serde_json::{Value, json};
@@ -50,20 +50,6 @@ fn fingerprint(key: &Path) -> String {
         .unwrap()
         .to_owned()
 }
-
-/// Options every OpenSSH client here uses: no user config, no host key pinning, quiet.
-const CLIENT_OPTS: [&str; 10] = [
-    "-F",
-    "/dev/null",
-    "-o",
-    "IdentitiesOnly=yes",
-    "-o",
-    "StrictHostKeyChecking=no",
-    "-o",
-    "UserKnownHostsFile=/dev/null",
-    "-o",
-    "LogLevel=ERROR",
-];
 
 struct Ssh<'a> {
     key: &'a Path,
@@ -103,8 +89,8 @@ impl Ssh<'_> {
         let mut c = Command::new("ssh");
         c.args(["-p", &self.port.to_string(), "-i"])
             .arg(self.key)
-            .args(CLIENT_OPTS)
-            .args(["-o", "PasswordAuthentication=no", "-o", "ConnectTimeout=10"])
+            .args(SSH_OPTS)
+            .args(["-o", "ConnectTimeout=10"])
             .args(&self.extra)
             .arg(self.host)
             .args(remote);
@@ -481,7 +467,7 @@ fn copy_opts(key: &Path, port: u16) -> Vec<String> {
         "-i".to_owned(),
         key.display().to_string(),
     ];
-    v.extend(CLIENT_OPTS.map(str::to_owned));
+    v.extend(SSH_OPTS.map(str::to_owned));
     v
 }
 
