@@ -71,15 +71,18 @@ fn plain(name: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-' || b == b'.')
 }
 
-/// The `nft -f` script that replaces boxd's tables for `bridge` with rules for `ports`. Ports
-/// whose name or MAC could not be written safely are left out (and so get no traffic at all:
-/// the bridge's forward chain drops what no rule accepts from a VM port).
+/// Whether a port's name and MAC can go into a rule as they are (boxd makes both, so anything
+/// else is a damaged `port.json`).
+pub fn writable(port: &Port) -> bool {
+    plain(&port.ifname) && parse_mac(&port.mac)
+}
+
+/// The `nft -f` script that replaces boxd's tables for `bridge` with rules for `ports`. A port
+/// that is not [`writable`] is left out of the text (it could not be quoted safely); `enforce`
+/// refuses to load rules without one, since a port without rules is not isolated.
 pub fn ruleset(bridge: &str, ports: &[Port]) -> String {
     let t = table_name(bridge);
-    let ports: Vec<&Port> = ports
-        .iter()
-        .filter(|p| plain(&p.ifname) && parse_mac(&p.mac))
-        .collect();
+    let ports: Vec<&Port> = ports.iter().filter(|p| writable(p)).collect();
     let mut s = String::new();
     // Create-then-delete makes the first run and later ones alike; all in one transaction.
     s += &format!("table bridge {t} {{}}\ndelete table bridge {t}\n");
@@ -131,14 +134,21 @@ pub fn enforce(vms: &std::path::Path, bridge: &str) -> Result<usize, String> {
     let mut ports = Vec::new();
     if let Ok(rd) = std::fs::read_dir(vms) {
         for e in rd.flatten() {
-            let Ok(text) = std::fs::read(e.path().join(PORT_FILE)) else {
+            let file = e.path().join(PORT_FILE);
+            let Ok(text) = std::fs::read(&file) else {
                 continue;
             };
+            let fix = "delete that VM or the file, then start VMs again";
             match serde_json::from_slice::<Port>(&text) {
-                Ok(p) => ports.push(p),
-                Err(err) => {
-                    tracing::warn!(dir = %e.path().display(), error = %err, "unreadable port.json: that VM gets no traffic")
+                Ok(p) if writable(&p) => ports.push(p),
+                // A port without rules would not be isolated: nothing is loaded instead.
+                Ok(_) => {
+                    return Err(format!(
+                        "{}: an interface name or MAC boxd did not make: {fix}",
+                        file.display()
+                    ));
                 }
+                Err(err) => return Err(format!("{}: {err}: {fix}", file.display())),
             }
         }
     }
@@ -179,6 +189,28 @@ mod tests {
             ip: ip.parse().expect("ip"),
             owner: owner.into(),
         }
+    }
+
+    /// A damaged `port.json` stops the rules from loading (the VM would run unisolated), with
+    /// the file named and the fix; nothing reaches nft.
+    #[test]
+    fn a_port_boxd_did_not_make_loads_nothing() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let vm = dir.path().join("vm1");
+        std::fs::create_dir(&vm).expect("mkdir");
+        let bad = port("bx1\" drop", "02:00:00:00:00:01", "10.200.1.2", "eve");
+        std::fs::write(vm.join(PORT_FILE), serde_json::to_vec(&bad).expect("json")).expect("write");
+        let err = enforce(dir.path(), "boxd0").expect_err("refused");
+        assert!(
+            err.contains("port.json") && err.contains("did not make"),
+            "{err}"
+        );
+        std::fs::write(vm.join(PORT_FILE), b"{").expect("write");
+        assert!(
+            enforce(dir.path(), "boxd0")
+                .expect_err("refused")
+                .contains("port.json")
+        );
     }
 
     #[test]
