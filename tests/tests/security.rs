@@ -120,6 +120,19 @@ fn node(dir: &Path, ip: &str, https_port: u16, ssh_port: u16, extra: &str) -> (N
     (node, ready)
 }
 
+/// A new account (named after its first VM) whose VMs `names` run, their web servers at
+/// `web`:8000.
+fn vms_of_new_account(node: &Node, names: &[&str], web: &str) {
+    let owner = Uuid::new_v4();
+    write(
+        node,
+        json!({"type": "create_account", "id": owner, "name": names[0], "max_vms": null, "at": now_ms()}),
+    );
+    for name in names {
+        running_vm(node, &json!(owner), name, 8000, web);
+    }
+}
+
 /// The public address the admin socket gives VM `name`.
 fn public_ip(node: &Node, name: &str) -> String {
     let vms = node.admin().ok(&json!({"op": "vms"}));
@@ -143,13 +156,7 @@ fn the_https_front_door_frames_strictly() {
     let (node, ready) = node(dir.path(), ip, HTTPS_PORT, 29222, "");
     let ca = ready_field(&ready, "ca").to_owned();
     let web = Backend::start("127.0.44.10", dir.path());
-    let owner = Uuid::new_v4();
-    write(
-        &node,
-        json!({"type": "create_account", "id": owner, "name": "victim", "max_vms": null, "at": now_ms()}),
-    );
-    running_vm(&node, &json!(owner), "victim", 8000, "127.0.44.10");
-    running_vm(&node, &json!(owner), "other", 8000, "127.0.44.10");
+    vms_of_new_account(&node, &["victim", "other"], "127.0.44.10");
     let addr = format!("{}:{HTTPS_PORT}", public_ip(&node, "victim"));
     let tls = Some(("victim.boxd.test", ca.as_str()));
     let host = "Host: victim.boxd.test\r\n";
@@ -302,12 +309,7 @@ fn slow_heads_and_handshakes_are_cut_off() {
     let (node, ready) = node(dir.path(), ip, port, 29232, "");
     let ca = ready_field(&ready, "ca").to_owned();
     let _web = Backend::start("127.0.44.20", dir.path());
-    let owner = Uuid::new_v4();
-    write(
-        &node,
-        json!({"type": "create_account", "id": owner, "name": "slow", "max_vms": null, "at": now_ms()}),
-    );
-    running_vm(&node, &json!(owner), "slow", 8000, "127.0.44.20");
+    vms_of_new_account(&node, &["slow"], "127.0.44.20");
     let addr = format!("{}:{port}", public_ip(&node, "slow"));
     // 64 bytes at 4 per second: 16 s to send, where the deadline is 2 s.
     let head = format!(
@@ -468,12 +470,7 @@ fn ssh_audit_finds_nothing_a_client_can_avoid() {
     let ip = "127.0.44.5";
     let ssh_port = 29262;
     let (node, _ready) = node(dir.path(), ip, HTTPS_PORT + 40, ssh_port, "");
-    let owner = Uuid::new_v4();
-    write(
-        &node,
-        json!({"type": "create_account", "id": owner, "name": "audited", "max_vms": null, "at": now_ms()}),
-    );
-    running_vm(&node, &json!(owner), "audited", 8000, "127.0.44.50");
+    vms_of_new_account(&node, &["audited"], "127.0.44.50");
     for target in ["127.77.0.1".to_owned(), public_ip(&node, "audited")] {
         let out = Command::new("python3")
             .args(["-m", "ssh_audit", "-j", "--skip-rate-test", "-p"])
