@@ -96,9 +96,12 @@ impl Drop for Backend {
     }
 }
 
-/// `boxd up` (no worker) on `ip` with `extra` appended to the config; HTTPS and its redirect
-/// listen on every address at `https_port` and `https_port + 1`, SSH at `ssh_port`.
-fn node(dir: &Path, ip: &str, https_port: u16, ssh_port: u16, extra: &str) -> (Node, String) {
+/// `[ssh]` settings of most tests: a short authentication deadline.
+const FAST_AUTH: &str = "auth_timeout_secs = 2";
+
+/// `boxd up` (no worker) on `ip`; HTTPS and its redirect listen on every address at
+/// `https_port` and `https_port + 1`, SSH at `ssh_port` with the `[ssh]` settings `ssh`.
+fn node(dir: &Path, ip: &str, https_port: u16, ssh_port: u16, ssh: &str) -> (Node, String) {
     let cfg = write_config(dir, "sec", &format!("{ip}:7000"), "");
     let text = std::fs::read_to_string(&cfg)
         .unwrap()
@@ -112,9 +115,9 @@ fn node(dir: &Path, ip: &str, https_port: u16, ssh_port: u16, extra: &str) -> (N
         )
         .replace(
             &format!("[ssh]\nlisten = \"{ip}:2222\""),
-            &format!("[ssh]\nlisten = \"0.0.0.0:{ssh_port}\"\nauth_timeout_secs = 2"),
+            &format!("[ssh]\nlisten = \"0.0.0.0:{ssh_port}\"\n{ssh}"),
         );
-    std::fs::write(&cfg, format!("{text}{extra}")).unwrap();
+    std::fs::write(&cfg, text).unwrap();
     let node = Node::start(&UP, &dir.join("data"), &cfg);
     let ready = node.wait_ready(Duration::from_secs(30));
     (node, ready)
@@ -153,7 +156,7 @@ const HTTPS_PORT: u16 = 29443;
 fn the_https_front_door_frames_strictly() {
     let dir = tempfile::tempdir().unwrap();
     let ip = "127.0.44.1";
-    let (node, ready) = node(dir.path(), ip, HTTPS_PORT, 29222, "");
+    let (node, ready) = node(dir.path(), ip, HTTPS_PORT, 29222, FAST_AUTH);
     let ca = ready_field(&ready, "ca").to_owned();
     let web = Backend::start("127.0.44.10", dir.path());
     vms_of_new_account(&node, &["victim", "other"], "127.0.44.10");
@@ -306,7 +309,7 @@ fn slow_heads_and_handshakes_are_cut_off() {
     let dir = tempfile::tempdir().unwrap();
     let ip = "127.0.44.2";
     let port = HTTPS_PORT + 10;
-    let (node, ready) = node(dir.path(), ip, port, 29232, "");
+    let (node, ready) = node(dir.path(), ip, port, 29232, FAST_AUTH);
     let ca = ready_field(&ready, "ca").to_owned();
     let _web = Backend::start("127.0.44.20", dir.path());
     vms_of_new_account(&node, &["slow"], "127.0.44.20");
@@ -349,7 +352,7 @@ fn ssh_slots_and_registrations_are_bounded() {
     let dir = tempfile::tempdir().unwrap();
     let ip = "127.0.44.3";
     let ssh_port = 29242;
-    let (_node, _ready) = node(dir.path(), ip, HTTPS_PORT + 20, ssh_port, "");
+    let (_node, _ready) = node(dir.path(), ip, HTTPS_PORT + 20, ssh_port, FAST_AUTH);
     let lobby = format!("127.77.0.1:{ssh_port}");
     let got = send(&lobby, None, b"SSH-2.0-OpenSSH_9.2\r\n", None, 15);
     assert!(got.reply.starts_with("SSH-2.0-boxd"), "{}", got.reply);
@@ -413,7 +416,7 @@ fn secrets_are_private_and_dns_echoes_do() {
     std::fs::create_dir(&data).unwrap();
     std::fs::set_permissions(&data, std::fs::Permissions::from_mode(0o755)).unwrap();
     let ip = "127.0.44.4";
-    let (node, _ready) = node(dir.path(), ip, HTTPS_PORT + 30, 29252, "");
+    let (node, _ready) = node(dir.path(), ip, HTTPS_PORT + 30, 29252, FAST_AUTH);
     let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
     assert_eq!(mode(&data), 0o700, "the data directory");
     let mut checked = 0;
@@ -469,7 +472,7 @@ fn ssh_audit_finds_nothing_a_client_can_avoid() {
     let dir = tempfile::tempdir().unwrap();
     let ip = "127.0.44.5";
     let ssh_port = 29262;
-    let (node, _ready) = node(dir.path(), ip, HTTPS_PORT + 40, ssh_port, "");
+    let (node, _ready) = node(dir.path(), ip, HTTPS_PORT + 40, ssh_port, FAST_AUTH);
     vms_of_new_account(&node, &["audited"], "127.0.44.50");
     for target in ["127.77.0.1".to_owned(), public_ip(&node, "audited")] {
         let out = Command::new("python3")
@@ -516,7 +519,7 @@ fn testssl_finds_nothing_but_the_local_cas_policy() {
     let dir = tempfile::tempdir().unwrap();
     let ip = "127.0.44.6";
     let port = HTTPS_PORT + 50;
-    let (_node, _ready) = node(dir.path(), ip, port, 29272, "");
+    let (_node, _ready) = node(dir.path(), ip, port, 29272, FAST_AUTH);
     let json = dir.path().join("testssl.json");
     let out = Command::new("testssl")
         .args(["--quiet", "--color", "0", "--warnings", "off", "--jsonfile"])
@@ -545,4 +548,50 @@ fn testssl_finds_nothing_but_the_local_cas_policy() {
         findings.as_array().unwrap().len() > 50,
         "testssl ran its checks: {findings}"
     );
+}
+
+/// Finding 5 (SSH), its second half: addresses that fill a shard's handshake slots (here 8, 4
+/// per address, a 30 s deadline) no longer keep a newcomer out — the busiest address's oldest
+/// handshake gives way, and the owner gets in while the flood holds on.
+#[test]
+fn a_flood_of_handshakes_does_not_lock_the_owner_out() {
+    let dir = tempfile::tempdir().unwrap();
+    let ip = "127.0.44.7";
+    let ssh_port = 29282;
+    let slots = "auth_timeout_secs = 30\nmax_handshakes_per_shard = 8\nmax_handshakes_per_ip = 4";
+    let (_node, _ready) = node(dir.path(), ip, HTTPS_PORT + 60, ssh_port, slots);
+    let lobby = format!("127.77.0.1:{ssh_port}");
+    let _flood: Vec<_> = (1..=4)
+        .map(|n| {
+            let src = format!("127.0.46.{n}");
+            spawn_ready(Command::new("python3").args([HOSTILE, "hold", &lobby, &src, "4", "25"]))
+        })
+        .map(KillOnDrop)
+        .collect();
+    let owner = dir.path().join("owner");
+    keygen(&owner);
+    let out = Command::new("ssh")
+        .args(["-p", &ssh_port.to_string(), "-i"])
+        .arg(&owner)
+        .args(SSH_OPTS)
+        .args(["-o", "ConnectTimeout=10", "127.77.0.1", "whoami"])
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "locked out by the flood: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("owner"));
+}
+
+/// Kills a child process when dropped.
+struct KillOnDrop(std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
 }

@@ -31,6 +31,12 @@ impl Switch {
         self.0.waker.wake();
     }
 
+    /// Whether [`Switch::cut`] was called.
+    #[cfg(test)]
+    pub fn is_cut(&self) -> bool {
+        self.0.cut.load(Ordering::Acquire)
+    }
+
     fn check(&self, cx: &Context<'_>) -> io::Result<()> {
         self.0.waker.register(cx.waker());
         if self.0.cut.load(Ordering::Acquire) {

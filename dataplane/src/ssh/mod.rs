@@ -11,10 +11,10 @@ mod prompt;
 mod registrations;
 pub mod relay;
 mod session;
+mod slots;
 
-use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr, TcpListener};
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -25,7 +25,8 @@ use tokio::sync::watch;
 use self::backend::Backend;
 use self::cutoff::{Cutoff, Switch};
 use self::lobby::{Lobby, LobbySettings};
-use self::session::{Conn, HandshakeSlot, Shared};
+use self::session::{Conn, Shared};
+use self::slots::{HandshakeSlot, Limits};
 
 /// Read buffer per SSH connection (both the client's and the one to the guest agent). Larger
 /// reads (bulk data) bypass it.
@@ -68,13 +69,6 @@ impl Default for SshConfig {
             agent_port: relay::AGENT_PORT,
         }
     }
-}
-
-/// Per-shard counters for the handshake limits.
-#[derive(Clone, Default)]
-pub(crate) struct Limits {
-    handshakes: Arc<AtomicUsize>,
-    by_ip: Arc<Mutex<HashMap<IpAddr, usize>>>,
 }
 
 /// One SO_REUSEPORT listener per shard.
@@ -277,11 +271,15 @@ async fn shard<B: Backend>(
             continue;
         }
         let cfg = &shared.cfg;
+        // Cuts this connection's socket: at the auth deadline, or to make room for another
+        // address on a full shard (`slots`).
+        let switch = Switch::default();
         let Some(slot) = HandshakeSlot::take(
             &shared.limits,
             peer.ip(),
             cfg.max_handshakes,
             cfg.max_handshakes_per_ip,
+            switch.clone(),
         ) else {
             tracing::debug!(%peer, "too many handshakes; dropping");
             continue;
@@ -302,7 +300,6 @@ async fn shard<B: Backend>(
             // authentication, however the client paces its bytes: past it, the connection is
             // cut off wherever the session is (see `cutoff`).
             let deadline = tokio::time::Instant::now() + auth_timeout;
-            let switch = Switch::default();
             let cut = switch.clone();
             let watchdog = tokio::spawn(async move {
                 tokio::time::sleep_until(deadline).await;

@@ -18,12 +18,13 @@ use boxd_controlplane::view::VmRoute;
 use russh::server::{Auth, ChannelOpenHandle, Handler, Msg, Session};
 use russh::{Channel, ChannelId, ChannelMsg, ChannelOpenFailure};
 
+use super::SshConfig;
 use super::backend::Backend;
 use super::lobby::{Caller, EXIT_FAILED, Lobby};
 use super::prompt::{Term, exec, interactive};
 use super::registrations::RegistrationLimits;
 use super::relay::{self, AgentLink};
-use super::{Limits, SshConfig};
+use super::slots::{HandshakeSlot, Limits};
 
 /// Exit status when there is no VM to reach (what `ssh` itself uses for connection failures).
 pub const EXIT_NO_VM: u32 = 255;
@@ -57,42 +58,6 @@ enum Mode {
     Vm(Arc<VmRoute>),
     /// Nothing of the caller's at the dialled address.
     NoVm,
-}
-
-/// Counts a handshake in progress (per shard and per client IP) until authentication ends.
-pub(crate) struct HandshakeSlot {
-    limits: Limits,
-    ip: IpAddr,
-}
-
-impl HandshakeSlot {
-    /// Takes a slot, or `None` when the shard or this IP has too many handshakes in flight.
-    pub fn take(limits: &Limits, ip: IpAddr, per_shard: usize, per_ip: usize) -> Option<Self> {
-        let mut by_ip = limits.by_ip.lock().unwrap_or_else(|p| p.into_inner());
-        let n = by_ip.get(&ip).copied().unwrap_or(0);
-        if n >= per_ip || limits.handshakes.load(Ordering::Relaxed) >= per_shard {
-            return None;
-        }
-        by_ip.insert(ip, n + 1);
-        limits.handshakes.fetch_add(1, Ordering::Relaxed);
-        Some(Self {
-            limits: limits.clone(),
-            ip,
-        })
-    }
-}
-
-impl Drop for HandshakeSlot {
-    fn drop(&mut self) {
-        self.limits.handshakes.fetch_sub(1, Ordering::Relaxed);
-        let mut by_ip = self.limits.by_ip.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(n) = by_ip.get_mut(&self.ip) {
-            *n -= 1;
-            if *n == 0 {
-                by_ip.remove(&self.ip);
-            }
-        }
-    }
 }
 
 /// The russh handler for one connection.
