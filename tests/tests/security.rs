@@ -136,6 +136,18 @@ fn vms_of_new_account(node: &Node, names: &[&str], web: &str) {
     }
 }
 
+/// OpenSSH's `ssh -p port -i key 127.77.0.1 whoami` (the lobby).
+fn lobby_whoami(port: u16, key: &Path) -> std::process::Output {
+    Command::new("ssh")
+        .args(["-p", &port.to_string(), "-i"])
+        .arg(key)
+        .args(SSH_OPTS)
+        .args(["-o", "ConnectTimeout=10", "127.77.0.1", "whoami"])
+        .stdin(Stdio::null())
+        .output()
+        .unwrap()
+}
+
 /// The public address the admin socket gives VM `name`.
 fn public_ip(node: &Node, name: &str) -> String {
     let vms = node.admin().ok(&json!({"op": "vms"}));
@@ -362,17 +374,8 @@ fn ssh_slots_and_registrations_are_bounded() {
         got.seconds
     );
 
-    let ssh = |key: &Path| {
-        let out = Command::new("ssh")
-            .args(["-p", &ssh_port.to_string(), "-i"])
-            .arg(key)
-            .args(SSH_OPTS)
-            .args(["-o", "ConnectTimeout=10", "127.77.0.1", "whoami"])
-            .stdin(Stdio::null())
-            .output()
-            .unwrap();
-        String::from_utf8_lossy(&out.stderr).into_owned()
-    };
+    let ssh =
+        |key: &Path| String::from_utf8_lossy(&lobby_whoami(ssh_port, key).stderr).into_owned();
     let owner = dir.path().join("owner");
     keygen(&owner);
     ssh(&owner);
@@ -570,14 +573,7 @@ fn a_flood_of_handshakes_does_not_lock_the_owner_out() {
         .collect();
     let owner = dir.path().join("owner");
     keygen(&owner);
-    let out = Command::new("ssh")
-        .args(["-p", &ssh_port.to_string(), "-i"])
-        .arg(&owner)
-        .args(SSH_OPTS)
-        .args(["-o", "ConnectTimeout=10", "127.77.0.1", "whoami"])
-        .stdin(Stdio::null())
-        .output()
-        .unwrap();
+    let out = lobby_whoami(ssh_port, &owner);
     assert!(
         out.status.success(),
         "locked out by the flood: {}",
