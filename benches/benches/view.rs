@@ -46,6 +46,7 @@ fn state(n: usize) -> (Vec<VmRoute>, Vec<(Fingerprint, AccountId)>) {
             observed: Observed::Running,
             reason: None,
             worker: Some(1),
+            agent_key: None,
         })
         .collect();
     (routes, keys)

@@ -257,6 +257,16 @@ pub enum Command {
         /// One TXT record per value (each at most 255 bytes).
         values: Vec<String>,
     },
+    /// A worker records the public half of the host key it gave a VM's guest agent: from then
+    /// on the proxy accepts that agent only with that key.
+    SetAgentKey {
+        /// VM.
+        vm: VmId,
+        /// Reporting worker (must be the one it is placed on).
+        worker: NodeId,
+        /// The key in OpenSSH form (`ssh-ed25519 AAAA…`).
+        key: String,
+    },
 }
 
 /// The name of the field that holds a command's variant in its JSON form.
@@ -517,6 +527,7 @@ impl Command {
             Command::DeleteVm { .. } => "delete_vm",
             Command::PurgeVm { .. } => "purge_vm",
             Command::SetTxt { .. } => "set_txt",
+            Command::SetAgentKey { .. } => "set_agent_key",
             Command::PublishImages { .. } => "publish_images",
         }
     }

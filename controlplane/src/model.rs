@@ -407,6 +407,9 @@ pub struct Vm {
     pub created_at: Millis,
     /// Last change.
     pub updated_at: Millis,
+    /// The public host key of its guest agent (OpenSSH form), once its worker recorded it;
+    /// none for VMs made before per-VM keys.
+    pub agent_key: Option<String>,
 }
 
 /// A cluster member.

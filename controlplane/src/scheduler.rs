@@ -118,6 +118,7 @@ mod tests {
             http_port: 80,
             created_at: 0,
             updated_at: 0,
+            agent_key: None,
         }
     }
 

@@ -44,6 +44,8 @@ pub struct VmRoute {
     pub reason: Option<String>,
     /// Worker it runs on.
     pub worker: Option<NodeId>,
+    /// Its guest agent's public host key (OpenSSH form), once recorded.
+    pub agent_key: Option<String>,
 }
 
 impl From<&Vm> for VmRoute {
@@ -58,6 +60,7 @@ impl From<&Vm> for VmRoute {
             desired: v.desired,
             observed: v.observed,
             reason: v.reason.clone(),
+            agent_key: v.agent_key.clone(),
             worker: v.worker,
         }
     }
@@ -466,6 +469,7 @@ mod tests {
             desired: Desired::Running,
             observed: Observed::Running,
             reason: None,
+            agent_key: None,
             worker: Some(1),
         }
     }

@@ -158,6 +158,10 @@ fn done(r: &Response) -> bool {
 
 type Check = Box<dyn Fn(&Response) -> bool>;
 
+/// An ed25519 public key in OpenSSH form.
+const AGENT_KEY: &str =
+    "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIGM5wo8iHGGvERN08KOtflpBvvQG7sSiWz7cTEgubjk+";
+
 fn history() -> Vec<(&'static str, Command, Check)> {
     let i = ids();
     let err = |f: fn(&ApplyError) -> bool| -> Check {
@@ -472,6 +476,33 @@ fn history() -> Vec<(&'static str, Command, Check)> {
                 reason: None,
                 private_ip: Some("10.90.0.2".parse().unwrap()),
                 at: 8,
+            },
+            Box::new(done),
+        ),
+        (
+            "an agent key from the wrong worker",
+            Command::SetAgentKey {
+                vm: i.vm2,
+                worker: 1,
+                key: AGENT_KEY.into(),
+            },
+            err(|e| matches!(e, ApplyError::Invalid { .. })),
+        ),
+        (
+            "an agent key that is not one ed25519 key",
+            Command::SetAgentKey {
+                vm: i.vm2,
+                worker: 2,
+                key: format!("{AGENT_KEY} comment"),
+            },
+            err(|e| matches!(e, ApplyError::Invalid { .. })),
+        ),
+        (
+            "the VM's agent key",
+            Command::SetAgentKey {
+                vm: i.vm2,
+                worker: 2,
+                key: AGENT_KEY.into(),
             },
             Box::new(done),
         ),
@@ -970,7 +1001,7 @@ fn every_command_round_trips_in_json_and_binary() {
     let kinds: std::collections::BTreeSet<&str> = cmds.iter().map(Command::kind).collect();
     assert_eq!(
         kinds.len(),
-        21,
+        22,
         "the history holds every kind of command: {kinds:?}"
     );
     for cmd in &cmds {

@@ -65,6 +65,7 @@ fn hot_path_does_not_allocate() {
         observed: Observed::Running,
         reason: None,
         worker: Some(1),
+        agent_key: None,
     });
     let handle = ViewHandle::new();
     handle.publish(View::build(7, Some(settings), routes, []));

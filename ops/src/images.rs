@@ -255,9 +255,7 @@ async fn fetch_from(
     let tmp = images.join(format!(".{}.fetching", ad.name));
     _ = tokio::fs::remove_dir_all(&tmp).await;
     let rootfs = tmp.join("rootfs");
-    tokio::fs::create_dir_all(&rootfs)
-        .await
-        .map_err(|e| format!("{}: {e}", rootfs.display()))?;
+    image::public_dirs(&rootfs).map_err(|e| format!("{}: {e}", rootfs.display()))?;
     let r = receive(replica, data_dir, &tmp, node, addr, ad, progress).await;
     if r.is_err() {
         _ = tokio::fs::remove_dir_all(&tmp).await;
@@ -284,7 +282,9 @@ async fn receive(
         .map_err(|s| s.message().to_owned())?
         .into_inner();
     let t0 = std::time::Instant::now();
-    let mut tar = tokio::process::Command::new("tar")
+    let mut tar = tokio::process::Command::new("tar");
+    image::with_public_umask(tar.as_std_mut());
+    let mut tar = tar
         .args(["-x", "--numeric-owner", "-C"])
         .arg(tmp.join("rootfs"))
         .args(["-f", "-"])

@@ -21,5 +21,9 @@ static LAZY_ARENA_COMMIT: extern "C" fn() = {
 };
 
 fn main() -> std::process::ExitCode {
+    // Everything boxd writes — the replica, keys, VM directories — is its owner's alone unless
+    // made public on purpose (a VM's tree: `image::public_dirs`, `with_public_umask`).
+    // SAFETY: umask has no preconditions.
+    unsafe { libc::umask(0o077) };
     boxd::cli::main()
 }

@@ -163,6 +163,8 @@ pub async fn run(
         me,
         start_timeout: Duration::from_secs(cfg.worker.start_timeout_secs),
         busy: Mutex::new(HashSet::new()),
+        ended: Mutex::new(HashMap::new()),
+        ops_ended: std::sync::atomic::AtomicU64::new(0),
         retry: Mutex::new(HashMap::new()),
         wake: Notify::new(),
     });
@@ -211,6 +213,12 @@ struct Supervisor {
     start_timeout: Duration,
     /// VMs with an operation in flight; a pass leaves them alone.
     busy: Mutex<HashSet<VmId>>,
+    /// When each VM's last operation ended (a number of [`Supervisor::ops_ended`]): a pass
+    /// that read the replica before that acts on a stale view of the VM (say, not yet the
+    /// `booting` its start just wrote) and leaves it to the next pass, which the end woke.
+    ended: Mutex<HashMap<VmId, u64>>,
+    /// Operations ended so far.
+    ops_ended: std::sync::atomic::AtomicU64,
     /// Failed starts: when to try again and the next backoff.
     retry: Mutex<HashMap<VmId, (Instant, Duration)>>,
     /// Ends the wait between passes early (an operation finished).
@@ -224,6 +232,10 @@ struct PassReport {
 impl Supervisor {
     async fn pass(self: &Arc<Self>) -> Result<PassReport, String> {
         let me = self.me;
+        let read_at = self.ops_ended.load(std::sync::atomic::Ordering::Acquire);
+        if let Ok(mut e) = self.ended.lock() {
+            e.retain(|_, n| *n > read_at);
+        }
         let (vms, deleted) = self
             .replica
             .reader()
@@ -247,7 +259,15 @@ impl Supervisor {
         .await
         .map_err(|e| e.to_string())?;
         let running = probes.iter().filter(|p| **p).count();
+        let stale = |id: &VmId| {
+            self.ended
+                .lock()
+                .is_ok_and(|e| e.get(id).is_some_and(|n| *n > read_at))
+        };
         for (vm, process) in vms.into_iter().zip(probes) {
+            if stale(&vm.id) {
+                continue;
+            }
             let local_ip = self.host.net_of(&vm.id.to_string()).map(|n| n.ip);
             let reported = match vm.observed {
                 Observed::Running => Reported::Running,
@@ -292,7 +312,10 @@ impl Supervisor {
             Step::Nothing => {}
             Step::ReportRunning => self.spawn_op(id, {
                 let sup = Arc::clone(self);
-                move || async move { sup.report(id, Observed::Running, local_ip, None).await }
+                move || async move {
+                    sup.record_agent_key(&vm).await;
+                    sup.report(id, Observed::Running, local_ip, None).await;
+                }
             }),
             Step::ReportStopped => self.spawn_op(id, {
                 let sup = Arc::clone(self);
@@ -371,6 +394,9 @@ impl Supervisor {
             .map_err(|e| e.to_string())
             .and_then(|r| r.map_err(|e| e.to_string())),
         };
+        if r.is_ok() {
+            self.record_agent_key(&vm).await;
+        }
         match r {
             Ok(started) => {
                 match started {
@@ -438,6 +464,27 @@ impl Supervisor {
         r
     }
 
+    /// Records the public half of the VM's agent host key in the replica when it is not
+    /// there yet: before the VM is reported running at its address, so that no proxy connects
+    /// a user to it without checking the key.
+    async fn record_agent_key(&self, vm: &Vm) {
+        let dir = self.host.vm_dir(&vm.id.to_string());
+        let Some(key) = boxd_vmm::agent_key::public(&dir) else {
+            return;
+        };
+        if vm.agent_key.as_deref() == Some(key.as_str()) {
+            return;
+        }
+        let cmd = Command::SetAgentKey {
+            vm: vm.id,
+            worker: self.me,
+            key,
+        };
+        if let Err(e) = self.replica.write(cmd).await {
+            tracing::warn!(vm = %vm.name, error = %e, "the agent's host key was not recorded");
+        }
+    }
+
     async fn report(
         &self,
         vm: VmId,
@@ -474,6 +521,13 @@ impl Supervisor {
         let sup = Arc::clone(self);
         tokio::spawn(async move {
             op().await;
+            let n = sup
+                .ops_ended
+                .fetch_add(1, std::sync::atomic::Ordering::AcqRel)
+                + 1;
+            if let Ok(mut e) = sup.ended.lock() {
+                e.insert(vm, n);
+            }
             if let Ok(mut b) = sup.busy.lock() {
                 b.remove(&vm);
             }

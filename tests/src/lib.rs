@@ -430,13 +430,26 @@ impl Drop for Netns {
 /// Spawns `cmd` with its stdout piped and waits for its first line to be `ready` (the test
 /// fixtures' servers print it once they listen).
 pub fn spawn_ready(cmd: &mut Command) -> Child {
+    let (child, line) = spawn_first_line(cmd);
+    assert_eq!(line.trim(), "ready", "{cmd:?}");
+    child
+}
+
+/// Spawns a guest agent (`cmd` runs [`agent_bin`]) and waits until it listens.
+pub fn spawn_agent(cmd: &mut Command) -> Child {
+    let (child, line) = spawn_first_line(cmd);
+    assert!(line.starts_with("boxd-agent ready"), "{cmd:?}: {line}");
+    child
+}
+
+/// Spawns `cmd` with its stdout piped; returns it and its first line.
+fn spawn_first_line(cmd: &mut Command) -> (Child, String) {
     let mut child = cmd.stdout(Stdio::piped()).spawn().unwrap();
     let mut line = String::new();
     BufReader::new(child.stdout.as_mut().unwrap())
         .read_line(&mut line)
         .unwrap();
-    assert_eq!(line.trim(), "ready", "{cmd:?}");
-    child
+    (child, line)
 }
 
 /// Options for an OpenSSH client in tests: no user config, only the given key, no host key

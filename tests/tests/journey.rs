@@ -8,6 +8,7 @@
 #![allow(clippy::unwrap_used)]
 
 use std::io::Read;
+use std::os::unix::fs::PermissionsExt as _;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Duration;
@@ -207,6 +208,37 @@ fn journey(runtime: &str) {
     // A session: output and exit status.
     let (code, out, err) = c.ssh(&ip, &["echo hi; exit 3"]);
     assert_eq!((code, out.as_str()), (3, "hi\n"), "{err}");
+
+    // boxd keeps what it writes to itself (umask 077: the VM's files on the host are root's
+    // alone), yet the VM is an ordinary machine: its tree is its users' to read and run, and a
+    // session's umask is 022.
+    let vm_dir = std::fs::read_dir(data.join("vms"))
+        .unwrap()
+        .flatten()
+        .next()
+        .unwrap()
+        .path();
+    for file in ["sandbox.json", "console.log", "net.json", "agent_host_key"] {
+        let mode = std::fs::metadata(vm_dir.join(file))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o077, 0, "{file} is {mode:o}");
+    }
+    let modes = c.ok(
+        &ip,
+        &["umask; stat -c '%a %n' / /bin /usr/local/bin /usr/local/bin/boxd-agent /etc/passwd /tmp"],
+    );
+    assert_eq!(
+        modes,
+        "0022\n755 /\n755 /bin\n755 /usr/local/bin\n755 /usr/local/bin/boxd-agent\n\
+         644 /etc/passwd\n1777 /tmp\n"
+    );
+    let as_nobody = c.ok(
+        &ip,
+        &["su -s /bin/sh nobody -c 'id -u; ls /usr/local/bin; hostname; touch /tmp/n; stat -c %a /tmp/n'"],
+    );
+    assert_eq!(as_nobody, "65534\nboxd-agent\nmyapp\n644\n");
 
     // A web server in the VM answers through the HTTPS front door.
     c.ok(

@@ -94,7 +94,7 @@ impl Drop for Delete<'_> {
 }
 
 fn conform(rt: &dyn Runtime, dir: &Path) {
-    let (host, _) = test_host(dir, "bxconf0", "10.201.0.0/24");
+    let (host, key) = test_host(dir, "bxconf0", "10.201.0.0/24");
     let vm = VmPlan {
         id: uuid::Uuid::new_v4().to_string(),
         name: "conf".into(),
@@ -157,8 +157,15 @@ fn conform(rt: &dyn Runtime, dir: &Path) {
     // kvm: the disk image itself, not made again).
     let pid = first.pid;
     let sandbox = what == "sandbox";
-    if sandbox && let Some(pid) = pid {
-        std::fs::write(format!("/proc/{pid}/root/root/kept"), "yes").unwrap();
+    if sandbox {
+        let (code, _, err) = agent_ssh(&key, net.ip, "printf yes > /root/kept");
+        assert_eq!(code, Some(0), "{what}: {err}");
+    }
+    // The agent answers with the VM's own host key, made with its disk, the same after a
+    // restart (kvm: the key is on the disk image).
+    let host_key = boxd_vmm::agent_key::public(&vm_dir).expect("the VM's agent key");
+    if ready {
+        assert_eq!(agent_host_key(net.ip), host_key, "{what}: agent host key");
     }
     let disk_inode = |d: &Path| std::fs::metadata(d.join("disk.img")).map(|m| m.ino()).ok();
     let inode = disk_inode(&vm_dir);
@@ -172,6 +179,11 @@ fn conform(rt: &dyn Runtime, dir: &Path) {
     if sandbox && let Some(pid) = second.pid {
         let kept = std::fs::read_to_string(format!("/proc/{pid}/root/root/kept")).unwrap();
         assert_eq!(kept, "yes", "{what}: disk kept across stop/start");
+        assert_eq!(
+            agent_host_key(net.ip),
+            host_key,
+            "{what}: same key after a restart"
+        );
     }
     assert_eq!(
         disk_inode(&vm_dir),
@@ -350,8 +362,63 @@ fn a_sandbox_vm_root_is_confined() {
         "fd full null ptmx pts random shm stderr stdin stdout tty urandom zero"
     );
     assert_eq!(sh("cut -d: -f3 /proc/self/cgroup | sort -u"), "/");
-    // Still a machine to use: its own network, processes, files.
+    // Its root is root only inside: a user namespace maps it to an unprivileged block of host
+    // ids, and every process of the VM runs as such an id on the host.
+    let map: Vec<u64> = sh("cat /proc/self/uid_map")
+        .split_whitespace()
+        .map(|n| n.parse().unwrap())
+        .collect();
+    assert_eq!(map.len(), 3, "one uid range: {map:?}");
+    assert_eq!((map[0], map[2]), (0, 65536), "uid_map {map:?}");
+    let base = map[1];
+    assert!(base >= 0x7000_0000, "VM root is host uid {base}");
+    assert_eq!(
+        sh("cat /proc/self/gid_map").split_whitespace().nth(1),
+        Some(&*base.to_string())
+    );
+    let procs = std::fs::read_to_string(format!(
+        "/sys/fs/cgroup/pids/{}/cgroup.procs",
+        boxd_vmm::worker::cgroup_of(&vm.id)
+    ))
+    .or_else(|_| {
+        std::fs::read_to_string(format!(
+            "/sys/fs/cgroup/{}/cgroup.procs",
+            boxd_vmm::worker::cgroup_of(&vm.id)
+        ))
+    })
+    .unwrap();
+    let pids: Vec<&str> = procs.split_whitespace().collect();
+    assert!(pids.len() >= 2, "init and the agent at least: {pids:?}");
+    for pid in pids {
+        let Ok(status) = std::fs::read_to_string(format!("/proc/{pid}/status")) else {
+            continue;
+        };
+        let uids = status.lines().find(|l| l.starts_with("Uid:")).unwrap();
+        assert!(
+            uids.split_whitespace()
+                .skip(1)
+                .all(|u| u == base.to_string()),
+            "process {pid} of the VM runs as host {uids}"
+        );
+    }
+    // Files keep the VM's own ids on disk: what its root writes is root's inside and 0 in
+    // the VM's layer; the image's files are its root's too.
+    assert_eq!(
+        sh("touch /root/mine && stat -c %u:%g /root/mine /bin/busybox"),
+        "0:0\n0:0"
+    );
+    let on_disk = std::fs::metadata(host.vm_dir(&vm.id).join("upper/root/mine"));
+    assert_eq!(on_disk.map(|m| (m.uid(), m.gid())).ok(), Some((0, 0)));
+    assert_eq!(
+        sh("chown 1000:1000 /root/mine && stat -c %u /root/mine"),
+        "1000"
+    );
+    // Nothing of the host's is its: a host-owned device is nobody's inside.
+    assert_eq!(sh("stat -c %u /dev/null"), "65534");
+    // Still a machine to use: its own network (port 80 included), processes, files.
     assert!(sh("ip -4 addr show eth0").contains(&ip.to_string()));
+    sh("mkdir -p /www && httpd -p 80 -h /www");
+    assert!(sh("netstat -ltn").contains(":80 "), "httpd on port 80");
     assert_eq!(sh("echo hi > /tmp/f && cat /tmp/f && sh -c 'exit 0'"), "hi");
 }
 
@@ -394,6 +461,25 @@ fn kvm_checks(host: &Host, vm: &VmPlan, dir: &Path, pid: Option<i32>) {
         .output()
         .unwrap();
     assert!(String::from_utf8_lossy(&ls.stdout).contains("boxd-agent"));
+    // So is the VM's own agent host key, readable by root only, the key the worker kept.
+    let cat = |cmd: &str| {
+        let out = Command::new("debugfs")
+            .args(["-R", cmd])
+            .arg(disk)
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let on_disk = cat("cat /etc/boxd/agent_host_key");
+    assert_eq!(
+        on_disk,
+        std::fs::read_to_string(dir.join(boxd_vmm::agent_key::FILE)).unwrap()
+    );
+    let stat = cat("stat /etc/boxd/agent_host_key");
+    assert!(
+        stat.contains("Mode:  0600") && stat.contains("User:     0"),
+        "{stat}"
+    );
     let tap = tap_name(&vm.id);
     assert_eq!(cfg.net[0].tap, tap);
     let link = link_show(&tap);
@@ -440,6 +526,25 @@ fn own_netns() {
 
 /// `ssh -p 2200 root@ip cmd` straight to a guest agent with the cluster key: (status, stdout,
 /// stderr).
+/// The host key the agent at `ip` presents (OpenSSH form, as ssh-keyscan prints it).
+fn agent_host_key(ip: std::net::Ipv4Addr) -> String {
+    let out = Command::new("ssh-keyscan")
+        .args(["-t", "ed25519", "-p", "2200"])
+        .arg(ip.to_string())
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    let line = text
+        .lines()
+        .find(|l| !l.starts_with('#'))
+        .unwrap_or_default();
+    // "[ip]:2200 ssh-ed25519 AAAA…"
+    line.split_whitespace()
+        .skip(1)
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
 fn agent_ssh(key: &Path, ip: std::net::Ipv4Addr, cmd: &str) -> (Option<i32>, String, String) {
     let out = Command::new("ssh")
         .args([

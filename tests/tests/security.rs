@@ -4,7 +4,8 @@
 //! its fix: request smuggling through `Connection`, ambiguous Host and framing, an open
 //! redirect, unallocated addresses served, slow heads and handshakes that never time out, SSH
 //! clients that hold slots past the deadline, unbounded registration writes, secrets others can
-//! read, DNS answers that drop the DO bit, and SSH algorithms ssh-audit warns about.
+//! read, DNS answers that drop the DO bit, SSH algorithms ssh-audit warns about, and an
+//! impostor answering at a VM's private address.
 //!
 //! Network isolation between VMs and the sandbox's confinement are attacked from inside VMs in
 //! `runtime.rs` (`the_bridge_keeps_tenants_apart`, `a_sandbox_vm_root_is_confined`).
@@ -138,11 +139,17 @@ fn vms_of_new_account(node: &Node, names: &[&str], web: &str) {
 
 /// OpenSSH's `ssh -p port -i key 127.77.0.1 whoami` (the lobby).
 fn lobby_whoami(port: u16, key: &Path) -> std::process::Output {
+    ssh_at(port, key, "127.77.0.1", &["whoami"])
+}
+
+/// OpenSSH's `ssh -p port -i key host args…`.
+fn ssh_at(port: u16, key: &Path, host: &str, args: &[&str]) -> std::process::Output {
     Command::new("ssh")
         .args(["-p", &port.to_string(), "-i"])
         .arg(key)
         .args(SSH_OPTS)
-        .args(["-o", "ConnectTimeout=10", "127.77.0.1", "whoami"])
+        .args(["-o", "ConnectTimeout=10", host])
+        .args(args)
         .stdin(Stdio::null())
         .output()
         .unwrap()
@@ -580,6 +587,72 @@ fn a_flood_of_handshakes_does_not_lock_the_owner_out() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert!(String::from_utf8_lossy(&out.stdout).contains("owner"));
+}
+
+/// Finding 2, the proxy's side: whatever answers at a VM's private address must hold the host
+/// key its worker recorded for the VM's agent. An impostor there (a VM that took the address,
+/// or one that got it while a route was stale) gets none of the owner's sessions, and the
+/// owner is told the VM could not be verified; the VM's own agent gets them.
+#[test]
+fn only_the_vms_own_agent_gets_its_owners_sessions() {
+    let dir = tempfile::tempdir().unwrap();
+    let ip = "127.0.44.8";
+    let ssh_port = 29292;
+    let (node, _ready) = node(dir.path(), ip, HTTPS_PORT + 70, ssh_port, FAST_AUTH);
+    let owner_key = dir.path().join("owner");
+    keygen(&owner_key);
+    let whoami = ssh_at(ssh_port, &owner_key, "127.77.0.1", &["whoami", "--json"]);
+    let owner = serde_json::from_slice::<Value>(&whoami.stdout).unwrap()["id"].clone();
+    let cluster_key = dir.path().join("agent.pub");
+    let public = node.admin().ok(&json!({"op": "agent-key"}))["public_key"].clone();
+    std::fs::write(&cluster_key, public.as_str().unwrap()).unwrap();
+    let (vm_key, impostor_key) = (dir.path().join("vm"), dir.path().join("impostor"));
+    keygen(&vm_key);
+    keygen(&impostor_key);
+    let agent = |host_key: &Path| {
+        KillOnDrop(boxd_tests::spawn_agent(
+            Command::new(boxd_tests::agent_bin())
+                .args(["--listen", "127.0.44.80:2200", "--authorized-key"])
+                .arg(&cluster_key)
+                .arg("--host-key")
+                .arg(host_key),
+        ))
+    };
+    let vm = running_vm(&node, &owner, "victim", 80, "127.0.44.80");
+    let worker = node.admin().ok(&json!({"op": "vms"}))[0]["worker"].clone();
+    let recorded = std::fs::read_to_string(vm_key.with_extension("pub")).unwrap();
+    let recorded: Vec<&str> = recorded.split_whitespace().take(2).collect();
+    write(
+        &node,
+        json!({"type": "set_agent_key", "vm": vm, "worker": worker, "key": recorded.join(" ")}),
+    );
+    let vm_ssh = || {
+        ssh_at(
+            ssh_port,
+            &owner_key,
+            &public_ip(&node, "victim"),
+            &["echo inside"],
+        )
+    };
+    {
+        let _impostor = agent(&impostor_key);
+        let out = vm_ssh();
+        let (stdout, stderr) = (
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr),
+        );
+        assert!(!out.status.success(), "the impostor ran it: {stdout}");
+        assert!(!stdout.contains("inside"), "{stdout}");
+        assert!(stderr.contains("victim could not be verified"), "{stderr}");
+    }
+    let _own = agent(&vm_key);
+    let out = vm_ssh();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "inside\n");
 }
 
 /// Kills a child process when dropped.

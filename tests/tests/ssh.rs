@@ -430,15 +430,7 @@ fn agent(listen: &str, authorized_key: &Path) -> Agent {
 }
 
 fn spawn_agent(mut c: Command) -> Agent {
-    let mut child = c.stdout(Stdio::piped()).spawn().unwrap();
-    let mut line = String::new();
-    std::io::BufRead::read_line(
-        &mut std::io::BufReader::new(child.stdout.as_mut().unwrap()),
-        &mut line,
-    )
-    .unwrap();
-    assert!(line.starts_with("boxd-agent ready"), "{line}");
-    Agent(child)
+    Agent(boxd_tests::spawn_agent(&mut c))
 }
 
 /// The body at `url` once something answers there (a tunnel coming up).

@@ -17,9 +17,9 @@
 //!   `/proc/kcore`, `/proc/keys`, `/proc/kmsg`, `/proc/timer_list` and `/proc/sched_debug`
 //!   hidden behind `/dev/null` (as container runtimes mask them).
 //!
-//! What this does not give (docs/worker.md says so): the VM's root is still uid 0 on the host
-//! (no user namespace yet), and the kernel is the host's — a kernel bug reachable through the
-//! allowed syscalls is a host bug. Hardware virtualization (the kvm runtime) is the boundary
+//! With the user namespace (`sandbox::userns`) these limits apply to a root that is an
+//! unprivileged id on the host. What this does not give (docs/worker.md says so): the kernel is
+//! the host's — a kernel bug reachable through the allowed syscalls is a host bug. Hardware virtualization (the kvm runtime) is the boundary
 //! for strangers' code; the sandbox is for hosts without it.
 
 use std::collections::BTreeMap;
@@ -258,6 +258,28 @@ pub fn confine() -> Result<(), String> {
     // SAFETY: header and data are live, correctly sized for version 3 (two data words).
     let r = unsafe { libc::syscall(libc::SYS_capset, &raw mut header, data.as_mut_ptr()) };
     if r != 0 {
+        return Err(format!("capset: {}", std::io::Error::last_os_error()));
+    }
+    Ok(())
+}
+
+/// Makes every permitted capability effective again (a change of file system id from 0 clears
+/// the file capabilities from the effective set).
+pub fn raise_effective() -> Result<(), String> {
+    let mut header = CapHeader {
+        version: CAP_V3,
+        pid: 0,
+    };
+    let mut data = [CapData::default(); 2];
+    // SAFETY: header and data are live, correctly sized for version 3 (two data words).
+    if unsafe { libc::syscall(libc::SYS_capget, &raw mut header, data.as_mut_ptr()) } != 0 {
+        return Err(format!("capget: {}", std::io::Error::last_os_error()));
+    }
+    for d in &mut data {
+        d.effective = d.permitted;
+    }
+    // SAFETY: as above.
+    if unsafe { libc::syscall(libc::SYS_capset, &raw mut header, data.as_mut_ptr()) } != 0 {
         return Err(format!("capset: {}", std::io::Error::last_os_error()));
     }
     Ok(())

@@ -36,8 +36,8 @@ pub struct ImageInfo {
 }
 
 /// Bumped whenever a recipe changes what goes into an image, so that workers rebuild
-/// `minimal` (2: `/etc/inittab` and `boxd-net` for kvm guests).
-pub const RECIPE_VERSION: u32 = 2;
+/// `minimal` (2: `/etc/inittab` and `boxd-net` for kvm guests; 3: the agent's own host key).
+pub const RECIPE_VERSION: u32 = 3;
 
 /// Identifies an agent binary cheaply: size and modification time (nanoseconds). A rebuilt
 /// or upgraded agent has a different stamp.
@@ -150,10 +150,13 @@ pub fn build_from(
         std::fs::remove_dir_all(&tmp).map_err(io(&tmp))?;
     }
     let root = tmp.join("rootfs");
-    let recipe = match name {
-        "debian" => build_debian(&root, &src.agent, debian, progress),
-        _ => build_minimal(&root, src, progress),
-    };
+    // The tree's top is the VM's `/`.
+    let recipe = public_dirs(&root)
+        .map_err(io(&root))
+        .and_then(|()| match name {
+            "debian" => build_debian(&root, &src.agent, debian, progress),
+            _ => build_minimal(&root, src, progress),
+        });
     let r = recipe.and_then(|()| {
         let (files, bytes) = tree_size(&root)?;
         let info = ImageInfo {
@@ -386,12 +389,42 @@ fn shared_libraries(bin: &Path) -> Result<Vec<PathBuf>, ImageError> {
     Ok(libs)
 }
 
+/// Creates directory `p` and any missing parents with mode 0755 whatever the umask (boxd
+/// runs with 077, but a VM's tree is for its users to read), as `mkdir -p -m 755` would.
+pub fn public_dirs(p: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::PermissionsExt as _;
+    if p.is_dir() {
+        return Ok(());
+    }
+    if let Some(parent) = p.parent() {
+        public_dirs(parent)?;
+    }
+    match std::fs::create_dir(p) {
+        Ok(()) => std::fs::set_permissions(p, std::fs::Permissions::from_mode(0o755)),
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(()),
+        Err(e) => Err(e),
+    }
+}
+
+/// Lets a tool that builds a VM's tree (debootstrap, tar, chroot) create files with the
+/// usual umask 022 rather than boxd's own 077.
+pub fn with_public_umask(cmd: &mut Command) -> &mut Command {
+    use std::os::unix::process::CommandExt as _;
+    // SAFETY: umask is async-signal-safe and touches only the child.
+    unsafe {
+        cmd.pre_exec(|| {
+            libc::umask(0o022);
+            Ok(())
+        })
+    }
+}
+
 /// Copies `from` (following links) to `root` + `at`, creating directories, keeping the mode.
 fn copy_into(root: &Path, from: &Path, at: &Path) -> Result<(), ImageError> {
     let rel = at.strip_prefix("/").unwrap_or(at);
     let dest = root.join(rel);
     if let Some(p) = dest.parent() {
-        std::fs::create_dir_all(p).map_err(io(p))?;
+        public_dirs(p).map_err(io(p))?;
     }
     std::fs::copy(from, &dest).map_err(io(from))?;
     Ok(())
@@ -432,10 +465,10 @@ fn build_minimal(
         "home",
     ] {
         let p = root.join(d);
-        std::fs::create_dir_all(&p).map_err(io(&p))?;
+        public_dirs(&p).map_err(io(&p))?;
     }
     let t = root.join("tmp");
-    std::fs::create_dir_all(&t).map_err(io(&t))?;
+    public_dirs(&t).map_err(io(&t))?;
     std::fs::set_permissions(&t, std::fs::Permissions::from_mode(0o1777)).map_err(io(&t))?;
     let r = root.join("root");
     std::fs::set_permissions(&r, std::fs::Permissions::from_mode(0o700)).map_err(io(&r))?;
@@ -454,7 +487,7 @@ fn build_minimal(
         }
         let link = root.join(path);
         if let Some(p) = link.parent() {
-            std::fs::create_dir_all(p).map_err(io(p))?;
+            public_dirs(p).map_err(io(p))?;
         }
         if !link.exists() {
             std::os::unix::fs::symlink("/bin/busybox", &link).map_err(io(&link))?;
@@ -471,11 +504,19 @@ fn build_minimal(
 
     progress("users and settings");
     let sbin = root.join("usr/local/sbin");
-    std::fs::create_dir_all(&sbin).map_err(io(&sbin))?;
+    public_dirs(&sbin).map_err(io(&sbin))?;
     for (file, text, mode) in [
-        ("etc/passwd", "root:x:0:0:root:/root:/bin/sh\n", 0o644),
-        ("etc/group", "root:x:0:\n", 0o644),
-        ("etc/shadow", "root:*:19000:0:99999:7:::\n", 0o600),
+        (
+            "etc/passwd",
+            "root:x:0:0:root:/root:/bin/sh\nnobody:x:65534:65534:nobody:/nonexistent:/bin/false\n",
+            0o644,
+        ),
+        ("etc/group", "root:x:0:\nnogroup:x:65534:\n", 0o644),
+        (
+            "etc/shadow",
+            "root:*:19000:0:99999:7:::\nnobody:*:19000:0:99999:7:::\n",
+            0o600,
+        ),
         ("etc/hostname", "vm\n", 0o644),
         ("etc/hosts", "127.0.0.1 localhost\n", 0o644),
         ("etc/resolv.conf", "", 0o644),
@@ -517,7 +558,7 @@ fn build_debian(
         src.mirror,
         DEBIAN_PACKAGES.join(",")
     ));
-    let mut child = Command::new("debootstrap")
+    let mut child = with_public_umask(&mut Command::new("debootstrap"))
         .arg("--variant=minbase")
         .arg(format!("--include={}", DEBIAN_PACKAGES.join(",")))
         .arg(&src.suite)
@@ -574,7 +615,7 @@ fn build_debian(
 
     progress("the guest agent and its units");
     copy_into(root, agent, Path::new("/usr/local/bin/boxd-agent"))?;
-    let ok = Command::new("chroot")
+    let ok = with_public_umask(&mut Command::new("chroot"))
         .arg(root)
         .args(["/usr/local/bin/boxd-agent", "--help"])
         .output()
@@ -602,14 +643,14 @@ fn build_debian(
     ] {
         let p = root.join(file);
         if let Some(d) = p.parent() {
-            std::fs::create_dir_all(d).map_err(io(d))?;
+            public_dirs(d).map_err(io(d))?;
         }
         _ = std::fs::remove_file(&p);
         std::fs::write(&p, text).map_err(io(&p))?;
         std::fs::set_permissions(&p, std::fs::Permissions::from_mode(mode)).map_err(io(&p))?;
     }
     let wants = root.join("etc/systemd/system/multi-user.target.wants");
-    std::fs::create_dir_all(&wants).map_err(io(&wants))?;
+    public_dirs(&wants).map_err(io(&wants))?;
     for unit in ["boxd-net.service", "boxd-agent.service"] {
         let link = wants.join(unit);
         _ = std::fs::remove_file(&link);
@@ -694,7 +735,9 @@ echo "boxd-net: ${name:-?} ${addr:-no address} via ${gw:-none}, agent on ${port:
 /// Runs the guest agent with the settings `boxd-net` wrote (kvm guests).
 pub const BOXD_AGENT_RUN: &str = r#"#!/bin/sh
 . /etc/boxd/agent.env
-exec /usr/local/bin/boxd-agent --listen "0.0.0.0:$BOXD_AGENT_PORT" --authorized-key /etc/boxd/agent.pub
+# The VM's own host key, which the worker put on the disk (absent on disks made before).
+if [ -f /etc/boxd/agent_host_key ]; then set -- --host-key /etc/boxd/agent_host_key; fi
+exec /usr/local/bin/boxd-agent --listen "0.0.0.0:$BOXD_AGENT_PORT" --authorized-key /etc/boxd/agent.pub "$@"
 "#;
 
 /// busybox init's table for `minimal` as a kvm guest: mount, configure, keep the agent up.

@@ -147,7 +147,12 @@ impl KvmRuntime {
         if !image.is_file() {
             let tree = disk.lower.clone().unwrap_or_else(|| dir.join("rootfs"));
             let base = base_disk(host, vm, &tree)?;
-            vm_disk(&base, &image, vm.disk_gib)?;
+            vm_disk(
+                &base,
+                &image,
+                vm.disk_gib,
+                crate::agent_key::path(&dir).as_deref(),
+            )?;
         }
         let tap = tap_name(&vm.id);
         ensure_tap(&tap, &host.cfg.bridge)?;
@@ -262,7 +267,12 @@ fn make_base(tree: &Path, base: &Path) -> Result<(), WorkerError> {
 
 /// The VM's disk: a copy of `base` (reflink where the filesystem has it, else sparse), grown
 /// to `gib` and its filesystem with it.
-fn vm_disk(base: &Path, image: &Path, gib: u64) -> Result<(), WorkerError> {
+fn vm_disk(
+    base: &Path,
+    image: &Path,
+    gib: u64,
+    host_key: Option<&Path>,
+) -> Result<(), WorkerError> {
     let tmp = image.with_extension("img.making");
     _ = std::fs::remove_file(&tmp);
     let (b, t) = (base.to_string_lossy(), tmp.to_string_lossy());
@@ -278,6 +288,23 @@ fn vm_disk(base: &Path, image: &Path, gib: u64) -> Result<(), WorkerError> {
         f?;
         crate::worker::tool("resize2fs", &["-f", &t])
             .map_err(|e| WorkerError::Host(format!("growing the VM's disk: {e}")))?;
+    }
+    if let Some(key) = host_key {
+        // The agent's host key goes onto the disk (not the kernel command line, which every
+        // process in the guest can read); `boxd-agent-run` passes it to the agent.
+        let dest = Path::new(crate::agent_key::GUEST_PATH);
+        let (Some(dir), Some(name)) = (dest.parent(), dest.file_name()) else {
+            return Err(WorkerError::Host("agent key path has no directory".into()));
+        };
+        let script = format!(
+            "mkdir {dir}\ncd {dir}\nrm {name}\nwrite {key} {name}\nsif {name} mode 0100600\n\
+             sif {name} uid 0\nsif {name} gid 0\n",
+            dir = dir.display(),
+            name = name.to_string_lossy(),
+            key = key.display(),
+        );
+        crate::worker::stdin_tool("debugfs", &["-w", "-f", "-", &t], &script)
+            .map_err(|e| WorkerError::Host(format!("writing the agent's key to the disk: {e}")))?;
     }
     std::fs::rename(&tmp, image).map_err(|e| WorkerError::Host(format!("{}: {e}", image.display())))
 }

@@ -2,6 +2,7 @@
 //! crates (kvm-ioctls, vm-memory, linux-loader, vm-superio, vmm-sys-util), plus the host
 //! virtualization probe `boxd` uses to choose a runtime. See DESIGN.md.
 
+pub mod agent_key;
 pub mod api;
 pub mod arch;
 pub mod config;

@@ -151,6 +151,7 @@ impl Runtime for SandboxRuntime {
             agent: AgentSpec {
                 path: PathBuf::from("/usr/local/bin/boxd-agent"),
                 authorized_key: host.cfg.agent_key.clone(),
+                host_key: crate::agent_key::path(&dir),
                 port: host.cfg.agent_port,
             },
             cgroup: cgroup_of(&vm.id),
@@ -325,9 +326,14 @@ impl Host {
         mk(&dir)?;
         let disk = if overlay_supported() {
             let lower = self.pin_image(&vm.image, &image)?;
-            for d in ["upper", "work", "rootfs"] {
+            for d in ["work", "rootfs"] {
                 mk(&dir.join(d))?;
             }
+            // The layer's top directory is the VM's `/`: it must be 0755 whatever boxd's
+            // umask, or the VM's users cannot reach anything.
+            let upper = dir.join("upper");
+            crate::image::public_dirs(&upper)
+                .map_err(|e| WorkerError::Host(format!("{}: {e}", upper.display())))?;
             Disk { lower: Some(lower) }
         } else {
             let tmp = dir.join(".rootfs.copying");
@@ -339,6 +345,8 @@ impl Host {
                 .map_err(|e| WorkerError::Host(format!("{}: {e}", rootfs.display())))?;
             Disk { lower: None }
         };
+        // The agent's own host key is born with the disk (see `agent_key`).
+        crate::agent_key::create(&dir).map_err(WorkerError::Host)?;
         write_json(&disk_file, &disk)?;
         Ok(disk)
     }

@@ -245,6 +245,18 @@ pub const MAX_IMAGES: usize = 256;
 /// this the oldest make room (a proxy also bounds them per source address).
 pub const MAX_REGISTRATIONS: i64 = 10_000;
 
+/// Whether `key` looks like one ed25519 public key in OpenSSH form, comment-free: the proxy
+/// compares what an agent presents against it (a wrong shape would lock the VM out, so it is
+/// refused here).
+fn is_agent_key(key: &str) -> bool {
+    key.strip_prefix("ssh-ed25519 AAAA").is_some_and(|b64| {
+        (60..=80).contains(&b64.len())
+            && b64
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'+' || b == b'/' || b == b'=')
+    })
+}
+
 /// Longest reason a worker may give for a VM's state.
 pub const MAX_REASON: usize = 1024;
 
@@ -957,6 +969,7 @@ fn apply_one(
                     observed: Observed::Pending,
                     reason: None,
                     worker: None,
+                    agent_key: None,
                 },
             );
             Ok(Outcome::VmCreated { id: *id, public_ip })
@@ -1091,6 +1104,34 @@ fn apply_one(
                     params![vm.to_string(), sql_u64(worker), sql_u64(*at)],
                 )?;
             }
+            t.vm(*vm);
+            Ok(Outcome::Done)
+        }
+
+        Command::SetAgentKey { vm, worker, key } => {
+            let Some(v) = rows::vm(c, *vm)? else {
+                return Err(not_found("VM", vm));
+            };
+            if v.worker != Some(*worker) {
+                return Err(invalid(
+                    format!("agent key from node {worker}"),
+                    "the VM is not placed on that node",
+                ));
+            }
+            if !is_agent_key(key) {
+                return Err(invalid(
+                    "agent key",
+                    "expected one ed25519 public key in OpenSSH form (ssh-ed25519 AAAA…)",
+                ));
+            }
+            if v.agent_key.as_deref() == Some(key.as_str()) {
+                return Ok(Outcome::Done);
+            }
+            exec(
+                c,
+                "UPDATE vms SET agent_key = ?2 WHERE id = ?1",
+                params![vm.to_string(), key],
+            )?;
             t.vm(*vm);
             Ok(Outcome::Done)
         }

@@ -71,7 +71,8 @@ pub fn cluster_secret(conn: &Connection) -> rusqlite::Result<Option<String>> {
 }
 
 const VM_COLUMNS: &str = "id, name, owner, vcpus, memory_mib, disk_gib, image, desired, observed,
-    worker, private_ip, public_ip, http_port, created_at, updated_at, reason";
+    worker, private_ip, public_ip, http_port, created_at, updated_at, reason,
+    agent_key";
 
 fn vm_row(r: &Row<'_>) -> rusqlite::Result<Vm> {
     let private_ip: Option<String> = r.get(10)?;
@@ -103,6 +104,7 @@ fn vm_row(r: &Row<'_>) -> rusqlite::Result<Vm> {
         http_port: unsigned(r, 12)?,
         created_at: unsigned(r, 13)?,
         updated_at: unsigned(r, 14)?,
+        agent_key: r.get(16)?,
     })
 }
 

@@ -5,7 +5,7 @@
 use rusqlite::Connection;
 
 /// Version of the schema below; stored in `PRAGMA user_version`.
-pub const SCHEMA_VERSION: i64 = 2;
+pub const SCHEMA_VERSION: i64 = 3;
 
 const SCHEMA: &str = r#"
 CREATE TABLE IF NOT EXISTS meta (
@@ -91,6 +91,8 @@ CREATE TABLE IF NOT EXISTS vms (
     updated_at INTEGER NOT NULL,
     -- Why the VM is in its observed state, when the worker said (version 2).
     reason     TEXT,
+    -- Its guest agent's public host key, OpenSSH form (version 3).
+    agent_key  TEXT,
     UNIQUE (owner, public_ip)
 );
 -- Serves both "VMs on worker N" and "unplaced VMs, oldest first" (worker IS NULL). Not a
@@ -136,6 +138,9 @@ pub fn migrate(conn: &Connection) -> rusqlite::Result<()> {
     if version == 1 {
         conn.execute_batch("ALTER TABLE vms ADD COLUMN reason TEXT")?;
     }
+    if (1..=2).contains(&version) {
+        conn.execute_batch("ALTER TABLE vms ADD COLUMN agent_key TEXT")?;
+    }
     conn.execute_batch(SCHEMA)?;
     conn.pragma_update(None, "user_version", SCHEMA_VERSION)?;
     Ok(())
@@ -147,7 +152,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn a_version_1_database_gains_the_reason_column() {
+    fn a_version_1_database_gains_the_later_columns() {
         let c = Connection::open_in_memory().unwrap();
         // The vms table as version 1 made it, with a row.
         c.execute_batch(
@@ -162,12 +167,12 @@ mod tests {
         )
         .unwrap();
         migrate(&c).unwrap();
-        let (name, reason): (String, Option<String>) = c
-            .query_row("SELECT name, reason FROM vms", [], |r| {
-                Ok((r.get(0)?, r.get(1)?))
+        let (name, reason, key): (String, Option<String>, Option<String>) = c
+            .query_row("SELECT name, reason, agent_key FROM vms", [], |r| {
+                Ok((r.get(0)?, r.get(1)?, r.get(2)?))
             })
             .unwrap();
-        assert_eq!((name.as_str(), reason), ("n", None));
+        assert_eq!((name.as_str(), reason, key), ("n", None, None));
         let v: i64 = c
             .query_row("PRAGMA user_version", [], |r| r.get(0))
             .unwrap();

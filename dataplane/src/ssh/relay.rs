@@ -68,6 +68,11 @@ pub fn public_openssh(key: &PrivateKey) -> String {
 pub(crate) struct AgentClient {
     /// The user's connection, for channels the agent opens (`ssh -R`).
     user: server::Handle,
+    /// The host key its worker recorded for the VM's agent; none for VMs made before
+    /// per-VM keys, whose agents have throwaway keys.
+    expected: Option<String>,
+    /// Set when the agent presented any other key.
+    refused: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl client::Handler for AgentClient {
@@ -75,11 +80,27 @@ impl client::Handler for AgentClient {
 
     async fn check_server_key(
         &mut self,
-        _key: &russh::keys::PublicKeyOrCertificate,
+        key: &russh::keys::PublicKeyOrCertificate,
     ) -> Result<bool, Self::Error> {
-        // The fabric address is the VM's (the worker wires it); agents' host keys are
-        // ephemeral. The agent, not the proxy, is what authenticates its peer.
-        Ok(true)
+        // Whatever answers at the VM's private address must prove it is the VM's agent: a
+        // VM holding another's address (spoofed, or an address reused while a route was
+        // stale) would otherwise get its owner's sessions.
+        let Some(expected) = &self.expected else {
+            return Ok(true);
+        };
+        let ok = match key {
+            russh::keys::PublicKeyOrCertificate::PublicKey { key, .. } => {
+                russh::keys::PublicKey::from_openssh(expected)
+                    .is_ok_and(|e| e.key_data() == key.key_data())
+            }
+            // Agents present plain keys; a certificate is not the recorded key.
+            _ => false,
+        };
+        if !ok {
+            self.refused
+                .store(true, std::sync::atomic::Ordering::Relaxed);
+        }
+        Ok(ok)
     }
 
     async fn server_channel_open_forwarded_tcpip(
@@ -116,6 +137,9 @@ impl client::Handler for AgentClient {
     }
 }
 
+/// What `connect` says when the agent is not the VM's.
+const NOT_VERIFIED: &str = "not verified";
+
 /// One user connection's link to its VM's agent, opened on first use.
 pub(crate) struct AgentLink {
     vm: Arc<VmRoute>,
@@ -151,6 +175,14 @@ impl AgentLink {
             .await
             .clone()
             .map_err(|why| {
+                if why == NOT_VERIFIED {
+                    return format!(
+                        "{} could not be verified: what answered at its address did not present \
+                         the host key its worker recorded for it, so boxd did not connect you \
+                         (tell the operator of this cluster)",
+                        self.vm.name
+                    );
+                }
                 format!(
                     "cannot reach the agent of {} ({why}); if it just started, try again in a moment",
                     self.vm.name
@@ -168,9 +200,22 @@ impl AgentLink {
         let cfg = Arc::new(agent_client_config());
         // Buffered for the same reason as the shards' accepted connections.
         let tcp = tokio::io::BufReader::with_capacity(super::READ_BUFFER, tcp);
-        let mut h = client::connect_stream(cfg, tcp, AgentClient { user })
+        let refused = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let client = AgentClient {
+            user,
+            expected: self.vm.agent_key.clone(),
+            refused: Arc::clone(&refused),
+        };
+        let mut h = client::connect_stream(cfg, tcp, client)
             .await
-            .map_err(|e| format!("handshake: {e}"))?;
+            .map_err(|e| {
+                if refused.load(std::sync::atomic::Ordering::Relaxed) {
+                    tracing::warn!(vm = %self.vm.name, %addr, "the agent's host key is not the one recorded for the VM");
+                    NOT_VERIFIED.to_owned()
+                } else {
+                    format!("handshake: {e}")
+                }
+            })?;
         let auth = h
             .authenticate_publickey(
                 self.user.clone(),

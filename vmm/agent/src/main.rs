@@ -4,7 +4,8 @@
 //! channels to it.
 //!
 //! ```text
-//! boxd-agent --listen 10.0.0.2:2200 --authorized-key /etc/boxd/agent.pub
+//! boxd-agent --listen 10.0.0.2:2200 --authorized-key /etc/boxd/agent.pub \
+//!     --host-key /etc/boxd/agent_host_key
 //! ```
 
 mod pty;
@@ -20,15 +21,19 @@ pub const DEFAULT_PORT: u16 = 2200;
 struct Args {
     listen: SocketAddr,
     authorized_key: PathBuf,
+    host_key: Option<PathBuf>,
 }
 
-const USAGE: &str = "usage: boxd-agent --listen ADDR:PORT --authorized-key FILE\n\
+const USAGE: &str = "usage: boxd-agent --listen ADDR:PORT --authorized-key FILE [--host-key FILE]\n\
   --listen          address to serve the proxy on (default 0.0.0.0:2200)\n\
-  --authorized-key  the cluster's agent public key (OpenSSH form); nothing else may connect\n";
+  --authorized-key  the cluster's agent public key (OpenSSH form); nothing else may connect\n\
+  --host-key        this VM's agent host key (OpenSSH private key), which the proxy checks;\n\
+                    without it a throwaway key\n";
 
 fn parse_args() -> Result<Args, String> {
     let mut listen = SocketAddr::from(([0, 0, 0, 0], DEFAULT_PORT));
     let mut key = None;
+    let mut host_key = None;
     let mut it = std::env::args().skip(1);
     while let Some(a) = it.next() {
         let (flag, inline) = match a.split_once('=') {
@@ -49,6 +54,7 @@ fn parse_args() -> Result<Args, String> {
                     .map_err(|_| format!("--listen {v} is not ADDR:PORT, e.g. 0.0.0.0:2200"))?;
             }
             "--authorized-key" => key = Some(PathBuf::from(value()?)),
+            "--host-key" => host_key = Some(PathBuf::from(value()?)),
             "-h" | "--help" => return Err(USAGE.to_owned()),
             other => return Err(format!("unknown argument {other}\n{USAGE}")),
         }
@@ -57,6 +63,7 @@ fn parse_args() -> Result<Args, String> {
     Ok(Args {
         listen,
         authorized_key,
+        host_key,
     })
 }
 
@@ -95,6 +102,23 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    let host_key = match &args.host_key {
+        None => None,
+        Some(path) => match std::fs::read_to_string(path)
+            .map_err(|e| e.to_string())
+            .and_then(|t| {
+                russh::keys::PrivateKey::from_openssh(t.trim()).map_err(|e| e.to_string())
+            }) {
+            Ok(k) => Some(k),
+            Err(e) => {
+                eprintln!(
+                    "boxd-agent: --host-key {}: {e} (expected an OpenSSH private key)",
+                    path.display()
+                );
+                return ExitCode::from(2);
+            }
+        },
+    };
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -106,7 +130,7 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match rt.block_on(server::serve(args.listen, authorized)) {
+    match rt.block_on(server::serve(args.listen, authorized, host_key)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("boxd-agent: {e}");

@@ -30,15 +30,22 @@ const CIPHERS: &[russh::cipher::Name] = &[
     russh::cipher::AES_128_CTR,
 ];
 
-/// Serves the proxy on `listen` until the process ends.
-pub async fn serve(listen: SocketAddr, authorized: PublicKey) -> Result<(), String> {
+/// Serves the proxy on `listen` until the process ends, as `host_key` (a throwaway key
+/// when none is given).
+pub async fn serve(
+    listen: SocketAddr,
+    authorized: PublicKey,
+    host_key: Option<russh::keys::PrivateKey>,
+) -> Result<(), String> {
     let listener = tokio::net::TcpListener::bind(listen)
         .await
         .map_err(|e| format!("cannot listen on {listen}: {e}"))?;
-    let seed: [u8; 32] = rand::random();
-    let host_key = russh::keys::PrivateKey::from(
-        russh::keys::ssh_key::private::Ed25519Keypair::from_seed(&seed),
-    );
+    let host_key = host_key.unwrap_or_else(|| {
+        let seed: [u8; 32] = rand::random();
+        russh::keys::PrivateKey::from(russh::keys::ssh_key::private::Ed25519Keypair::from_seed(
+            &seed,
+        ))
+    });
     let config = Arc::new(russh::server::Config {
         server_id: russh::SshId::Standard("SSH-2.0-boxd-agent".into()),
         methods: russh::MethodSet::from(&[russh::MethodKind::PublicKey][..]),

@@ -1,0 +1,94 @@
+//! The VM's limits: a cgroup per controller (v1) or one (v2) with memory, CPU and process
+//! limits.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use super::SandboxSpec;
+
+/// The cgroup directories a spec uses: (hierarchy root, limits to write).
+fn cgroup_plan(spec: &SandboxSpec) -> Vec<(PathBuf, Vec<(&'static str, String)>)> {
+    let base = Path::new("/sys/fs/cgroup");
+    let mem = spec.memory_mib.max(16) * (1 << 20);
+    let quota = u64::from(spec.vcpus.max(1)) * 100_000;
+    if base.join("cgroup.controllers").is_file() {
+        // cgroup v2, unified at the root.
+        let limits = vec![
+            ("memory.max", mem.to_string()),
+            ("cpu.max", format!("{quota} 100000")),
+            ("pids.max", spec.max_pids.to_string()),
+        ];
+        return vec![(base.join(&spec.cgroup), limits)];
+    }
+    let mut out = Vec::new();
+    for (ctl, limits) in [
+        ("memory", vec![("memory.limit_in_bytes", mem.to_string())]),
+        (
+            "cpu",
+            vec![
+                ("cpu.cfs_period_us", "100000".to_owned()),
+                ("cpu.cfs_quota_us", quota.to_string()),
+            ],
+        ),
+        ("pids", vec![("pids.max", spec.max_pids.to_string())]),
+    ] {
+        let root = base.join(ctl);
+        if root.is_dir() {
+            out.push((root.join(&spec.cgroup), limits));
+        }
+    }
+    out
+}
+
+/// Puts `pid` into a cgroup per available controller with the spec's limits. Best effort:
+/// a host without a controller runs the VM without that limit, said in the log.
+pub(super) fn apply(spec: &SandboxSpec, pid: libc::pid_t) -> Vec<String> {
+    let plan = cgroup_plan(spec);
+    if plan.is_empty() {
+        tracing::warn!(
+            "no cgroup controllers found under /sys/fs/cgroup: the VM runs without memory, CPU and process limits"
+        );
+    }
+    let v2 = Path::new("/sys/fs/cgroup/cgroup.controllers").is_file();
+    let mut applied = Vec::new();
+    for (dir, limits) in plan {
+        if let Err(e) = std::fs::create_dir_all(&dir) {
+            tracing::warn!(dir = %dir.display(), error = %e, "cgroup not created: no limit");
+            continue;
+        }
+        if v2 {
+            // Controllers must be enabled in every ancestor's subtree_control.
+            let mut p = PathBuf::from("/sys/fs/cgroup");
+            for part in Path::new(&spec.cgroup).iter() {
+                _ = std::fs::write(p.join("cgroup.subtree_control"), "+memory +cpu +pids");
+                p.push(part);
+            }
+        }
+        for (file, value) in limits {
+            match std::fs::write(dir.join(file), &value) {
+                Ok(()) => applied.push(file.to_owned()),
+                Err(e) => tracing::warn!(file, error = %e, "cgroup limit not set"),
+            }
+        }
+        if let Err(e) = std::fs::write(dir.join("cgroup.procs"), pid.to_string()) {
+            tracing::warn!(dir = %dir.display(), error = %e, "VM not placed in its cgroup");
+        }
+    }
+    applied
+}
+
+/// Removes a VM's cgroup directories (they must be empty: its processes gone).
+pub fn remove(cgroup: &str) {
+    let spec_dirs = ["", "memory", "cpu", "pids"];
+    for ctl in spec_dirs {
+        let dir = Path::new("/sys/fs/cgroup").join(ctl).join(cgroup);
+        // Processes leave a cgroup a moment after they are reaped.
+        for _ in 0..50 {
+            match std::fs::remove_dir(&dir) {
+                Ok(()) => break,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => break,
+                Err(_) => std::thread::sleep(Duration::from_millis(10)),
+            }
+        }
+    }
+}
