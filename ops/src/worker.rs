@@ -5,7 +5,7 @@
 //! back at any time (see vmm/DESIGN.md "Worker").
 
 use std::collections::{HashMap, HashSet};
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, SocketAddrV4};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -236,12 +236,24 @@ impl Supervisor {
         if let Ok(mut e) = self.ended.lock() {
             e.retain(|_, n| *n > read_at);
         }
-        let (vms, deleted) = self
+        let (vms, deleted, members) = self
             .replica
             .reader()
-            .read(move |c| Ok((rows::vms_on(c, me)?, rows::deleted_on(c, me)?)))
+            .read(move |c| {
+                Ok((
+                    rows::vms_on(c, me)?,
+                    rows::deleted_on(c, me)?,
+                    rows::nodes(c)?,
+                ))
+            })
             .await
             .map_err(|e| e.to_string())?;
+        // Every member's Raft address is closed to VMs (see `isolation`).
+        let members: Vec<SocketAddrV4> = members
+            .iter()
+            .filter_map(|n| n.raft_addr.parse::<SocketAddrV4>().ok())
+            .filter(|a| !a.ip().is_unspecified())
+            .collect();
         let host = Arc::clone(&self.host);
         let ids: Vec<String> = vms.iter().map(|v| v.id.to_string()).collect();
         // With VMs here (say, running from before a restart), make sure their network is as
@@ -251,6 +263,9 @@ impl Supervisor {
         let probes = tokio::task::spawn_blocking(move || {
             if wire && let Err(e) = host.ensure_bridge() {
                 tracing::warn!(error = %e, "VM network not ready");
+            }
+            if let Err(e) = host.set_cluster(members) {
+                tracing::warn!(error = %e, "cluster members' addresses not closed to VMs");
             }
             ids.iter()
                 .map(|id| host.probe(id).is_some())

@@ -283,22 +283,26 @@ fn journey(runtime: &str) {
     let www = dir.path().join("outside");
     std::fs::create_dir_all(&www).unwrap();
     std::fs::write(www.join("index.html"), "outside\n").unwrap();
-    let server = outside
-        .command("python3")
-        .args([
-            "-m",
-            "http.server",
-            "--bind",
-            "192.0.2.2",
-            "8000",
-            "--directory",
-        ])
-        .arg(&www)
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut server = ChildGuard(server);
+    // A web server in the outside namespace at 192.0.2.2:`port`; its log on stderr.
+    let http_server = |port: &str| {
+        let server = outside
+            .command("python3")
+            .args([
+                "-m",
+                "http.server",
+                "--bind",
+                "192.0.2.2",
+                port,
+                "--directory",
+            ])
+            .arg(&www)
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        ChildGuard(server)
+    };
+    let mut server = http_server("8000");
     let fetched = eventually(
         Duration::from_secs(10),
         "the VM reaches the outside",
@@ -310,6 +314,36 @@ fn journey(runtime: &str) {
         },
     );
     assert!(fetched.ends_with("\r\n\r\noutside\n"), "{fetched}");
+
+    // A cluster member out there (its Raft port 7001 here): reachable through NAT like any
+    // server until the replica lists it, then closed to VMs; other ports stay open.
+    let member = http_server("7001");
+    let get = |port: u16| {
+        let cmd =
+            format!(r"printf 'GET / HTTP/1.0\r\n\r\n' | nc -w 2 192.0.2.2 {port} | head -c 12");
+        c.ssh(&ip, &[&cmd]).1
+    };
+    eventually(Duration::from_secs(10), "port 7001 answers", || {
+        (get(7001) == "HTTP/1.0 200").then_some(())
+    });
+    boxd_tests::write(
+        &node,
+        serde_json::json!({"type": "register_node", "id": null,
+            "uuid": "00000000-0000-4000-8000-00000000beef", "name": "member-outside",
+            "roles": ["control"], "raft_addr": "192.0.2.2:7001",
+            "capacity": {"vcpus": 0, "memory_mib": 0, "disk_gib": 0}, "at": boxd_tests::now_ms()}),
+    );
+    eventually(
+        Duration::from_secs(10),
+        "the member's Raft port closes",
+        || get(7001).is_empty().then_some(()),
+    );
+    assert_eq!(
+        get(8000),
+        "HTTP/1.0 200",
+        "only the member's Raft port is closed"
+    );
+    drop(member);
     server.0.kill().unwrap();
     let mut log = String::new();
     server

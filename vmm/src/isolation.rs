@@ -8,14 +8,17 @@
 //!   an application VM talks to its database VM);
 //! - a VM opens no connection to the worker host itself (Raft, admin, the front door's
 //!   internal addresses): only replies to connections the host opened (the proxy's) and ping
-//!   pass. Outbound traffic to other networks is the NAT's business.
+//!   pass;
+//! - nor to any cluster member's Raft (and image) port, wherever that member is: the worker
+//!   lists the members' addresses from the replica. Other outbound traffic is the NAT's
+//!   business.
 //!
 //! Two tables of boxd's own, `bridge` (per port) and `inet` (the host), replaced in one `nft -f`
 //! transaction: a VM never runs under half a ruleset. Sans-io: [`ruleset`] only writes text.
 //! Why nftables and not ebtables: one tool and one atomic transaction for both layers, and
 //! sets/concatenations (`iifname . oifname`) that keep the rules O(VMs) per account.
 
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, SocketAddrV4};
 
 use serde::{Deserialize, Serialize};
 
@@ -77,10 +80,11 @@ pub fn writable(port: &Port) -> bool {
     plain(&port.ifname) && parse_mac(&port.mac)
 }
 
-/// The `nft -f` script that replaces boxd's tables for `bridge` with rules for `ports`. A port
-/// that is not [`writable`] is left out of the text (it could not be quoted safely); `enforce`
-/// refuses to load rules without one, since a port without rules is not isolated.
-pub fn ruleset(bridge: &str, ports: &[Port]) -> String {
+/// The `nft -f` script that replaces boxd's tables for `bridge` with rules for `ports`, and
+/// closes the `cluster` members' Raft addresses to VMs. A port that is not [`writable`] is
+/// left out of the text (it could not be quoted safely); `enforce` refuses to load rules
+/// without one, since a port without rules is not isolated.
+pub fn ruleset(bridge: &str, ports: &[Port], cluster: &[SocketAddrV4]) -> String {
     let t = table_name(bridge);
     let ports: Vec<&Port> = ports.iter().filter(|p| writable(p)).collect();
     let mut s = String::new();
@@ -123,6 +127,17 @@ pub fn ruleset(bridge: &str, ports: &[Port]) -> String {
     s += &format!("    iifname \"{bridge}\" ct state established,related accept\n");
     s += &format!("    iifname \"{bridge}\" icmp type echo-request accept\n");
     s += &format!("    iifname \"{bridge}\" drop\n");
+    s += "  }\n";
+    // To other cluster members (routed, then NATed): never their Raft port. Refused at once
+    // (a reset) rather than left to time out: the VM learns nothing it could not guess.
+    s += "  set cluster {\n    type ipv4_addr . inet_service\n";
+    push_elements(
+        &mut s,
+        cluster.iter().map(|a| format!("{} . {}", a.ip(), a.port())),
+    );
+    s += "  }\n";
+    s += "  chain to_cluster {\n    type filter hook forward priority 0; policy accept;\n";
+    s += &format!("    iifname \"{bridge}\" ip daddr . tcp dport @cluster reject with tcp reset\n");
     s += "  }\n}\n";
     s
 }
@@ -130,7 +145,11 @@ pub fn ruleset(bridge: &str, ports: &[Port]) -> String {
 /// Rebuilds the rules for `bridge` from every `port.json` under `vms` and loads them in one
 /// `nft` transaction. Returns how many ports they cover. Without nftables, VMs would run
 /// unisolated: an error that says to install it.
-pub fn enforce(vms: &std::path::Path, bridge: &str) -> Result<usize, String> {
+pub fn enforce(
+    vms: &std::path::Path,
+    bridge: &str,
+    cluster: &[SocketAddrV4],
+) -> Result<usize, String> {
     let mut ports = Vec::new();
     if let Ok(rd) = std::fs::read_dir(vms) {
         for e in rd.flatten() {
@@ -153,7 +172,7 @@ pub fn enforce(vms: &std::path::Path, bridge: &str) -> Result<usize, String> {
         }
     }
     ports.sort_by(|a, b| a.ifname.cmp(&b.ifname));
-    crate::worker::stdin_tool("nft", &["-f", "-"], &ruleset(bridge, &ports)).map_err(|e| {
+    crate::worker::stdin_tool("nft", &["-f", "-"], &ruleset(bridge, &ports, cluster)).map_err(|e| {
         format!("cannot load the rules that keep VMs apart ({e}): install nftables (apt-get install nftables)")
     })?;
     Ok(ports.len())
@@ -200,14 +219,14 @@ mod tests {
         std::fs::create_dir(&vm).expect("mkdir");
         let bad = port("bx1\" drop", "02:00:00:00:00:01", "10.200.1.2", "eve");
         std::fs::write(vm.join(PORT_FILE), serde_json::to_vec(&bad).expect("json")).expect("write");
-        let err = enforce(dir.path(), "boxd0").expect_err("refused");
+        let err = enforce(dir.path(), "boxd0", &[]).expect_err("refused");
         assert!(
             err.contains("port.json") && err.contains("did not make"),
             "{err}"
         );
         std::fs::write(vm.join(PORT_FILE), b"{").expect("write");
         assert!(
-            enforce(dir.path(), "boxd0")
+            enforce(dir.path(), "boxd0", &[])
                 .expect_err("refused")
                 .contains("port.json")
         );
@@ -232,7 +251,8 @@ mod tests {
             port("bad\"name", "02:00:00:00:00:0c", "10.200.1.5", "eve"),
             port("bxc", "not-a-mac", "10.200.1.6", "eve"),
         ];
-        let s = ruleset("boxd0", &ports);
+        let members = ["10.9.0.1:7000".parse().expect("addr")];
+        let s = ruleset("boxd0", &ports, &members);
         assert!(s.starts_with("table bridge boxd_iso_boxd0 {}\ndelete table bridge"));
         assert!(s.contains("iifname \"bxb\" ether saddr != 02:00:00:00:00:0b drop"));
         assert!(s.contains("iifname \"bxb\" ether type arp arp saddr ip != 10.200.1.4 drop"));
@@ -248,8 +268,13 @@ mod tests {
         );
         assert!(s.contains("iifname \"boxd0\" ct state established,related accept"));
         assert!(s.contains("iifname \"boxd0\" drop"));
+        assert!(s.contains("elements = { 10.9.0.1 . 7000 }"), "{s}");
+        assert!(
+            s.contains("iifname \"boxd0\" ip daddr . tcp dport @cluster reject with tcp reset"),
+            "{s}"
+        );
         // No VM: the tables still replace whatever was there.
-        let empty = ruleset("boxd0", &[]);
+        let empty = ruleset("boxd0", &[], &[]);
         assert!(
             empty.contains("set vm_ports {\n    type ifname\n  }"),
             "{empty}"

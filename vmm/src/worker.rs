@@ -198,8 +198,9 @@ pub struct Host {
     bridge_ready: Mutex<bool>,
     /// How outbound traffic is NATed, once the bridge is up.
     nat: Mutex<Option<String>>,
-    /// Held while the isolation rules are rebuilt, so two rebuilds never interleave.
-    isolating: Mutex<()>,
+    /// Held while the isolation rules are rebuilt, so two rebuilds never interleave; holds
+    /// the cluster members' Raft addresses, which VMs may not reach.
+    isolating: Mutex<Vec<std::net::SocketAddrV4>>,
 }
 
 impl Host {
@@ -218,7 +219,7 @@ impl Host {
             taken: Mutex::new(taken),
             bridge_ready: Mutex::new(false),
             nat: Mutex::new(None),
-            isolating: Mutex::new(()),
+            isolating: Mutex::new(Vec::new()),
         }
     }
 
@@ -722,11 +723,43 @@ impl Host {
 
     /// Loads the rules that pin each VM's port and keep accounts apart (see `isolation`).
     pub fn isolate(&self) -> Result<(), WorkerError> {
-        let _one_at_a_time = self.isolating.lock();
-        let n = crate::isolation::enforce(&self.cfg.data_dir.join("vms"), &self.cfg.bridge)
-            .map_err(WorkerError::Host)?;
-        tracing::debug!(ports = n, "VM isolation rules loaded");
+        let cluster = self
+            .isolating
+            .lock()
+            .map_err(|_| WorkerError::Host("isolation lock poisoned".into()))?;
+        let n =
+            crate::isolation::enforce(&self.cfg.data_dir.join("vms"), &self.cfg.bridge, &cluster)
+                .map_err(WorkerError::Host)?;
+        tracing::debug!(
+            ports = n,
+            members = cluster.len(),
+            "VM isolation rules loaded"
+        );
         Ok(())
+    }
+
+    /// Sets the cluster members' Raft addresses that VMs may not reach; reloads the rules when
+    /// they changed and VMs have ports here. Returns whether they changed.
+    pub fn set_cluster(
+        &self,
+        mut members: Vec<std::net::SocketAddrV4>,
+    ) -> Result<bool, WorkerError> {
+        members.sort();
+        members.dedup();
+        {
+            let mut cur = self
+                .isolating
+                .lock()
+                .map_err(|_| WorkerError::Host("isolation lock poisoned".into()))?;
+            if *cur == members {
+                return Ok(false);
+            }
+            *cur = members;
+        }
+        if self.local_vms().is_empty() {
+            return Ok(true);
+        }
+        self.isolate().map(|()| true)
     }
 }
 
