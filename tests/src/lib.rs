@@ -105,7 +105,11 @@ impl Node {
             .arg(data_dir)
             .arg("--config")
             .arg(config)
-            .env("BOXD_LOG", "info,openraft=warn")
+            // `TEST_BOXD_LOG=debug,russh=debug` to see more in `<data dir>.log`.
+            .env(
+                "BOXD_LOG",
+                std::env::var("TEST_BOXD_LOG").unwrap_or_else(|_| "info,openraft=warn".into()),
+            )
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(stderr)

@@ -266,7 +266,12 @@ pub(crate) async fn session(
                     Some(ChannelMsg::Signal { signal }) => atx.signal(signal).await,
                     Some(ChannelMsg::Eof) => atx.eof().await,
                     Some(ChannelMsg::Close) | None => {
+                        // The user is gone (or done): close the agent's channel — the agent
+                        // hangs up its command — and stop. Its answering close is not awaited:
+                        // russh drops a peer's CHANNEL_CLOSE for a channel closed locally, so
+                        // waiting for it would hold the agent connection open forever.
                         user_open = false;
+                        agent_open = false;
                         atx.close().await
                     }
                     Some(_) => Ok(()),
@@ -315,6 +320,19 @@ pub(crate) async fn direct_tcpip(
         .channel_open_direct_tcpip(host, port, origin.0, origin.1)
         .await
         .map_err(|e| format!("the VM could not connect: {e}"))
+}
+
+/// Asks the agent to stop listening for an `ssh -R`; whether it was listening.
+pub(crate) async fn cancel_tcpip_forward(
+    link: &AgentLink,
+    user_handle: &server::Handle,
+    address: String,
+    port: u32,
+) -> bool {
+    match link.get(user_handle).await {
+        Ok(agent) => agent.cancel_tcpip_forward(address, port).await.is_ok(),
+        Err(_) => false,
+    }
 }
 
 /// Asks the agent to listen for `ssh -R`; returns the bound port.

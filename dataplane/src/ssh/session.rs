@@ -366,6 +366,19 @@ impl<B: Backend> Handler for Conn<B> {
         }
     }
 
+    async fn cancel_tcpip_forward(
+        &mut self,
+        address: &str,
+        port: u32,
+        session: &mut Session,
+    ) -> Result<bool, Self::Error> {
+        let Some(link) = self.link.clone() else {
+            return Ok(false);
+        };
+        let handle = session.handle();
+        Ok(relay::cancel_tcpip_forward(&link, &handle, address.to_owned(), port).await)
+    }
+
     async fn pty_request(
         &mut self,
         channel: ChannelId,

@@ -80,6 +80,7 @@ pub async fn serve(
         let agent = Agent {
             authorized: Arc::clone(&authorized),
             user: String::new(),
+            forwards: std::collections::HashMap::new(),
         };
         let config = Arc::clone(&config);
         tokio::spawn(async move {
@@ -101,6 +102,17 @@ pub async fn serve(
 struct Agent {
     authorized: Arc<PublicKey>,
     user: String,
+    /// `ssh -R` listeners of this connection, by (address, port): they close with it.
+    forwards: std::collections::HashMap<(String, u32), tokio::task::AbortHandle>,
+}
+
+impl Drop for Agent {
+    /// The connection ended (the proxy's user went away): its `-R` listeners stop listening.
+    fn drop(&mut self) {
+        for (_, task) in self.forwards.drain() {
+            task.abort();
+        }
+    }
 }
 
 impl Handler for Agent {
@@ -257,7 +269,8 @@ impl Handler for Agent {
         }
         let handle = session.handle();
         let (address, bound) = (address.to_owned(), *port);
-        tokio::spawn(async move {
+        let key = (address.clone(), bound);
+        let task = tokio::spawn(async move {
             while let Ok((mut tcp, peer)) = listener.accept().await {
                 let Ok(ch) = handle
                     .channel_open_forwarded_tcpip(
@@ -277,7 +290,23 @@ impl Handler for Agent {
                 });
             }
         });
+        if let Some(old) = self.forwards.insert(key, task.abort_handle()) {
+            old.abort();
+        }
         Ok(true)
+    }
+
+    async fn cancel_tcpip_forward(
+        &mut self,
+        address: &str,
+        port: u32,
+        _session: &mut Session,
+    ) -> Result<bool, Self::Error> {
+        Ok(self
+            .forwards
+            .remove(&(address.to_owned(), port))
+            .map(|task| task.abort())
+            .is_some())
     }
 }
 
@@ -476,6 +505,38 @@ async fn run_session(channel: Channel<Msg>, user: String, handle: russh::server:
     let _ = tx.close().await;
 }
 
+/// How long a session's command has after SIGHUP before it is killed.
+const HANGUP_GRACE: Duration = Duration::from_secs(5);
+
+/// The client went away: SIGHUP (and SIGCONT, so stopped jobs see it) to the session's process
+/// group — its command and what it started in the background — as a terminal hangup does.
+/// What ignores it on purpose (`nohup`, daemons in their own session) keeps running, as after
+/// an OpenSSH logout.
+fn hang_up(pid: Option<u32>) {
+    if let Some(pid) = pid.and_then(|p| i32::try_from(p).ok()) {
+        // SAFETY: kill has no memory preconditions; -pid is our child's own process group.
+        unsafe {
+            libc::kill(-pid, libc::SIGHUP);
+            libc::kill(-pid, libc::SIGCONT);
+        }
+    }
+}
+
+/// Waits for a session's command; one that outlives [`HANGUP_GRACE`] after a hangup is
+/// killed.
+async fn reap(
+    child: &mut tokio::process::Child,
+    hung_up: bool,
+) -> std::io::Result<std::process::ExitStatus> {
+    if hung_up && let Ok(r) = tokio::time::timeout(HANGUP_GRACE, child.wait()).await {
+        return r;
+    }
+    if hung_up {
+        let _ = child.start_kill();
+    }
+    child.wait().await
+}
+
 fn kill(pid: Option<u32>, sig: &russh::Sig) {
     if let (Some(pid), Some(n)) = (
         pid.and_then(|p| i32::try_from(p).ok()),
@@ -491,10 +552,13 @@ async fn run_on_pipes(
     mut rx: russh::ChannelReadHalf,
     tx: &russh::ChannelWriteHalf<Msg>,
 ) -> std::io::Result<std::process::ExitStatus> {
+    use std::os::unix::process::CommandExt as _;
     use std::process::Stdio;
     cmd.stdin(Stdio::piped())
         .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
+        .stderr(Stdio::piped())
+        // Its own process group, so that a hangup reaches what it starts too.
+        .process_group(0);
     let mut child = tokio::process::Command::from(cmd).spawn()?;
     let pid = child.id();
     let mut stdin = child.stdin.take();
@@ -527,8 +591,8 @@ async fn run_on_pipes(
                 Some(ChannelMsg::Close) | None => {
                     stdin = None;
                     // The client is gone: end the command as a hangup would.
-                    kill(pid, &russh::Sig::HUP);
-                    return;
+                    hang_up(pid);
+                    return true;
                 }
                 Some(_) => {}
             }
@@ -536,11 +600,15 @@ async fn run_on_pipes(
     };
     let outputs = async { tokio::join!(pump_out, pump_err) };
     tokio::pin!(input);
-    tokio::select! {
-        _ = outputs => {}
-        () = &mut input => {}
-    }
-    child.wait().await
+    let hung_up = tokio::select! {
+        // Output closed, the command may still run: a hangup still ends it.
+        _ = outputs => tokio::select! {
+            st = child.wait() => return st,
+            h = &mut input => h,
+        },
+        h = &mut input => h,
+    };
+    reap(&mut child, hung_up).await
 }
 
 async fn run_on_pty(
@@ -581,17 +649,17 @@ async fn run_on_pty(
                 }
                 Some(ChannelMsg::Signal { signal }) => kill(pid, &signal),
                 Some(ChannelMsg::Close) | None => {
-                    kill(pid, &russh::Sig::HUP);
-                    return;
+                    hang_up(pid);
+                    return true;
                 }
                 Some(_) => {}
             }
         }
     };
     tokio::pin!(input);
-    tokio::select! {
-        () = output => {}
-        () = &mut input => {}
-    }
-    child.wait().await
+    let hung_up = tokio::select! {
+        () = output => false,
+        h = &mut input => h,
+    };
+    reap(&mut child, hung_up).await
 }
