@@ -119,6 +119,27 @@ impl Client<'_> {
         )
     }
 
+    /// `scp`/`sftp` (`tool`) with the key, port 2222 and `args`; fails the test unless it
+    /// succeeds.
+    fn copy(&self, tool: &str, args: &[&str]) {
+        let out = self
+            .ns
+            .command(tool)
+            .args(boxd_tests::SSH_OPTS)
+            .args(["-P", "2222", "-i"])
+            .arg(&self.key)
+            .args(args)
+            .stdin(Stdio::null())
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{tool} {args:?}: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
     fn ok(&self, host: &str, args: &[&str]) -> String {
         let (code, out, err) = self.ssh(host, args);
         assert_eq!(code, 0, "ssh {host} {args:?}: {out}{err}");
@@ -239,6 +260,40 @@ fn journey(runtime: &str) {
         &["su -s /bin/sh nobody -c 'id -u; ls /usr/local/bin; hostname; touch /tmp/n; stat -c %a /tmp/n'"],
     );
     assert_eq!(as_nobody, "65534\nboxd-agent\nmyapp\n644\n");
+
+    // Files both ways with scp and sftp, 50 MB with checksums: `minimal` has no sftp-server,
+    // so the agent serves the protocol itself.
+    let big = dir.path().join("big");
+    let made = Command::new("head")
+        .args(["-c", "50000000", "/dev/urandom"])
+        .output()
+        .unwrap();
+    std::fs::write(&big, &made.stdout).unwrap();
+    let sum = |p: &Path| {
+        let out = Command::new("sha256sum").arg(p).output().unwrap();
+        String::from_utf8_lossy(&out.stdout)[..64].to_owned()
+    };
+    let want = sum(&big);
+    let in_vm = |file: &str| c.ok(&ip, &[&format!("sha256sum {file}")])[..64].to_owned();
+    let (big_s, back) = (big.to_str().unwrap(), dir.path().join("back"));
+    c.copy("scp", &[big_s, &format!("{ip}:/root/big")]);
+    assert_eq!(in_vm("/root/big"), want, "scp up");
+    c.copy("scp", &[&format!("{ip}:/root/big"), back.to_str().unwrap()]);
+    assert_eq!(sum(&back), want, "scp down");
+    let batch = dir.path().join("batch");
+    std::fs::write(
+        &batch,
+        format!(
+            "put {big_s} /root/big2\nget /root/big2 {}\n",
+            back.display()
+        ),
+    )
+    .unwrap();
+    std::fs::remove_file(&back).unwrap();
+    c.copy("sftp", &["-b", batch.to_str().unwrap(), &ip]);
+    assert_eq!(in_vm("/root/big2"), want, "sftp up");
+    assert_eq!(sum(&back), want, "sftp down");
+    c.ok(&ip, &["rm /root/big /root/big2"]);
 
     // A web server in the VM answers through the HTTPS front door.
     c.ok(

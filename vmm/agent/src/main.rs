@@ -10,6 +10,7 @@
 
 mod pty;
 mod server;
+mod sftp;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -75,6 +76,10 @@ fn main() -> ExitCode {
         )
         .with_writer(std::io::stderr)
         .init();
+    // The agent runs itself this way, as a session's user, for the sftp subsystem.
+    if std::env::args().nth(1).as_deref() == Some("--sftp-server") {
+        return sftp::serve_stdio();
+    }
     if std::env::args().skip(1).any(|a| a == "-h" || a == "--help") {
         print!("{USAGE}");
         return ExitCode::SUCCESS;

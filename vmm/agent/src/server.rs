@@ -317,8 +317,9 @@ fn reject() -> Auth {
     }
 }
 
-/// The system's sftp server, if the VM has one.
-fn sftp_server() -> Option<PathBuf> {
+/// The sftp server to run: the system's if the VM has one (OpenSSH's), else the agent's own
+/// (`boxd-agent --sftp-server`, see `sftp`), with its arguments.
+fn sftp_server() -> Option<(PathBuf, &'static [&'static str])> {
     [
         "/usr/lib/openssh/sftp-server",
         "/usr/libexec/openssh/sftp-server",
@@ -328,6 +329,12 @@ fn sftp_server() -> Option<PathBuf> {
     .into_iter()
     .map(PathBuf::from)
     .find(|p| p.is_file())
+    .map(|p| (p, &[][..]))
+    .or_else(|| {
+        std::env::current_exe()
+            .ok()
+            .map(|exe| (exe, &["--sftp-server"][..]))
+    })
 }
 
 /// A user from the password database.
@@ -374,7 +381,8 @@ fn lookup(name: &str) -> Option<User> {
 enum Run {
     Exec(String),
     Shell,
-    Sftp(PathBuf),
+    /// The sftp server and its arguments.
+    Sftp(PathBuf, &'static [&'static str]),
 }
 
 struct PtyReq {
@@ -412,7 +420,7 @@ async fn run_session(channel: Channel<Msg>, user: String, handle: russh::server:
             }
             Some(ChannelMsg::RequestShell { .. }) => break Run::Shell,
             Some(ChannelMsg::RequestSubsystem { name, .. }) => match sftp_server() {
-                Some(p) if name == "sftp" => break Run::Sftp(p),
+                Some((p, args)) if name == "sftp" => break Run::Sftp(p, args),
                 _ => {
                     let _ = tx.close().await;
                     return;
@@ -437,7 +445,7 @@ async fn run_session(channel: Channel<Msg>, user: String, handle: russh::server:
         u.shell.clone()
     };
     let mut cmd = std::process::Command::new(match &run {
-        Run::Sftp(p) => p.to_string_lossy().into_owned(),
+        Run::Sftp(p, _) => p.to_string_lossy().into_owned(),
         _ => shell.clone(),
     });
     match &run {
@@ -449,7 +457,9 @@ async fn run_session(channel: Channel<Msg>, user: String, handle: russh::server:
             let base = shell.rsplit('/').next().unwrap_or("sh");
             cmd.arg0(format!("-{base}"));
         }
-        Run::Sftp(_) => {}
+        Run::Sftp(_, args) => {
+            cmd.args(*args);
+        }
     }
     cmd.env_clear()
         .env("HOME", &u.home)
@@ -473,7 +483,7 @@ async fn run_session(channel: Channel<Msg>, user: String, handle: russh::server:
         cmd.uid(u.uid).gid(u.gid);
     }
     let status = match pty_req {
-        Some(p) if !matches!(run, Run::Sftp(_)) => run_on_pty(cmd, &p, rx, &tx).await,
+        Some(p) if !matches!(run, Run::Sftp(..)) => run_on_pty(cmd, &p, rx, &tx).await,
         _ => run_on_pipes(cmd, rx, &tx).await,
     };
     match status {
