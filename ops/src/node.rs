@@ -92,6 +92,11 @@ pub async fn run(
         ))
     })?;
     let roles: Roles = cfg.node.roles.iter().copied().collect();
+    let worker = if roles.contains(&Role::Worker) {
+        Some(crate::worker::preflight(&cfg).map_err(NodeError::Usage)?)
+    } else {
+        None
+    };
     let dns_sockets = if roles.contains(&Role::Dns) {
         Some(bind_dns(&cfg)?)
     } else {
@@ -212,6 +217,7 @@ pub async fn run(
             ssh: ssh_listeners,
             front: Arc::clone(&front),
             worker: worker_status,
+            runtime: worker,
         },
     );
     let settle = tokio::spawn(settle);
@@ -254,6 +260,8 @@ struct Ready {
     front: Arc<std::sync::Mutex<FrontDoor>>,
     /// What the worker reports to `boxd admin status`.
     worker: crate::worker::StatusCell,
+    /// The worker's runtime and why, when this node is a worker (checked before start).
+    runtime: Option<(Arc<dyn boxd_vmm::worker::Runtime>, String)>,
 }
 
 /// The front-door servers a node runs.
@@ -421,12 +429,13 @@ async fn settle(
         ready.data_dir.clone(),
         stop.clone(),
     ));
-    if me.roles.contains(&Role::Worker) {
+    if let Some(runtime) = ready.runtime {
         tokio::spawn(crate::worker::run(
             Arc::clone(&replica),
             cfg.clone(),
             ready.data_dir.clone(),
             ready.worker,
+            runtime,
             stop.clone(),
         ));
     }

@@ -47,6 +47,27 @@ pub struct WorkerStatus {
 /// Shared status cell.
 pub type StatusCell = Arc<Mutex<Option<WorkerStatus>>>;
 
+/// What the worker checks before the node starts: the runtime it will use (and why), and for
+/// the sandbox runtime that the VMs' limits can hold. A worker that could only run VMs without
+/// memory, CPU and process limits refuses to start instead.
+pub fn preflight(cfg: &Config) -> Result<(Arc<dyn Runtime>, String), String> {
+    let (runtime, reason) = choose_runtime(cfg)?;
+    if runtime.name() == "sandbox" {
+        let missing = boxd_vmm::sandbox::missing_controllers();
+        if !missing.is_empty() {
+            return Err(format!(
+                "the worker cannot limit VMs: no {} cgroup controller under /sys/fs/cgroup, so \
+                 sandbox VMs would run without memory, CPU and process limits. If boxd was \
+                 started with `ip netns exec`, which mounts a /sys of its own, start it with \
+                 `nsenter --net=/run/netns/NAME boxd …` instead; else mount cgroup2 at \
+                 /sys/fs/cgroup (or run without the worker role)",
+                missing.join(", ")
+            ));
+        }
+    }
+    Ok((runtime, reason))
+}
+
 /// Picks the runtime: explicit config, or `auto` from the host's virtualization. `kvm` on a
 /// host whose KVM emulates guests runs (the VMs boot as far as the emulator lets them and are
 /// reported booting, with that reason); `kvm` without a usable `/dev/kvm` or without a kernel
@@ -106,16 +127,10 @@ pub async fn run(
     cfg: Config,
     data_dir: std::path::PathBuf,
     status: StatusCell,
+    (runtime, reason): (Arc<dyn Runtime>, String),
     mut stop: watch::Receiver<bool>,
 ) {
     let started = Instant::now();
-    let (runtime, reason) = match choose_runtime(&cfg) {
-        Ok(r) => r,
-        Err(e) => {
-            tracing::error!("the worker does not run: {e}");
-            return;
-        }
-    };
     let me = replica.id();
     let subnet = match cfg.worker.subnet_for(me) {
         Ok(s) => s,

@@ -223,3 +223,34 @@ fn up_serves_admin_schedules_and_resumes_after_sigterm() {
         "type": "set_vm_desired", "by": owner, "vm": vm, "desired": "stopped", "at": now_ms()}}));
     assert_eq!(r["outcome"]["outcome"], "done", "{r}");
 }
+
+/// Issue 26, finding 4: under `ip netns exec` (which mounts a /sys of its own) the worker sees
+/// no cgroup controllers; `boxd up` refuses to start, names the cause and the fix, and starts
+/// no VM, instead of running VMs without limits.
+#[test]
+fn a_worker_that_cannot_limit_vms_refuses_to_start() {
+    let ns = boxd_tests::Netns::new("nocg");
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = write_config(
+        dir.path(),
+        "nocg",
+        "127.0.0.1:7000",
+        "[worker]\nruntime = \"sandbox\"\n",
+    );
+    let out = Command::new("timeout")
+        .args(["30", "ip", "netns", "exec", ns.name()])
+        .arg(boxd_bin())
+        .args(["up", "--data-dir"])
+        .arg(dir.path().join("data"))
+        .arg("--config")
+        .arg(&cfg)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains("cannot limit VMs"), "{err}");
+    assert!(err.contains("nsenter --net=/run/netns/NAME"), "{err}");
+    assert!(!dir.path().join("data/vms").exists());
+    // Finding 8: written to a file (here a pipe), the log has no colour codes.
+    assert!(!err.contains('\u{1b}'), "ANSI codes in the log: {err}");
+}

@@ -75,6 +75,7 @@ fn main() -> ExitCode {
                 .unwrap_or_else(|_| "info".into()),
         )
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     // The agent runs itself this way, as a session's user, for the sftp subsystem.
     if std::env::args().nth(1).as_deref() == Some("--sftp-server") {

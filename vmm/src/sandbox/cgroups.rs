@@ -6,6 +6,30 @@ use std::time::Duration;
 
 use super::SandboxSpec;
 
+/// The controllers a sandbox VM's limits need.
+pub const CONTROLLERS: [&str; 3] = ["memory", "cpu", "pids"];
+
+/// Which of [`CONTROLLERS`] this process cannot see under `/sys/fs/cgroup` (v2: not in
+/// `cgroup.controllers`; v1: no hierarchy mounted). A `/sys` remounted by `ip netns exec`
+/// shows none.
+pub fn missing_controllers() -> Vec<&'static str> {
+    missing_under(Path::new("/sys/fs/cgroup"))
+}
+
+fn missing_under(base: &Path) -> Vec<&'static str> {
+    if let Ok(list) = std::fs::read_to_string(base.join("cgroup.controllers")) {
+        let have: Vec<&str> = list.split_whitespace().collect();
+        return CONTROLLERS
+            .into_iter()
+            .filter(|c| !have.contains(c))
+            .collect();
+    }
+    CONTROLLERS
+        .into_iter()
+        .filter(|c| !base.join(c).join("cgroup.procs").is_file())
+        .collect()
+}
+
 /// The cgroup directories a spec uses: (hierarchy root, limits to write).
 fn cgroup_plan(spec: &SandboxSpec) -> Vec<(PathBuf, Vec<(&'static str, String)>)> {
     let base = Path::new("/sys/fs/cgroup");
@@ -90,5 +114,31 @@ pub fn remove(cgroup: &str) {
                 Err(_) => std::thread::sleep(Duration::from_millis(10)),
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn missing_controllers_are_named_for_v1_and_v2() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        assert_eq!(
+            missing_under(dir.path()),
+            CONTROLLERS.to_vec(),
+            "nothing mounted"
+        );
+        for c in ["memory", "pids"] {
+            std::fs::create_dir(dir.path().join(c)).expect("mkdir");
+            std::fs::write(dir.path().join(c).join("cgroup.procs"), "").expect("write");
+        }
+        assert_eq!(missing_under(dir.path()), vec!["cpu"], "v1 without cpu");
+        std::fs::write(
+            dir.path().join("cgroup.controllers"),
+            "cpuset cpu io memory pids\n",
+        )
+        .expect("write");
+        assert!(missing_under(dir.path()).is_empty(), "v2 with all three");
     }
 }

@@ -42,7 +42,7 @@ use std::time::Instant;
 use serde::{Deserialize, Serialize};
 
 use crate::api::{self, Request, Response};
-pub use cgroups::remove as remove_cgroups;
+pub use cgroups::{missing_controllers, remove as remove_cgroups};
 pub(crate) use root::mount_path;
 
 /// Everything the sandbox process needs, written by the supervisor as JSON.
