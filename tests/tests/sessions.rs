@@ -14,9 +14,8 @@ use boxd_tests::{
 };
 use serde_json::{Value, json};
 
-const IP: &str = "127.0.45.1";
+/// The agent's address in the first test (each test has its own addresses and port).
 const AGENT: &str = "127.0.45.30";
-const PORT: u16 = 22250;
 
 /// Kills a child process when dropped.
 struct KillOnDrop(Child);
@@ -28,21 +27,36 @@ impl Drop for KillOnDrop {
     }
 }
 
-/// `boxd up` (no worker) whose SSH front door listens at `PORT` on every address, a guest
-/// agent at `AGENT`:2200 and a VM `myapp` of the first key's account routed to it; returns the
-/// node, the agent, the key and the VM's public address.
-fn setup(dir: &Path) -> (Node, KillOnDrop, std::path::PathBuf, String) {
-    let cfg = write_config(dir, "sessions", &format!("{IP}:7000"), "");
+/// One test's boxd, agent and user.
+struct Env {
+    _node: Node,
+    _agent: KillOnDrop,
+    key: std::path::PathBuf,
+    /// The VM's public address.
+    vm: String,
+    port: u16,
+}
+
+/// `boxd up` (no worker) on `127.0.45.<10n+1>` whose SSH front door listens at `22250 + n` on
+/// every address, a guest agent at `127.0.45.<10n+30>`:2200 and a VM `myapp` of the first
+/// key's account routed to it.
+fn setup(dir: &Path, n: u8) -> Env {
+    let (ip, agent_ip, port) = (
+        format!("127.0.45.{}", 10 * n + 1),
+        format!("127.0.45.{}", 10 * n + 30),
+        22250 + u16::from(n),
+    );
+    let cfg = write_config(dir, "sessions", &format!("{ip}:7000"), "");
     let text = std::fs::read_to_string(&cfg).unwrap().replace(
-        &format!("[ssh]\nlisten = \"{IP}:2222\""),
-        &format!("[ssh]\nlisten = \"0.0.0.0:{PORT}\""),
+        &format!("[ssh]\nlisten = \"{ip}:2222\""),
+        &format!("[ssh]\nlisten = \"0.0.0.0:{port}\""),
     );
     std::fs::write(&cfg, text).unwrap();
     let node = Node::start(&UP, &dir.join("data"), &cfg);
     node.wait_ready(Duration::from_secs(30));
     let key = dir.join("user");
     keygen(&key);
-    let whoami = ssh(&key, "127.77.0.1", &["whoami", "--json"])
+    let whoami = ssh(port, &key, "127.77.0.1", &["whoami", "--json"])
         .output()
         .unwrap();
     let owner = serde_json::from_slice::<Value>(&whoami.stdout).unwrap()["id"].clone();
@@ -51,17 +65,23 @@ fn setup(dir: &Path) -> (Node, KillOnDrop, std::path::PathBuf, String) {
     std::fs::write(&cluster_key, public.as_str().unwrap()).unwrap();
     let agent = KillOnDrop(spawn_agent(
         Command::new(agent_bin())
-            .args(["--listen", &format!("{AGENT}:2200"), "--authorized-key"])
+            .args(["--listen", &format!("{agent_ip}:2200"), "--authorized-key"])
             .arg(&cluster_key),
     ));
-    running_vm(&node, &owner, "myapp", 80, AGENT);
-    (node, agent, key, "127.77.0.2".to_owned())
+    running_vm(&node, &owner, "myapp", 80, &agent_ip);
+    Env {
+        _node: node,
+        _agent: agent,
+        key,
+        vm: "127.77.0.2".to_owned(),
+        port,
+    }
 }
 
-/// OpenSSH's `ssh -p PORT -i key host args…`, not yet run.
-fn ssh(key: &Path, host: &str, args: &[&str]) -> Command {
+/// OpenSSH's `ssh -p port -i key host args…`, not yet run.
+fn ssh(port: u16, key: &Path, host: &str, args: &[&str]) -> Command {
     let mut c = Command::new("ssh");
-    c.args(["-p", &PORT.to_string(), "-i"])
+    c.args(["-p", &port.to_string(), "-i"])
         .arg(key)
         .args(SSH_OPTS)
         .args(["-o", "ConnectTimeout=10", host])
@@ -103,7 +123,9 @@ fn listening(port: u16) -> bool {
 #[test]
 fn a_client_that_goes_away_takes_its_work_with_it() {
     let dir = tempfile::tempdir().unwrap();
-    let (_node, _agent, key, vm) = setup(dir.path());
+    let env = setup(dir.path(), 0);
+    let (key, vm, port) = (&env.key, &env.vm, env.port);
+    let ssh = |key: &Path, host: &str, args: &[&str]| ssh(port, key, host, args);
     let cases: [(&str, &[&str], libc::c_int); 3] = [
         ("kill -9, no pty", &[], libc::SIGKILL),
         ("kill -9, pty", &["-tt"], libc::SIGKILL),
@@ -117,7 +139,7 @@ fn a_client_that_goes_away_takes_its_work_with_it() {
             format!("trap 'echo hup > {r}/hup; exit 0' HUP; sleep 301 & echo $! > {r}/sleep; wait");
         let mut args: Vec<&str> = opts.to_vec();
         args.push(&script);
-        let client = ssh(&key, &vm, &args)
+        let client = ssh(key, vm, &args)
             .stdin(Stdio::piped())
             .stdout(Stdio::null())
             .spawn()
@@ -148,7 +170,7 @@ fn a_client_that_goes_away_takes_its_work_with_it() {
     // A remote forward goes with its client.
     let port = 22259;
     let forward = format!("127.0.45.31:{port}:127.0.0.1:9");
-    let client = ssh(&key, &vm, &["-R", &forward, "-N"]).spawn().unwrap();
+    let client = ssh(key, vm, &["-R", &forward, "-N"]).spawn().unwrap();
     let mut client = KillOnDrop(client);
     eventually(Duration::from_secs(10), "the -R listener", || {
         listening(port).then_some(())
@@ -167,13 +189,13 @@ fn a_client_that_goes_away_takes_its_work_with_it() {
     // A forward cancelled while the connection stays (`ssh -O cancel` through a master).
     let ctl = dir.path().join("ctl");
     let ctl = ctl.to_str().unwrap();
-    let master = ssh(&key, &vm, &["-M", "-S", ctl, "-N"]).spawn().unwrap();
+    let master = ssh(key, vm, &["-M", "-S", ctl, "-N"]).spawn().unwrap();
     let _master = KillOnDrop(master);
     eventually(Duration::from_secs(10), "the master connection", || {
         Path::new(ctl).exists().then_some(())
     });
     let control = |op: &str| {
-        let out = ssh(&key, &vm, &["-S", ctl, "-O", op, "-R", &forward])
+        let out = ssh(key, vm, &["-S", ctl, "-O", op, "-R", &forward])
             .output()
             .unwrap();
         assert!(
@@ -191,5 +213,82 @@ fn a_client_that_goes_away_takes_its_work_with_it() {
         Duration::from_secs(10),
         "the cancelled listener closes",
         || (!listening(port)).then_some(()),
+    );
+}
+
+/// Finding 5: 10 MB of garbage piped into the lobby's prompt ends with an error that says why,
+/// in bounded time, and boxd still answers.
+#[test]
+fn garbage_into_the_prompt_ends_with_an_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let env = setup(dir.path(), 1);
+    let (key, port) = (&env.key, env.port);
+    let garbage = dir.path().join("garbage");
+    let out = Command::new("head")
+        .args(["-c", "10000000", "/dev/urandom"])
+        .output()
+        .unwrap();
+    std::fs::write(&garbage, &out.stdout).unwrap();
+    let t = std::time::Instant::now();
+    let out = Command::new("timeout")
+        .args(["60", "ssh"])
+        .args(ssh(port, key, "127.77.0.1", &[]).get_args())
+        .stdin(std::fs::File::open(&garbage).unwrap())
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_ne!(
+        out.status.code(),
+        Some(124),
+        "still open after {:?}",
+        t.elapsed()
+    );
+    assert_ne!(out.status.code(), Some(0));
+    let last = err.lines().last().unwrap_or_default();
+    assert!(last.contains("closing"), "{last}");
+    let again = ssh(port, key, "127.77.0.1", &["whoami"]).output().unwrap();
+    assert!(
+        again.status.success(),
+        "{}",
+        String::from_utf8_lossy(&again.stderr)
+    );
+}
+
+/// Finding 8: the prompt under a pty recalls the last line with Up (an arrow key is not typed
+/// as `[A`), and an error comes before the next prompt (one stream under a pty).
+#[test]
+fn the_prompt_edits_lines_and_keeps_errors_in_order() {
+    let dir = tempfile::tempdir().unwrap();
+    let env = setup(dir.path(), 2);
+    let mut client = ssh(env.port, &env.key, "127.77.0.1", &["-tt"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdin = client.stdin.take().unwrap();
+    for keys in [&b"bogus\r"[..], b"\x1b[A\r", b"exit\r"] {
+        std::io::Write::write_all(&mut stdin, keys).unwrap();
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    drop(stdin);
+    let out = client.wait_with_output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(!text.contains("[A"), "an arrow key typed as text: {text:?}");
+    let error = "unknown command `bogus`";
+    assert_eq!(
+        text.matches(error).count(),
+        2,
+        "Up recalls the line: {text:?}"
+    );
+    // Each error is followed by the next prompt, never preceded by it.
+    for piece in text.split(error).skip(1) {
+        assert!(piece.contains("boxd> "), "{text:?}");
+        assert!(!piece.starts_with("boxd> "), "{text:?}");
+    }
+    let after_first = text.split(error).nth(1).unwrap();
+    assert!(
+        after_first.find("boxd> ").unwrap() > after_first.find('\n').unwrap(),
+        "the prompt after the error's line: {text:?}"
     );
 }

@@ -491,7 +491,7 @@ async fn serve_channel<B: Backend>(
             let line = String::from_utf8_lossy(&command).into_owned();
             exec(&shared.lobby, &caller, &line, &mut rx, &term).await
         }
-        None => interactive(&shared.lobby, &caller, &mut rx, &term).await,
+        None => interactive(&shared.lobby, &caller, rx, &term).await,
     };
     term.finish(code).await;
 }
