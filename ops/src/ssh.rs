@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use boxd_controlplane::Replica;
 use boxd_controlplane::command::{Command, Outcome};
-use boxd_controlplane::model::{AccountId, Fingerprint, Millis, Registration, SshKey, Vm};
+use boxd_controlplane::model::{AccountId, Fingerprint, Millis, Node, Registration, SshKey, Vm};
 use boxd_controlplane::replica::WriteError;
 use boxd_controlplane::store::ReadError;
 use boxd_dataplane::ssh::backend::{Backend, BackendError, BoxFuture};
@@ -87,6 +87,16 @@ impl Backend for ReplicaBackend {
         self.on_rt(move |r| async move {
             let a = r.reader().account(account).await.map_err(read_err)?;
             Ok(a.map(|a| (a.name, a.max_vms)))
+        })
+    }
+
+    fn workers(&self) -> BoxFuture<'_, Result<Vec<Node>, BackendError>> {
+        self.on_rt(|r| async move {
+            let nodes = r.reader().nodes().await.map_err(read_err)?;
+            Ok(nodes
+                .into_iter()
+                .filter(|n| n.roles.contains(&boxd_controlplane::model::Role::Worker))
+                .collect())
         })
     }
 

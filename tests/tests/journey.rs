@@ -226,6 +226,14 @@ fn journey(runtime: &str) {
         .unwrap();
     assert_eq!(String::from_utf8_lossy(&dig.stdout).trim(), ip);
 
+    // A size no worker here could hold is refused at once, with the numbers (issue 26).
+    let (code, _, err) = c.ssh(LOBBY, &["new", "--name=huge", "--cpus=64"]);
+    assert_eq!(code, 1, "{err}");
+    assert!(
+        err.contains("no worker offers 64 vCPUs; the largest offers"),
+        "{err}"
+    );
+
     // A session: output and exit status.
     let (code, out, err) = c.ssh(&ip, &["echo hi; exit 3"]);
     assert_eq!((code, out.as_str()), (3, "hi\n"), "{err}");

@@ -6,7 +6,7 @@ use std::future::Future;
 use std::pin::Pin;
 
 use boxd_controlplane::command::{ApplyError, Command, Outcome};
-use boxd_controlplane::model::{AccountId, Fingerprint, Millis, Registration, SshKey, Vm};
+use boxd_controlplane::model::{AccountId, Fingerprint, Millis, Node, Registration, SshKey, Vm};
 
 /// A boxed, `Send` future (russh's handler futures must be `Send`).
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
@@ -40,6 +40,8 @@ pub trait Backend: Send + Sync + 'static {
         &self,
         account: AccountId,
     ) -> BoxFuture<'_, Result<Option<(String, u32)>, BackendError>>;
+    /// The cluster's workers with their capacity and what is placed on them (local replica).
+    fn workers(&self) -> BoxFuture<'_, Result<Vec<Node>, BackendError>>;
     /// Wall-clock time for the commands the lobby proposes.
     fn now(&self) -> Millis;
 }

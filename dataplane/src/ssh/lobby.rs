@@ -194,6 +194,15 @@ impl<B: Backend> Lobby<B> {
         })
     }
 
+    /// What a pending VM waits for (see `capacity::waiting`).
+    async fn waiting_for(&self, caller: &Caller, name: &str) -> String {
+        let (workers, vm) = (self.backend.workers().await, self.find(caller, name).await);
+        match (workers, vm) {
+            (Ok(ws), Ok(vm)) => super::capacity::waiting(&ws, &vm.spec),
+            _ => "waiting for a worker with room".to_owned(),
+        }
+    }
+
     /// `: <reason>` when the worker gave one for the VM's state, else nothing.
     async fn reason_of(&self, caller: &Caller, name: &str) -> String {
         self.find(caller, name)
@@ -231,6 +240,10 @@ impl<B: Backend> Lobby<B> {
                 EXIT_USAGE,
                 format!("the name {name:?} is not valid: {p}"),
             ));
+        }
+        let workers = self.backend.workers().await?;
+        if let Some(why) = super::capacity::never_fits(&workers, &spec) {
+            return Err(Reply::fail(EXIT_FAILED, why));
         }
         progress.line(format!(
             "creating {name}: {} vCPU, {} MiB memory, {} GiB disk, image {}",
@@ -303,7 +316,8 @@ impl<B: Backend> Lobby<B> {
                     }
                     (Observed::Starting, _) => progress.line(format!("{name} is starting")),
                     (Observed::Pending, _) => {
-                        progress.line(format!("{name} is waiting for a worker with room"))
+                        let why = self.waiting_for(caller, name).await;
+                        progress.line(format!("{name} is {why}"));
                     }
                     _ => {}
                 }
@@ -399,6 +413,9 @@ impl<B: Backend> Lobby<B> {
         );
         if let Some(r) = &v.reason {
             let _ = writeln!(s, "why      {r}");
+        } else if v.observed == Observed::Pending {
+            let why = self.waiting_for(caller, name).await;
+            let _ = writeln!(s, "why      {why}");
         }
         let _ = writeln!(
             s,

@@ -4,6 +4,7 @@
 //! dialled address) to the caller's VM. See dataplane/DESIGN.md ("SSH shards") and docs/ssh.md.
 
 pub mod backend;
+mod capacity;
 pub mod command;
 mod cutoff;
 pub mod lobby;
