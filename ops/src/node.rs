@@ -361,7 +361,14 @@ async fn settle(
         let https_port = https_ready.as_ref().map(|h| h.addr.port());
         match crate::ssh::start(&cfg, listeners, &replica, https_port).await {
             Ok((server, fp)) => {
-                ssh_line = format!(" ssh={addr} ssh_host_key={fp}");
+                let lobby = replica
+                    .view()
+                    .current()
+                    .lobby_addresses()
+                    .next()
+                    .map(|ip| format!(" lobby={ip}:{}", addr.port()))
+                    .unwrap_or_default();
+                ssh_line = format!(" ssh={addr}{lobby} ssh_host_key={fp}");
                 if let Ok(mut f) = ready.front.lock() {
                     f.ssh = Some(server);
                 }

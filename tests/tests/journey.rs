@@ -226,6 +226,35 @@ fn journey(runtime: &str) {
         .unwrap();
     assert_eq!(String::from_utf8_lossy(&dig.stdout).trim(), ip);
 
+    // Names without DNS changes (issue 26): the ready line gives the lobby, and the lobby an
+    // OpenSSH config with every VM's name, which plain `ssh NAME.zone` then uses.
+    assert_eq!(field(&ready, "lobby"), "127.77.0.1:2222", "{ready}");
+    let config = dir.path().join("ssh_config");
+    std::fs::write(&config, c.ok(LOBBY, &["ssh-config"])).unwrap();
+    let named = ns
+        .command("ssh")
+        .arg("-F")
+        .arg(&config)
+        .args(["-o", "IdentitiesOnly=yes", "-o", "StrictHostKeyChecking=no"])
+        .args([
+            "-o",
+            "UserKnownHostsFile=/dev/null",
+            "-o",
+            "BatchMode=yes",
+            "-i",
+        ])
+        .arg(&c.key)
+        .args(["myapp.boxd.test", "hostname"])
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&named.stdout),
+        "myapp\n",
+        "{}",
+        String::from_utf8_lossy(&named.stderr)
+    );
+
     // A size no worker here could hold is refused at once, with the numbers (issue 26).
     let (code, _, err) = c.ssh(LOBBY, &["new", "--name=huge", "--cpus=64"]);
     assert_eq!(code, 1, "{err}");

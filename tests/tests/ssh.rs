@@ -150,7 +150,7 @@ fn openssh_drives_the_lobby_and_reaches_only_its_own_vms() {
     let (code, out, err) = ssh(&bob, LOBBY).run(&["ls"]);
     assert_eq!((code, out.as_str()), (1, ""), "{err}");
     assert!(
-        err.contains(&fingerprint(&bob)) && err.contains("https://boxd.test/register/"),
+        err.contains(&fingerprint(&bob)) && err.contains("https://boxd.test:8443/register/"),
         "{err}"
     );
     let link = |e: &str| {

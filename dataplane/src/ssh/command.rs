@@ -54,6 +54,8 @@ pub enum LobbyCommand {
         /// Machine-readable output.
         json: bool,
     },
+    /// An OpenSSH config block for the zone: names that work without DNS.
+    SshConfig,
     /// Usage.
     Help,
     /// Leave the interactive prompt.
@@ -119,6 +121,7 @@ Commands:
   keys add            add the public key given on stdin
   keys rm FINGERPRINT remove a key
   whoami              show your account
+  ssh-config          an OpenSSH config for your VMs' names (ssh -F <(ssh LOBBY ssh-config) NAME)
   help                this text
 Add --json to ls, show, keys, whoami and new for machine-readable output.
 Sizes: memory in MiB or with a unit (512M, 2G); disk in GiB or with a unit (10G).
@@ -287,6 +290,12 @@ fn parse(words: &[String]) -> Result<LobbyCommand, UsageError> {
             Ok(LobbyCommand::Whoami {
                 json: json_only("whoami", &flags)?,
             })
+        }
+        "ssh-config" => {
+            if words.len() > 1 {
+                return Err(usage("`ssh-config` takes no arguments"));
+            }
+            Ok(LobbyCommand::SshConfig)
         }
         "help" | "--help" | "-h" | "?" => Ok(LobbyCommand::Help),
         "exit" | "quit" | "logout" => Ok(LobbyCommand::Exit),

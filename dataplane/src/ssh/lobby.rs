@@ -149,10 +149,35 @@ impl<B: Backend> Lobby<B> {
             LobbyCommand::KeysAdd => self.keys_add(caller, stdin).await,
             LobbyCommand::KeysRm { fingerprint } => self.keys_rm(caller, &fingerprint).await,
             LobbyCommand::Whoami { json } => self.whoami(caller, json).await,
+            LobbyCommand::SshConfig => self.ssh_config(caller).await,
             LobbyCommand::Help => Ok(Reply::out(HELP.to_owned())),
             LobbyCommand::Exit => Ok(Reply::default()),
         };
         r.unwrap_or_else(|e| e)
+    }
+
+    /// An OpenSSH config block: the lobby and each of the caller's VMs by name, with their
+    /// addresses and the port, so `ssh NAME.zone` works where the system resolver does not
+    /// know the zone (`boxd up`'s `boxd.test`).
+    async fn ssh_config(&self, caller: &Caller) -> Result<Reply, Reply> {
+        let zone = self.zone();
+        let vms = self.backend.vms_of(caller.account).await?;
+        let lobby = self.view.current().lobby_addresses().next();
+        let port = self.settings.ssh_port;
+        let mut s = format!(
+            "# {zone}: use with `ssh -F <(ssh -p {port} LOBBY ssh-config) NAME.{zone}`, or add to \
+             ~/.ssh/config. Run it again after `new`.\n"
+        );
+        let mut host = |name: &str, ip: String| {
+            let _ = write!(s, "Host {name}\n  HostName {ip}\n  Port {port}\n");
+        };
+        if let Some(ip) = lobby {
+            host(&zone, ip.to_string());
+        }
+        for v in &vms {
+            host(&format!("{}.{zone}", v.name), v.public_ip.to_string());
+        }
+        Ok(Reply::out(s))
     }
 
     /// The zone, for messages.
@@ -165,6 +190,15 @@ impl<B: Backend> Lobby<B> {
         match self.settings.ssh_port {
             22 => format!("ssh {name}.{zone}"),
             p => format!("ssh -p {p} {name}.{zone}"),
+        }
+    }
+
+    /// `https://<zone>[:port]/<path>` (the port when it is not 443), e.g. a registration link.
+    pub fn apex_url(&self, path: &str) -> String {
+        let zone = self.zone();
+        match self.settings.https_port {
+            None | Some(443) => format!("https://{zone}/{path}"),
+            Some(p) => format!("https://{zone}:{p}/{path}"),
         }
     }
 

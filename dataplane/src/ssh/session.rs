@@ -175,8 +175,9 @@ impl<B: Backend> Conn<B> {
                 code
             }
         };
+        let link = self.shared.lobby.apex_url(&format!("register/{code}"));
         format!(
-            "this key ({fp}) is not registered with {zone}.\nOpen https://{zone}/register/{code} to link it to your account (valid 24 h),\nor add it from a registered key with `keys add`."
+            "this key ({fp}) is not registered with {zone}.\nOpen {link} to link it to your account (valid 24 h),\nor add it from a registered key with `keys add`."
         )
     }
 }
