@@ -52,6 +52,25 @@ pub type StatusCell = Arc<Mutex<Option<WorkerStatus>>>;
 /// memory, CPU and process limits refuses to start instead.
 pub fn preflight(cfg: &Config) -> Result<(Arc<dyn Runtime>, String), String> {
     let (runtime, reason) = choose_runtime(cfg)?;
+    let busybox = std::path::Path::new("/bin/busybox");
+    let static_busybox = boxd_vmm::image::is_static_elf(busybox).unwrap_or(false);
+    let nft = std::process::Command::new("nft")
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !static_busybox || !nft {
+        let missing: Vec<&str> = [(!nft, "nftables"), (!static_busybox, "busybox-static")]
+            .into_iter()
+            .filter_map(|(m, p)| m.then_some(p))
+            .collect();
+        return Err(format!(
+            "the worker needs nftables (it keeps VMs apart) and a static busybox at /bin/busybox \
+             (the `minimal` image): install {} (apt-get install {}), or run without the worker \
+             (boxd up --role control,proxy,dns)",
+            missing.join(" and "),
+            missing.join(" ")
+        ));
+    }
     if runtime.name() == "sandbox" {
         let missing = boxd_vmm::sandbox::missing_controllers();
         if !missing.is_empty() {

@@ -254,3 +254,26 @@ fn a_worker_that_cannot_limit_vms_refuses_to_start() {
     // Finding 8: written to a file (here a pipe), the log has no colour codes.
     assert!(!err.contains('\u{1b}'), "ANSI codes in the log: {err}");
 }
+
+/// Issue 26, finding 9: a machine without the worker's tools hears what to install when
+/// `boxd up` starts, not from a failing `new` later (here `nft` is not on PATH).
+#[test]
+fn a_worker_without_its_tools_says_what_to_install() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = write_config(dir.path(), "notools", "127.0.46.1:7000", "");
+    // `timeout` by its path: PATH has nothing in it.
+    let out = Command::new("/usr/bin/timeout")
+        .arg("30")
+        .arg(boxd_bin())
+        .args(["up", "--data-dir"])
+        .arg(dir.path().join("data"))
+        .arg("--config")
+        .arg(&cfg)
+        .env("PATH", "/nonexistent")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains("apt-get install nftables"), "{err}");
+    assert!(err.contains("--role control,proxy,dns"), "{err}");
+}

@@ -145,6 +145,13 @@ fn openssh_drives_the_lobby_and_reaches_only_its_own_vms() {
     let me: Value = serde_json::from_str(&out).unwrap();
     assert_eq!(me["account"], "owner");
     assert_eq!(me["key"], fingerprint(&alice));
+    // ... and is told so, once (issue 26, finding 8).
+    assert!(
+        err.contains("now owns boxd.test: it was the first to connect"),
+        "{err}"
+    );
+    let (_, _, err) = ssh(&alice, LOBBY).run(&["whoami"]);
+    assert!(!err.contains("now owns"), "{err}");
 
     // A later unknown key gets a registration link, the same one on a second try.
     let (code, out, err) = ssh(&bob, LOBBY).run(&["ls"]);
@@ -204,7 +211,7 @@ fn openssh_drives_the_lobby_and_reaches_only_its_own_vms() {
     }
     let (code, out, _) = ssh(&alice, LOBBY).run(&["help"]);
     assert_eq!(code, 0);
-    assert!(out.contains("new [--name=NAME]"), "{out}");
+    assert!(out.contains("new [NAME | --name=NAME]"), "{out}");
 
     // `new` waits until the VM runs; the worker's report arrives while it waits.
     let mut new = ssh(&alice, LOBBY)

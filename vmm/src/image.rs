@@ -326,7 +326,7 @@ pub fn tree_size(dir: &Path) -> Result<(u64, u64), ImageError> {
 }
 
 /// Whether the ELF file at `path` has no program interpreter (is statically linked).
-fn is_static_elf(path: &Path) -> Result<bool, ImageError> {
+pub fn is_static_elf(path: &Path) -> Result<bool, ImageError> {
     let data = std::fs::read(path).map_err(io(path))?;
     let u16_at = |o: usize| data.get(o..o + 2).map(|b| u16::from_le_bytes([b[0], b[1]]));
     let u64_at = |o: usize| {

@@ -109,7 +109,7 @@ fn usage(msg: impl Into<String>) -> UsageError {
 /// The `help` text.
 pub const HELP: &str = "\
 Commands:
-  new [--name=NAME] [--image=IMAGE] [--cpus=N] [--memory=SIZE] [--disk=SIZE]
+  new [NAME | --name=NAME] [--image=IMAGE] [--cpus=N] [--memory=SIZE] [--disk=SIZE]
                       create a VM and wait until it is reachable
   ls                  list your VMs
   show NAME           show one VM

@@ -76,6 +76,8 @@ pub(crate) struct Conn<B: Backend> {
     user: String,
     /// The link to the VM's agent, for VM sessions.
     link: Option<Arc<AgentLink>>,
+    /// Said on the connection's first session (that this key just became the owner).
+    notice: Option<String>,
 }
 
 impl<B: Backend> Conn<B> {
@@ -97,6 +99,7 @@ impl<B: Backend> Conn<B> {
             channels: Arc::new(AtomicUsize::new(0)),
             user: String::new(),
             link: None,
+            notice: None,
         }
     }
 
@@ -217,6 +220,11 @@ impl<B: Backend> Handler for Conn<B> {
                 };
                 if self.shared.lobby.backend().write(claim).await.is_ok() {
                     tracing::info!(key = %fp, "the first key claimed the owner account");
+                    self.notice = Some(format!(
+                        "boxd: this key ({fp}) now owns {}: it was the first to connect. Other \
+                         keys get a registration link; add yours with `keys add`.\n",
+                        self.shared.lobby.zone()
+                    ));
                     return Ok(self.admit(Mode::Lobby(Caller {
                         account: id,
                         fingerprint: fp,
@@ -286,8 +294,9 @@ impl<B: Backend> Handler for Conn<B> {
         let local = self.local;
         let link = self.link.clone();
         let handle = session.handle();
+        let notice = self.notice.take();
         tokio::spawn(async move {
-            serve_channel(shared, mode, channel, local, link, handle).await;
+            serve_channel(shared, mode, channel, local, link, handle, notice).await;
             count.fetch_sub(1, Ordering::Relaxed);
         });
         Ok(())
@@ -450,6 +459,7 @@ async fn serve_channel<B: Backend>(
     local: SocketAddr,
     link: Option<Arc<AgentLink>>,
     handle: russh::server::Handle,
+    notice: Option<String>,
 ) {
     let caller = match &mode {
         Mode::Lobby(c) => c.clone(),
@@ -487,6 +497,9 @@ async fn serve_channel<B: Backend>(
         return;
     };
     let term = Term { ch: &tx, pty };
+    if let Some(n) = notice {
+        term.err(&n).await;
+    }
     let code = match request {
         Some(command) => {
             let line = String::from_utf8_lossy(&command).into_owned();
