@@ -267,6 +267,18 @@ pub enum Command {
         /// The key in OpenSSH form (`ssh-ed25519 AAAA…`).
         key: String,
     },
+    /// A worker records something that happened to a VM (started, restarted after its process
+    /// ended and why, stopped); the VM keeps its last [`crate::store::apply::MAX_EVENTS`].
+    RecordVmEvent {
+        /// VM.
+        vm: VmId,
+        /// Reporting worker (must be the one it is placed on).
+        worker: NodeId,
+        /// What happened, one line.
+        text: String,
+        /// When.
+        at: Millis,
+    },
 }
 
 /// The name of the field that holds a command's variant in its JSON form.
@@ -528,6 +540,7 @@ impl Command {
             Command::PurgeVm { .. } => "purge_vm",
             Command::SetTxt { .. } => "set_txt",
             Command::SetAgentKey { .. } => "set_agent_key",
+            Command::RecordVmEvent { .. } => "record_vm_event",
             Command::PublishImages { .. } => "publish_images",
         }
     }

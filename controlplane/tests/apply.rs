@@ -507,6 +507,26 @@ fn history() -> Vec<(&'static str, Command, Check)> {
             Box::new(done),
         ),
         (
+            "an event from the VM's worker",
+            Command::RecordVmEvent {
+                vm: i.vm2,
+                worker: 2,
+                text: "started".into(),
+                at: 8,
+            },
+            Box::new(done),
+        ),
+        (
+            "an event of two lines",
+            Command::RecordVmEvent {
+                vm: i.vm2,
+                worker: 2,
+                text: "started\nforged".into(),
+                at: 8,
+            },
+            err(|e| matches!(e, ApplyError::Invalid { .. })),
+        ),
+        (
             "a node publishes its images",
             Command::PublishImages {
                 node: 2,
@@ -1001,7 +1021,7 @@ fn every_command_round_trips_in_json_and_binary() {
     let kinds: std::collections::BTreeSet<&str> = cmds.iter().map(Command::kind).collect();
     assert_eq!(
         kinds.len(),
-        22,
+        23,
         "the history holds every kind of command: {kinds:?}"
     );
     for cmd in &cmds {

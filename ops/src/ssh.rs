@@ -90,6 +90,13 @@ impl Backend for ReplicaBackend {
         })
     }
 
+    fn events_of(
+        &self,
+        vm: boxd_controlplane::model::VmId,
+    ) -> BoxFuture<'_, Result<Vec<(Millis, String)>, BackendError>> {
+        self.on_rt(move |r| async move { r.reader().vm_events(vm).await.map_err(read_err) })
+    }
+
     fn workers(&self) -> BoxFuture<'_, Result<Vec<Node>, BackendError>> {
         self.on_rt(|r| async move {
             let nodes = r.reader().nodes().await.map_err(read_err)?;

@@ -378,6 +378,7 @@ impl Supervisor {
                     match tokio::task::spawn_blocking(move || host.stop(&key)).await {
                         Ok(Ok(())) => {
                             tracing::info!(vm = %vm.name, "VM stopped");
+                            sup.event(id, "stopped".into()).await;
                             sup.report(id, Observed::Stopped, vm.private_ip, None).await;
                         }
                         Ok(Err(e)) => tracing::warn!(vm = %vm.name, error = %e, "stop failed"),
@@ -431,6 +432,8 @@ impl Supervisor {
             self.start_timeout,
         );
         let hint = vm.private_ip;
+        // Read before this start logs its own first line.
+        let last_words = self.host.last_words(&id.to_string());
         tracing::debug!(vm = %vm.name, "starting");
         let t0 = Instant::now();
         let fetched = self.fetch_image(&vm).await;
@@ -445,6 +448,15 @@ impl Supervisor {
         };
         if r.is_ok() {
             self.record_agent_key(&vm).await;
+            // Running before, with no process now: it ended without being asked to.
+            let text = if matches!(vm.observed, Observed::Running | Observed::Booting) {
+                let why = last_words
+                    .unwrap_or_else(|| "its process was killed or the host restarted".to_owned());
+                format!("restarted: its process had ended ({why})")
+            } else {
+                "started".to_owned()
+            };
+            self.event(id, text).await;
         }
         match r {
             Ok(started) => {
@@ -531,6 +543,19 @@ impl Supervisor {
         };
         if let Err(e) = self.replica.write(cmd).await {
             tracing::warn!(vm = %vm.name, error = %e, "the agent's host key was not recorded");
+        }
+    }
+
+    /// Records an event in the VM's history (see `RecordVmEvent`).
+    async fn event(&self, vm: VmId, text: String) {
+        let cmd = Command::RecordVmEvent {
+            vm,
+            worker: self.me,
+            text: shorten(text, MAX_REASON),
+            at: self.replica.now(),
+        };
+        if let Err(e) = self.replica.write(cmd).await {
+            tracing::debug!(%vm, error = %e, "event not written");
         }
     }
 

@@ -465,6 +465,20 @@ fn journey(runtime: &str) {
         (c.ssh(&ip, &["true"]).0 == 0).then_some(())
     });
     assert_eq!(c.ok(&ip, &["cat /root/file"]), "kept\n");
+    // ... and each step is in the VM's events (issue 26).
+    let events = c.ok(LOBBY, &["events", "myapp"]);
+    let order = [
+        "started",
+        "stop asked by its owner",
+        "stopped",
+        "start asked by its owner",
+        "started",
+    ];
+    let texts: Vec<&str> = events
+        .lines()
+        .map(|l| l.split("  ").nth(1).unwrap_or(l))
+        .collect();
+    assert_eq!(texts, order, "{events}");
 
     // rm frees the name, the address and the disk.
     let vm_dir = std::fs::read_dir(data.join("vms"))
@@ -540,6 +554,13 @@ fn journey(runtime: &str) {
             .all(|ip| c.ssh(ip, &["true"]).0 == 0)
             .then_some(())
     });
+    // The restart and its cause are in that VM's events and in `show` (issue 26).
+    let crashed: Vec<String> = ["myapp", "two", "three"]
+        .iter()
+        .map(|name| c.ok(LOBBY, &["show", name]))
+        .filter(|show| show.contains("restarted: its process had ended (killed by signal 9)"))
+        .collect();
+    assert_eq!(crashed.len(), 1, "{crashed:?}");
 }
 
 /// `runtime = "kvm"`: with hardware virtualization, the whole journey above. Where KVM only

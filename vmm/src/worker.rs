@@ -679,6 +679,27 @@ impl Host {
         }
     }
 
+    /// Why the VM's last run ended, from its logs (the sandbox's `ended by itself: …`, the
+    /// VMM's `VM failed: …`); none if that run left no word (its process was killed) or is
+    /// still going.
+    pub fn last_words(&self, id: &str) -> Option<String> {
+        let dir = self.vm_dir(id);
+        ["vmm.log", "console.log"].iter().find_map(|f| {
+            let log = std::fs::read_to_string(dir.join(f)).ok()?;
+            for l in log.lines().rev() {
+                if l.contains("sandbox running") || l.contains("VM running") {
+                    return None;
+                }
+                for mark in ["ended by itself: ", "VM failed: "] {
+                    if let Some((_, why)) = l.split_once(mark) {
+                        return Some(why.trim().to_owned());
+                    }
+                }
+            }
+            None
+        })
+    }
+
     /// Why a VM's `boxd vmm` ended, from its log (`VM failed: …`), for the report.
     pub fn vmm_ending(&self, id: &str) -> String {
         let log = std::fs::read_to_string(self.vm_dir(id).join("vmm.log")).unwrap_or_default();

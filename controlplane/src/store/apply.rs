@@ -257,6 +257,9 @@ fn is_agent_key(key: &str) -> bool {
     })
 }
 
+/// Events a VM keeps (the oldest go first).
+pub const MAX_EVENTS: u64 = 50;
+
 /// Longest reason a worker may give for a VM's state.
 pub const MAX_REASON: usize = 1024;
 
@@ -1022,12 +1025,19 @@ fn apply_one(
             desired,
             at,
         } => {
-            owned_vm(c, *vm, *by)?;
+            let v = owned_vm(c, *vm, *by)?;
             exec(
                 c,
                 "UPDATE vms SET desired = ?2, updated_at = ?3 WHERE id = ?1",
                 params![vm.to_string(), desired.as_str(), sql_u64(*at)],
             )?;
+            if v.desired != *desired {
+                let text = match desired {
+                    Desired::Running => "start asked by its owner",
+                    Desired::Stopped => "stop asked by its owner",
+                };
+                rows::add_vm_event(c, *vm, *at, text, MAX_EVENTS)?;
+            }
             t.vm(*vm);
             Ok(Outcome::Done)
         }
@@ -1040,15 +1050,7 @@ fn apply_one(
             reason,
             at,
         } => {
-            let Some(v) = rows::vm(c, *vm)? else {
-                return Err(not_found("VM", vm));
-            };
-            if v.worker != Some(*worker) {
-                return Err(invalid(
-                    format!("report from node {worker}"),
-                    "the VM is not placed on that node",
-                ));
-            }
+            placed_vm(c, *vm, *worker, "report")?;
             if *observed == Observed::Pending {
                 return Err(invalid(
                     "observed state pending",
@@ -1082,6 +1084,11 @@ fn apply_one(
             exec(c, "DELETE FROM vms WHERE id = ?1", params![vm.to_string()])?;
             exec(
                 c,
+                "DELETE FROM vm_events WHERE vm = ?1",
+                params![vm.to_string()],
+            )?;
+            exec(
+                c,
                 "UPDATE accounts SET vm_count = MAX(0, vm_count - 1) WHERE id = ?1",
                 params![v.owner.to_string()],
             )?;
@@ -1108,16 +1115,25 @@ fn apply_one(
             Ok(Outcome::Done)
         }
 
-        Command::SetAgentKey { vm, worker, key } => {
-            let Some(v) = rows::vm(c, *vm)? else {
-                return Err(not_found("VM", vm));
-            };
-            if v.worker != Some(*worker) {
+        Command::RecordVmEvent {
+            vm,
+            worker,
+            text,
+            at,
+        } => {
+            placed_vm(c, *vm, *worker, "event")?;
+            if text.is_empty() || text.len() > MAX_REASON || text.chars().any(char::is_control) {
                 return Err(invalid(
-                    format!("agent key from node {worker}"),
-                    "the VM is not placed on that node",
+                    "event",
+                    format!("one line of at most {MAX_REASON} bytes"),
                 ));
             }
+            rows::add_vm_event(c, *vm, *at, text, MAX_EVENTS)?;
+            Ok(Outcome::Done)
+        }
+
+        Command::SetAgentKey { vm, worker, key } => {
+            let v = placed_vm(c, *vm, *worker, "agent key")?;
             if !is_agent_key(key) {
                 return Err(invalid(
                     "agent key",
@@ -1289,6 +1305,25 @@ fn insert_key(
 }
 
 /// The VM if `by` owns it. A VM of another account is reported like a missing one.
+/// The VM `vm`, if it is placed on `worker` (who sends a `what` about it).
+fn placed_vm(
+    c: &Connection,
+    vm: VmId,
+    worker: NodeId,
+    what: &str,
+) -> Result<crate::model::Vm, Fail> {
+    let Some(v) = rows::vm(c, vm)? else {
+        return Err(not_found("VM", vm));
+    };
+    if v.worker != Some(worker) {
+        return Err(invalid(
+            format!("{what} from node {worker}"),
+            "the VM is not placed on that node",
+        ));
+    }
+    Ok(v)
+}
+
 fn owned_vm(
     c: &Connection,
     vm: VmId,

@@ -120,6 +120,14 @@ impl StateReader {
         self.read(move |c| rows::keys_of(c, id)).await
     }
 
+    /// A VM's events, oldest first: (time, text).
+    pub async fn vm_events(
+        &self,
+        vm: crate::model::VmId,
+    ) -> Result<Vec<(crate::model::Millis, String)>, ReadError> {
+        self.read(move |c| rows::vm_events(c, vm)).await
+    }
+
     /// An account's VMs.
     pub async fn vms_of(&self, id: AccountId) -> Result<Vec<Vm>, ReadError> {
         self.read(move |c| rows::vms_of(c, id)).await

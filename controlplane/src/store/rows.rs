@@ -166,6 +166,37 @@ pub fn vms_on(conn: &Connection, worker: NodeId) -> rusqlite::Result<Vec<Vm>> {
     .collect()
 }
 
+/// A VM's events, oldest first: (time, text).
+pub fn vm_events(
+    conn: &Connection,
+    vm: VmId,
+) -> rusqlite::Result<Vec<(crate::model::Millis, String)>> {
+    conn.prepare_cached("SELECT at, text FROM vm_events WHERE vm = ?1 ORDER BY seq")?
+        .query_map(params![vm.to_string()], |r| {
+            Ok((unsigned(r, 0)?, r.get(1)?))
+        })?
+        .collect()
+}
+
+/// Adds an event to a VM's, dropping the oldest beyond `keep`.
+pub fn add_vm_event(
+    conn: &Connection,
+    vm: VmId,
+    at: crate::model::Millis,
+    text: &str,
+    keep: u64,
+) -> rusqlite::Result<()> {
+    let id = vm.to_string();
+    let next: i64 = conn
+        .prepare_cached("SELECT COALESCE(MAX(seq), 0) + 1 FROM vm_events WHERE vm = ?1")?
+        .query_row(params![id], |r| r.get(0))?;
+    conn.prepare_cached("INSERT INTO vm_events (vm, seq, at, text) VALUES (?1, ?2, ?3, ?4)")?
+        .execute(params![id, next, sql_u64(at), text])?;
+    conn.prepare_cached("DELETE FROM vm_events WHERE vm = ?1 AND seq <= ?2")?
+        .execute(params![id, next - i64::try_from(keep).unwrap_or(i64::MAX)])?;
+    Ok(())
+}
+
 /// Deleted VMs whose disks `worker` still has to remove (ids).
 pub fn deleted_on(conn: &Connection, worker: NodeId) -> rusqlite::Result<Vec<VmId>> {
     conn.prepare_cached("SELECT id FROM deleted_vms WHERE worker = ?1 ORDER BY id")?

@@ -5,7 +5,7 @@
 use rusqlite::Connection;
 
 /// Version of the schema below; stored in `PRAGMA user_version`.
-pub const SCHEMA_VERSION: i64 = 3;
+pub const SCHEMA_VERSION: i64 = 4;
 
 const SCHEMA: &str = r#"
 CREATE TABLE IF NOT EXISTS meta (
@@ -119,6 +119,14 @@ CREATE TABLE IF NOT EXISTS node_images (
     bytes    INTEGER NOT NULL,
     built_at INTEGER NOT NULL,
     PRIMARY KEY (name, node)
+) WITHOUT ROWID;
+-- What happened to each VM, its last MAX_EVENTS (version 4).
+CREATE TABLE IF NOT EXISTS vm_events (
+    vm   TEXT NOT NULL,
+    seq  INTEGER NOT NULL,
+    at   INTEGER NOT NULL,
+    text TEXT NOT NULL,
+    PRIMARY KEY (vm, seq)
 ) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS deleted_vms (
     id         TEXT PRIMARY KEY,

@@ -40,6 +40,11 @@ pub trait Backend: Send + Sync + 'static {
         &self,
         account: AccountId,
     ) -> BoxFuture<'_, Result<Option<(String, u32)>, BackendError>>;
+    /// A VM's events, oldest first: (time, text) (local replica).
+    fn events_of(
+        &self,
+        vm: boxd_controlplane::model::VmId,
+    ) -> BoxFuture<'_, Result<Vec<(Millis, String)>, BackendError>>;
     /// The cluster's workers with their capacity and what is placed on them (local replica).
     fn workers(&self) -> BoxFuture<'_, Result<Vec<Node>, BackendError>>;
     /// Wall-clock time for the commands the lobby proposes.

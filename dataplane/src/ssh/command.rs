@@ -54,6 +54,11 @@ pub enum LobbyCommand {
         /// Machine-readable output.
         json: bool,
     },
+    /// What happened to a VM.
+    Events {
+        /// VM name.
+        name: String,
+    },
     /// An OpenSSH config block for the zone: names that work without DNS.
     SshConfig,
     /// Usage.
@@ -112,7 +117,8 @@ Commands:
   new [NAME | --name=NAME] [--image=IMAGE] [--cpus=N] [--memory=SIZE] [--disk=SIZE]
                       create a VM and wait until it is reachable
   ls                  list your VMs
-  show NAME           show one VM
+  show NAME           show one VM (with its last events)
+  events NAME         what happened to a VM: started, stopped, restarted and why
   start NAME          start a stopped VM
   stop NAME           stop a VM (its disk is kept)
   restart NAME        stop and start a VM
@@ -289,6 +295,12 @@ fn parse(words: &[String]) -> Result<LobbyCommand, UsageError> {
             }
             Ok(LobbyCommand::Whoami {
                 json: json_only("whoami", &flags)?,
+            })
+        }
+        "events" => {
+            let (pos, _) = split(words, &[])?;
+            Ok(LobbyCommand::Events {
+                name: one_name("events", &pos, "NAME")?.to_owned(),
             })
         }
         "ssh-config" => {

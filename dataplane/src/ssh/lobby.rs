@@ -150,10 +150,31 @@ impl<B: Backend> Lobby<B> {
             LobbyCommand::KeysRm { fingerprint } => self.keys_rm(caller, &fingerprint).await,
             LobbyCommand::Whoami { json } => self.whoami(caller, json).await,
             LobbyCommand::SshConfig => self.ssh_config(caller).await,
+            LobbyCommand::Events { name } => self.events(caller, &name, None).await,
             LobbyCommand::Help => Ok(Reply::out(HELP.to_owned())),
             LobbyCommand::Exit => Ok(Reply::default()),
         };
         r.unwrap_or_else(|e| e)
+    }
+
+    /// A VM's events (the last `last` of them, or all), one per line with its UTC time.
+    async fn events(
+        &self,
+        caller: &Caller,
+        name: &str,
+        last: Option<usize>,
+    ) -> Result<Reply, Reply> {
+        let v = self.find(caller, name).await?;
+        let events = self.backend.events_of(v.id).await?;
+        let skip = last.map_or(0, |n| events.len().saturating_sub(n));
+        let mut s = String::new();
+        for (at, text) in &events[skip..] {
+            let when = httpdate::fmt_http_date(
+                std::time::UNIX_EPOCH + std::time::Duration::from_millis(*at),
+            );
+            let _ = writeln!(s, "{when}  {text}");
+        }
+        Ok(Reply::out(s))
     }
 
     /// An OpenSSH config block: the lobby and each of the caller's VMs by name, with their
@@ -457,6 +478,14 @@ impl<B: Backend> Lobby<B> {
             v.public_ip,
             self.ssh_line(&v.name)
         );
+        if let Ok(events) = self.events(caller, name, Some(3)).await
+            && !events.stdout.is_empty()
+        {
+            for (i, line) in events.stdout.lines().enumerate() {
+                let label = if i == 0 { "events" } else { "" };
+                let _ = writeln!(s, "{label:<8} {line}");
+            }
+        }
         if let Some(u) = self.url(&v.name) {
             let _ = writeln!(s, "https    {u}");
         }

@@ -101,6 +101,25 @@ pub(super) fn apply(spec: &SandboxSpec, pid: libc::pid_t) -> Vec<String> {
     applied
 }
 
+/// How many processes the kernel killed in the VM's memory cgroup for want of memory (v1
+/// `memory.oom_control`, v2 `memory.events`); 0 when it cannot tell.
+pub fn oom_kills(cgroup: &str) -> u64 {
+    let base = Path::new("/sys/fs/cgroup");
+    [
+        base.join("memory").join(cgroup).join("memory.oom_control"),
+        base.join(cgroup).join("memory.events"),
+    ]
+    .iter()
+    .filter_map(|f| std::fs::read_to_string(f).ok())
+    .flat_map(|text| {
+        text.lines()
+            .filter_map(|l| l.strip_prefix("oom_kill ")?.trim().parse::<u64>().ok())
+            .collect::<Vec<_>>()
+    })
+    .max()
+    .unwrap_or(0)
+}
+
 /// Removes a VM's cgroup directories (they must be empty: its processes gone).
 pub fn remove(cgroup: &str) {
     let spec_dirs = ["", "memory", "cpu", "pids"];

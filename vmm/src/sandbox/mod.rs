@@ -275,15 +275,25 @@ pub fn run(opts: &Options<'_>) -> u8 {
     tracing::info!(pid = child, uid_base = init.uid_base, hostname = %spec.hostname, rootfs = %spec.rootfs.display(),
         ip = ?spec.net.as_ref().map(|n| n.ip), "sandbox running");
     let status = wait_child(child);
+    // Said before the API goes quiet: the worker notices the VM gone by its API socket and
+    // reads this line back as the VM's last words (`Host::last_words`).
+    let by_itself = !shutting_down.load(Ordering::Acquire);
+    if by_itself {
+        let mut why = describe_status(status);
+        let oom = cgroups::oom_kills(&spec.cgroup);
+        if oom > 0 {
+            why += &format!("; out of memory: the kernel killed {oom} of its processes");
+        }
+        tracing::error!("the sandbox's init ended by itself: {why}");
+    }
     ended.store(true, Ordering::Release);
     remove_cgroups(&spec.cgroup);
     _ = std::fs::remove_file(opts.api_sock);
-    if shutting_down.load(Ordering::Acquire) {
+    if by_itself {
+        1
+    } else {
         tracing::info!("sandbox shut down");
         0
-    } else {
-        tracing::error!(status = %describe_status(status), "the sandbox's init ended by itself");
-        1
     }
 }
 
