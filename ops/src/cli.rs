@@ -552,26 +552,93 @@ fn print_members(members: &[Member]) {
 }
 
 fn print_vms(vms: &[Vm]) {
-    println!(
-        "{:<24} {:<16} {:<10} {:<10} {:<7} OWNER",
-        "NAME", "PUBLIC IP", "DESIRED", "OBSERVED", "WORKER"
-    );
-    for v in vms {
-        println!(
-            "{:<24} {:<16} {:<10} {:<10} {:<7} {}",
-            v.name,
-            v.public_ip,
-            v.desired,
-            v.observed,
-            opt(v.worker),
-            v.owner
-        );
+    print!("{}", vms_table(vms));
+}
+
+/// The VMs as aligned columns. Every cell is a `String` first: the model's `Display` impls
+/// write their text whole and ignore a width (they once left the columns ragged).
+fn vms_table(vms: &[Vm]) -> String {
+    let rows: Vec<[String; 6]> = vms
+        .iter()
+        .map(|v| {
+            [
+                v.name.clone(),
+                v.public_ip.to_string(),
+                v.desired.to_string(),
+                v.observed.to_string(),
+                opt(v.worker),
+                v.owner.to_string(),
+            ]
+        })
+        .collect();
+    let head = [
+        "NAME",
+        "PUBLIC IP",
+        "DESIRED",
+        "OBSERVED",
+        "WORKER",
+        "OWNER",
+    ]
+    .map(String::from);
+    let mut widths = head.clone().map(|h| h.len());
+    for r in &rows {
+        for (w, cell) in widths.iter_mut().zip(r) {
+            *w = (*w).max(cell.chars().count());
+        }
     }
+    let mut out = String::new();
+    for r in std::iter::once(&head).chain(&rows) {
+        let cells: Vec<String> = r
+            .iter()
+            .zip(widths)
+            .map(|(c, w)| format!("{c:<w$}"))
+            .collect();
+        out += cells.join("  ").trim_end();
+        out.push('\n');
+    }
+    out
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn vm_columns_line_up() {
+        use boxd_controlplane::model::{AccountId, Desired, Observed, VmId, VmSpec};
+        let vm = |name: &str, observed| Vm {
+            id: VmId::random(),
+            name: name.into(),
+            owner: AccountId::random(),
+            spec: VmSpec::default(),
+            desired: Desired::Running,
+            observed,
+            reason: None,
+            worker: Some(1),
+            private_ip: None,
+            public_ip: "127.77.0.2".parse().expect("ip"),
+            http_port: 80,
+            created_at: 0,
+            updated_at: 0,
+            agent_key: None,
+        };
+        let table = vms_table(&[
+            vm("a", Observed::Pending),
+            vm("a-much-longer-name", Observed::Running),
+        ]);
+        // Where each column starts: after two spaces (names have none).
+        let starts: Vec<Vec<usize>> = table
+            .lines()
+            .map(|l| {
+                let b = l.as_bytes();
+                (2..b.len())
+                    .filter(|&i| b[i] != b' ' && b[i - 1] == b' ' && b[i - 2] == b' ')
+                    .collect()
+            })
+            .collect();
+        assert_eq!(starts[0].len(), 5, "{table}");
+        assert!(starts.iter().all(|s| *s == starts[0]), "{table}");
+    }
 
     #[test]
     fn durations() {
