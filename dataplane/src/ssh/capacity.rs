@@ -50,11 +50,12 @@ pub fn waiting(workers: &[Node], want: &VmSpec) -> String {
             .to_owned();
     };
     let (cpus, mem, disk) = free(best);
+    // Numbers only: which hosts a cluster has is not a tenant's business.
     format!(
-        "waiting for a worker with room for {} vCPUs, {} MiB, {} GiB: the most free now, {} \
-         (node {}), has {cpus} vCPUs, {mem} MiB, {disk} GiB free; it starts when VMs stop or \
-         are removed, or a worker joins",
-        want.vcpus, want.memory_mib, want.disk_gib, best.name, best.id
+        "waiting for a worker with room for {} vCPUs, {} MiB, {} GiB: the most free one now has \
+         {cpus} vCPUs, {mem} MiB, {disk} GiB free; it starts when VMs stop or are removed, or a \
+         worker joins",
+        want.vcpus, want.memory_mib, want.disk_gib
     )
 }
 
@@ -77,8 +78,8 @@ fn offers(workers: &[Node]) -> String {
         .iter()
         .map(|w| {
             format!(
-                "{} offers {} vCPUs, {} MiB, {} GiB",
-                w.name, w.capacity.vcpus, w.capacity.memory_mib, w.capacity.disk_gib
+                "one offers {} vCPUs, {} MiB, {} GiB",
+                w.capacity.vcpus, w.capacity.memory_mib, w.capacity.disk_gib
             )
         })
         .collect();
@@ -137,6 +138,10 @@ mod tests {
         let why = never_fits(&ws, &spec(8, 4096)).expect("refused");
         assert!(why.contains("no single worker"), "{why}");
         let why = waiting(&ws, &spec(2, 4096));
-        assert!(why.contains("w1 (node 1), has 2 vCPUs, 4096 MiB"), "{why}");
+        assert!(
+            why.contains("the most free one now has 2 vCPUs, 4096 MiB"),
+            "{why}"
+        );
+        assert!(!why.contains("w1"), "no host names for tenants: {why}");
     }
 }

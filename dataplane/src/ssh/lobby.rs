@@ -166,39 +166,19 @@ impl<B: Backend> Lobby<B> {
     ) -> Result<Reply, Reply> {
         let v = self.find(caller, name).await?;
         let events = self.backend.events_of(v.id).await?;
-        let skip = last.map_or(0, |n| events.len().saturating_sub(n));
-        let mut s = String::new();
-        for (at, text) in &events[skip..] {
-            let when = httpdate::fmt_http_date(
-                std::time::UNIX_EPOCH + std::time::Duration::from_millis(*at),
-            );
-            let _ = writeln!(s, "{when}  {text}");
-        }
-        Ok(Reply::out(s))
+        Ok(Reply::out(super::listing::events(&events, last)))
     }
 
-    /// An OpenSSH config block: the lobby and each of the caller's VMs by name, with their
-    /// addresses and the port, so `ssh NAME.zone` works where the system resolver does not
-    /// know the zone (`boxd up`'s `boxd.test`).
+    /// An OpenSSH config block for the caller's VMs (see `listing::ssh_config`).
     async fn ssh_config(&self, caller: &Caller) -> Result<Reply, Reply> {
-        let zone = self.zone();
         let vms = self.backend.vms_of(caller.account).await?;
         let lobby = self.view.current().lobby_addresses().next();
-        let port = self.settings.ssh_port;
-        let mut s = format!(
-            "# {zone}: use with `ssh -F <(ssh -p {port} LOBBY ssh-config) NAME.{zone}`, or add to \
-             ~/.ssh/config. Run it again after `new`.\n"
-        );
-        let mut host = |name: &str, ip: String| {
-            let _ = write!(s, "Host {name}\n  HostName {ip}\n  Port {port}\n");
-        };
-        if let Some(ip) = lobby {
-            host(&zone, ip.to_string());
-        }
-        for v in &vms {
-            host(&format!("{}.{zone}", v.name), v.public_ip.to_string());
-        }
-        Ok(Reply::out(s))
+        Ok(Reply::out(super::listing::ssh_config(
+            &self.zone(),
+            lobby,
+            self.settings.ssh_port,
+            &vms,
+        )))
     }
 
     /// The zone, for messages.

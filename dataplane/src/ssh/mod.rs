@@ -7,6 +7,7 @@ pub mod backend;
 mod capacity;
 pub mod command;
 mod cutoff;
+mod listing;
 pub mod lobby;
 mod prompt;
 mod registrations;
