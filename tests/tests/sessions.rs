@@ -30,7 +30,7 @@ impl Drop for KillOnDrop {
 /// One test's boxd, agent and user.
 struct Env {
     _node: Node,
-    _agent: KillOnDrop,
+    agent: KillOnDrop,
     key: std::path::PathBuf,
     /// The VM's public address.
     vm: String,
@@ -71,7 +71,7 @@ fn setup(dir: &Path, n: u8) -> Env {
     running_vm(&node, &owner, "myapp", 80, &agent_ip);
     Env {
         _node: node,
-        _agent: agent,
+        agent,
         key,
         vm: "127.77.0.2".to_owned(),
         port,
@@ -290,5 +290,57 @@ fn the_prompt_edits_lines_and_keeps_errors_in_order() {
     assert!(
         after_first.find("boxd> ").unwrap() > after_first.find('\n').unwrap(),
         "the prompt after the error's line: {text:?}"
+    );
+}
+
+/// Finding 6: an open session ends with a sentence, not a bare exit 255, when its VM's agent
+/// goes away (the VM's process ended) and when its owner stops the VM.
+#[test]
+fn sessions_say_why_they_end() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut env = setup(dir.path(), 3);
+    let session = |env: &Env| {
+        let client = ssh(env.port, &env.key, &env.vm, &["sleep 300"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        std::thread::sleep(Duration::from_secs(1));
+        client
+    };
+    let ended = |client: Child| {
+        let out = client.wait_with_output().unwrap();
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    };
+
+    // The agent goes away (as when the VM's process is killed).
+    let client = session(&env);
+    let _ = env.agent.0.kill();
+    let _ = env.agent.0.wait();
+    let err = ended(client);
+    assert!(
+        err.contains("the connection to myapp ended before its command did"),
+        "{err}"
+    );
+
+    // The owner stops the VM while a session runs.
+    env.agent = KillOnDrop(spawn_agent(
+        Command::new(agent_bin())
+            .args(["--listen", "127.0.45.60:2200", "--authorized-key"])
+            .arg(dir.path().join("agent.pub")),
+    ));
+    let client = session(&env);
+    let stop = ssh(env.port, &env.key, "127.77.0.1", &["stop", "myapp"])
+        .output()
+        .unwrap();
+    assert!(
+        stop.status.success(),
+        "{}",
+        String::from_utf8_lossy(&stop.stderr)
+    );
+    let err = ended(client);
+    assert!(
+        err.contains("myapp was stopped by its owner; this session ends"),
+        "{err}"
     );
 }

@@ -231,10 +231,16 @@ impl AgentLink {
 }
 
 /// Relays one session channel to a new agent session channel until either side closes.
+///
+/// `ended` resolves, with a line for the user, when the VM is stopped or deleted meanwhile: the
+/// user is told why, and the agent's channel closed. An agent that goes away without an exit
+/// status (the VM's process ended) is explained too, rather than a bare exit 255.
 pub(crate) async fn session(
     agent: &client::Handle<AgentClient>,
     user: Channel<server::Msg>,
     user_handle: server::Handle,
+    ended: impl std::future::Future<Output = String>,
+    vm: &str,
 ) -> Result<(), String> {
     let remote = agent
         .channel_open_session()
@@ -245,8 +251,17 @@ pub(crate) async fn session(
     let (mut arx, atx) = remote.split();
     let mut user_open = true;
     let mut agent_open = true;
+    // Whether the agent said how the command ended (else its going away needs a word).
+    let mut exited = false;
+    tokio::pin!(ended);
     while user_open || agent_open {
         tokio::select! {
+            why = &mut ended, if user_open => {
+                let _ = utx.extended_data_bytes(1, bytes::Bytes::from(why)).await;
+                let _ = utx.close().await;
+                let _ = atx.close().await;
+                break;
+            }
             m = urx.wait(), if user_open => {
                 let r = match m {
                     Some(ChannelMsg::Data { data }) => atx.data_bytes(data).await,
@@ -285,8 +300,12 @@ pub(crate) async fn session(
                     Some(ChannelMsg::Data { data }) => utx.data_bytes(data).await,
                     Some(ChannelMsg::ExtendedData { data, ext }) => utx.extended_data_bytes(ext, data).await,
                     Some(ChannelMsg::Eof) => utx.eof().await,
-                    Some(ChannelMsg::ExitStatus { exit_status }) => utx.exit_status(exit_status).await,
+                    Some(ChannelMsg::ExitStatus { exit_status }) => {
+                        exited = true;
+                        utx.exit_status(exit_status).await
+                    }
                     Some(ChannelMsg::ExitSignal { signal_name, core_dumped, error_message, lang_tag }) => {
+                        exited = true;
                         user_handle
                             .exit_signal_request(id, signal_name, core_dumped, error_message, lang_tag)
                             .await
@@ -294,6 +313,13 @@ pub(crate) async fn session(
                     }
                     Some(ChannelMsg::Close) | None => {
                         agent_open = false;
+                        if !exited {
+                            let why = format!(
+                                "boxd: the connection to {vm} ended before its command did: the VM \
+                                 stopped or restarted (`events {vm}` in the lobby says which)\n"
+                            );
+                            let _ = utx.extended_data_bytes(1, bytes::Bytes::from(why)).await;
+                        }
                         utx.close().await
                     }
                     Some(_) => Ok(()),

@@ -480,7 +480,10 @@ async fn serve_channel<B: Backend>(
                 (None, None) => "boxd: no agent link\n".to_owned(),
                 (None, Some(link)) => match link.get(&handle).await {
                     Ok(agent) => {
-                        if let Err(e) = relay::session(&agent, channel, handle).await {
+                        let ended = vm_ended(Arc::clone(&shared), vm.id, vm.name.clone());
+                        if let Err(e) =
+                            relay::session(&agent, channel, handle, ended, &vm.name).await
+                        {
                             tracing::debug!(error = %e, "relay ended");
                         }
                         return;
@@ -539,6 +542,29 @@ async fn explain(channel: Channel<Msg>, msg: &str, code: u32) {
 }
 
 /// Why a VM session cannot be served right now, if it cannot.
+/// Resolves, with a line for the user, once VM `id` is stopped or deleted (so its open
+/// sessions say why they end).
+async fn vm_ended<B: Backend>(
+    shared: Arc<Shared<B>>,
+    id: boxd_controlplane::model::VmId,
+    name: String,
+) -> String {
+    let view = shared.lobby.view();
+    let mut changes = view.subscribe();
+    loop {
+        match view.current().vm(id) {
+            None => return format!("boxd: {name} was deleted; this session ends\n"),
+            Some(v) if v.desired == Desired::Stopped => {
+                return format!("boxd: {name} was stopped by its owner; this session ends\n");
+            }
+            Some(_) => {}
+        }
+        if changes.changed().await.is_err() {
+            return std::future::pending().await;
+        }
+    }
+}
+
 fn vm_blocked<B: Backend>(shared: &Shared<B>, vm: &VmRoute) -> Option<String> {
     let zone = shared.lobby.zone();
     let current = shared.lobby.view().current().vm(vm.id).cloned();
