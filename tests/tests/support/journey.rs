@@ -83,22 +83,8 @@ impl Client<'_> {
         let out = self
             .ns
             .command("ssh")
-            .args(["-F", "/dev/null", "-o", "IdentitiesOnly=yes"])
-            .args([
-                "-o",
-                "StrictHostKeyChecking=no",
-                "-o",
-                "UserKnownHostsFile=/dev/null",
-            ])
-            .args([
-                "-o",
-                "LogLevel=ERROR",
-                "-o",
-                "BatchMode=yes",
-                "-p",
-                "2222",
-                "-i",
-            ])
+            .args(boxd_tests::SSH_OPTS)
+            .args(["-o", "BatchMode=yes", "-p", "2222", "-i"])
             .arg(&self.key)
             .arg(host)
             .args(args)

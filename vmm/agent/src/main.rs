@@ -29,7 +29,9 @@ const USAGE: &str = "usage: boxd-agent --listen ADDR:PORT --authorized-key FILE 
   --listen          address to serve the proxy on (default 0.0.0.0:2200)\n\
   --authorized-key  the cluster's agent public key (OpenSSH form); nothing else may connect\n\
   --host-key        this VM's agent host key (OpenSSH private key), which the proxy checks;\n\
-                    without it a throwaway key\n";
+                    without it a throwaway key\n\
+boxd-agent --sftp-server: an SFTP server on stdin/stdout (the agent runs it as a session's\n\
+  user when the VM has no OpenSSH sftp-server)\n";
 
 fn parse_args() -> Result<Args, String> {
     let mut listen = SocketAddr::from(([0, 0, 0, 0], DEFAULT_PORT));
