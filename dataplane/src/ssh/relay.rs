@@ -249,86 +249,120 @@ pub(crate) async fn session(
     let id = user.id();
     let (mut urx, utx) = user.split();
     let (mut arx, atx) = remote.split();
-    let mut user_open = true;
-    let mut agent_open = true;
-    // Whether the agent said how the command ended (else its going away needs a word).
-    let mut exited = false;
-    tokio::pin!(ended);
-    while user_open || agent_open {
-        tokio::select! {
-            why = &mut ended, if user_open => {
-                let _ = utx.extended_data_bytes(1, bytes::Bytes::from(why)).await;
-                let _ = utx.close().await;
-                let _ = atx.close().await;
-                break;
-            }
-            m = urx.wait(), if user_open => {
-                let r = match m {
-                    Some(ChannelMsg::Data { data }) => atx.data_bytes(data).await,
-                    Some(ChannelMsg::ExtendedData { data, ext }) => atx.extended_data_bytes(ext, data).await,
-                    Some(ChannelMsg::RequestPty { term, col_width, row_height, pix_width, pix_height, terminal_modes, .. }) => {
-                        atx.request_pty(false, &term, col_width, row_height, pix_width, pix_height, &terminal_modes).await
-                    }
-                    Some(ChannelMsg::SetEnv { variable_name, variable_value, .. }) => {
-                        atx.set_env(false, variable_name, variable_value).await
-                    }
-                    Some(ChannelMsg::Exec { command, .. }) => atx.exec(false, command).await,
-                    Some(ChannelMsg::RequestShell { .. }) => atx.request_shell(false).await,
-                    Some(ChannelMsg::RequestSubsystem { name, .. }) => atx.request_subsystem(false, name).await,
-                    Some(ChannelMsg::WindowChange { col_width, row_height, pix_width, pix_height }) => {
-                        atx.window_change(col_width, row_height, pix_width, pix_height).await
-                    }
-                    Some(ChannelMsg::Signal { signal }) => atx.signal(signal).await,
-                    Some(ChannelMsg::Eof) => atx.eof().await,
-                    Some(ChannelMsg::Close) | None => {
-                        // The user is gone (or done): close the agent's channel — the agent
-                        // hangs up its command — and stop. Its answering close is not awaited:
-                        // russh drops a peer's CHANNEL_CLOSE for a channel closed locally, so
-                        // waiting for it would hold the agent connection open forever.
-                        user_open = false;
-                        agent_open = false;
-                        atx.close().await
-                    }
-                    Some(_) => Ok(()),
-                };
-                if r.is_err() {
-                    agent_open = false;
+    // The two directions run side by side, never one waiting on the other: a write that waits
+    // for a peer's window must not stop the other direction's reads, or russh's session —
+    // which stalls while a channel's queue is full — never processes the window adjust that
+    // write waits for (an scp download of 50 MB hung that way). A failed write ends nothing:
+    // each direction reads on until its side closes.
+    let user_to_agent = async {
+        loop {
+            let _ = match urx.wait().await {
+                Some(ChannelMsg::Data { data }) => atx.data_bytes(data).await,
+                Some(ChannelMsg::ExtendedData { data, ext }) => {
+                    atx.extended_data_bytes(ext, data).await
                 }
-            }
-            m = arx.wait(), if agent_open => {
-                let r = match m {
-                    Some(ChannelMsg::Data { data }) => utx.data_bytes(data).await,
-                    Some(ChannelMsg::ExtendedData { data, ext }) => utx.extended_data_bytes(ext, data).await,
-                    Some(ChannelMsg::Eof) => utx.eof().await,
-                    Some(ChannelMsg::ExitStatus { exit_status }) => {
-                        exited = true;
-                        utx.exit_status(exit_status).await
-                    }
-                    Some(ChannelMsg::ExitSignal { signal_name, core_dumped, error_message, lang_tag }) => {
-                        exited = true;
-                        user_handle
-                            .exit_signal_request(id, signal_name, core_dumped, error_message, lang_tag)
-                            .await
-                            .map_err(|()| russh::Error::SendError)
-                    }
-                    Some(ChannelMsg::Close) | None => {
-                        agent_open = false;
-                        if !exited {
-                            let why = format!(
-                                "boxd: the connection to {vm} ended before its command did: the VM \
-                                 stopped or restarted (`events {vm}` in the lobby says which)\n"
-                            );
-                            let _ = utx.extended_data_bytes(1, bytes::Bytes::from(why)).await;
-                        }
-                        utx.close().await
-                    }
-                    Some(_) => Ok(()),
-                };
-                if r.is_err() {
-                    user_open = false;
+                Some(ChannelMsg::RequestPty {
+                    term,
+                    col_width,
+                    row_height,
+                    pix_width,
+                    pix_height,
+                    terminal_modes,
+                    ..
+                }) => {
+                    atx.request_pty(
+                        false,
+                        &term,
+                        col_width,
+                        row_height,
+                        pix_width,
+                        pix_height,
+                        &terminal_modes,
+                    )
+                    .await
                 }
-            }
+                Some(ChannelMsg::SetEnv {
+                    variable_name,
+                    variable_value,
+                    ..
+                }) => atx.set_env(false, variable_name, variable_value).await,
+                Some(ChannelMsg::Exec { command, .. }) => atx.exec(false, command).await,
+                Some(ChannelMsg::RequestShell { .. }) => atx.request_shell(false).await,
+                Some(ChannelMsg::RequestSubsystem { name, .. }) => {
+                    atx.request_subsystem(false, name).await
+                }
+                Some(ChannelMsg::WindowChange {
+                    col_width,
+                    row_height,
+                    pix_width,
+                    pix_height,
+                }) => {
+                    atx.window_change(col_width, row_height, pix_width, pix_height)
+                        .await
+                }
+                Some(ChannelMsg::Signal { signal }) => atx.signal(signal).await,
+                Some(ChannelMsg::Eof) => atx.eof().await,
+                Some(ChannelMsg::Close) | None => {
+                    // The user is gone (or done): close the agent's channel — the agent hangs
+                    // up its command — and stop. Its answering close is not awaited: russh
+                    // drops a peer's CHANNEL_CLOSE for a channel closed locally, so waiting
+                    // for it would hold the agent connection open forever.
+                    let _ = atx.close().await;
+                    return;
+                }
+                Some(_) => Ok(()),
+            };
         }
+    };
+    let agent_to_user = async {
+        // Whether the agent said how the command ended (else its going away needs a word).
+        let mut exited = false;
+        loop {
+            let _ = match arx.wait().await {
+                Some(ChannelMsg::Data { data }) => utx.data_bytes(data).await,
+                Some(ChannelMsg::ExtendedData { data, ext }) => {
+                    utx.extended_data_bytes(ext, data).await
+                }
+                Some(ChannelMsg::Eof) => utx.eof().await,
+                Some(ChannelMsg::ExitStatus { exit_status }) => {
+                    exited = true;
+                    utx.exit_status(exit_status).await
+                }
+                Some(ChannelMsg::ExitSignal {
+                    signal_name,
+                    core_dumped,
+                    error_message,
+                    lang_tag,
+                }) => {
+                    exited = true;
+                    user_handle
+                        .exit_signal_request(id, signal_name, core_dumped, error_message, lang_tag)
+                        .await
+                        .map_err(|()| russh::Error::SendError)
+                }
+                Some(ChannelMsg::Close) | None => {
+                    if !exited {
+                        let why = format!(
+                            "boxd: the connection to {vm} ended before its command did: the VM \
+                             stopped or restarted (`events {vm}` in the lobby says which)\n"
+                        );
+                        let _ = utx.extended_data_bytes(1, bytes::Bytes::from(why)).await;
+                    }
+                    let _ = utx.close().await;
+                    return;
+                }
+                Some(_) => Ok(()),
+            };
+        }
+    };
+    tokio::select! {
+        why = ended => {
+            let _ = utx.extended_data_bytes(1, bytes::Bytes::from(why)).await;
+            let _ = utx.close().await;
+            let _ = atx.close().await;
+        }
+        () = user_to_agent => {}
+        () = agent_to_user => {}
     }
     Ok(())
 }
