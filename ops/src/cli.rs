@@ -521,6 +521,23 @@ fn print_status(s: &NodeStatus) {
             w.nat.as_deref().unwrap_or("set up with the first VM"),
             w.running
         );
+        let d = &w.disk;
+        let gib = |b: u64| b as f64 / f64::from(1u32 << 30);
+        println!(
+            "  disk:      VMs' sizes {} GiB of {} GiB ({} GiB with {} % overcommit; disks are thin); \
+             written {:.1} GiB, free {:.1} GiB{}",
+            d.allocated_gib,
+            d.offered_gib(),
+            d.disk_gib,
+            d.overcommit_percent,
+            gib(d.written_bytes),
+            gib(d.free_bytes),
+            if d.nearly_full() {
+                " — nearly full: VMs may fail to write; free space, or lower worker.disk_overcommit_percent"
+            } else {
+                ""
+            }
+        );
     }
     println!("  data:      {}", s.data_dir.display());
 }

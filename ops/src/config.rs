@@ -289,8 +289,12 @@ pub struct WorkerConfig {
     pub vcpus: u32,
     /// Memory offered to VMs in MiB; 0 means the host's memory minus 1 GiB.
     pub memory_mib: u64,
-    /// Disk offered to VMs in GiB; 0 means the free space of the data directory.
+    /// Disk for VMs in GiB; 0 means the data directory's free space plus what VM disks
+    /// already take there.
     pub disk_gib: u64,
+    /// VMs' disk sizes may add up to this percentage of `disk_gib`: disks are thin (they take
+    /// what the VM wrote), so most never fill.
+    pub disk_overcommit_percent: u32,
     /// `auto`, `sandbox` or `kvm`.
     pub runtime: WorkerRuntime,
     /// Bridge the VMs attach to.
@@ -311,6 +315,7 @@ impl Default for WorkerConfig {
             vcpus: 0,
             memory_mib: 0,
             disk_gib: 0,
+            disk_overcommit_percent: 200,
             runtime: WorkerRuntime::Auto,
             bridge: "boxd0".into(),
             subnet: String::new(),
@@ -492,6 +497,12 @@ impl Config {
         }
         if self.node.heartbeat_secs == 0 {
             return Err(invalid("node.heartbeat_secs", "use 1 or more seconds"));
+        }
+        if !(10..=10_000).contains(&self.worker.disk_overcommit_percent) {
+            return Err(invalid(
+                "worker.disk_overcommit_percent",
+                "use 100 for no overcommit, more to let VMs' sizes add up past the disk (10 to 10000)",
+            ));
         }
         let r = &self.raft;
         if r.heartbeat_ms == 0 {
@@ -815,10 +826,13 @@ socket = ""
 
 [worker]
 # Resources offered to VMs; 0 means detect: four vCPUs per host CPU, host memory minus 1 GiB,
-# free space of the data directory.
+# free space of the data directory (plus what VM disks already take there).
 vcpus = 0
 memory_mib = 0
 disk_gib = 0
+# Disks are thin: a VM's disk takes what it wrote, up to its size. The VMs' sizes may add up
+# to this percentage of disk_gib; `boxd admin status` shows sizes and what was written.
+disk_overcommit_percent = 200
 # How VMs run: "kvm" (a `boxd vmm` process per VM), "sandbox" (Linux namespaces and cgroups,
 # for hosts without usable hardware virtualization) or "auto" (kvm only where `boxd host`
 # says hardware; the choice and its reason are logged and shown by `boxd admin status`).

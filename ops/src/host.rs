@@ -20,12 +20,18 @@ pub fn capacity(cfg: &WorkerConfig, data_dir: &Path) -> Capacity {
         } else {
             memory_mib().saturating_sub(1024)
         },
-        disk_gib: if cfg.disk_gib > 0 {
-            cfg.disk_gib
-        } else {
-            free_disk_gib(data_dir)
-        },
+        disk_gib: disk_gib(cfg, data_dir).saturating_mul(u64::from(cfg.disk_overcommit_percent))
+            / 100,
     }
+}
+
+/// The disk for VMs before overcommit: configured, or the data directory's free space plus
+/// what VM disks already take there (they count at their sizes in the offer).
+pub fn disk_gib(cfg: &WorkerConfig, data_dir: &Path) -> u64 {
+    if cfg.disk_gib > 0 {
+        return cfg.disk_gib;
+    }
+    free_disk_bytes(data_dir).saturating_add(boxd_vmm::worker::written_bytes(data_dir)) >> 30
 }
 
 fn memory_mib() -> u64 {
@@ -39,7 +45,8 @@ fn memory_mib() -> u64 {
         .map_or(0, |kib| kib / 1024)
 }
 
-fn free_disk_gib(dir: &Path) -> u64 {
+/// Bytes free for boxd (not root-reserved) on the filesystem of `dir`.
+pub fn free_disk_bytes(dir: &Path) -> u64 {
     use std::os::unix::ffi::OsStrExt as _;
     let Ok(c) = std::ffi::CString::new(dir.as_os_str().as_bytes()) else {
         return 0;
@@ -53,7 +60,7 @@ fn free_disk_gib(dir: &Path) -> u64 {
     }
     // SAFETY: statvfs returned 0, so it initialised the struct.
     let st = unsafe { st.assume_init() };
-    st.f_bavail.saturating_mul(st.f_frsize) >> 30
+    st.f_bavail.saturating_mul(st.f_frsize)
 }
 
 /// The host name, for the default node name.

@@ -82,7 +82,15 @@ impl Handler for AdminContext {
                     data_dir: self.data_dir.clone(),
                     vms: view.vm_count(),
                     replica: self.replica.status(),
-                    worker: self.worker.lock().ok().and_then(|w| w.clone()),
+                    worker: self
+                        .worker
+                        .lock()
+                        .ok()
+                        .and_then(|w| w.clone())
+                        .map(|mut w| {
+                            w.disk.read_usage(&self.data_dir);
+                            w
+                        }),
                 })
             }
             Request::Members {} => to_value(

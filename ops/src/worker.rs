@@ -42,6 +42,45 @@ pub struct WorkerStatus {
     pub reconnected: usize,
     /// Milliseconds from the supervisor's start to the end of its first pass.
     pub first_pass_ms: Option<u64>,
+    /// Disks: their sizes against what the worker offers, and what they take on the host.
+    #[serde(default)]
+    pub disk: DiskStatus,
+}
+
+/// The worker's disk accounting (disks are thin: see vmm's `worker::disk`).
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct DiskStatus {
+    /// Disk for VMs before overcommit (`worker.disk_gib`, or detected at start).
+    pub disk_gib: u64,
+    /// `worker.disk_overcommit_percent`.
+    pub overcommit_percent: u32,
+    /// The sizes of the VMs placed here, added up.
+    pub allocated_gib: u64,
+    /// What their disks take on the host (read when asked).
+    pub written_bytes: u64,
+    /// Free for boxd on the data directory's filesystem (read when asked).
+    pub free_bytes: u64,
+}
+
+impl DiskStatus {
+    /// What VMs' sizes may add up to.
+    pub fn offered_gib(&self) -> u64 {
+        self.disk_gib
+            .saturating_mul(u64::from(self.overcommit_percent))
+            / 100
+    }
+
+    /// Whether the host is close to full, so VMs writing within their sizes may fail.
+    pub fn nearly_full(&self) -> bool {
+        let total = self.written_bytes.saturating_add(self.free_bytes);
+        total > 0 && self.free_bytes < total / 10
+    }
+
+    /// Reads what the disks take and what is free now.
+    pub fn read_usage(&mut self, data_dir: &std::path::Path) {
+        self.written_bytes = boxd_vmm::worker::written_bytes(data_dir);
+        self.free_bytes = crate::host::free_disk_bytes(data_dir);
+    }
 }
 
 /// Shared status cell.
@@ -72,6 +111,26 @@ pub fn preflight(cfg: &Config) -> Result<(Arc<dyn Runtime>, String), String> {
         ));
     }
     if runtime.name() == "sandbox" {
+        let mkfs = std::process::Command::new("mkfs.ext4")
+            .arg("-V")
+            .output()
+            .is_ok_and(|o| o.status.success());
+        if !mkfs || !std::path::Path::new("/dev/loop-control").exists() {
+            return Err(format!(
+                "the worker bounds each sandbox VM's disk by its size with an ext4 image on a loop \
+                 device, and {}: {}",
+                if mkfs {
+                    "this host has no /dev/loop-control"
+                } else {
+                    "mkfs.ext4 is missing"
+                },
+                if mkfs {
+                    "load the loop module (modprobe loop)"
+                } else {
+                    "apt-get install e2fsprogs"
+                }
+            ));
+        }
         let missing = boxd_vmm::sandbox::missing_controllers();
         if !missing.is_empty() {
             return Err(format!(
@@ -187,6 +246,11 @@ pub async fn run(
             reason,
             bridge: cfg.worker.bridge.clone(),
             subnet: subnet.to_string(),
+            disk: DiskStatus {
+                disk_gib: crate::host::disk_gib(&cfg.worker, &data_dir),
+                overcommit_percent: cfg.worker.disk_overcommit_percent,
+                ..DiskStatus::default()
+            },
             ..WorkerStatus::default()
         });
     }
@@ -211,6 +275,7 @@ pub async fn run(
                     && let Some(s) = s.as_mut()
                 {
                     s.running = p.running;
+                    s.disk.allocated_gib = p.allocated_gib;
                     s.nat = sup.host.nat_status();
                     if first {
                         s.reconnected = p.running;
@@ -261,6 +326,8 @@ struct Supervisor {
 
 struct PassReport {
     running: usize,
+    /// The sizes of this worker's VMs, added up.
+    allocated_gib: u64,
 }
 
 impl Supervisor {
@@ -288,6 +355,7 @@ impl Supervisor {
             .filter_map(|n| n.raft_addr.parse::<SocketAddrV4>().ok())
             .filter(|a| !a.ip().is_unspecified())
             .collect();
+        let allocated_gib = vms.iter().map(|v| v.spec.disk_gib).sum();
         let host = Arc::clone(&self.host);
         let ids: Vec<String> = vms.iter().map(|v| v.id.to_string()).collect();
         // With VMs here (say, running from before a restart), make sure their network is as
@@ -352,7 +420,10 @@ impl Supervisor {
                 }
             });
         }
-        Ok(PassReport { running })
+        Ok(PassReport {
+            running,
+            allocated_gib,
+        })
     }
 
     fn act(self: &Arc<Self>, vm: Vm, step: Step, local_ip: Option<Ipv4Addr>) {

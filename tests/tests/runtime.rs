@@ -362,6 +362,15 @@ fn a_sandbox_vm_root_is_confined() {
         "fd full null ptmx pts random shm stderr stdin stdout tty urandom zero"
     );
     assert_eq!(sh("cut -d: -f3 /proc/self/cgroup | sort -u"), "/");
+    // The host's paths are not the VM's to see (issue 26): PID 1 is `init`, and the mount
+    // table names no host directory.
+    assert_eq!(
+        sh("tr '\\0' ' ' < /proc/1/cmdline; cat /proc/1/comm"),
+        "init init"
+    );
+    let mounts = sh("cat /proc/mounts");
+    let data = dir.path().to_string_lossy();
+    assert!(!mounts.contains(&*data), "{mounts}");
     // Its root is root only inside: a user namespace maps it to an unprivileged block of host
     // ids, and every process of the VM runs as such an id on the host.
     let map: Vec<u64> = sh("cat /proc/self/uid_map")
@@ -407,8 +416,6 @@ fn a_sandbox_vm_root_is_confined() {
         sh("touch /root/mine && stat -c %u:%g /root/mine /bin/busybox"),
         "0:0\n0:0"
     );
-    let on_disk = std::fs::metadata(host.vm_dir(&vm.id).join("upper/root/mine"));
-    assert_eq!(on_disk.map(|m| (m.uid(), m.gid())).ok(), Some((0, 0)));
     assert_eq!(
         sh("chown 1000:1000 /root/mine && stat -c %u /root/mine"),
         "1000"
@@ -420,6 +427,52 @@ fn a_sandbox_vm_root_is_confined() {
     sh("mkdir -p /www && httpd -p 80 -h /www");
     assert!(sh("netstat -ltn").contains(":80 "), "httpd on port 80");
     assert_eq!(sh("echo hi > /tmp/f && cat /tmp/f && sh -c 'exit 0'"), "hi");
+    // Its disk is its size (issue 26): `df` shows the VM's 1 GiB, not the host's disk; writing
+    // past it fails inside the VM, the host keeps no more than that, and once the VM frees
+    // space it writes again.
+    let df: Vec<u64> = sh("df -k / | tail -1")
+        .split_whitespace()
+        .filter_map(|f| f.parse().ok())
+        .collect();
+    assert!(
+        (900_000..=1_048_576).contains(&df[0]),
+        "df says the VM's disk has {df:?} KiB"
+    );
+    let (code, out, err) = agent_ssh(
+        &key,
+        ip,
+        "dd if=/dev/zero of=/fill bs=1M count=1200; echo written $(du -m /fill | cut -f1)",
+    );
+    assert!(
+        err.contains("No space left on device"),
+        "{code:?} {out} {err}"
+    );
+    let written: u64 = out
+        .trim()
+        .strip_prefix("written ")
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(written < 1024, "the VM wrote {written} MiB on a 1 GiB disk");
+    let layer = host.vm_dir(&vm.id).join(boxd_vmm::worker::LAYER_IMAGE);
+    let taken = std::fs::metadata(&layer).unwrap().blocks() * 512;
+    assert!(
+        taken < 1100 << 20,
+        "the disk takes {taken} bytes on the host"
+    );
+    assert_eq!(sh("rm /fill && echo more > /more && cat /more"), "more");
+    // Files keep the VM's own ids on disk (read once the VM is stopped and its disk clean).
+    host.stop(&vm.id).unwrap();
+    let stat = Command::new("debugfs")
+        .args(["-R", "stat /upper/root/mine"])
+        .arg(&layer)
+        .output()
+        .unwrap();
+    let stat = String::from_utf8_lossy(&stat.stdout);
+    assert!(
+        stat.contains("User:  1000   Group:  1000"),
+        "on disk: {stat}"
+    );
 }
 
 /// What a kvm VM is made of: a `boxd vmm` process with Debian's kernel, the initramfs, an ext4
@@ -592,7 +645,7 @@ fn boot_under_qemu(host: &Host, vm: &VmPlan, console: &Path) -> (Kill, std::net:
     let kvm = KvmRuntime::open(&kernel_dir(), Path::new("/bin/busybox"), None).unwrap();
     host.ensure_bridge().unwrap();
     let net = host.address(&vm.id, None).unwrap();
-    let disk = host.ensure_disk(vm).unwrap();
+    let disk = host.ensure_disk(vm, false).unwrap();
     let cfg = kvm.prepare(host, vm, &disk, net).unwrap();
     // The bzImage: QEMU boots it directly (it would take an ELF vmlinux only with PVH).
     let qemu = Command::new("qemu-system-x86_64")

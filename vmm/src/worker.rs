@@ -6,7 +6,10 @@
 //! Layout under the data directory:
 //!
 //! ```text
-//! vms/<id>/rootfs/       the VM's disk (sandbox: the tree itself)
+//! vms/<id>/rootfs/       the VM's root (sandbox: where its overlay is mounted)
+//! vms/<id>/disk.json     how its disk is laid out (see `disk`)
+//! vms/<id>/layer.img     the sandbox VM's own layer, sized (`layer/` is its mount point)
+//! vms/<id>/disk.img      the kvm VM's disk
 //! vms/<id>/net.json      its private address (kept across stop/start)
 //! vms/<id>/sandbox.json  the spec its process was started with
 //! vms/<id>/api.sock      its process's API (GET /vm, PUT /vm/actions)
@@ -24,8 +27,11 @@ use std::time::{Duration, Instant};
 use ipnet::Ipv4Net;
 use serde::{Deserialize, Serialize};
 
+pub use self::disk::{Disk, LAYER_IMAGE, LAYER_MOUNT, overlay_supported, written_bytes};
 use crate::api::{self, Probe};
 use crate::sandbox::{self, AgentSpec, Overlay, SandboxNet, SandboxSpec};
+
+mod disk;
 
 /// Why a worker operation failed; the message says what to do.
 #[derive(Debug, thiserror::Error)]
@@ -108,6 +114,11 @@ pub trait Runtime: Send + Sync {
     }
     /// The host-side interface of VM `id`'s port on the bridge.
     fn port(&self, id: &str) -> String;
+    /// Whether the VM's overlay layer gets a filesystem of the disk's size (sandbox); the kvm
+    /// runtime bounds its disk by the disk file's size instead.
+    fn sized_layer(&self) -> bool {
+        false
+    }
 }
 
 /// How a start ended.
@@ -132,10 +143,17 @@ impl Runtime for SandboxRuntime {
         let spec = SandboxSpec {
             hostname: vm.name.clone(),
             rootfs: dir.join("rootfs"),
-            overlay: disk.lower.as_ref().map(|lower| Overlay {
-                lower: lower.clone(),
-                upper: dir.join("upper"),
-                work: dir.join("work"),
+            overlay: disk.lower.as_ref().map(|lower| {
+                let (at, image) = match disk.layer_gib {
+                    Some(_) => (dir.join(LAYER_MOUNT), Some(dir.join(LAYER_IMAGE))),
+                    None => (dir.clone(), None),
+                };
+                Overlay {
+                    lower: lower.clone(),
+                    upper: at.join("upper"),
+                    work: at.join("work"),
+                    image,
+                }
             }),
             vcpus: vm.vcpus,
             memory_mib: vm.memory_mib,
@@ -165,6 +183,10 @@ impl Runtime for SandboxRuntime {
 
     fn port(&self, id: &str) -> String {
         host_veth(id)
+    }
+
+    fn sized_layer(&self) -> bool {
+        true
     }
 }
 
@@ -302,135 +324,6 @@ impl Host {
         write_json(&dir.join("net.json"), &n)?;
         taken.insert(ip);
         Ok(n)
-    }
-
-    /// Gives the VM its disk, kept across stop/start until `delete`: where the kernel has
-    /// overlayfs, an empty layer over a pinned copy of the image (creation costs nothing);
-    /// else a copy of the image tree (reflink where the filesystem has it).
-    pub fn ensure_disk(&self, vm: &VmPlan) -> Result<Disk, WorkerError> {
-        let dir = self.vm_dir(&vm.id);
-        let rootfs = dir.join("rootfs");
-        let disk_file = dir.join("disk.json");
-        if let Ok(text) = std::fs::read(&disk_file)
-            && let Ok(d) = serde_json::from_slice::<Disk>(&text)
-        {
-            return Ok(d);
-        }
-        if rootfs.is_dir() && !dir.join("upper").exists() {
-            return Ok(Disk { lower: None }); // a copied tree from before disk.json
-        }
-        let image = self.ensure_image(&vm.image)?;
-        let mk = |p: &Path| {
-            std::fs::create_dir_all(p)
-                .map_err(|e| WorkerError::Host(format!("{}: {e}", p.display())))
-        };
-        mk(&dir)?;
-        let disk = if overlay_supported() {
-            let lower = self.pin_image(&vm.image, &image)?;
-            for d in ["work", "rootfs"] {
-                mk(&dir.join(d))?;
-            }
-            // The layer's top directory is the VM's `/`: it must be 0755 whatever boxd's
-            // umask, or the VM's users cannot reach anything.
-            let upper = dir.join("upper");
-            crate::image::public_dirs(&upper)
-                .map_err(|e| WorkerError::Host(format!("{}: {e}", upper.display())))?;
-            Disk { lower: Some(lower) }
-        } else {
-            let tmp = dir.join(".rootfs.copying");
-            _ = std::fs::remove_dir_all(&tmp);
-            cp(&["-a", "--reflink=auto"], &image.join("rootfs"), &tmp).inspect_err(|_| {
-                _ = std::fs::remove_dir_all(&tmp);
-            })?;
-            std::fs::rename(&tmp, &rootfs)
-                .map_err(|e| WorkerError::Host(format!("{}: {e}", rootfs.display())))?;
-            Disk { lower: None }
-        };
-        // The agent's own host key is born with the disk (see `agent_key`).
-        crate::agent_key::create(&dir).map_err(WorkerError::Host)?;
-        write_json(&disk_file, &disk)?;
-        Ok(disk)
-    }
-
-    /// A copy of the image's current build that no rebuild changes: hard links (so it costs
-    /// only directory entries) under `images/.pinned/<name>-<built_at>`, made once per build.
-    fn pin_image(&self, name: &str, image: &Path) -> Result<PathBuf, WorkerError> {
-        let info: crate::image::ImageInfo = std::fs::read(image.join("image.json"))
-            .ok()
-            .and_then(|t| serde_json::from_slice(&t).ok())
-            .ok_or_else(|| {
-                WorkerError::Image(format!("image {name} has no image.json: rebuild it"))
-            })?;
-        let pinned = crate::image::images_dir(&self.cfg.data_dir)
-            .join(".pinned")
-            .join(format!("{name}-{}", info.built_at));
-        static PINNING: Mutex<()> = Mutex::new(());
-        once(
-            &PINNING,
-            || pinned.is_dir(),
-            || {
-                let tmp = pinned.with_extension("pinning");
-                _ = std::fs::remove_dir_all(&tmp);
-                if let Some(parent) = tmp.parent() {
-                    std::fs::create_dir_all(parent)
-                        .map_err(|e| WorkerError::Host(format!("{}: {e}", parent.display())))?;
-                }
-                cp(&["-al"], &image.join("rootfs"), &tmp)?;
-                std::fs::rename(&tmp, &pinned)
-                    .map_err(|e| WorkerError::Host(format!("{}: {e}", pinned.display())))
-            },
-        )?;
-        Ok(pinned)
-    }
-
-    /// Whether image `name` is built and current: for `minimal`, built by this recipe version
-    /// with the agent that is next to `boxd` now (after an upgrade, new VMs get the new agent;
-    /// VMs created before keep the build they were pinned to).
-    fn image_current(&self, name: &str, dir: &Path) -> bool {
-        if !dir.join("rootfs").is_dir() {
-            return false;
-        }
-        if name != "minimal" {
-            return true;
-        }
-        let built: Option<crate::image::ImageInfo> = std::fs::read(dir.join("image.json"))
-            .ok()
-            .and_then(|t| serde_json::from_slice(&t).ok());
-        if built.as_ref().and_then(|b| b.recipe) != Some(crate::image::RECIPE_VERSION) {
-            return false;
-        }
-        let now = crate::image::agent_stamp(&self.cfg.minimal.agent);
-        match (built.and_then(|b| b.agent), now) {
-            (Some(b), Some(n)) => b == n,
-            // No agent here to compare with (it is only needed to build): keep the image.
-            (_, None) => true,
-            (None, Some(_)) => false,
-        }
-    }
-
-    /// The image's directory, building `minimal` here if it is missing or its agent is stale.
-    fn ensure_image(&self, name: &str) -> Result<PathBuf, WorkerError> {
-        let dir = crate::image::images_dir(&self.cfg.data_dir).join(name);
-        // One build at a time; a concurrent start waits here and then finds it built.
-        static BUILDING: Mutex<()> = Mutex::new(());
-        once(
-            &BUILDING,
-            || self.image_current(name, &dir),
-            || {
-                if name != "minimal" {
-                    return Err(WorkerError::Image(format!(
-                        "image {name} is not on this worker: build it with `boxd image build {name}`"
-                    )));
-                }
-                tracing::info!("image minimal is missing or has an older agent: building it");
-                crate::image::build(&self.cfg.data_dir, name, &self.cfg.minimal, &mut |s| {
-                    tracing::info!("image minimal: {s}");
-                })
-                .map(|_| ())
-                .map_err(|e| WorkerError::Image(format!("building image minimal: {e}")))
-            },
-        )?;
-        Ok(dir)
     }
 
     /// Creates the bridge with the gateway address once (idempotent across restarts).
@@ -621,7 +514,7 @@ impl Host {
         let t0 = Instant::now();
         self.ensure_bridge()?;
         let net = self.address(&vm.id, hint)?;
-        let disk = self.ensure_disk(vm)?;
+        let disk = self.ensure_disk(vm, runtime.sized_layer())?;
         // The VM's port is pinned (its MAC and address) and fenced off from other accounts
         // before the VM can send anything.
         let port = crate::isolation::Port {
@@ -798,30 +691,6 @@ fn listens(table: &Path, port: u16) -> bool {
     })
 }
 
-/// How a VM's disk is laid out (`disk.json` in its directory).
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Disk {
-    /// The pinned image tree below the VM's `upper` layer; none when `rootfs` is a full copy.
-    pub lower: Option<PathBuf>,
-}
-
-/// Whether the kernel offers overlayfs (a sandbox disk is then a layer, not a copy).
-pub fn overlay_supported() -> bool {
-    std::fs::read_to_string("/proc/filesystems")
-        .map(|t| {
-            t.lines()
-                .any(|l| l.split_whitespace().last() == Some("overlay"))
-        })
-        .unwrap_or(false)
-}
-
-fn cp(flags: &[&str], from: &Path, to: &Path) -> Result<(), WorkerError> {
-    let (from, to) = (from.to_string_lossy(), to.to_string_lossy());
-    let mut args = flags.to_vec();
-    args.extend([from.as_ref(), to.as_ref()]);
-    tool("cp", &args)
-}
-
 fn read_net(dir: &Path) -> Option<VmNet> {
     let text = std::fs::read(dir.join("net.json")).ok()?;
     serde_json::from_slice(&text).ok()
@@ -953,7 +822,7 @@ pub fn decide(want_running: bool, reported: Reported, ip_matches: bool, process:
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     #[test]
@@ -971,7 +840,7 @@ mod tests {
         assert_eq!(decide(false, Running, true, false), Step::ReportStopped);
     }
 
-    fn test_config(data: &Path, subnet: &str, agent: &Path) -> HostConfig {
+    pub(crate) fn test_config(data: &Path, subnet: &str, agent: &Path) -> HostConfig {
         HostConfig {
             data_dir: data.to_owned(),
             boxd: "/nonexistent".into(),
@@ -985,51 +854,6 @@ mod tests {
             },
             nat: false,
         }
-    }
-
-    #[test]
-    fn minimal_is_stale_once_the_agent_or_the_recipe_changes() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let agent = dir.path().join("boxd-agent");
-        std::fs::write(&agent, b"v1").expect("agent");
-        let host = Host::open(test_config(dir.path(), "10.200.1.0/24", &agent));
-        let image = crate::image::images_dir(dir.path()).join("minimal");
-        assert!(!host.image_current("minimal", &image), "not built");
-        std::fs::create_dir_all(image.join("rootfs")).expect("mkdir");
-        let info = crate::image::ImageInfo {
-            name: "minimal".into(),
-            files: 1,
-            bytes: 2,
-            built_at: 1,
-            agent: crate::image::agent_stamp(&agent),
-            recipe: Some(crate::image::RECIPE_VERSION - 1),
-        };
-        let write = |info: &crate::image::ImageInfo| {
-            std::fs::write(
-                image.join("image.json"),
-                serde_json::to_vec(info).expect("json"),
-            )
-            .expect("write");
-        };
-        write(&info);
-        assert!(
-            !host.image_current("minimal", &image),
-            "built by an older recipe"
-        );
-        write(&crate::image::ImageInfo {
-            recipe: Some(crate::image::RECIPE_VERSION),
-            ..info
-        });
-        assert!(
-            host.image_current("minimal", &image),
-            "built with this agent"
-        );
-        std::fs::write(&agent, b"version 2").expect("agent");
-        assert!(!host.image_current("minimal", &image), "the agent changed");
-        assert!(
-            host.image_current("other", &image),
-            "only minimal carries the agent"
-        );
     }
 
     #[test]

@@ -50,6 +50,11 @@ pub fn waiting(workers: &[Node], want: &VmSpec) -> String {
             .to_owned();
     };
     let (cpus, mem, disk) = free(best);
+    // Every VM is pending until the next scheduler pass (milliseconds): with room somewhere,
+    // that is all it waits for.
+    if workers.iter().any(|w| room_for(w, want)) {
+        return "waiting to be placed on a worker".to_owned();
+    }
     // Numbers only: which hosts a cluster has is not a tenant's business.
     format!(
         "waiting for a worker with room for {} vCPUs, {} MiB, {} GiB: the most free one now has \
@@ -63,6 +68,11 @@ fn holds(w: &Node, want: &VmSpec) -> bool {
     w.capacity.vcpus >= want.vcpus
         && w.capacity.memory_mib >= want.memory_mib
         && w.capacity.disk_gib >= want.disk_gib
+}
+
+fn room_for(w: &Node, want: &VmSpec) -> bool {
+    let (cpus, mem, disk) = free(w);
+    cpus >= want.vcpus && mem >= want.memory_mib && disk >= want.disk_gib
 }
 
 fn free(w: &Node) -> (u32, u64, u64) {
@@ -137,11 +147,17 @@ mod tests {
         );
         let why = never_fits(&ws, &spec(8, 4096)).expect("refused");
         assert!(why.contains("no single worker"), "{why}");
-        let why = waiting(&ws, &spec(2, 4096));
+        let busy = [worker(1, 2, 4096, 1024), worker(2, 8, 2048, 0)];
+        let why = waiting(&busy, &spec(2, 4096));
         assert!(
-            why.contains("the most free one now has 2 vCPUs, 4096 MiB"),
+            why.contains("the most free one now has 2 vCPUs, 3072 MiB"),
             "{why}"
         );
         assert!(!why.contains("w1"), "no host names for tenants: {why}");
+        // With room somewhere it waits only for the scheduler's next pass.
+        assert_eq!(
+            waiting(&ws, &spec(2, 1024)),
+            "waiting to be placed on a worker"
+        );
     }
 }

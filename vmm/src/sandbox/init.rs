@@ -214,6 +214,7 @@ fn init_child(
         return Err(errno("sethostname"));
     }
     let t0 = Instant::now();
+    rename_init()?;
     enter_root(&spec.rootfs, spec.overlay.as_ref(), &ns.user, base)?;
     userns::become_root(&ns.user)?;
     tracing::debug!(root = ?t0.elapsed(), "init ready");
@@ -320,4 +321,65 @@ fn init_loop(agent: &AgentSpec, host_key: bool) -> Result<std::convert::Infallib
             return Err(errno("fork the guest agent"));
         }
     }
+}
+
+/// What the VM sees as PID 1's command line and name: `init`, not the host's paths to boxd
+/// and the VM's directory. `PR_SET_MM_MAP` moves the command line to a buffer of its own; unlike
+/// the one-field `PR_SET_MM` calls it needs no `CAP_SYS_RESOURCE`, but it takes the whole
+/// memory map, so the other fields are this process's own (from `/proc/self/stat`).
+fn rename_init() -> Result<(), String> {
+    use linux_raw_sys::prctl::prctl_mm_map;
+    // On the heap: the kernel reads a command line only from anonymous memory, not from the
+    // binary's mapped read-only data. Leaked, as PID 1's command line lives as long as it does.
+    let argv: &'static [u8] = Box::leak(Box::new(*b"init\0"));
+    let stat =
+        std::fs::read_to_string("/proc/self/stat").map_err(|e| format!("/proc/self/stat: {e}"))?;
+    // Fields after the command name, which may hold spaces and ends at the last ')'.
+    let fields: Vec<u64> = stat
+        .rsplit_once(')')
+        .map(|(_, rest)| {
+            rest.split_whitespace()
+                .map(|f| f.parse().unwrap_or(0))
+                .collect()
+        })
+        .unwrap_or_default();
+    // proc(5) numbers fields from 1; field 3 is the first after the name.
+    let field = |n: usize| fields.get(n - 3).copied().unwrap_or(0);
+    // SAFETY: brk(0) changes nothing and returns the current break.
+    let brk = unsafe { libc::syscall(libc::SYS_brk, 0usize) } as u64;
+    let start = argv.as_ptr() as u64;
+    let mut map = prctl_mm_map {
+        start_code: field(26),
+        end_code: field(27),
+        start_data: field(45),
+        end_data: field(46),
+        start_brk: field(47),
+        brk,
+        start_stack: field(28),
+        arg_start: start,
+        arg_end: start + argv.len() as u64,
+        env_start: field(50),
+        env_end: field(51),
+        auxv: std::ptr::null_mut(),
+        auxv_size: 0,
+        exe_fd: u32::MAX,
+    };
+    let size = std::mem::size_of::<prctl_mm_map>() as libc::c_ulong;
+    // SAFETY: map is a complete prctl_mm_map of the given size, read by the kernel only; its
+    // command line points at a leaked, NUL-ended buffer.
+    let r = unsafe {
+        libc::prctl(
+            libc::PR_SET_MM,
+            libc::PR_SET_MM_MAP as libc::c_ulong,
+            &raw mut map,
+            size,
+            0,
+        )
+    };
+    if r != 0 {
+        return Err(errno("prctl(PR_SET_MM_MAP) for PID 1's command line"));
+    }
+    // SAFETY: a NUL-terminated name of at most 16 bytes.
+    unsafe { libc::prctl(libc::PR_SET_NAME, c"init".as_ptr()) };
+    Ok(())
 }

@@ -29,6 +29,7 @@
 
 mod cgroups;
 mod init;
+mod layer;
 mod root;
 pub mod userns;
 
@@ -80,6 +81,10 @@ pub struct Overlay {
     pub upper: PathBuf,
     /// overlayfs's work directory (same filesystem as `upper`).
     pub work: PathBuf,
+    /// An ext4 image holding `upper` and `work`, mounted on their parent directory (see
+    /// `layer`), so the layer is bounded by the image's size; none: they are host directories.
+    #[serde(default)]
+    pub image: Option<PathBuf>,
 }
 
 /// The VM's wire to the worker's bridge.
@@ -153,13 +158,28 @@ impl SandboxSpec {
             ));
         }
         if let Some(o) = &self.overlay {
-            for d in [&o.lower, &o.upper, &o.work] {
+            // With an image, upper and work are inside it (seen once it is mounted).
+            let on_host: &[&PathBuf] = match &o.image {
+                Some(_) => &[&o.lower],
+                None => &[&o.lower, &o.upper, &o.work],
+            };
+            for d in on_host {
                 if !d.is_absolute() || !d.is_dir() {
                     return Err(format!("overlay directory {} is missing", d.display()));
                 }
             }
             if o.upper.parent() != o.work.parent() {
                 return Err("the overlay's upper and work directories must be siblings".into());
+            }
+            if let Some(image) = &o.image {
+                let at = o.upper.parent().unwrap_or(Path::new(""));
+                if !image.is_file() || !at.is_absolute() || !at.is_dir() {
+                    return Err(format!(
+                        "the disk image {} or its mount point {} is missing",
+                        image.display(),
+                        at.display()
+                    ));
+                }
             }
         }
         if self.hostname.is_empty() || self.hostname.len() > 63 {

@@ -101,13 +101,19 @@ pub(super) fn enter_root(
             for d in [&lower_at, &disk_at] {
                 std::fs::create_dir(d).map_err(|e| format!("{}: {e}", d.display()))?;
             }
+            if let Some(image) = &o.image {
+                super::layer::mount(image, disk)?;
+            }
             userns::idmapped_bind(&o.lower, &lower_at, user)?;
             userns::idmapped_bind(disk, &disk_at, user)?;
+            // Paths relative to the scratch tmpfs: the options show in the VM's /proc/mounts,
+            // and the host's paths are none of its business.
+            std::env::set_current_dir(rootfs)
+                .map_err(|e| format!("chdir {}: {e}", rootfs.display()))?;
             let opts = format!(
-                "lowerdir={},upperdir={},workdir={}",
-                lower_at.display(),
-                disk_at.join(upper).display(),
-                disk_at.join(work).display()
+                "lowerdir=lower,upperdir={},workdir={}",
+                Path::new("disk").join(upper).display(),
+                Path::new("disk").join(work).display()
             );
             userns::as_vm_root(base, || {
                 mount(Some("overlay"), rootfs, Some("overlay"), 0, Some(&opts))
