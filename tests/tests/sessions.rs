@@ -344,3 +344,207 @@ fn sessions_say_why_they_end() {
         "{err}"
     );
 }
+
+/// Finding 8: `ssh -A` reaches the user's agent from inside the VM — `SSH_AUTH_SOCK` is set and
+/// OpenSSH's `ssh-add -l` there lists the key held by the user's `ssh-agent` — and the socket
+/// goes with the session. Without `-A` there is no socket.
+#[test]
+fn agent_forwarding_reaches_the_users_agent() {
+    let dir = tempfile::tempdir().unwrap();
+    let env = setup(dir.path(), 4);
+    let sock = dir.path().join("agent.sock");
+    let _agent = KillOnDrop(
+        Command::new("ssh-agent")
+            .arg("-D")
+            .arg("-a")
+            .arg(&sock)
+            .stdout(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    eventually(Duration::from_secs(10), "ssh-agent listening", || {
+        sock.exists().then_some(())
+    });
+    let add = Command::new("ssh-add")
+        .arg(&env.key)
+        .env("SSH_AUTH_SOCK", &sock)
+        .output()
+        .unwrap();
+    assert!(
+        add.status.success(),
+        "{}",
+        String::from_utf8_lossy(&add.stderr)
+    );
+    let fingerprint = Command::new("ssh-keygen")
+        .arg("-lf")
+        .arg(env.key.with_extension("pub"))
+        .output()
+        .unwrap();
+    let fingerprint = String::from_utf8_lossy(&fingerprint.stdout)
+        .split_whitespace()
+        .nth(1)
+        .unwrap()
+        .to_owned();
+
+    let run = |forward: &str| {
+        // Options go before the host: after it they would be part of the command.
+        let out = Command::new("ssh")
+            .args(["-p", &env.port.to_string(), "-i"])
+            .arg(&env.key)
+            .args(SSH_OPTS)
+            .args(["-o", &format!("ForwardAgent={forward}"), &env.vm])
+            .arg("echo ${SSH_AUTH_SOCK:-none}; ssh-add -l")
+            .env("SSH_AUTH_SOCK", &sock)
+            .stdin(Stdio::null())
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let out = run("yes");
+    let mut lines = out.lines();
+    let inside = lines.next().unwrap_or_default().to_owned();
+    assert!(inside.starts_with("/tmp/ssh-"), "{out}");
+    assert!(out.contains(&fingerprint), "{out}");
+    eventually(Duration::from_secs(10), "the socket removed", || {
+        (!Path::new(&inside).exists()).then_some(())
+    });
+    let out = run("no");
+    assert!(out.starts_with("none\n"), "{out}");
+    assert!(!out.contains(&fingerprint), "{out}");
+}
+
+/// The hostile side of `-A`: a VM whose root replaced its agent opens an agent channel towards
+/// a user who did not forward one. The proxy refuses it itself — the user's client never sees
+/// the attempt (OpenSSH would print "ssh server tried agent forwarding") — and lets it through
+/// once the user forwards an agent.
+#[test]
+fn a_vm_gets_no_agent_channel_unless_the_user_forwards_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut env = setup(dir.path(), 5);
+    let _ = env.agent.0.kill();
+    let _ = env.agent.0.wait();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.spawn(hostile::serve("127.0.45.80:2200".parse().unwrap()));
+    let sock = dir.path().join("agent.sock");
+    let _agent = KillOnDrop(
+        Command::new("ssh-agent")
+            .args(["-D", "-a"])
+            .arg(&sock)
+            .stdout(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let run = |forward: &str| {
+        let out = Command::new("timeout")
+            .args(["20", "ssh"])
+            .args(["-p", &env.port.to_string(), "-i"])
+            .arg(&env.key)
+            .args(SSH_OPTS)
+            .args([
+                "-o",
+                &format!("ForwardAgent={forward}"),
+                &env.vm,
+                "anything",
+            ])
+            .env("SSH_AUTH_SOCK", &sock)
+            .stdin(Stdio::null())
+            .output()
+            .unwrap();
+        (
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let (out, err) = run("no");
+    assert_eq!(out, "refused", "{err}");
+    assert!(!err.contains("agent forwarding"), "{err}");
+    let (out, err) = run("yes");
+    assert_eq!(out, "opened", "{err}");
+}
+
+/// An SSH server standing in for a VM's agent under its root's control: it takes the proxy's
+/// key, and on `exec` tries to open an agent channel, saying on the session whether it could.
+mod hostile {
+    use std::sync::Arc;
+
+    use russh::server::{Auth, ChannelOpenHandle, Handler, Msg, Session};
+    use russh::{Channel, ChannelId};
+
+    struct Hostile(Vec<Channel<Msg>>);
+
+    impl Handler for Hostile {
+        type Error = russh::Error;
+
+        async fn auth_publickey_offered(
+            &mut self,
+            _user: &str,
+            _offer: russh::server::PublicKeyOffer<'_>,
+        ) -> Result<Auth, Self::Error> {
+            Ok(Auth::Accept)
+        }
+
+        async fn auth_publickey(
+            &mut self,
+            _user: &str,
+            _key: russh::server::VerifiedPublicKey<'_>,
+        ) -> Result<Auth, Self::Error> {
+            Ok(Auth::Accept)
+        }
+
+        async fn channel_open_session(
+            &mut self,
+            channel: Channel<Msg>,
+            reply: ChannelOpenHandle,
+            _session: &mut Session,
+        ) -> Result<(), Self::Error> {
+            reply.accept().await;
+            self.0.push(channel);
+            Ok(())
+        }
+
+        async fn exec_request(
+            &mut self,
+            channel: ChannelId,
+            _data: &[u8],
+            session: &mut Session,
+        ) -> Result<(), Self::Error> {
+            session.channel_success(channel)?;
+            let handle = session.handle();
+            tokio::spawn(async move {
+                let said = match handle.channel_open_agent().await {
+                    Ok(agent) => {
+                        let _ = agent.close().await;
+                        "opened"
+                    }
+                    Err(_) => "refused",
+                };
+                let _ = handle.data(channel, said.as_bytes().to_vec()).await;
+                let _ = handle.exit_status_request(channel, 0).await;
+                let _ = handle.eof(channel).await;
+                let _ = handle.close(channel).await;
+            });
+            Ok(())
+        }
+    }
+
+    pub async fn serve(listen: std::net::SocketAddr) {
+        let seed: [u8; 32] = rand::random();
+        let key = russh::keys::PrivateKey::from(
+            russh::keys::ssh_key::private::Ed25519Keypair::from_seed(&seed),
+        );
+        let config = Arc::new(russh::server::Config {
+            keys: vec![key],
+            ..Default::default()
+        });
+        let listener = tokio::net::TcpListener::bind(listen).await.unwrap();
+        while let Ok((stream, _)) = listener.accept().await {
+            let config = Arc::clone(&config);
+            tokio::spawn(async move {
+                if let Ok(s) = russh::server::run_stream(config, stream, Hostile(Vec::new())).await
+                {
+                    let _ = s.await;
+                }
+            });
+        }
+    }
+}

@@ -6,7 +6,8 @@
 //! channel, with every request and message passed through — pty and window changes, env,
 //! exec/shell/subsystem, signals, data both ways, EOF, exit status and exit signal — plus
 //! direct-tcpip (`ssh -L`) and tcpip-forward (`ssh -R`), whose forwarded channels come back
-//! from the agent and are opened towards the user.
+//! from the agent and are opened towards the user, and agent forwarding (`ssh -A`), whose
+//! agent channels come back the same way — only once the user asked for it on the connection.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -73,6 +74,9 @@ pub(crate) struct AgentClient {
     expected: Option<String>,
     /// Set when the agent presented any other key.
     refused: Arc<std::sync::atomic::AtomicBool>,
+    /// Set once the user asked for agent forwarding (`ssh -A`) on this connection: until then
+    /// a VM that opens an agent channel is refused, as OpenSSH's client refuses one.
+    agent_forwarding: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl client::Handler for AgentClient {
@@ -122,18 +126,46 @@ impl client::Handler for AgentClient {
                 originator_port,
             )
             .await;
-        match towards_user {
-            Ok(u) => {
-                reply.accept().await;
-                tokio::spawn(async move {
-                    let mut a = channel.into_stream();
-                    let mut b = u.into_stream();
-                    let _ = tokio::io::copy_bidirectional(&mut a, &mut b).await;
-                });
-            }
-            Err(_) => reply.reject(russh::ChannelOpenFailure::ConnectFailed).await,
-        }
+        join(channel, reply, towards_user).await;
         Ok(())
+    }
+
+    async fn server_channel_open_agent_forward(
+        &mut self,
+        channel: Channel<client::Msg>,
+        reply: client::ChannelOpenHandle,
+        _session: &mut client::Session,
+    ) -> Result<(), Self::Error> {
+        use std::sync::atomic::Ordering;
+        if !self.agent_forwarding.load(Ordering::Relaxed) {
+            tracing::debug!("agent channel from a VM whose user forwards no agent: refused");
+            reply
+                .reject(russh::ChannelOpenFailure::AdministrativelyProhibited)
+                .await;
+            return Ok(());
+        }
+        join(channel, reply, self.user.channel_open_agent().await).await;
+        Ok(())
+    }
+}
+
+/// A channel the agent opened, joined to its counterpart towards the user: accepted and copied
+/// both ways, or refused when the user's side could not be opened.
+async fn join(
+    channel: Channel<client::Msg>,
+    reply: client::ChannelOpenHandle,
+    towards_user: Result<Channel<server::Msg>, russh::Error>,
+) {
+    match towards_user {
+        Ok(u) => {
+            reply.accept().await;
+            tokio::spawn(async move {
+                let mut a = channel.into_stream();
+                let mut b = u.into_stream();
+                let _ = tokio::io::copy_bidirectional(&mut a, &mut b).await;
+            });
+        }
+        Err(_) => reply.reject(russh::ChannelOpenFailure::ConnectFailed).await,
     }
 }
 
@@ -147,6 +179,7 @@ pub(crate) struct AgentLink {
     key: Arc<PrivateKey>,
     port: u16,
     conn: OnceCell<Result<Arc<client::Handle<AgentClient>>, String>>,
+    agent_forwarding: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl AgentLink {
@@ -157,7 +190,14 @@ impl AgentLink {
             key,
             port,
             conn: OnceCell::new(),
+            agent_forwarding: Arc::default(),
         }
+    }
+
+    /// The user asked for agent forwarding (`ssh -A`): the VM's agent channels now reach them.
+    pub fn forward_agent(&self) {
+        self.agent_forwarding
+            .store(true, std::sync::atomic::Ordering::Relaxed);
     }
 
     /// The agent connection, or why there is none (a sentence for the user).
@@ -205,6 +245,7 @@ impl AgentLink {
             user,
             expected: self.vm.agent_key.clone(),
             refused: Arc::clone(&refused),
+            agent_forwarding: Arc::clone(&self.agent_forwarding),
         };
         let mut h = client::connect_stream(cfg, tcp, client)
             .await
@@ -301,6 +342,7 @@ pub(crate) async fn session(
                         .await
                 }
                 Some(ChannelMsg::Signal { signal }) => atx.signal(signal).await,
+                Some(ChannelMsg::AgentForward { .. }) => atx.agent_forward(false).await,
                 Some(ChannelMsg::Eof) => atx.eof().await,
                 Some(ChannelMsg::Close) | None => {
                     // The user is gone (or done): close the agent's channel — the agent hangs

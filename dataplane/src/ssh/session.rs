@@ -430,6 +430,21 @@ impl<B: Backend> Handler for Conn<B> {
         session.channel_success(channel)
     }
 
+    async fn agent_request(
+        &mut self,
+        _channel: ChannelId,
+        _session: &mut Session,
+    ) -> Result<bool, Self::Error> {
+        // Relayed to the agent by the channel's loop; the lobby has no agent to forward to.
+        match &self.link {
+            Some(link) => {
+                link.forward_agent();
+                Ok(true)
+            }
+            None => Ok(false),
+        }
+    }
+
     async fn subsystem_request(
         &mut self,
         channel: ChannelId,

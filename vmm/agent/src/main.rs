@@ -8,6 +8,7 @@
 //!     --host-key /etc/boxd/agent_host_key
 //! ```
 
+mod auth_sock;
 mod pty;
 mod server;
 mod sftp;

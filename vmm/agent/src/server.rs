@@ -1,7 +1,8 @@
 //! The agent's SSH server: one authorised key (the cluster's agent key), session channels that
 //! run a login shell or a command (on a pty when asked, on pipes otherwise) with exit status
 //! and exit signal, env, window changes and signals, the sftp subsystem (the system's
-//! `sftp-server`), and TCP forwarding both ways inside the VM.
+//! `sftp-server`), TCP forwarding both ways inside the VM, and the user's SSH agent
+//! (`auth_sock`).
 
 use std::ffi::CString;
 use std::net::SocketAddr;
@@ -202,6 +203,15 @@ impl Handler for Agent {
         session.channel_success(channel)
     }
 
+    async fn agent_request(
+        &mut self,
+        _channel: ChannelId,
+        _session: &mut Session,
+    ) -> Result<bool, Self::Error> {
+        // The session's loop sees the request too and makes the socket when its command starts.
+        Ok(true)
+    }
+
     async fn subsystem_request(
         &mut self,
         channel: ChannelId,
@@ -396,6 +406,7 @@ async fn run_session(channel: Channel<Msg>, user: String, handle: russh::server:
     let (mut rx, tx) = channel.split();
     let mut pty_req = None;
     let mut env = Vec::new();
+    let mut forward_agent = false;
     let run = loop {
         match rx.wait().await {
             Some(ChannelMsg::RequestPty {
@@ -415,6 +426,7 @@ async fn run_session(channel: Channel<Msg>, user: String, handle: russh::server:
                 variable_value,
                 ..
             }) => env.push((variable_name, variable_value)),
+            Some(ChannelMsg::AgentForward { .. }) => forward_agent = true,
             Some(ChannelMsg::Exec { command, .. }) => {
                 break Run::Exec(String::from_utf8_lossy(&command).into_owned());
             }
@@ -474,6 +486,17 @@ async fn run_session(channel: Channel<Msg>, user: String, handle: russh::server:
         cmd.env("TERM", &p.term);
     }
     cmd.envs(env);
+    // Lives until the session ends, then the socket goes.
+    let auth_sock = if forward_agent {
+        crate::auth_sock::AuthSock::listen(u.uid, u.gid, handle.clone())
+            .map_err(|e| tracing::warn!(error = %e, "no socket for the forwarded agent"))
+            .ok()
+    } else {
+        None
+    };
+    if let Some(sock) = &auth_sock {
+        cmd.env("SSH_AUTH_SOCK", &sock.path);
+    }
     if std::path::Path::new(&u.home).is_dir() {
         cmd.current_dir(&u.home);
     }
