@@ -36,6 +36,7 @@ pub fn https_config(cfg: &Config) -> HttpsConfig {
         max_connections: h.max_connections_per_shard,
         max_handshakes: h.max_handshakes_per_shard,
         max_connections_per_ip: h.max_connections_per_ip,
+        ssh_port: cfg.ssh.listen.port(),
         ..HttpsConfig::default()
     }
 }

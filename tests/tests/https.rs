@@ -376,6 +376,16 @@ fn curl_reaches_vms_through_the_https_front_door() {
             body.contains("nope") && body.contains("boxd.test"),
             "{body}"
         );
+        // The zone's own name is the cluster's page; a name outside the zone (its TLS name
+        // mismatches, hence -k) is not served here: 421, not "no VM called example".
+        for version in ["--http1.1", "--http2"] {
+            let (code, body) = curl(&ca, "boxd.test", pub_ip, "/", &[version]);
+            assert_eq!(code, 200, "{body}");
+            assert!(body.contains("boxd.test new --name=myapp"), "{body}");
+            let (code, body) = curl(&ca, "example.com", pub_ip, "/", &["-k", version]);
+            assert_eq!(code, 421, "{body}");
+            assert!(body.contains("example.com is not one of them"), "{body}");
+        }
         let (code, body) = curl(&ca, "sleepy.boxd.test", pub_ip, "/", &[]);
         assert_eq!(code, 503);
         assert!(

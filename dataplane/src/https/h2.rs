@@ -215,7 +215,7 @@ async fn stream(
     }
     let (route, zone) = shard.route(&host);
     let Some(vm) = route else {
-        return page(respond, &pages::not_found(&host, &zone));
+        return page(respond, &shard.no_vm(&host));
     };
     let Some(private) = vm.private_ip.filter(|_| vm.desired == Desired::Running) else {
         let stopped = vm.desired != Desired::Running;

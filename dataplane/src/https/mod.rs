@@ -46,6 +46,8 @@ pub struct HttpsConfig {
     /// Accept connections addressed to any local address (tests); otherwise only the lobby
     /// and pool addresses the View knows.
     pub any_address: bool,
+    /// The lobby's SSH port, for the zone's own page.
+    pub ssh_port: u16,
 }
 
 impl Default for HttpsConfig {
@@ -62,6 +64,7 @@ impl Default for HttpsConfig {
             max_handshakes: 256,
             max_connections_per_ip: 256,
             any_address: false,
+            ssh_port: 22,
         }
     }
 }

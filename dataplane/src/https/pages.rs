@@ -34,6 +34,40 @@ pub fn not_found(host: &str, zone: &str) -> Vec<u8> {
     )
 }
 
+/// The zone's own name (`https://<zone>/`): a page about this cluster and how to start.
+/// `ssh_port` is the lobby's SSH port (shown when it is not 22).
+pub fn apex(zone: &str, ssh_port: u16) -> Vec<u8> {
+    let ssh = match ssh_port {
+        22 => "ssh".to_owned(),
+        p => format!("ssh -p {p}"),
+    };
+    response(
+        200,
+        "OK",
+        &format!("{zone} \u{2014} a boxd cluster"),
+        &format!(
+            "Real VMs, made and reached over SSH. Create one with `{ssh} {zone} new \
+             --name=myapp`; then `{ssh} myapp.{zone}` lands in its root shell and \
+             https://myapp.{zone}/ reaches its port 80. Your SSH key is your identity: the \
+             first time it connects you are told how to link it to an account. `{ssh} {zone} \
+             help` lists the commands."
+        ),
+    )
+}
+
+/// A name outside this cluster's zone: nothing here can answer for it (RFC 9110 15.5.20).
+pub fn not_served(host: &str, zone: &str) -> Vec<u8> {
+    response(
+        421,
+        "Misdirected Request",
+        "Not served here",
+        &format!(
+            "This server answers only for {zone} and names in it (https://<name>.{zone}/); \
+             {host} is not one of them. Check the name, or the DNS record that sent you here."
+        ),
+    )
+}
+
 /// The VM exists but is stopped (or not wired yet).
 pub fn unavailable(name: &str, zone: &str, stopped: bool) -> Vec<u8> {
     let detail = if stopped {
@@ -97,5 +131,12 @@ mod tests {
         assert_eq!(body.len(), len);
         assert!(body.contains("nope") && body.contains("boxd.test"));
         assert!(!body.contains("<name>"), "escaped");
+        let r = String::from_utf8(apex("boxd.test", 2222)).expect("utf8");
+        assert!(r.starts_with("HTTP/1.1 200 OK\r\n"), "{r}");
+        assert!(r.contains("ssh -p 2222 boxd.test new"), "{r}");
+        assert!(String::from_utf8_lossy(&apex("boxd.sh", 22)).contains("`ssh boxd.sh new"));
+        let r = String::from_utf8(not_served("example.com", "boxd.test")).expect("utf8");
+        assert!(r.starts_with("HTTP/1.1 421 Misdirected Request\r\n"), "{r}");
+        assert!(r.contains("example.com is not one of them"), "{r}");
     }
 }

@@ -78,6 +78,21 @@ impl Shard {
         )
     }
 
+    /// The answer for a `host` no VM has: the zone's own page for the zone's name, a 404 for
+    /// an unknown VM name in the zone, a 421 for a name outside it.
+    pub(super) fn no_vm(&self, host: &str) -> Vec<u8> {
+        let view = self.view.current();
+        let zone = view.zone().unwrap_or("");
+        let bare = host.strip_suffix('.').unwrap_or(host);
+        if bare.eq_ignore_ascii_case(zone) {
+            pages::apex(zone, self.cfg.ssh_port)
+        } else if view.in_zone(host) {
+            pages::not_found(host, zone)
+        } else {
+            pages::not_served(host, zone)
+        }
+    }
+
     /// Whether a connection to `local` is ours: the lobby or a VM's public address.
     fn ours(&self, local: SocketAddr) -> bool {
         if self.cfg.any_address {
@@ -357,7 +372,7 @@ async fn serve_tls(stream: TcpStream, shard: Rc<Shard>) -> std::io::Result<()> {
         }
         let (route, zone) = shard.route(&host);
         let Some(vm) = route else {
-            return reply(&mut tls, &pages::not_found(&host, &zone)).await;
+            return reply(&mut tls, &shard.no_vm(&host)).await;
         };
         let Some(private) = vm.private_ip.filter(|_| vm.desired == Desired::Running) else {
             let stopped = vm.desired != Desired::Running;
