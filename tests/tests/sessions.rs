@@ -548,3 +548,59 @@ mod hostile {
         }
     }
 }
+
+/// Finding 8: over one multiplexed connection (OpenSSH's ControlMaster), the session past the
+/// per-connection limit (16) is told why, not refused with an empty "open failed".
+#[test]
+fn a_session_past_the_connection_limit_says_why() {
+    let dir = tempfile::tempdir().unwrap();
+    let env = setup(dir.path(), 6);
+    let control = dir.path().join("mux");
+    let mux = |extra: &[&str]| {
+        let mut c = Command::new("ssh");
+        c.args(["-p", &env.port.to_string(), "-i"])
+            .arg(&env.key)
+            .args(SSH_OPTS)
+            .arg("-S")
+            .arg(&control)
+            .args(extra)
+            .arg(&env.vm)
+            .stdin(Stdio::null());
+        c
+    };
+    let master = mux(&["-M", "-N", "-o", "ControlPersist=no"])
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let _master = KillOnDrop(master);
+    eventually(Duration::from_secs(10), "the control socket", || {
+        control.exists().then_some(())
+    });
+    let sessions: Vec<KillOnDrop> = (0..16)
+        .map(|_| {
+            KillOnDrop(
+                mux(&[])
+                    .arg("sleep 47")
+                    .stdout(Stdio::null())
+                    .stderr(Stdio::null())
+                    .spawn()
+                    .unwrap(),
+            )
+        })
+        .collect();
+    eventually(Duration::from_secs(20), "16 sessions running", || {
+        let out = Command::new("pgrep")
+            .args(["-fxc", "sleep 47"])
+            .output()
+            .ok()?;
+        (String::from_utf8_lossy(&out.stdout).trim() == "16").then_some(())
+    });
+    let out = mux(&[]).arg("true").output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("already has 16 sessions and forwards open") && err.contains("close one"),
+        "{err}"
+    );
+    drop(sessions);
+}

@@ -282,12 +282,27 @@ impl<B: Backend> Handler for Conn<B> {
         session: &mut Session,
     ) -> Result<(), Self::Error> {
         let open = self.channels.fetch_add(1, Ordering::Relaxed);
-        if open >= self.shared.cfg.max_channels_per_connection {
+        let max = self.shared.cfg.max_channels_per_connection;
+        if open >= max + EXPLAINED_REFUSALS {
             self.channels.fetch_sub(1, Ordering::Relaxed);
             reply.reject(ChannelOpenFailure::ResourceShortage).await;
             return Ok(());
         }
         reply.accept().await;
+        if open >= max {
+            // Past the limit: accepted only to say why (a bare refusal shows the user an empty
+            // "open failed"), then closed.
+            let count = Arc::clone(&self.channels);
+            let msg = format!(
+                "boxd: this connection already has {max} sessions and forwards open, the most \
+                 one connection may have: close one, or open another connection"
+            );
+            tokio::spawn(async move {
+                let _ = tokio::time::timeout(EXPLAIN_TIMEOUT, explain(channel, &msg, 1)).await;
+                count.fetch_sub(1, Ordering::Relaxed);
+            });
+            return Ok(());
+        }
         let shared = Arc::clone(&self.shared);
         let mode = self.mode.clone();
         let count = Arc::clone(&self.channels);
@@ -458,6 +473,13 @@ impl<B: Backend> Handler for Conn<B> {
         }
     }
 }
+
+/// Session channels past the per-connection limit that are accepted to say why; past these,
+/// channels are refused outright.
+const EXPLAINED_REFUSALS: usize = 4;
+
+/// How long such a channel waits for the client's request before it is dropped.
+const EXPLAIN_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
 fn reject() -> Auth {
     Auth::Reject {
