@@ -264,6 +264,7 @@ pub async fn run(
         ended: Mutex::new(HashMap::new()),
         ops_ended: std::sync::atomic::AtomicU64::new(0),
         retry: Mutex::new(HashMap::new()),
+        oom_kills: Mutex::new(HashMap::new()),
         wake: Notify::new(),
     });
     let mut changed = replica.view().subscribe();
@@ -322,6 +323,9 @@ struct Supervisor {
     retry: Mutex<HashMap<VmId, (Instant, Duration)>>,
     /// Ends the wait between passes early (an operation finished).
     wake: Notify,
+    /// Out-of-memory kills seen so far in each running VM (its memory cgroup's count, which
+    /// starts at 0 with each start): a rise is an event.
+    oom_kills: Mutex<HashMap<VmId, u64>>,
 }
 
 struct PassReport {
@@ -370,20 +374,27 @@ impl Supervisor {
                 tracing::warn!(error = %e, "cluster members' addresses not closed to VMs");
             }
             ids.iter()
-                .map(|id| host.probe(id).is_some())
-                .collect::<Vec<bool>>()
+                .map(|id| host.probe(id).map(|_| host.oom_kills(id)))
+                .collect::<Vec<Option<u64>>>()
         })
         .await
         .map_err(|e| e.to_string())?;
-        let running = probes.iter().filter(|p| **p).count();
+        let running = probes.iter().filter(|p| p.is_some()).count();
+        if let Ok(mut seen) = self.oom_kills.lock() {
+            seen.retain(|id, _| vms.iter().any(|v| v.id == *id));
+        }
         let stale = |id: &VmId| {
             self.ended
                 .lock()
                 .is_ok_and(|e| e.get(id).is_some_and(|n| *n > read_at))
         };
-        for (vm, process) in vms.into_iter().zip(probes) {
+        for (vm, probe) in vms.into_iter().zip(probes) {
             if stale(&vm.id) {
                 continue;
+            }
+            let process = probe.is_some();
+            if let Some(text) = probe.and_then(|kills| self.oom_news(vm.id, kills, &vm)) {
+                self.event(vm.id, text).await;
             }
             let local_ip = self.host.net_of(&vm.id.to_string()).map(|n| n.ip);
             let reported = match vm.observed {
@@ -518,6 +529,10 @@ impl Supervisor {
             .and_then(|r| r.map_err(|e| e.to_string())),
         };
         if r.is_ok() {
+            // A new run, a new memory cgroup: its kills count from 0.
+            if let Ok(mut seen) = self.oom_kills.lock() {
+                seen.insert(id, 0);
+            }
             self.record_agent_key(&vm).await;
             // Running before, with no process now: it ended without being asked to.
             let text = if matches!(vm.observed, Observed::Running | Observed::Booting) {
@@ -615,6 +630,18 @@ impl Supervisor {
         if let Err(e) = self.replica.write(cmd).await {
             tracing::warn!(vm = %vm.name, error = %e, "the agent's host key was not recorded");
         }
+    }
+
+    /// The event for out-of-memory kills in a running VM since the last pass, if there were
+    /// any. The first count seen after this supervisor started is where it starts counting.
+    fn oom_news(&self, id: VmId, kills: u64, vm: &Vm) -> Option<String> {
+        let before = self.oom_kills.lock().ok()?.insert(id, kills)?;
+        let n = kills.checked_sub(before).filter(|n| *n > 0)?;
+        let what = if n == 1 { "process" } else { "processes" };
+        Some(format!(
+            "out of memory: the kernel killed {n} {what} in it (memory limit {} MiB)",
+            vm.spec.memory_mib
+        ))
     }
 
     /// Records an event in the VM's history (see `RecordVmEvent`).

@@ -354,6 +354,17 @@ fn journey(runtime: &str) {
         .map(|l| l.split("  ").nth(1).unwrap_or(l))
         .collect();
     assert_eq!(texts, order, "{events}");
+    // A process the kernel kills for want of memory, in a VM that keeps running, is an event
+    // too: dd's 600 MiB buffer does not fit the VM's 512 MiB.
+    let (code, _, err) = c.ssh(&ip, &["dd if=/dev/zero of=/dev/null bs=600M count=1"]);
+    assert_ne!(code, 0, "{err}");
+    let show = eventually(Duration::from_secs(20), "the OOM kill in show", || {
+        let show = c.ok(LOBBY, &["show", "myapp"]);
+        show.contains("out of memory: the kernel killed 1 process in it (memory limit 512 MiB)")
+            .then_some(show)
+    });
+    assert!(show.contains("running"), "{show}");
+    assert_eq!(c.ok(&ip, &["echo alive"]), "alive\n");
 
     // rm frees the name, the address and the disk.
     let vm_dir = std::fs::read_dir(data.join("vms"))

@@ -593,6 +593,12 @@ impl Host {
         })
     }
 
+    /// How many of the VM's processes the kernel has killed for want of memory since it
+    /// started (its memory cgroup's count; 0 where there is none, as for kvm guests).
+    pub fn oom_kills(&self, id: &str) -> u64 {
+        crate::sandbox::oom_kills(&cgroup_of(id))
+    }
+
     /// Why a VM's `boxd vmm` ended, from its log (`VM failed: …`), for the report.
     pub fn vmm_ending(&self, id: &str) -> String {
         let log = std::fs::read_to_string(self.vm_dir(id).join("vmm.log")).unwrap_or_default();

@@ -28,6 +28,7 @@
 //! 2 invalid spec or unusable API socket (nothing started).
 
 mod cgroups;
+pub use cgroups::oom_kills;
 mod init;
 mod layer;
 mod root;
