@@ -15,7 +15,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use boxd_controlplane::ViewHandle;
+use boxd_model::ViewHandle;
 use futures_lite::{AsyncReadExt as _, AsyncWriteExt as _};
 use glommio::{LocalExecutorBuilder, Placement};
 
@@ -33,7 +33,7 @@ pub trait ZoneSource: Send + Sync + 'static {
 }
 
 impl ZoneSource for ViewHandle {
-    type Zone = boxd_controlplane::View;
+    type Zone = boxd_model::View;
     fn with<R>(&self, f: impl FnOnce(&Self::Zone) -> R) -> R {
         f(&self.current())
     }

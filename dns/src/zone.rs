@@ -7,7 +7,7 @@
 
 use std::net::{IpAddr, Ipv4Addr};
 
-use boxd_controlplane::View;
+use boxd_model::View;
 
 /// Read access to the zone's data.
 pub trait ZoneView {

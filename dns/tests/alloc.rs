@@ -8,9 +8,9 @@ use std::alloc::{GlobalAlloc, Layout, System};
 use std::net::{IpAddr, Ipv4Addr};
 use std::sync::atomic::{AtomicUsize, Ordering};
 
-use boxd_controlplane::model::{AccountId, ClusterSettings, Desired, Observed, VmId};
-use boxd_controlplane::view::{View, ViewHandle, VmRoute};
 use boxd_dns::{Action, Engine, Transport, ZoneConfig};
+use boxd_model::model::{AccountId, ClusterSettings, Desired, Observed, VmId};
+use boxd_model::view::{View, ViewHandle, VmRoute};
 use hickory_proto::op::{Edns, Message, MessageType, OpCode, Query};
 use hickory_proto::rr::{Name, RecordType};
 

@@ -17,7 +17,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use boxd_controlplane::view::ViewHandle;
+use boxd_model::view::ViewHandle;
 use glommio::{LocalExecutorBuilder, Placement};
 
 /// How the front door behaves.

@@ -12,8 +12,8 @@ use std::rc::Rc;
 use std::sync::Arc;
 use std::time::Duration;
 
-use boxd_controlplane::model::Desired;
-use boxd_controlplane::view::ViewHandle;
+use boxd_model::model::Desired;
+use boxd_model::view::ViewHandle;
 use futures_lite::{AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _};
 use futures_rustls::TlsAcceptor;
 use glommio::net::{TcpListener, TcpStream};
@@ -67,10 +67,7 @@ impl Shard {
     }
 
     /// The VM `host` names, and the zone.
-    pub(super) fn route(
-        &self,
-        host: &str,
-    ) -> (Option<Arc<boxd_controlplane::view::VmRoute>>, String) {
+    pub(super) fn route(&self, host: &str) -> (Option<Arc<boxd_model::view::VmRoute>>, String) {
         let view = self.view.current();
         (
             view.vm_by_host(host).cloned(),

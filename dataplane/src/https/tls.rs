@@ -74,7 +74,7 @@ fn write(path: &Path, data: &str, mode: u32) -> Result<(), TlsError> {
 }
 
 /// A local CA and the zone certificate it signed, as PEM text (what the replica stores).
-pub use boxd_controlplane::model::TlsMaterial as LocalCa;
+pub use boxd_model::model::TlsMaterial as LocalCa;
 
 /// Writes a local CA's files into `dir` (created if missing) and names them.
 pub fn write_local_ca(ca: &LocalCa, dir: &Path) -> Result<CertFiles, TlsError> {

@@ -5,8 +5,8 @@
 use std::future::Future;
 use std::pin::Pin;
 
-use boxd_controlplane::command::{ApplyError, Command, Outcome};
-use boxd_controlplane::model::{AccountId, Fingerprint, Millis, Node, Registration, SshKey, Vm};
+use boxd_model::command::{ApplyError, Command, Outcome};
+use boxd_model::model::{AccountId, Fingerprint, Millis, Node, Registration, SshKey, Vm};
 
 /// A boxed, `Send` future (russh's handler futures must be `Send`).
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
@@ -43,7 +43,7 @@ pub trait Backend: Send + Sync + 'static {
     /// A VM's events, oldest first: (time, text) (local replica).
     fn events_of(
         &self,
-        vm: boxd_controlplane::model::VmId,
+        vm: boxd_model::model::VmId,
     ) -> BoxFuture<'_, Result<Vec<(Millis, String)>, BackendError>>;
     /// The cluster's workers with their capacity and what is placed on them (local replica).
     fn workers(&self) -> BoxFuture<'_, Result<Vec<Node>, BackendError>>;

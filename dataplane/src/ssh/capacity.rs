@@ -2,7 +2,7 @@
 //! with the numbers, and a VM that waits says what it waits for. From the workers' totals and
 //! what VMs placed on them take, as the local replica has them.
 
-use boxd_controlplane::model::{Node, VmSpec};
+use boxd_model::model::{Node, VmSpec};
 
 /// Why no worker of `workers` could ever hold a VM of `want` (even empty), if none could; none
 /// when one could or when there is no worker yet (a worker may still join).
@@ -99,7 +99,7 @@ fn offers(workers: &[Node]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use boxd_controlplane::model::Capacity;
+    use boxd_model::model::Capacity;
 
     fn worker(id: u64, vcpus: u32, memory_mib: u64, used_mib: u64) -> Node {
         Node {

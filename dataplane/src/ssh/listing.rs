@@ -3,7 +3,7 @@
 use std::fmt::Write as _;
 use std::net::Ipv4Addr;
 
-use boxd_controlplane::model::{Millis, Vm};
+use boxd_model::model::{Millis, Vm};
 
 /// Events, oldest first, one per line with its time (UTC, HTTP date form); the last `last`
 /// of them, or all.

@@ -6,9 +6,9 @@ use std::fmt::Write as _;
 use std::sync::Arc;
 use std::time::Duration;
 
-use boxd_controlplane::command::{ApplyError, Command, Outcome};
-use boxd_controlplane::model::{AccountId, Desired, Fingerprint, Observed, Vm, VmId, VmSpec};
-use boxd_controlplane::view::ViewHandle;
+use boxd_model::command::{ApplyError, Command, Outcome};
+use boxd_model::model::{AccountId, Desired, Fingerprint, Observed, Vm, VmId, VmSpec};
+use boxd_model::view::ViewHandle;
 use serde_json::json;
 use tokio::sync::mpsc;
 
@@ -270,7 +270,7 @@ impl<B: Backend> Lobby<B> {
         };
         spec.validate().map_err(|e| Reply::fail(EXIT_USAGE, e))?;
         let name = a.name.unwrap_or_else(generated_name);
-        if let Some(p) = boxd_controlplane::model::vm_name_problem(&name) {
+        if let Some(p) = boxd_model::model::vm_name_problem(&name) {
             return Err(Reply::fail(
                 EXIT_USAGE,
                 format!("the name {name:?} is not valid: {p}"),
@@ -702,7 +702,7 @@ mod tests {
     fn generated_names_are_valid() {
         for _ in 0..100 {
             let n = generated_name();
-            assert_eq!(boxd_controlplane::model::vm_name_problem(&n), None, "{n}");
+            assert_eq!(boxd_model::model::vm_name_problem(&n), None, "{n}");
         }
     }
 }

@@ -20,7 +20,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use boxd_controlplane::view::ViewHandle;
+use boxd_model::view::ViewHandle;
 use russh::keys::PrivateKey;
 use tokio::sync::watch;
 

@@ -7,7 +7,7 @@
 use std::collections::HashMap;
 use std::net::IpAddr;
 
-use boxd_controlplane::model::Millis;
+use boxd_model::model::Millis;
 
 /// New registration links per source address per window.
 pub const PER_ADDRESS: u32 = 10;

@@ -12,9 +12,9 @@ use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
-use boxd_controlplane::command::Command;
-use boxd_controlplane::model::{AccountId, Desired, Fingerprint, Observed};
-use boxd_controlplane::view::VmRoute;
+use boxd_model::command::Command;
+use boxd_model::model::{AccountId, Desired, Fingerprint, Observed};
+use boxd_model::view::VmRoute;
 use russh::server::{Auth, ChannelOpenHandle, Handler, Msg, Session};
 use russh::{Channel, ChannelId, ChannelMsg, ChannelOpenFailure};
 
@@ -583,7 +583,7 @@ async fn explain(channel: Channel<Msg>, msg: &str, code: u32) {
 /// sessions say why they end).
 async fn vm_ended<B: Backend>(
     shared: Arc<Shared<B>>,
-    id: boxd_controlplane::model::VmId,
+    id: boxd_model::model::VmId,
     name: String,
 ) -> String {
     let view = shared.lobby.view();

@@ -96,20 +96,6 @@ pub fn load_kernel(mem: &GuestMemoryMmap, path: &Path) -> Result<Loaded, BootErr
     }
 }
 
-/// Copies a flat binary to 1 MiB; its first byte is the entry point.
-pub fn load_flat(mem: &GuestMemoryMmap, path: &Path) -> Result<Loaded, BootError> {
-    let bytes = std::fs::read(path).map_err(|source| BootError::Read {
-        path: path.display().to_string(),
-        source,
-    })?;
-    mem.write_slice(&bytes, GuestAddress(layout::HIMEM))
-        .map_err(|e| BootError::Memory("test guest", e.to_string()))?;
-    Ok(Loaded {
-        entry: layout::HIMEM,
-        setup_header: None,
-    })
-}
-
 /// Writes the command line, the initramfs (at the top of low memory) and the zero page.
 pub fn configure_linux(
     mem: &GuestMemoryMmap,

@@ -268,7 +268,7 @@ pub enum Command {
         key: String,
     },
     /// A worker records something that happened to a VM (started, restarted after its process
-    /// ended and why, stopped); the VM keeps its last [`crate::store::apply::MAX_EVENTS`].
+    /// ended and why, stopped); the VM keeps its last `MAX_EVENTS` (50, `boxd_controlplane::store::apply`).
     RecordVmEvent {
         /// VM.
         vm: VmId,
