@@ -11,6 +11,9 @@ use boxd_controlplane::model::{Role, is_dns_label};
 use ipnet::Ipv4Net;
 use serde::{Deserialize, Serialize};
 
+/// Roles whose services this build contains.
+pub const BUILT_ROLES: [Role; 4] = [Role::Control, Role::Worker, Role::Proxy, Role::Dns];
+
 /// The whole configuration file.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, Default)]
 #[serde(deny_unknown_fields, default)]

@@ -71,3 +71,12 @@ pub fn hostname() -> String {
         .filter(|s| !s.is_empty())
         .unwrap_or_else(|| "boxd".into())
 }
+
+/// The CPUs to run one shard each on: the configured list, or every CPU when it is empty.
+pub fn shard_cpus(configured: &[usize]) -> Vec<usize> {
+    if configured.is_empty() {
+        (0..std::thread::available_parallelism().map_or(1, |n| n.get())).collect()
+    } else {
+        configured.to_vec()
+    }
+}

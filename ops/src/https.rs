@@ -14,7 +14,8 @@ use boxd_dataplane::https::{HttpsConfig, HttpsServer, Listeners};
 use tokio::sync::watch;
 
 use crate::config::Config;
-use crate::node::{NodeError, shard_cpus};
+use crate::error::NodeError;
+use crate::host::shard_cpus;
 
 /// What the ready line says about HTTPS.
 pub struct HttpsReady {

@@ -5,6 +5,7 @@ pub mod admin;
 pub mod cli;
 pub mod config;
 pub mod datadir;
+pub mod error;
 pub mod host;
 pub mod https;
 pub mod identity;

@@ -18,7 +18,9 @@ use tokio::sync::watch;
 use uuid::Uuid;
 
 use crate::admin;
-use crate::config::Config;
+use crate::config::{BUILT_ROLES, Config};
+pub use crate::error::NodeError;
+use crate::host::shard_cpus;
 use crate::identity::Identity;
 use crate::status::AdminContext;
 
@@ -40,23 +42,9 @@ pub enum Start {
     Run,
 }
 
-/// Why the node stopped with an error.
-#[derive(Debug, thiserror::Error)]
-pub enum NodeError {
-    /// The invocation or environment is wrong (exit code 2).
-    #[error("{0}")]
-    Usage(String),
-    /// Something failed at run time (exit code 1).
-    #[error("{0}")]
-    Failed(String),
-}
-
 fn failed(context: &str) -> impl FnOnce(String) -> NodeError + '_ {
     move |e| NodeError::Failed(format!("{context}: {e}"))
 }
-
-/// Roles whose services this build contains.
-pub const BUILT_ROLES: [Role; 4] = [Role::Control, Role::Worker, Role::Proxy, Role::Dns];
 
 /// Runs a node until `shutdown` resolves.
 pub async fn run(
@@ -624,14 +612,4 @@ fn bind_admin(path: &Path) -> Result<UnixListener, NodeError> {
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
         .map_err(|e| failed("admin socket permissions")(e.to_string()))?;
     Ok(listener)
-}
-
-/// Shards for the HTTPS front door: one per configured CPU, or one per CPU of the host.
-/// The CPUs to run one shard each on: the configured list, or every CPU when it is empty.
-pub fn shard_cpus(configured: &[usize]) -> Vec<usize> {
-    if configured.is_empty() {
-        (0..std::thread::available_parallelism().map_or(1, |n| n.get())).collect()
-    } else {
-        configured.to_vec()
-    }
 }

@@ -17,7 +17,8 @@ use boxd_dataplane::ssh::lobby::LobbySettings;
 use boxd_dataplane::ssh::{HostKey, Listeners, SshConfig, SshServer};
 
 use crate::config::Config;
-use crate::node::{NodeError, shard_cpus};
+use crate::error::NodeError;
+use crate::host::shard_cpus;
 
 /// The lobby's backend on this node's replica.
 pub struct ReplicaBackend {

@@ -13,8 +13,8 @@ use serde_json::{Value, json};
 use uuid::Uuid;
 
 use crate::admin::{Handler, Request};
+use crate::config::BUILT_ROLES;
 use crate::identity::Identity;
-use crate::node::BUILT_ROLES;
 
 /// State the admin handler needs.
 pub struct AdminContext {
