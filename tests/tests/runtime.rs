@@ -21,7 +21,8 @@ use std::time::Duration;
 
 use boxd_tests::{agent_bin, boxd_bin, eventually, keygen};
 use boxd_vmm::Virtualization;
-use boxd_vmm::kvm_runtime::{KvmRuntime, tap_name};
+use boxd_vmm::kvm_runtime::KvmRuntime;
+use boxd_vmm::worker::tap_name;
 use boxd_vmm::worker::{Host, HostConfig, Runtime, SandboxRuntime, Started, VmPlan};
 
 fn kernel_dir() -> PathBuf {

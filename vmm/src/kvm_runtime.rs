@@ -20,6 +20,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
 use crate::config::{BootConfig, DiskConfig, NetConfig, VmConfig};
+use crate::worker::tap_name;
 use crate::worker::{Disk, Host, Runtime, VmNet, VmPlan, WorkerError, once};
 
 /// Kernel modules the initramfs loads, each after those it depends on (the `depends=` of
@@ -198,13 +199,6 @@ impl Runtime for KvmRuntime {
     fn port(&self, id: &str) -> String {
         tap_name(id)
     }
-}
-
-/// Host name of a VM's tap: `bt` and the last 12 hex digits of its id (as for veths).
-pub fn tap_name(id: &str) -> String {
-    let mut n = crate::worker::host_veth(id);
-    n.replace_range(..2, "bt");
-    n
 }
 
 /// A persistent tap on the bridge, up; kept across stop/start, removed with the VM.

@@ -195,6 +195,13 @@ pub fn cgroup_of(id: &str) -> String {
     format!("boxd/{id}")
 }
 
+/// Host name of a VM's tap: `bt` and the last 12 hex digits of its id (kvm runtime; as for veths).
+pub fn tap_name(id: &str) -> String {
+    let mut n = host_veth(id);
+    n.replace_range(..2, "bt");
+    n
+}
+
 /// Host name of a VM's veth end: `bx` and the last 12 hex digits of its id (the random part
 /// of a v4 or v7 UUID; v7's leading digits are a timestamp that VMs created together share).
 pub fn host_veth(id: &str) -> String {
@@ -621,7 +628,7 @@ impl Host {
         self.stop(id)?;
         // Left behind when a VM process was killed rather than shut down.
         sandbox::remove_cgroups(&cgroup_of(id));
-        let tap = crate::kvm_runtime::tap_name(id);
+        let tap = tap_name(id);
         if link_exists(&tap) {
             ip(&["link", "del", "dev", &tap])?;
         }
