@@ -81,7 +81,7 @@ impl Engine {
         peer: IpAddr,
         out: &mut Vec<u8>,
     ) -> Action {
-        if fastpath::answer(self, zone, query, out) {
+        if fastpath::answer(&self.cfg, zone, query, out) {
             return Action::Reply;
         }
         out.clear();

@@ -239,7 +239,7 @@ fn the_do_bit_is_echoed() {
             let q = q.to_vec().unwrap();
             let mut fast = Vec::new();
             let mut answers = vec![ask(&q, Transport::Udp).unwrap()];
-            if boxd_dns::fastpath::answer(&e, &z, &q, &mut fast) {
+            if boxd_dns::fastpath::answer(e.config(), &z, &q, &mut fast) {
                 answers.push(Message::from_vec(&fast).unwrap());
             }
             for m in answers {
@@ -410,7 +410,7 @@ fn fast_path_agrees_with_the_full_path() {
                 };
                 let q = query(&fqdn, t, edns);
                 let mut fast = Vec::new();
-                let answered = boxd_dns::fastpath::answer(&e, &z, &q, &mut fast);
+                let answered = boxd_dns::fastpath::answer(e.config(), &z, &q, &mut fast);
                 let mut slow = Vec::new();
                 assert_eq!(
                     e.slow(&z, &q, Transport::Udp, PEER, &mut slow),
@@ -444,7 +444,7 @@ fn the_fast_path_leaves_decoded_edns_options_to_the_full_path() {
     ];
     let (e, z) = (engine(), zone());
     let mut fast = Vec::new();
-    assert!(!boxd_dns::fastpath::answer(&e, &z, q, &mut fast));
+    assert!(!boxd_dns::fastpath::answer(e.config(), &z, q, &mut fast));
     let m = ask(q, Transport::Udp).unwrap();
     assert_eq!(m.metadata.response_code, ResponseCode::FormErr);
 }
