@@ -1,10 +1,9 @@
 //! One VM from config to end: build (memory, kernel, boot tables, devices, vCPUs), run the
 //! vCPU threads, pause/resume/shut down on request, and report why it ended.
 
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Condvar, Mutex, PoisonError};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::thread::JoinHandle;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use kvm_ioctls::VcpuFd;
 use vmm_sys_util::eventfd::EventFd;
@@ -20,6 +19,8 @@ use crate::devices::virtio::net::{Net, parse_mac};
 use crate::devices::virtio::tap::Tap;
 use crate::devices::virtio::vsock::Vsock;
 use crate::devices::virtio::{self, VirtioDevice, block::Block, pci::VirtioPci};
+use crate::vstate::control::Control;
+pub use crate::vstate::control::{Ending, Metrics, RunState};
 use crate::vstate::vcpu;
 use crate::vstate::vm::{Vm, VmError};
 
@@ -41,135 +42,6 @@ pub enum StartError {
     /// A host resource (eventfd, log file, thread, signal handler).
     #[error("{0}: {1}")]
     Host(&'static str, std::io::Error),
-}
-
-/// How the VM ended.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Ending {
-    /// The guest reset the machine (i8042), as Linux's `reboot` does: a clean end.
-    Reset,
-    /// A vCPU triple-faulted; a PC would reset.
-    TripleFault(u8),
-    /// Shut down through the API.
-    Shutdown,
-    /// Something went wrong; the message says what.
-    Failed(String),
-}
-
-impl Ending {
-    /// The VMM process's exit code for this ending.
-    pub fn exit_code(&self) -> u8 {
-        match self {
-            Self::Reset | Self::Shutdown => 0,
-            Self::TripleFault(_) => 3,
-            Self::Failed(_) => 1,
-        }
-    }
-}
-
-/// Run state as the API reports it.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum RunState {
-    /// vCPUs run.
-    Running,
-    /// vCPUs are parked.
-    Paused,
-    /// The VM has ended or is ending.
-    Stopped,
-}
-
-/// Counters for `GET /metrics`.
-#[derive(Default, Debug)]
-pub struct Metrics {
-    /// All vCPU exits.
-    pub exits: AtomicU64,
-    /// Port I/O exits.
-    pub io_exits: AtomicU64,
-    /// MMIO exits.
-    pub mmio_exits: AtomicU64,
-}
-
-struct State {
-    run: RunState,
-    ending: Option<Ending>,
-}
-
-/// What the vCPU threads and the API share.
-pub struct Control {
-    state: Mutex<State>,
-    changed: Condvar,
-    parked: AtomicUsize,
-    /// Legacy port I/O devices.
-    pub pio: PioBus,
-    /// Counters.
-    pub metrics: Metrics,
-    /// The most recent console output.
-    pub console: Arc<Mutex<Vec<u8>>>,
-    /// When the vCPUs started.
-    pub started: Instant,
-    /// vCPUs.
-    pub vcpus: u8,
-    /// Memory in MiB.
-    pub memory_mib: u64,
-}
-
-impl Control {
-    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
-        self.state.lock().unwrap_or_else(PoisonError::into_inner)
-    }
-
-    /// Blocks while paused; false once the VM is ending.
-    pub fn wait_runnable(&self) -> bool {
-        let mut s = self.lock();
-        loop {
-            match s.run {
-                RunState::Running => return true,
-                RunState::Stopped => return false,
-                RunState::Paused => {
-                    self.parked.fetch_add(1, Ordering::SeqCst);
-                    s = self.changed.wait(s).unwrap_or_else(PoisonError::into_inner);
-                    self.parked.fetch_sub(1, Ordering::SeqCst);
-                }
-            }
-        }
-    }
-
-    /// Ends the VM (the first ending wins).
-    pub fn end(&self, why: Ending) {
-        let mut s = self.lock();
-        if s.ending.is_none() {
-            s.ending = Some(why);
-        }
-        s.run = RunState::Stopped;
-        self.changed.notify_all();
-    }
-
-    /// Current run state.
-    pub fn run_state(&self) -> RunState {
-        self.lock().run
-    }
-
-    /// Blocks until the VM ends.
-    pub fn wait_end(&self) -> Ending {
-        let mut s = self.lock();
-        loop {
-            if let Some(e) = &s.ending {
-                return e.clone();
-            }
-            s = self.changed.wait(s).unwrap_or_else(PoisonError::into_inner);
-        }
-    }
-
-    fn set_run(&self, to: RunState) -> RunState {
-        let mut s = self.lock();
-        let was = s.run;
-        if was != RunState::Stopped {
-            s.run = to;
-            self.changed.notify_all();
-        }
-        was
-    }
 }
 
 /// A built VM, not yet running.
@@ -286,20 +158,12 @@ impl Machine {
         let vcpus = (0..cfg.vcpus)
             .map(|id| vm.create_vcpu(id, cfg.vcpus, loaded.entry))
             .collect::<Result<Vec<_>, _>>()?;
-        let ctl = Arc::new(Control {
-            state: Mutex::new(State {
-                run: RunState::Running,
-                ending: None,
-            }),
-            changed: Condvar::new(),
-            parked: AtomicUsize::new(0),
-            pio: PioBus::new(uart, PciBus::new(functions)),
-            metrics: Metrics::default(),
+        let ctl = Arc::new(Control::new(
+            PioBus::new(uart, PciBus::new(functions)),
             console,
-            started: Instant::now(),
-            vcpus: cfg.vcpus,
-            memory_mib: cfg.memory_mib,
-        });
+            cfg.vcpus,
+            cfg.memory_mib,
+        ));
         irq_evts.push(serial_evt);
         Ok(Self {
             vm,
@@ -357,7 +221,7 @@ impl Machine {
         // and parked before this returns, so a seccomp filter installed next applies to
         // threads that only run the loop.
         let n = usize::from(self.ctl.vcpus);
-        while self.ctl.parked.load(Ordering::SeqCst) < n {
+        while self.ctl.parked() < n {
             if threads.iter().take(n).any(JoinHandle::is_finished) {
                 break;
             }
@@ -401,7 +265,7 @@ impl Running {
             return self.ctl.run_state() == RunState::Paused;
         }
         let n = usize::from(self.ctl.vcpus);
-        self.kick_until(|_| self.ctl.parked.load(Ordering::SeqCst) >= n);
+        self.kick_until(|_| self.ctl.parked() >= n);
         true
     }
 

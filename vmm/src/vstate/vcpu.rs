@@ -8,7 +8,7 @@ use std::sync::atomic::Ordering;
 use kvm_ioctls::{VcpuExit, VcpuFd};
 
 use crate::devices::Effect;
-use crate::machine::{Control, Ending};
+use crate::vstate::control::{Control, Ending};
 
 /// The signal that interrupts `KVM_RUN`: its handler does nothing, its arrival makes the ioctl
 /// return `EINTR` so the thread looks at the run state.
