@@ -30,16 +30,6 @@ pub struct RaftService(Arc<Replica>);
 
 #[tonic::async_trait]
 impl pb::raft_server::Raft for RaftService {
-    async fn append_entries(&self, req: Request<pb::Json>) -> Result<Response<pb::Json>, Status> {
-        let rpc = decode(&req.into_inner().json)?;
-        reply(&self.0.raft().append_entries(rpc).await)
-    }
-
-    async fn vote(&self, req: Request<pb::Json>) -> Result<Response<pb::Json>, Status> {
-        let rpc = decode(&req.into_inner().json)?;
-        reply(&self.0.raft().vote(rpc).await)
-    }
-
     async fn install_snapshot(
         &self,
         req: Request<pb::SnapshotChunk>,
@@ -90,7 +80,12 @@ pub struct StreamService {
 impl StreamService {
     /// Serves `conn` (recognised by [`super::stream::is_raft_stream`]) until it closes.
     pub async fn serve(&self, conn: tokio::net::TcpStream) {
-        super::stream::serve(Arc::clone(&self.replica), Arc::clone(&self.peer_key), conn).await;
+        super::stream::serve(
+            self.replica.raft().clone(),
+            Arc::clone(&self.peer_key),
+            conn,
+        )
+        .await;
     }
 }
 

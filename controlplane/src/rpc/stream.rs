@@ -13,9 +13,9 @@
 //! - The client opens with [`PREFACE`], then the peer key's length (`u16`) and the key. A
 //!   server that does not accept the key closes the connection.
 //! - Request: `u32` length of what follows, a kind byte, and openraft's request:
-//!   [`APPEND_ENTRIES_BINARY`] in postcard (`raft::codec`), which is what this version sends;
-//!   [`VOTE`] in JSON; [`APPEND_ENTRIES`] in JSON, still served for a leader that predates the
-//!   binary form (a rolling upgrade replaces followers first).
+//!   [`APPEND_ENTRIES_BINARY`] in postcard (`raft::codec`); [`VOTE`] in JSON. (Kind 1, an
+//!   AppendEntries in JSON, was sent by leaders before the postcard form and is no longer
+//!   served.)
 //! - Answer: `u32` length, then the JSON of `Result<response, RaftError>`.
 //!
 //! A connection carries one request at a time (openraft sends one RPC at a time per target);
@@ -32,13 +32,11 @@ use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _, BufReader};
 use tokio::net::TcpStream;
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 
-use crate::replica::Replica;
+use crate::raft::Raft;
 use crate::token::constant_time_eq;
 
 /// First bytes of a Raft stream connection.
 pub const PREFACE: &[u8; 8] = b"BOXDRFT1";
-/// Request kind: openraft's `AppendEntriesRequest`.
-pub const APPEND_ENTRIES: u8 = 1;
 /// Request kind: openraft's `VoteRequest`.
 pub const VOTE: u8 = 2;
 /// Request kind: openraft's `AppendEntriesRequest` in postcard.
@@ -122,15 +120,15 @@ pub fn append_entries_frame(
 
 /// Serves one Raft stream connection (already recognised by [`is_raft_stream`]) until the peer
 /// closes it or sends something malformed. `peer_key` is the cluster's internal key.
-pub async fn serve(replica: Arc<Replica>, peer_key: Arc<str>, stream: TcpStream) {
+pub async fn serve(raft: Raft, peer_key: Arc<str>, stream: TcpStream) {
     let peer = stream.peer_addr().ok();
-    if let Err(e) = serve_inner(&replica, &peer_key, stream).await {
+    if let Err(e) = serve_inner(&raft, &peer_key, stream).await {
         tracing::debug!(?peer, error = %e, "raft stream closed");
     }
 }
 
 async fn serve_inner(
-    replica: &Replica,
+    raft: &Raft,
     peer_key: &str,
     stream: TcpStream,
 ) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
@@ -156,22 +154,11 @@ async fn serve_inner(
         let answer = match kind {
             APPEND_ENTRIES_BINARY => frame(
                 None,
-                &replica
-                    .raft()
+                &raft
                     .append_entries(crate::raft::codec::decode_append_entries(body)?)
                     .await,
             )?,
-            APPEND_ENTRIES => frame(
-                None,
-                &replica
-                    .raft()
-                    .append_entries(serde_json::from_slice(body)?)
-                    .await,
-            )?,
-            VOTE => frame(
-                None,
-                &replica.raft().vote(serde_json::from_slice(body)?).await,
-            )?,
+            VOTE => frame(None, &raft.vote(serde_json::from_slice(body)?).await)?,
             other => return Err(format!("unknown request kind {other}").into()),
         };
         w.write_all(&answer).await?;
