@@ -11,7 +11,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::rc::Rc;
 use std::time::{Duration, Instant};
 
-use boxd_model::model::Desired;
+use super::route::Target;
 use bytes::Bytes;
 use futures_lite::{AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _};
 use glommio::net::TcpStream;
@@ -204,22 +204,9 @@ async fn stream(
                 .map(str::to_owned)
         });
     let named = authority.as_deref().and_then(head::normalize_host);
-    let Some(host) = sni.or_else(|| named.clone()) else {
-        return page(
-            respond,
-            &pages::bad_request("No server name and no :authority."),
-        );
-    };
-    if named.as_ref().is_some_and(|n| *n != host) {
-        return page(respond, &pages::misdirected(&host));
-    }
-    let (route, zone) = shard.route(&host);
-    let Some(vm) = route else {
-        return page(respond, &shard.no_vm(&host));
-    };
-    let Some(private) = vm.private_ip.filter(|_| vm.desired == Desired::Running) else {
-        let stopped = vm.desired != Desired::Running;
-        return page(respond, &pages::unavailable(&vm.name, &zone, stopped));
+    let Target { host, vm, private } = match shard.target(sni, [named.as_deref(), None]) {
+        Ok(t) => t,
+        Err(p) => return page(respond, &p),
     };
     let has_body = !body.is_end_stream();
     let (raw, chunked) = h1_head(&parts, authority.as_deref().unwrap_or(&host), has_body);

@@ -9,6 +9,7 @@ pub mod head;
 pub mod pages;
 mod pool;
 mod proxy;
+mod route;
 pub mod tls;
 
 use std::net::{SocketAddr, TcpListener};

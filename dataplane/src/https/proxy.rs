@@ -12,7 +12,7 @@ use std::rc::Rc;
 use std::sync::Arc;
 use std::time::Duration;
 
-use boxd_model::model::Desired;
+use super::route::Target;
 use boxd_model::view::ViewHandle;
 use futures_lite::{AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _};
 use futures_rustls::TlsAcceptor;
@@ -66,28 +66,9 @@ impl Shard {
         &self.vms
     }
 
-    /// The VM `host` names, and the zone.
-    pub(super) fn route(&self, host: &str) -> (Option<Arc<boxd_model::view::VmRoute>>, String) {
-        let view = self.view.current();
-        (
-            view.vm_by_host(host).cloned(),
-            view.zone().unwrap_or("").to_owned(),
-        )
-    }
-
-    /// The answer for a `host` no VM has: the zone's own page for the zone's name, a 404 for
-    /// an unknown VM name in the zone, a 421 for a name outside it.
-    pub(super) fn no_vm(&self, host: &str) -> Vec<u8> {
-        let view = self.view.current();
-        let zone = view.zone().unwrap_or("");
-        let bare = host.strip_suffix('.').unwrap_or(host);
-        if bare.eq_ignore_ascii_case(zone) {
-            pages::apex(zone, self.cfg.ssh_port)
-        } else if view.in_zone(host) {
-            pages::not_found(host, zone)
-        } else {
-            pages::not_served(host, zone)
-        }
+    /// The View the shard routes by.
+    pub(super) fn view(&self) -> &ViewHandle {
+        &self.view
     }
 
     /// Whether a connection to `local` is ours: the lobby or a VM's public address.
@@ -354,26 +335,11 @@ async fn serve_tls(stream: TcpStream, shard: Rc<Shard>) -> std::io::Result<()> {
             Err(e) => return Err(e),
         };
         buf.drain(..req.len);
-        // SNI names the VM; without SNI (an IP in the URL) the Host header does. A Host that
-        // names another VM than the TLS connection is for is misdirected (RFC 9110 15.5.20).
-        let Some(host) = sni.clone().or_else(|| req.host.clone()) else {
-            let page = pages::bad_request("No server name and no Host header.");
-            return reply(&mut tls, &page).await;
-        };
-        // An absolute-form target names the host too (RFC 9112 3.2.2): it must be this one.
-        if [&req.host, &req.authority]
-            .into_iter()
-            .any(|h| h.as_ref().is_some_and(|h| *h != host))
-        {
-            return reply(&mut tls, &pages::misdirected(&host)).await;
-        }
-        let (route, zone) = shard.route(&host);
-        let Some(vm) = route else {
-            return reply(&mut tls, &shard.no_vm(&host)).await;
-        };
-        let Some(private) = vm.private_ip.filter(|_| vm.desired == Desired::Running) else {
-            let stopped = vm.desired != Desired::Running;
-            return reply(&mut tls, &pages::unavailable(&vm.name, &zone, stopped)).await;
+        // An absolute-form target names the host too (RFC 9112 3.2.2).
+        let named = [req.host.as_deref(), req.authority.as_deref()];
+        let Target { host, vm, private } = match shard.target(sni.clone(), named) {
+            Ok(t) => t,
+            Err(page) => return reply(&mut tls, &page).await,
         };
         let body = match req.body() {
             Ok(b) => b,

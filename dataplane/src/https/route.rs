@@ -1,0 +1,67 @@
+//! Which VM a request is for, or the page that says why none — one answer for HTTP/1.1
+//! (`proxy.rs`) and HTTP/2 (`h2.rs`).
+
+use std::net::Ipv4Addr;
+use std::sync::Arc;
+
+use boxd_model::model::Desired;
+use boxd_model::view::VmRoute;
+
+use super::pages;
+use super::proxy::Shard;
+
+/// The VM a request goes to.
+pub(super) struct Target {
+    /// The name it was asked by.
+    pub host: String,
+    pub vm: Arc<VmRoute>,
+    /// Its private address (running VMs only).
+    pub private: Ipv4Addr,
+}
+
+impl Shard {
+    /// The VM a request is for, or the page to answer with. SNI names it; without SNI (an IP
+    /// in the URL) the first name the request carries does. Every name the request carries
+    /// (`Host`, an absolute-form target, `:authority`) must be that one: a request for another
+    /// VM than the TLS connection was opened for is misdirected (421, RFC 9110 15.5.20).
+    pub(super) fn target(
+        &self,
+        sni: Option<String>,
+        named: [Option<&str>; 2],
+    ) -> Result<Target, Vec<u8>> {
+        let first = || named.iter().flatten().next().map(|h| (*h).to_owned());
+        let Some(host) = sni.or_else(first) else {
+            return Err(pages::bad_request(
+                "No server name and no Host header (or :authority).",
+            ));
+        };
+        if named.iter().flatten().any(|h| *h != host) {
+            return Err(pages::misdirected(&host));
+        }
+        let view = self.view().current();
+        let Some(vm) = view.vm_by_host(&host).cloned() else {
+            return Err(self.no_vm(&host));
+        };
+        let Some(private) = vm.private_ip.filter(|_| vm.desired == Desired::Running) else {
+            let zone = view.zone().unwrap_or("");
+            let stopped = vm.desired != Desired::Running;
+            return Err(pages::unavailable(&vm.name, zone, stopped));
+        };
+        Ok(Target { host, vm, private })
+    }
+
+    /// The answer for a `host` no VM has: the zone's own page for the zone's name, a 404 for
+    /// an unknown VM name in the zone, a 421 for a name outside it.
+    fn no_vm(&self, host: &str) -> Vec<u8> {
+        let view = self.view().current();
+        let zone = view.zone().unwrap_or("");
+        let bare = host.strip_suffix('.').unwrap_or(host);
+        if bare.eq_ignore_ascii_case(zone) {
+            pages::apex(zone, self.cfg().ssh_port)
+        } else if view.in_zone(host) {
+            pages::not_found(host, zone)
+        } else {
+            pages::not_served(host, zone)
+        }
+    }
+}
