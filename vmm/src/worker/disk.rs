@@ -194,7 +194,10 @@ fn make_layer(dir: &Path, gib: u64) -> Result<(), WorkerError> {
     make_layer_tree(&tree)?;
     let made = (|| {
         let f = std::fs::File::create(&tmp).map_err(|e| host(&tmp, e))?;
-        f.set_len(gib << 30).map_err(|e| host(&tmp, e))?;
+        let bytes = gib
+            .checked_mul(1 << 30)
+            .ok_or_else(|| WorkerError::Host(format!("a disk of {gib} GiB is too large")))?;
+        f.set_len(bytes).map_err(|e| host(&tmp, e))?;
         drop(f);
         let (tree_s, tmp_s) = (tree.to_string_lossy(), tmp.to_string_lossy());
         tool(
