@@ -1,120 +1,21 @@
-//! Wiring the SSH front door into a node: the [`Backend`] the lobby uses, implemented on this
-//! node's replica, the host key kept in the replica, and the shard configuration.
-//!
-//! The SSH shards run their own tokio runtimes; every replica call is spawned onto the control
-//! plane's runtime, so the replica's tasks and gRPC channels stay on the runtime that owns them.
+//! Wiring the SSH front door into a node: the operations it fronts (on this node's replica),
+//! the host key kept in the replica, and the shard configuration.
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use boxd_controlplane::Replica;
-use boxd_controlplane::command::{Command, Outcome};
-use boxd_controlplane::model::{AccountId, Fingerprint, Millis, Node, Registration, SshKey, Vm};
-use boxd_controlplane::replica::WriteError;
-use boxd_controlplane::store::ReadError;
-use boxd_dataplane::ssh::backend::{Backend, BackendError, BoxFuture};
-use boxd_dataplane::ssh::lobby::LobbySettings;
+use boxd_controlplane::command::Command;
 use boxd_dataplane::ssh::{HostKey, Listeners, SshConfig, SshServer};
+use boxd_operations::{Operations, Settings};
 
+use crate::backend::ReplicaBackend;
 use crate::config::Config;
 use crate::error::NodeError;
 use crate::host::shard_cpus;
 
-/// The lobby's backend on this node's replica.
-pub struct ReplicaBackend {
-    replica: Arc<Replica>,
-    rt: tokio::runtime::Handle,
-}
-
-impl ReplicaBackend {
-    /// A backend running its calls on the current runtime.
-    pub fn new(replica: Arc<Replica>) -> Self {
-        Self {
-            replica,
-            rt: tokio::runtime::Handle::current(),
-        }
-    }
-
-    /// Runs `f` on the control plane's runtime.
-    fn on_rt<T, F>(
-        &self,
-        f: impl FnOnce(Arc<Replica>) -> F,
-    ) -> BoxFuture<'_, Result<T, BackendError>>
-    where
-        T: Send + 'static,
-        F: std::future::Future<Output = Result<T, BackendError>> + Send + 'static,
-    {
-        let task = self.rt.spawn(f(Arc::clone(&self.replica)));
-        Box::pin(async move {
-            task.await
-                .map_err(|e| BackendError::Unavailable(format!("the node is stopping ({e})")))?
-        })
-    }
-}
-
-fn read_err(e: ReadError) -> BackendError {
-    BackendError::Unavailable(e.to_string())
-}
-
-impl Backend for ReplicaBackend {
-    fn write(&self, cmd: Command) -> BoxFuture<'_, Result<Outcome, BackendError>> {
-        self.on_rt(|r| async move {
-            r.write(cmd).await.map_err(|e| match e {
-                WriteError::Rejected(a) => BackendError::Rejected(a),
-                e => BackendError::Unavailable(e.to_string()),
-            })
-        })
-    }
-
-    fn vms_of(&self, account: AccountId) -> BoxFuture<'_, Result<Vec<Vm>, BackendError>> {
-        self.on_rt(move |r| async move { r.reader().vms_of(account).await.map_err(read_err) })
-    }
-
-    fn keys_of(&self, account: AccountId) -> BoxFuture<'_, Result<Vec<SshKey>, BackendError>> {
-        self.on_rt(move |r| async move { r.reader().keys_of(account).await.map_err(read_err) })
-    }
-
-    fn registration_of(
-        &self,
-        fp: Fingerprint,
-    ) -> BoxFuture<'_, Result<Option<Registration>, BackendError>> {
-        self.on_rt(move |r| async move { r.reader().registration_of(fp).await.map_err(read_err) })
-    }
-
-    fn account_name(
-        &self,
-        account: AccountId,
-    ) -> BoxFuture<'_, Result<Option<(String, u32)>, BackendError>> {
-        self.on_rt(move |r| async move {
-            let a = r.reader().account(account).await.map_err(read_err)?;
-            Ok(a.map(|a| (a.name, a.max_vms)))
-        })
-    }
-
-    fn events_of(
-        &self,
-        vm: boxd_controlplane::model::VmId,
-    ) -> BoxFuture<'_, Result<Vec<(Millis, String)>, BackendError>> {
-        self.on_rt(move |r| async move { r.reader().vm_events(vm).await.map_err(read_err) })
-    }
-
-    fn workers(&self) -> BoxFuture<'_, Result<Vec<Node>, BackendError>> {
-        self.on_rt(|r| async move {
-            let nodes = r.reader().nodes().await.map_err(read_err)?;
-            Ok(nodes
-                .into_iter()
-                .filter(|n| n.roles.contains(&boxd_controlplane::model::Role::Worker))
-                .collect())
-        })
-    }
-
-    fn now(&self) -> Millis {
-        self.replica.now()
-    }
-}
-
 /// The shard configuration from `[ssh]`.
-pub fn ssh_config(cfg: &Config, https_port: Option<u16>) -> SshConfig {
+pub fn ssh_config(cfg: &Config) -> SshConfig {
     let s = &cfg.ssh;
     SshConfig {
         listen: s.listen,
@@ -124,12 +25,16 @@ pub fn ssh_config(cfg: &Config, https_port: Option<u16>) -> SshConfig {
         max_handshakes_per_ip: s.max_handshakes_per_ip,
         max_channels_per_connection: s.max_channels_per_connection,
         keepalive: Duration::from_secs(s.keepalive_secs),
-        lobby: LobbySettings {
-            ssh_port: s.listen.port(),
-            https_port,
-            ready_timeout: Duration::from_secs(s.ready_timeout_secs),
-        },
         ..SshConfig::default()
+    }
+}
+
+/// What the operations print (the ports users reach) and how long they wait, from `[ssh]`.
+pub fn operations_settings(cfg: &Config, https_port: Option<u16>) -> Settings {
+    Settings {
+        ssh_port: cfg.ssh.listen.port(),
+        https_port,
+        ready_timeout: Duration::from_secs(cfg.ssh.ready_timeout_secs),
     }
 }
 
@@ -180,14 +85,12 @@ pub async fn start(
         .ok_or_else(|| NodeError::Failed("the cluster has no secret yet".into()))?;
     let agent_key = boxd_dataplane::ssh::relay::agent_key(&secret);
     let backend = Arc::new(ReplicaBackend::new(Arc::clone(replica)));
-    let server = SshServer::start(
-        listeners,
-        ssh_config(cfg, https_port),
-        key,
-        agent_key,
-        Arc::clone(replica.view()),
+    let ops = Arc::new(Operations::new(
         backend,
-    )
-    .map_err(|e| NodeError::Failed(format!("cannot start SSH: {e}")))?;
+        Arc::clone(replica.view()),
+        operations_settings(cfg, https_port),
+    ));
+    let server = SshServer::start(listeners, ssh_config(cfg), key, agent_key, ops)
+        .map_err(|e| NodeError::Failed(format!("cannot start SSH: {e}")))?;
     Ok((server, fp))
 }

@@ -5,6 +5,8 @@
 
 use std::fmt;
 
+pub use boxd_operations::NewVm;
+
 /// Largest command line accepted.
 pub const MAX_LINE: usize = 4096;
 
@@ -67,19 +69,11 @@ pub enum LobbyCommand {
     Exit,
 }
 
-/// `new`'s options; `None` means the cluster default.
+/// `new`'s options: what to create and how to print it.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct NewArgs {
-    /// DNS label; generated when absent.
-    pub name: Option<String>,
-    /// Image name.
-    pub image: Option<String>,
-    /// vCPUs.
-    pub cpus: Option<u32>,
-    /// Memory in MiB.
-    pub memory_mib: Option<u64>,
-    /// Disk in GiB.
-    pub disk_gib: Option<u64>,
+    /// The VM asked for (`None`s are the cluster's defaults).
+    pub vm: NewVm,
     /// Machine-readable output.
     pub json: bool,
 }
@@ -322,25 +316,25 @@ fn parse_new(words: &[String]) -> Result<LobbyCommand, UsageError> {
     let (pos, flags) = split(words, &["name", "image", "cpus", "memory", "disk"])?;
     let mut a = NewArgs::default();
     if let [_, name] = pos.as_slice() {
-        a.name = Some((*name).to_owned());
+        a.vm.name = Some((*name).to_owned());
     } else if pos.len() > 2 {
         return Err(usage("`new` takes at most one name: new --name=NAME"));
     }
     for f in &flags {
         match f.name {
-            "name" if a.name.is_some() => {
+            "name" if a.vm.name.is_some() => {
                 return Err(usage("give the name once: new --name=NAME"));
             }
-            "name" => a.name = Some(value(f)?.to_owned()),
-            "image" => a.image = Some(value(f)?.to_owned()),
+            "name" => a.vm.name = Some(value(f)?.to_owned()),
+            "image" => a.vm.image = Some(value(f)?.to_owned()),
             "cpus" => {
                 let v = value(f)?;
-                a.cpus = Some(v.parse().map_err(|_| {
+                a.vm.cpus = Some(v.parse().map_err(|_| {
                     usage(format!("--cpus={v} is not a number: use e.g. --cpus=2"))
                 })?);
             }
-            "memory" => a.memory_mib = Some(size(value(f)?, "memory", Unit::Mib)?),
-            "disk" => a.disk_gib = Some(size(value(f)?, "disk", Unit::Gib)?),
+            "memory" => a.vm.memory_mib = Some(size(value(f)?, "memory", Unit::Mib)?),
+            "disk" => a.vm.disk_gib = Some(size(value(f)?, "disk", Unit::Gib)?),
             "json" => {
                 no_value(f)?;
                 a.json = true;
@@ -415,11 +409,13 @@ mod tests {
     fn parses_new_in_every_spelling() {
         assert_eq!(p("new"), Ok(LobbyCommand::New(NewArgs::default())));
         let want = LobbyCommand::New(NewArgs {
-            name: Some("my app".into()),
-            image: Some("debian".into()),
-            cpus: Some(2),
-            memory_mib: Some(2048),
-            disk_gib: Some(10),
+            vm: NewVm {
+                name: Some("my app".into()),
+                image: Some("debian".into()),
+                cpus: Some(2),
+                memory_mib: Some(2048),
+                disk_gib: Some(10),
+            },
             json: true,
         });
         assert_eq!(
@@ -433,7 +429,10 @@ mod tests {
         assert!(matches!(
             p("new --memory=512"),
             Ok(LobbyCommand::New(NewArgs {
-                memory_mib: Some(512),
+                vm: NewVm {
+                    memory_mib: Some(512),
+                    ..
+                },
                 ..
             }))
         ));

@@ -3,30 +3,26 @@
 //! run lobby commands; connections to a pool address are routed by (client key fingerprint,
 //! dialled address) to the caller's VM. See dataplane/DESIGN.md ("SSH shards") and docs/ssh.md.
 
-pub mod backend;
-mod capacity;
 pub mod command;
 mod cutoff;
 mod listing;
 pub mod lobby;
 mod prompt;
-mod registrations;
 pub mod relay;
 mod session;
 mod slots;
 
 use std::net::{IpAddr, SocketAddr, TcpListener};
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use boxd_model::view::ViewHandle;
+use boxd_operations::{Backend, Operations};
 use russh::keys::PrivateKey;
 use tokio::sync::watch;
 
-use self::backend::Backend;
 use self::cutoff::{Cutoff, Switch};
-use self::lobby::{Lobby, LobbySettings};
+use self::lobby::Lobby;
 use self::session::{Conn, Shared};
 use self::slots::{HandshakeSlot, Limits};
 
@@ -51,8 +47,6 @@ pub struct SshConfig {
     pub max_channels_per_connection: usize,
     /// Keepalive probe interval (three unanswered probes close the connection).
     pub keepalive: Duration,
-    /// What the lobby prints and how long it waits.
-    pub lobby: LobbySettings,
     /// The port guest agents listen on.
     pub agent_port: u16,
 }
@@ -67,7 +61,6 @@ impl Default for SshConfig {
             max_handshakes_per_ip: 32,
             max_channels_per_connection: 16,
             keepalive: Duration::from_secs(30),
-            lobby: LobbySettings::default(),
             agent_port: relay::AGENT_PORT,
         }
     }
@@ -158,8 +151,7 @@ impl SshServer {
         cfg: SshConfig,
         host_key: PrivateKey,
         agent_key: PrivateKey,
-        view: Arc<ViewHandle>,
-        backend: Arc<B>,
+        ops: Arc<Operations<B>>,
     ) -> std::io::Result<Self> {
         let russh_cfg = Arc::new(russh::server::Config {
             server_id: russh::SshId::Standard("SSH-2.0-boxd".into()),
@@ -185,19 +177,17 @@ impl SshServer {
             ..Default::default()
         });
         let agent_key = Arc::new(agent_key);
-        let registrations = Arc::new(Mutex::new(registrations::RegistrationLimits::default()));
         let (stop, stop_rx) = watch::channel(false);
         let addr = listeners.addr;
         let mut shards = Vec::new();
         for (i, listener) in listeners.shards.into_iter().enumerate() {
             let cpu = cfg.cpus.get(i).copied();
             let shared = Arc::new(Shared {
-                lobby: Lobby::new(Arc::clone(&backend), Arc::clone(&view), cfg.lobby.clone()),
+                lobby: Lobby::new(Arc::clone(&ops)),
                 cfg: cfg.clone(),
                 limits: Limits::default(),
                 agent_key: Arc::clone(&agent_key),
                 agent_port: cfg.agent_port,
-                registrations: Arc::clone(&registrations),
             });
             let russh_cfg = Arc::clone(&russh_cfg);
             let stop_rx = stop_rx.clone();
@@ -337,5 +327,5 @@ pub(crate) fn ipv4_of(addr: SocketAddr) -> Option<std::net::Ipv4Addr> {
 
 /// Whether a connection to `local` is ours: the lobby or a pool address.
 fn ours<B: Backend>(shared: &Shared<B>, local: SocketAddr) -> bool {
-    ipv4_of(local).is_some_and(|ip| shared.lobby.view().current().is_public_address(ip))
+    ipv4_of(local).is_some_and(|ip| shared.lobby.ops().view().current().is_public_address(ip))
 }

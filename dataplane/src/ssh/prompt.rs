@@ -7,9 +7,9 @@ use russh::ChannelMsg;
 use russh::server::Msg;
 use tokio::sync::mpsc;
 
-use super::backend::Backend;
 use super::command::{LobbyCommand, MAX_LINE, parse_line};
 use super::lobby::{Caller, EXIT_USAGE, Lobby, Progress, Reply};
+use boxd_operations::Backend;
 
 /// Largest stdin `keys add` reads.
 const MAX_STDIN: usize = 64 * 1024;
@@ -186,7 +186,7 @@ pub(super) async fn interactive<B: Backend>(
 ) -> u32 {
     use std::sync::atomic::Ordering::Relaxed;
     const PROMPT: &str = "boxd> ";
-    let zone = lobby.zone();
+    let zone = lobby.ops().zone();
     term.out(&format!(
         "Welcome to {zone}. Type `help` for commands, `exit` to leave.\n"
     ))
@@ -257,7 +257,7 @@ pub(super) async fn interactive<B: Backend>(
                         term.err(&format!(
                             "boxd: {MAX_BAD_LINES} lines in a row were not commands; closing \
                              (`ssh {} help` lists them)\n",
-                            lobby.zone()
+                            lobby.ops().zone()
                         ))
                         .await;
                         return EXIT_USAGE;

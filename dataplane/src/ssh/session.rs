@@ -12,25 +12,20 @@ use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
-use boxd_model::command::Command;
-use boxd_model::model::{AccountId, Desired, Fingerprint, Observed};
+use boxd_model::model::{Desired, Fingerprint, Observed};
 use boxd_model::view::VmRoute;
 use russh::server::{Auth, ChannelOpenHandle, Handler, Msg, Session};
 use russh::{Channel, ChannelId, ChannelMsg, ChannelOpenFailure};
 
 use super::SshConfig;
-use super::backend::Backend;
 use super::lobby::{Caller, EXIT_FAILED, Lobby};
 use super::prompt::{Term, exec, interactive};
-use super::registrations::RegistrationLimits;
 use super::relay::{self, AgentLink};
 use super::slots::{HandshakeSlot, Limits};
+use boxd_operations::{Backend, ErrorKind};
 
 /// Exit status when there is no VM to reach (what `ssh` itself uses for connection failures).
 pub const EXIT_NO_VM: u32 = 255;
-
-/// Registration links stay valid this long.
-const REGISTRATION_TTL_MS: u64 = 24 * 3600 * 1000;
 
 /// What every connection of a shard shares.
 pub(crate) struct Shared<B> {
@@ -41,8 +36,6 @@ pub(crate) struct Shared<B> {
     pub agent_key: Arc<russh::keys::PrivateKey>,
     /// The port agents listen on.
     pub agent_port: u16,
-    /// Registration links per source address, shared by every shard of the proxy.
-    pub registrations: Arc<std::sync::Mutex<RegistrationLimits>>,
 }
 
 /// What an authenticated connection may do.
@@ -108,7 +101,7 @@ impl<B: Backend> Conn<B> {
     }
 
     fn is_lobby(&self) -> bool {
-        let view = self.shared.lobby.view().current();
+        let view = self.shared.lobby.ops().view().current();
         match self.local_v4() {
             Some(ip) => view.lobby_addresses().any(|l| l == ip),
             None => false,
@@ -137,51 +130,19 @@ impl<B: Backend> Conn<B> {
 
     /// The message for an unknown key at the lobby: a registration link (reusing a live one).
     async fn registration_message(&self, fp: &Fingerprint, public_key: &str) -> String {
-        let backend = self.shared.lobby.backend();
-        let zone = self.shared.lobby.zone();
-        let now = backend.now();
-        let live = match backend.registration_of(fp.clone()).await {
-            Ok(Some(r)) if r.expires_at > now + 60_000 => Some(r.code),
-            _ => None,
-        };
-        let code = match live {
-            Some(c) => c,
-            None => {
-                // Each new link is a Raft write any stranger can cause: bounded per address.
-                let taken = self
-                    .shared
-                    .registrations
-                    .lock()
-                    .unwrap_or_else(std::sync::PoisonError::into_inner)
-                    .take(self.peer, now);
-                if let Err(why) = taken {
-                    tracing::info!(peer = %self.peer, key = %fp, "registration link refused: {why}");
-                    return format!(
-                        "this key ({fp}) is not registered with {zone}, and no link was made: {why},\nor add it from a registered key with `keys add`."
-                    );
-                }
-                let code = uuid::Uuid::new_v4().simple().to_string();
-                let w = backend
-                    .write(Command::CreateRegistration {
-                        code: code.clone(),
-                        fingerprint: fp.clone(),
-                        public_key: public_key.to_owned(),
-                        at: now,
-                        expires_at: now + REGISTRATION_TTL_MS,
-                    })
-                    .await;
-                if let Err(e) = w {
-                    return format!(
-                        "this key ({fp}) is not registered, and no link could be made: {e}"
-                    );
-                }
-                code
+        let ops = self.shared.lobby.ops();
+        let zone = ops.zone();
+        match ops.registration_link(fp, public_key, self.peer).await {
+            Ok(link) => format!(
+                "this key ({fp}) is not registered with {zone}.\nOpen {link} to link it to your account (valid 24 h),\nor add it from a registered key with `keys add`."
+            ),
+            Err(e) if e.kind == ErrorKind::Exhausted => format!(
+                "this key ({fp}) is not registered with {zone}, and no link was made: {e},\nor add it from a registered key with `keys add`."
+            ),
+            Err(e) => {
+                format!("this key ({fp}) is not registered, and no link could be made: {e}")
             }
-        };
-        let link = self.shared.lobby.apex_url(&format!("register/{code}"));
-        format!(
-            "this key ({fp}) is not registered with {zone}.\nOpen {link} to link it to your account (valid 24 h),\nor add it from a registered key with `keys add`."
-        )
+        }
     }
 }
 
@@ -199,7 +160,7 @@ impl<B: Backend> Handler for Conn<B> {
         };
         let fp = Fingerprint::of_key_blob(&blob);
         let lobby = self.is_lobby();
-        let account = self.shared.lobby.view().current().account_of(&fp);
+        let account = self.shared.lobby.ops().view().current().account_of(&fp);
         if lobby {
             if let Some(account) = account {
                 return Ok(self.admit(Mode::Lobby(Caller {
@@ -208,28 +169,14 @@ impl<B: Backend> Handler for Conn<B> {
                 })));
             }
             let text = key.public_key.to_openssh().unwrap_or_default();
-            if self.shared.lobby.view().current().key_count() == 0 {
-                // A fresh cluster: the first key claims the owner account.
-                let id = AccountId::random();
-                let claim = Command::ClaimOwner {
-                    id,
-                    name: "owner".into(),
-                    fingerprint: fp.clone(),
-                    public_key: text.clone(),
-                    at: self.shared.lobby.backend().now(),
-                };
-                if self.shared.lobby.backend().write(claim).await.is_ok() {
-                    tracing::info!(key = %fp, "the first key claimed the owner account");
-                    self.notice = Some(format!(
-                        "boxd: this key ({fp}) now owns {}: it was the first to connect. Other \
-                         keys get a registration link; add yours with `keys add`.\n",
-                        self.shared.lobby.zone()
-                    ));
-                    return Ok(self.admit(Mode::Lobby(Caller {
-                        account: id,
-                        fingerprint: fp,
-                    })));
-                }
+            // A fresh cluster: the first key claims the owner account.
+            if let Ok(caller) = self.shared.lobby.ops().claim_owner(&fp, &text).await {
+                self.notice = Some(format!(
+                    "boxd: this key ({fp}) now owns {}: it was the first to connect. Other \
+                     keys get a registration link; add yours with `keys add`.\n",
+                    self.shared.lobby.ops().zone()
+                ));
+                return Ok(self.admit(Mode::Lobby(caller)));
             }
             if self.unknown.is_none() {
                 self.unknown = Some((fp, text));
@@ -242,6 +189,7 @@ impl<B: Backend> Handler for Conn<B> {
         let route = self
             .shared
             .lobby
+            .ops()
             .view()
             .current()
             .ssh_route(&fp, ip)
@@ -507,7 +455,7 @@ async fn serve_channel<B: Backend>(
             let msg = format!(
                 "boxd: none of your VMs has the address {}: check the name with `ssh {} ls`\n",
                 local.ip(),
-                shared.lobby.zone()
+                shared.lobby.ops().zone()
             );
             return explain(channel, &msg, EXIT_NO_VM).await;
         }
@@ -586,7 +534,7 @@ async fn vm_ended<B: Backend>(
     id: boxd_model::model::VmId,
     name: String,
 ) -> String {
-    let view = shared.lobby.view();
+    let view = shared.lobby.ops().view();
     let mut changes = view.subscribe();
     loop {
         match view.current().vm(id) {
@@ -603,8 +551,8 @@ async fn vm_ended<B: Backend>(
 }
 
 fn vm_blocked<B: Backend>(shared: &Shared<B>, vm: &VmRoute) -> Option<String> {
-    let zone = shared.lobby.zone();
-    let current = shared.lobby.view().current().vm(vm.id).cloned();
+    let zone = shared.lobby.ops().zone();
+    let current = shared.lobby.ops().view().current().vm(vm.id).cloned();
     let Some(vm) = current else {
         return Some(format!("boxd: {} was deleted\n", vm.name));
     };

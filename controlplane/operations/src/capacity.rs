@@ -1,4 +1,4 @@
-//! What the lobby says about room for a VM: a size no worker could ever hold is refused at once
+//! What the operations say about room for a VM: a size no worker could ever hold is refused at once
 //! with the numbers, and a VM that waits says what it waits for. From the workers' totals and
 //! what VMs placed on them take, as the local replica has them.
 

@@ -1,0 +1,158 @@
+//! Every user operation, once: create, list, show, delete, start, stop and restart a VM; list,
+//! add and remove keys; who am I; the first key's claim and registration links. Each runs
+//! against the control plane through a [`Backend`] (log writes, replica reads) and the View
+//! (waiting for a VM's state), and fails with one [`OpError`] that says what to do.
+//!
+//! Front ends are thin: the SSH lobby (boxd-dataplane `ssh::lobby`) parses a command line,
+//! calls one operation and prints the answer; the gRPC API does the same with protobuf. No
+//! operation is implemented in a front end. See DESIGN.md.
+
+pub mod backend;
+pub mod capacity;
+mod error;
+mod identity;
+mod keys;
+pub mod registrations;
+mod vms;
+
+use std::net::{IpAddr, Ipv4Addr};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use boxd_model::model::{AccountId, Fingerprint};
+use boxd_model::view::ViewHandle;
+use tokio::sync::mpsc;
+
+pub use self::backend::{Backend, BoxFuture};
+pub use self::error::{ErrorKind, OpError};
+pub use self::identity::REGISTRATION_TTL_MS;
+pub use self::keys::{Whoami, parse_public_key};
+use self::registrations::RegistrationLimits;
+pub use self::vms::{NewVm, Shown};
+
+/// Addresses the operations print and how long they wait.
+#[derive(Clone, Debug)]
+pub struct Settings {
+    /// Port users reach SSH on (in `ssh -p`).
+    pub ssh_port: u16,
+    /// Port users reach HTTPS on; `None` when no proxy serves HTTPS.
+    pub https_port: Option<u16>,
+    /// How long `create`, `start` and `restart` wait for the VM to become reachable.
+    pub ready_timeout: Duration,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Self {
+            ssh_port: 2222,
+            https_port: Some(8443),
+            ready_timeout: Duration::from_secs(120),
+        }
+    }
+}
+
+/// Who runs an operation: an account, authenticated by one of its keys.
+#[derive(Clone, Debug)]
+pub struct Caller {
+    /// Account.
+    pub account: AccountId,
+    /// The key they authenticated with.
+    pub fingerprint: Fingerprint,
+}
+
+/// Progress lines while an operation waits (the lobby prints them on stderr).
+#[derive(Clone, Debug, Default)]
+pub struct Progress(Option<mpsc::UnboundedSender<String>>);
+
+impl Progress {
+    /// Progress that goes to `tx`.
+    pub fn to(tx: mpsc::UnboundedSender<String>) -> Self {
+        Self(Some(tx))
+    }
+
+    fn line(&self, s: String) {
+        if let Some(tx) = &self.0 {
+            let _ = tx.send(s);
+        }
+    }
+}
+
+/// The operations, over one backend and View. One per process, shared by every front end and
+/// shard (it holds the registration-link limits).
+pub struct Operations<B> {
+    backend: Arc<B>,
+    view: Arc<ViewHandle>,
+    settings: Settings,
+    registrations: Mutex<RegistrationLimits>,
+}
+
+impl<B: Backend> Operations<B> {
+    /// Operations over `backend` and `view`.
+    pub fn new(backend: Arc<B>, view: Arc<ViewHandle>, settings: Settings) -> Self {
+        Self {
+            backend,
+            view,
+            settings,
+            registrations: Mutex::new(RegistrationLimits::default()),
+        }
+    }
+
+    /// The View.
+    pub fn view(&self) -> &Arc<ViewHandle> {
+        &self.view
+    }
+
+    /// The settings.
+    pub fn settings(&self) -> &Settings {
+        &self.settings
+    }
+
+    /// The zone, for messages.
+    pub fn zone(&self) -> String {
+        self.view.current().zone().unwrap_or("boxd.test").to_owned()
+    }
+
+    /// The first lobby address, if the cluster has one.
+    pub fn lobby_address(&self) -> Option<Ipv4Addr> {
+        self.view.current().lobby_addresses().next()
+    }
+
+    /// The command that reaches VM `name`: `ssh [-p PORT] NAME.ZONE`.
+    pub fn ssh_command(&self, name: &str) -> String {
+        let zone = self.zone();
+        match self.settings.ssh_port {
+            22 => format!("ssh {name}.{zone}"),
+            p => format!("ssh -p {p} {name}.{zone}"),
+        }
+    }
+
+    /// `https://NAME.ZONE[:PORT]/`, when a proxy serves HTTPS.
+    pub fn https_url(&self, name: &str) -> Option<String> {
+        let zone = self.zone();
+        self.settings.https_port.map(|p| match p {
+            443 => format!("https://{name}.{zone}/"),
+            p => format!("https://{name}.{zone}:{p}/"),
+        })
+    }
+
+    /// `https://ZONE[:PORT]/PATH` (the port when it is not 443), e.g. a registration link.
+    pub fn apex_url(&self, path: &str) -> String {
+        let zone = self.zone();
+        match self.settings.https_port {
+            None | Some(443) => format!("https://{zone}/{path}"),
+            Some(p) => format!("https://{zone}:{p}/{path}"),
+        }
+    }
+
+    /// Takes one registration link for `peer` at `now` from the per-address limits.
+    fn take_registration(&self, peer: IpAddr, now: u64) -> Result<(), OpError> {
+        self.registrations
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .take(peer, now)
+            .map_err(|why| OpError::new(ErrorKind::Exhausted, why.to_string()))
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,213 @@
+//! The operations' own decisions (input checks, refusals, error kinds, registration limits)
+//! against an in-memory backend that records what would be written. The real backend and the
+//! lobby are covered end to end in tests/tests/journey.rs and lobby tests.
+
+use std::net::IpAddr;
+use std::sync::{Arc, Mutex};
+
+use boxd_model::command::{ApplyError, Command, Outcome};
+use boxd_model::model::{
+    AccountId, Capacity, Fingerprint, Millis, Node, Registration, SshKey, Vm, VmId,
+};
+use boxd_model::view::ViewHandle;
+
+use crate::{Backend, BoxFuture, Caller, ErrorKind, NewVm, OpError, Operations, Progress};
+
+/// Answers reads from fixed data; each write is recorded and answered by `refuse`, if set.
+#[derive(Default)]
+struct Memory {
+    workers: Vec<Node>,
+    writes: Mutex<Vec<Command>>,
+    refuse: Option<ApplyError>,
+    registration: Mutex<Option<Registration>>,
+}
+
+impl Memory {
+    fn written(&self) -> usize {
+        self.writes.lock().expect("lock").len()
+    }
+}
+
+impl Backend for Memory {
+    fn write(&self, cmd: Command) -> BoxFuture<'_, Result<Outcome, OpError>> {
+        if let Command::CreateRegistration {
+            code,
+            fingerprint,
+            public_key,
+            at,
+            expires_at,
+        } = &cmd
+        {
+            *self.registration.lock().expect("lock") = Some(Registration {
+                code: code.clone(),
+                fingerprint: fingerprint.clone(),
+                public_key: public_key.clone(),
+                created_at: *at,
+                expires_at: *expires_at,
+            });
+        }
+        self.writes.lock().expect("lock").push(cmd);
+        let r = match &self.refuse {
+            Some(e) => Err(OpError::from(e.clone())),
+            None => Ok(Outcome::Done),
+        };
+        Box::pin(async move { r })
+    }
+    fn vms_of(&self, _: AccountId) -> BoxFuture<'_, Result<Vec<Vm>, OpError>> {
+        Box::pin(async { Ok(Vec::new()) })
+    }
+    fn keys_of(&self, _: AccountId) -> BoxFuture<'_, Result<Vec<SshKey>, OpError>> {
+        Box::pin(async { Ok(Vec::new()) })
+    }
+    fn registration_of(
+        &self,
+        _: Fingerprint,
+    ) -> BoxFuture<'_, Result<Option<Registration>, OpError>> {
+        let r = self.registration.lock().expect("lock").clone();
+        Box::pin(async move { Ok(r) })
+    }
+    fn account_name(&self, _: AccountId) -> BoxFuture<'_, Result<Option<(String, u32)>, OpError>> {
+        Box::pin(async { Ok(None) })
+    }
+    fn events_of(&self, _: VmId) -> BoxFuture<'_, Result<Vec<(Millis, String)>, OpError>> {
+        Box::pin(async { Ok(Vec::new()) })
+    }
+    fn workers(&self) -> BoxFuture<'_, Result<Vec<Node>, OpError>> {
+        let w = self.workers.clone();
+        Box::pin(async move { Ok(w) })
+    }
+    fn now(&self) -> Millis {
+        1_000_000
+    }
+}
+
+fn ops(m: Memory) -> (Operations<Memory>, Arc<Memory>) {
+    let m = Arc::new(m);
+    let o = Operations::new(Arc::clone(&m), ViewHandle::new(), Default::default());
+    (o, m)
+}
+
+fn caller() -> Caller {
+    Caller {
+        account: AccountId::random(),
+        fingerprint: Fingerprint::of_key_blob(b"k"),
+    }
+}
+
+fn worker(vcpus: u32) -> Node {
+    Node {
+        id: 1,
+        uuid: uuid::Uuid::nil(),
+        name: "w1".into(),
+        roles: Default::default(),
+        raft_addr: String::new(),
+        capacity: Capacity {
+            vcpus,
+            memory_mib: 4096,
+            disk_gib: 100,
+        },
+        used: Capacity::default(),
+        last_heartbeat: 0,
+        joined_at: 0,
+    }
+}
+
+#[tokio::test]
+async fn bad_input_is_refused_before_anything_is_written() {
+    let (o, m) = ops(Memory {
+        workers: vec![worker(2)],
+        ..Memory::default()
+    });
+    let c = caller();
+    let p = Progress::default();
+    let bad_name = NewVm {
+        name: Some("My App".into()),
+        ..NewVm::default()
+    };
+    let e = o.create(&c, bad_name, &p).await.expect_err("bad name");
+    assert_eq!(e.kind, ErrorKind::Invalid);
+    assert!(e.message.contains("is not valid"), "{e}");
+    let too_big = NewVm {
+        cpus: Some(8),
+        ..NewVm::default()
+    };
+    let e = o.create(&c, too_big, &p).await.expect_err("too big");
+    assert_eq!(e.kind, ErrorKind::Exhausted);
+    assert!(e.message.contains("the largest offers 2"), "{e}");
+    let e = o
+        .add_key(&c, b"# only a comment\n\n")
+        .await
+        .expect_err("no key");
+    assert_eq!(e.kind, ErrorKind::Invalid);
+    assert!(e.message.starts_with("no key on stdin"), "{e}");
+    let e = o.add_key(&c, &[0xff, 0xfe]).await.expect_err("not text");
+    assert!(e.message.contains("not text"), "{e}");
+    let e = o
+        .remove_key(&c, "MD5:aa")
+        .await
+        .expect_err("not a fingerprint");
+    assert_eq!(e.kind, ErrorKind::Invalid);
+    assert_eq!(m.written(), 0, "nothing reached the log");
+}
+
+#[tokio::test]
+async fn removing_a_key_that_is_not_yours_reads_as_missing() {
+    let (o, m) = ops(Memory {
+        refuse: Some(ApplyError::NotYours {
+            what: "key".into(),
+            id: "x".into(),
+        }),
+        ..Memory::default()
+    });
+    let fp = Fingerprint::of_key_blob(b"someone else's");
+    let e = o
+        .remove_key(&caller(), fp.as_str())
+        .await
+        .expect_err("not ours");
+    assert_eq!(e.kind, ErrorKind::NotFound);
+    assert_eq!(
+        e.message,
+        format!("no key {fp} on this account: see `keys`")
+    );
+    assert_eq!(m.written(), 1);
+}
+
+#[tokio::test]
+async fn registration_links_are_reused_and_limited_per_address() {
+    let (o, m) = ops(Memory::default());
+    let fp = Fingerprint::of_key_blob(b"stranger");
+    let peer: IpAddr = "192.0.2.7".parse().expect("ip");
+    let first = o
+        .registration_link(&fp, "ssh-ed25519 AAAA", peer)
+        .await
+        .expect("a link");
+    assert!(
+        first.starts_with("https://boxd.test:8443/register/"),
+        "{first}"
+    );
+    let again = o
+        .registration_link(&fp, "ssh-ed25519 AAAA", peer)
+        .await
+        .expect("the same link");
+    assert_eq!(first, again, "a live link is reused");
+    assert_eq!(m.written(), 1);
+    // Different keys from one address spend its allowance.
+    for i in 1..crate::registrations::PER_ADDRESS {
+        let other = Fingerprint::of_key_blob(format!("k{i}").as_bytes());
+        *m.registration.lock().expect("lock") = None;
+        o.registration_link(&other, "ssh-ed25519 AAAA", peer)
+            .await
+            .expect("within the allowance");
+    }
+    *m.registration.lock().expect("lock") = None;
+    let e = o
+        .registration_link(&fp, "ssh-ed25519 AAAA", peer)
+        .await
+        .expect_err("allowance spent");
+    assert_eq!(e.kind, ErrorKind::Exhausted);
+    assert_eq!(
+        m.written(),
+        crate::registrations::PER_ADDRESS as usize,
+        "the refused link cost no write"
+    );
+}
