@@ -64,7 +64,7 @@ enum Cmd {
         #[command(subcommand)]
         command: ConfigCmd,
     },
-    /// Run one VM in this process (started by the worker; see vmm/DESIGN.md)
+    /// Run one VM in this process (started by the worker; see vmm/worker/DESIGN.md)
     Vmm {
         /// VM config (JSON)
         #[arg(long, value_name = "FILE")]
@@ -76,7 +76,7 @@ enum Cmd {
         #[arg(long)]
         no_seccomp: bool,
     },
-    /// Run one sandbox-runtime VM in this process (started by the worker; see vmm/DESIGN.md)
+    /// Run one sandbox-runtime VM in this process (started by the worker; see vmm/worker/DESIGN.md)
     Sandbox {
         /// Sandbox spec (JSON)
         #[arg(long, value_name = "FILE")]
@@ -236,7 +236,7 @@ pub fn main() -> ExitCode {
         }
         Cmd::Sandbox { config, api_sock } => {
             init_logging();
-            ExitCode::from(boxd_vmm::sandbox::run(&boxd_vmm::sandbox::Options {
+            ExitCode::from(boxd_worker::sandbox::run(&boxd_worker::sandbox::Options {
                 config: &config,
                 api_sock: &api_sock,
             }))
@@ -341,7 +341,7 @@ async fn shutdown_signal() {
 }
 
 fn image_command(data_dir: &Path, command: ImageCmd) -> ExitCode {
-    use boxd_vmm::image;
+    use boxd_worker::image;
     match command {
         ImageCmd::Build {
             name,

@@ -31,7 +31,7 @@ pub fn disk_gib(cfg: &WorkerConfig, data_dir: &Path) -> u64 {
     if cfg.disk_gib > 0 {
         return cfg.disk_gib;
     }
-    free_disk_bytes(data_dir).saturating_add(boxd_vmm::worker::written_bytes(data_dir)) >> 30
+    free_disk_bytes(data_dir).saturating_add(boxd_worker::written_bytes(data_dir)) >> 30
 }
 
 fn memory_mib() -> u64 {

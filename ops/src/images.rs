@@ -14,7 +14,7 @@ use boxd_controlplane::command::Command;
 use boxd_controlplane::model::{ImageAd, NodeId, is_dns_label};
 use boxd_controlplane::rpc::pb;
 use boxd_controlplane::store::rows;
-use boxd_vmm::image::{self, Archive, ImageInfo};
+use boxd_worker::image::{self, Archive, ImageInfo};
 use sha2::Digest as _;
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::sync::watch;

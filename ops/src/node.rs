@@ -249,7 +249,7 @@ struct Ready {
     /// What the worker reports to `boxd admin status`.
     worker: crate::worker::StatusCell,
     /// The worker's runtime and why, when this node is a worker (checked before start).
-    runtime: Option<(Arc<dyn boxd_vmm::worker::Runtime>, String)>,
+    runtime: Option<(Arc<dyn boxd_worker::Runtime>, String)>,
 }
 
 /// The front-door servers a node runs.

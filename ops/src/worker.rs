@@ -2,7 +2,7 @@
 //! state and reports what is true back through the leader. It only reads its local replica
 //! (the log is the API: control writes `PlaceVm`, the worker sees it here) and each VM's API
 //! socket; VM processes are not its children in any way that matters, so it can die and come
-//! back at any time (see vmm/DESIGN.md "Worker").
+//! back at any time (see vmm/worker/DESIGN.md "Supervisor").
 
 use std::collections::{HashMap, HashSet};
 use std::net::{Ipv4Addr, SocketAddrV4};
@@ -14,8 +14,8 @@ use boxd_controlplane::command::Command;
 use boxd_controlplane::model::{Desired, NodeId, Observed, Vm, VmId};
 use boxd_controlplane::store::apply::MAX_REASON;
 use boxd_controlplane::store::rows;
-use boxd_vmm::kvm_runtime::KvmRuntime;
-use boxd_vmm::worker::{
+use boxd_worker::kvm_runtime::KvmRuntime;
+use boxd_worker::{
     Host, HostConfig, Reported, Runtime, SandboxRuntime, Started, Step, VmPlan, decide,
 };
 use tokio::sync::{Notify, watch};
@@ -31,7 +31,7 @@ pub use status::{DiskStatus, StatusCell, WorkerStatus};
 pub fn preflight(cfg: &Config) -> Result<(Arc<dyn Runtime>, String), String> {
     let (runtime, reason) = choose_runtime(cfg)?;
     let busybox = std::path::Path::new("/bin/busybox");
-    let static_busybox = boxd_vmm::image::is_static_elf(busybox).unwrap_or(false);
+    let static_busybox = boxd_worker::image::is_static_elf(busybox).unwrap_or(false);
     let nft = std::process::Command::new("nft")
         .arg("--version")
         .output()
@@ -70,7 +70,7 @@ pub fn preflight(cfg: &Config) -> Result<(Arc<dyn Runtime>, String), String> {
                 }
             ));
         }
-        let missing = boxd_vmm::sandbox::missing_controllers();
+        let missing = boxd_worker::sandbox::missing_controllers();
         if !missing.is_empty() {
             return Err(format!(
                 "the worker cannot limit VMs: no {} cgroup controller under /sys/fs/cgroup, so \
@@ -172,7 +172,7 @@ pub async fn run(
         subnet,
         agent_key,
         agent_port: boxd_dataplane::ssh::relay::AGENT_PORT,
-        minimal: boxd_vmm::image::MinimalSources {
+        minimal: boxd_worker::image::MinimalSources {
             busybox: "/bin/busybox".into(),
             agent: here.with_file_name("boxd-agent"),
         },
@@ -555,7 +555,7 @@ impl Supervisor {
     /// a user to it without checking the key.
     async fn record_agent_key(&self, vm: &Vm) {
         let dir = self.host.vm_dir(&vm.id.to_string());
-        let Some(key) = boxd_vmm::agent_key::public(&dir) else {
+        let Some(key) = boxd_worker::agent_key::public(&dir) else {
             return;
         };
         if vm.agent_key.as_deref() == Some(key.as_str()) {

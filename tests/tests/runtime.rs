@@ -21,9 +21,9 @@ use std::time::Duration;
 
 use boxd_tests::{agent_bin, boxd_bin, eventually, keygen};
 use boxd_vmm::Virtualization;
-use boxd_vmm::kvm_runtime::KvmRuntime;
-use boxd_vmm::worker::tap_name;
-use boxd_vmm::worker::{Host, HostConfig, Runtime, SandboxRuntime, Started, VmPlan};
+use boxd_worker::kvm_runtime::KvmRuntime;
+use boxd_worker::tap_name;
+use boxd_worker::{Host, HostConfig, Runtime, SandboxRuntime, Started, VmPlan};
 
 fn kernel_dir() -> PathBuf {
     let dir = PathBuf::from(
@@ -75,7 +75,7 @@ fn test_host(dir: &Path, bridge: &str, subnet: &str) -> (Host, PathBuf) {
             .trim()
             .into(),
         agent_port: 2200,
-        minimal: boxd_vmm::image::MinimalSources {
+        minimal: boxd_worker::image::MinimalSources {
             busybox: "/bin/busybox".into(),
             agent: agent_bin(),
         },
@@ -144,7 +144,7 @@ fn conform(rt: &dyn Runtime, dir: &Path) {
     );
 
     // Limits: the memory cgroup holds the VM where the host has one.
-    let v1 = Path::new("/sys/fs/cgroup/memory").join(boxd_vmm::worker::cgroup_of(&vm.id));
+    let v1 = Path::new("/sys/fs/cgroup/memory").join(boxd_worker::cgroup_of(&vm.id));
     if rt.name() == "sandbox" && v1.is_dir() {
         let limit = std::fs::read_to_string(v1.join("memory.limit_in_bytes")).unwrap();
         assert_eq!(
@@ -164,7 +164,7 @@ fn conform(rt: &dyn Runtime, dir: &Path) {
     }
     // The agent answers with the VM's own host key, made with its disk, the same after a
     // restart (kvm: the key is on the disk image).
-    let host_key = boxd_vmm::agent_key::public(&vm_dir).expect("the VM's agent key");
+    let host_key = boxd_worker::agent_key::public(&vm_dir).expect("the VM's agent key");
     if ready {
         assert_eq!(agent_host_key(net.ip), host_key, "{what}: agent host key");
     }
@@ -388,12 +388,12 @@ fn a_sandbox_vm_root_is_confined() {
     );
     let procs = std::fs::read_to_string(format!(
         "/sys/fs/cgroup/pids/{}/cgroup.procs",
-        boxd_vmm::worker::cgroup_of(&vm.id)
+        boxd_worker::cgroup_of(&vm.id)
     ))
     .or_else(|_| {
         std::fs::read_to_string(format!(
             "/sys/fs/cgroup/{}/cgroup.procs",
-            boxd_vmm::worker::cgroup_of(&vm.id)
+            boxd_worker::cgroup_of(&vm.id)
         ))
     })
     .unwrap();
@@ -455,7 +455,7 @@ fn a_sandbox_vm_root_is_confined() {
         .parse()
         .unwrap();
     assert!(written < 1024, "the VM wrote {written} MiB on a 1 GiB disk");
-    let layer = host.vm_dir(&vm.id).join(boxd_vmm::worker::LAYER_IMAGE);
+    let layer = host.vm_dir(&vm.id).join(boxd_worker::LAYER_IMAGE);
     let taken = std::fs::metadata(&layer).unwrap().blocks() * 512;
     assert!(
         taken < 1100 << 20,
@@ -527,7 +527,7 @@ fn kvm_checks(host: &Host, vm: &VmPlan, dir: &Path, pid: Option<i32>) {
     let on_disk = cat("cat /etc/boxd/agent_host_key");
     assert_eq!(
         on_disk,
-        std::fs::read_to_string(dir.join(boxd_vmm::agent_key::FILE)).unwrap()
+        std::fs::read_to_string(dir.join(boxd_worker::agent_key::FILE)).unwrap()
     );
     let stat = cat("stat /etc/boxd/agent_host_key");
     assert!(

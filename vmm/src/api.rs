@@ -188,10 +188,12 @@ impl Response {
     }
 }
 
+/// The body of `PUT /vm/actions`: `{"action": "…"}` (also served by the sandbox runtime).
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
-pub(crate) struct Action {
-    pub(crate) action: String,
+pub struct Action {
+    /// What to do.
+    pub action: String,
 }
 
 /// Answers one request about `vm`.

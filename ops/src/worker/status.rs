@@ -59,7 +59,7 @@ impl DiskStatus {
 
     /// Reads what the disks take and what is free now.
     pub fn read_usage(&mut self, data_dir: &std::path::Path) {
-        self.written_bytes = boxd_vmm::worker::written_bytes(data_dir);
+        self.written_bytes = boxd_worker::written_bytes(data_dir);
         self.free_bytes = crate::host::free_disk_bytes(data_dir);
     }
 }

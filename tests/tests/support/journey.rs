@@ -45,7 +45,7 @@ impl Drop for VmReaper {
         if let Ok(rd) = std::fs::read_dir(self.0.join("vms")) {
             for e in rd.flatten() {
                 let id = e.file_name().to_string_lossy().into_owned();
-                boxd_vmm::sandbox::remove_cgroups(&boxd_vmm::worker::cgroup_of(&id));
+                boxd_worker::sandbox::remove_cgroups(&boxd_worker::cgroup_of(&id));
             }
         }
     }

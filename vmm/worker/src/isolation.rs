@@ -172,7 +172,7 @@ pub fn enforce(
         }
     }
     ports.sort_by(|a, b| a.ifname.cmp(&b.ifname));
-    crate::worker::stdin_tool("nft", &["-f", "-"], &ruleset(bridge, &ports, cluster)).map_err(|e| {
+    crate::stdin_tool("nft", &["-f", "-"], &ruleset(bridge, &ports, cluster)).map_err(|e| {
         format!("cannot load the rules that keep VMs apart ({e}): install nftables (apt-get install nftables)")
     })?;
     Ok(ports.len())

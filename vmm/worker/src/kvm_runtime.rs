@@ -19,9 +19,9 @@
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
-use crate::config::{BootConfig, DiskConfig, NetConfig, VmConfig};
-use crate::worker::tap_name;
-use crate::worker::{Disk, Host, Runtime, VmNet, VmPlan, WorkerError, once};
+use crate::tap_name;
+use crate::{Disk, Host, Runtime, VmNet, VmPlan, WorkerError, once};
+use boxd_vmm::config::{BootConfig, DiskConfig, NetConfig, VmConfig};
 
 /// Kernel modules the initramfs loads, each after those it depends on (the `depends=` of
 /// its `.modinfo`); Debian's cloud kernel builds them as modules, ext4 is built in.
@@ -158,9 +158,9 @@ impl KvmRuntime {
         let tap = tap_name(&vm.id);
         ensure_tap(&tap, &host.cfg.bridge)?;
         Ok(VmConfig {
-            vcpus: u8::try_from(vm.vcpus.clamp(1, u32::from(crate::config::MAX_VCPUS)))
+            vcpus: u8::try_from(vm.vcpus.clamp(1, u32::from(boxd_vmm::config::MAX_VCPUS)))
                 .unwrap_or(1),
-            memory_mib: vm.memory_mib.max(crate::config::MIN_MEMORY_MIB),
+            memory_mib: vm.memory_mib.max(boxd_vmm::config::MIN_MEMORY_MIB),
             boot: BootConfig {
                 kernel: self.kernel.clone(),
                 cmdline: Self::cmdline(host, vm, net),
@@ -203,10 +203,10 @@ impl Runtime for KvmRuntime {
 
 /// A persistent tap on the bridge, up; kept across stop/start, removed with the VM.
 fn ensure_tap(tap: &str, bridge: &str) -> Result<(), WorkerError> {
-    if !crate::worker::link_exists(tap) {
-        crate::worker::tool("ip", &["tuntap", "add", "dev", tap, "mode", "tap"])?;
+    if !crate::net::link_exists(tap) {
+        crate::tool("ip", &["tuntap", "add", "dev", tap, "mode", "tap"])?;
     }
-    crate::worker::tool("ip", &["link", "set", "dev", tap, "master", bridge, "up"])
+    crate::tool("ip", &["link", "set", "dev", tap, "master", bridge, "up"])
 }
 
 /// The image tree as an ext4 file, once per pinned build (`<pinned>.ext4`): sized to the tree
@@ -236,7 +236,7 @@ fn make_base(tree: &Path, base: &Path) -> Result<(), WorkerError> {
     _ = std::fs::remove_file(&tmp);
     let (t, d) = (tmp.to_string_lossy(), tree.to_string_lossy());
     let size = format!("{kib}k");
-    crate::worker::tool(
+    crate::tool(
         "mkfs.ext4",
         &[
             "-q",
@@ -270,7 +270,7 @@ fn vm_disk(
     let tmp = image.with_extension("img.making");
     _ = std::fs::remove_file(&tmp);
     let (b, t) = (base.to_string_lossy(), tmp.to_string_lossy());
-    crate::worker::tool("cp", &["--reflink=auto", "--sparse=always", &b, &t])?;
+    crate::tool("cp", &["--reflink=auto", "--sparse=always", &b, &t])?;
     let want = gib.max(1) << 30;
     let have = std::fs::metadata(&tmp).map(|m| m.len()).unwrap_or(0);
     if want > have {
@@ -280,7 +280,7 @@ fn vm_disk(
             .and_then(|f| f.set_len(want))
             .map_err(|e| WorkerError::Host(format!("{}: {e}", tmp.display())));
         f?;
-        crate::worker::tool("resize2fs", &["-f", &t])
+        crate::tool("resize2fs", &["-f", &t])
             .map_err(|e| WorkerError::Host(format!("growing the VM's disk: {e}")))?;
     }
     if let Some(key) = host_key {
@@ -297,7 +297,7 @@ fn vm_disk(
             name = name.to_string_lossy(),
             key = key.display(),
         );
-        crate::worker::stdin_tool("debugfs", &["-w", "-f", "-", &t], &script)
+        crate::stdin_tool("debugfs", &["-w", "-f", "-", &t], &script)
             .map_err(|e| WorkerError::Host(format!("writing the agent's key to the disk: {e}")))?;
     }
     std::fs::rename(&tmp, image).map_err(|e| WorkerError::Host(format!("{}: {e}", image.display())))
@@ -354,7 +354,7 @@ fn build_initramfs(rt: &KvmRuntime, work: &Path, out: &Path) -> Result<(), Worke
         work.display(),
         tmp.display()
     );
-    crate::worker::tool("sh", &["-c", &script]).map_err(|e| {
+    crate::tool("sh", &["-c", &script]).map_err(|e| {
         WorkerError::Host(format!("making the initramfs: {e} (apt-get install cpio)"))
     })?;
     std::fs::rename(&tmp, out).map_err(err(out))
@@ -368,7 +368,7 @@ mod tests {
     fn tap_names_fit_and_differ_from_veths() {
         let id = "0193a2b4-5c6d-7e8f-9a0b-1c2d3e4f5a6b";
         assert_eq!(tap_name(id), "bt1c2d3e4f5a6b");
-        assert_eq!(crate::worker::host_veth(id), "bx1c2d3e4f5a6b");
+        assert_eq!(crate::host_veth(id), "bx1c2d3e4f5a6b");
         assert!(tap_name(id).len() <= 15);
     }
 }

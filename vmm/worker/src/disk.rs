@@ -268,7 +268,7 @@ fn cp(flags: &[&str], from: &Path, to: &Path) -> Result<(), WorkerError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::worker::tests::test_config;
+    use crate::tests::test_config;
 
     #[test]
     fn minimal_is_stale_once_the_agent_or_the_recipe_changes() {

@@ -43,7 +43,7 @@ use std::time::Instant;
 
 use serde::{Deserialize, Serialize};
 
-use crate::api::{self, Request, Response};
+use boxd_vmm::api::{self, Request, Response};
 pub use cgroups::{missing_controllers, remove as remove_cgroups};
 pub(crate) use root::mount_path;
 
@@ -256,7 +256,7 @@ pub fn run(opts: &Options<'_>) -> u8 {
             return 2;
         }
     };
-    let listener = match crate::process::detach_and_bind("boxd sandbox", opts.api_sock) {
+    let listener = match boxd_vmm::process::detach_and_bind("boxd sandbox", opts.api_sock) {
         Ok(l) => l,
         Err(code) => return code,
     };
