@@ -10,6 +10,7 @@
 //! It does not bind sockets or read configuration files: `ops` composes it into the `boxd`
 //! binary and hands it listeners.
 
+pub mod config;
 pub mod controller;
 pub mod membership;
 pub mod raft;
@@ -21,5 +22,6 @@ pub mod token;
 
 pub use boxd_model::{command, model, view};
 pub use command::{ApplyError, Command, Outcome};
-pub use replica::{Clock, RaftTuning, Replica, ReplicaConfig, SystemClock, WriteError};
+pub use config::RaftConfig;
+pub use replica::{Clock, Replica, ReplicaConfig, SystemClock, WriteError};
 pub use view::{View, ViewHandle, VmRoute};

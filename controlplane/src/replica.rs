@@ -13,6 +13,7 @@ use openraft::{BasicNode, ServerState};
 use serde::{Deserialize, Serialize};
 
 use crate::command::{ApplyError, Batch, Command, Outcome};
+use crate::config::RaftConfig;
 use crate::model::{Millis, NodeId};
 use crate::raft::Raft;
 use crate::raft::log_store::{LogDbError, LogStore};
@@ -40,37 +41,6 @@ impl Clock for SystemClock {
     }
 }
 
-/// Raft timing and log retention.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct RaftTuning {
-    /// Leader heartbeat interval.
-    pub heartbeat_ms: u64,
-    /// Lower bound of the election timeout.
-    pub election_min_ms: u64,
-    /// Upper bound of the election timeout.
-    pub election_max_ms: u64,
-    /// Build a snapshot after this many applied entries.
-    pub snapshot_every: u64,
-    /// Entries kept in the log after a snapshot (lets slightly lagging nodes catch up without
-    /// a snapshot).
-    pub logs_kept: u64,
-    /// How long a write may wait for a leader before failing.
-    pub write_timeout_ms: u64,
-}
-
-impl Default for RaftTuning {
-    fn default() -> Self {
-        Self {
-            heartbeat_ms: 100,
-            election_min_ms: 500,
-            election_max_ms: 1000,
-            snapshot_every: 10_000,
-            logs_kept: 1_000,
-            write_timeout_ms: 10_000,
-        }
-    }
-}
-
 /// What a replica needs to start.
 pub struct ReplicaConfig {
     /// Directory holding `raft-log.db`, `state.db` and `snapshots/`.
@@ -81,8 +51,8 @@ pub struct ReplicaConfig {
     pub advertise: String,
     /// Key for internal RPCs.
     pub peer_key: String,
-    /// Timing.
-    pub tuning: RaftTuning,
+    /// Timing and log retention (`[raft]`).
+    pub raft: RaftConfig,
 }
 
 /// Why a replica could not start.
@@ -203,7 +173,7 @@ impl Replica {
         let log = LogStore::open(&cfg.data_dir.join("raft-log.db"))?;
         let committed = log.committed_index();
         let peers = Peers::new(&cfg.peer_key)?;
-        let t = &cfg.tuning;
+        let t = &cfg.raft;
         let config = openraft::Config {
             cluster_name: "boxd".into(),
             heartbeat_interval: t.heartbeat_ms,

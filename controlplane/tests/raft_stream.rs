@@ -11,7 +11,7 @@ use boxd_controlplane::model::NodeId;
 use boxd_controlplane::raft::TypeConfig;
 use boxd_controlplane::rpc::server;
 use boxd_controlplane::rpc::stream::{self, CallError, RaftStream};
-use boxd_controlplane::{RaftTuning, Replica, ReplicaConfig, SystemClock};
+use boxd_controlplane::{RaftConfig, Replica, ReplicaConfig, SystemClock};
 use openraft::error::RaftError;
 use openraft::raft::{AppendEntriesRequest, AppendEntriesResponse, VoteRequest, VoteResponse};
 use openraft::{CommittedLeaderId, LogId, Vote};
@@ -32,7 +32,7 @@ async fn node() -> (tempfile::TempDir, Arc<Replica>, String) {
             node_id: 1,
             advertise: addr.clone(),
             peer_key: KEY.into(),
-            tuning: RaftTuning::default(),
+            raft: RaftConfig::default(),
         },
         Arc::new(SystemClock),
     )

@@ -15,8 +15,9 @@ use hickory_proto::rr::rdata::{A, CAA, NS, SOA, TXT};
 use hickory_proto::rr::{DNSClass, Name, RData, Record, RecordType};
 use hickory_proto::serialize::binary::{BinDecodable, BinDecoder};
 
+use crate::config::DnsConfig;
 use crate::fastpath;
-use crate::zone::{ZoneConfig, ZoneView};
+use crate::zone::ZoneView;
 
 /// How the query arrived.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -41,7 +42,7 @@ pub enum Action {
 /// The answer engine for one zone presentation.
 #[derive(Clone, Debug)]
 pub struct Engine {
-    cfg: ZoneConfig,
+    cfg: DnsConfig,
 }
 
 /// What a name holds for a query type.
@@ -63,12 +64,12 @@ struct Sections {
 
 impl Engine {
     /// An engine presenting zones with `cfg`.
-    pub fn new(cfg: ZoneConfig) -> Self {
+    pub fn new(cfg: DnsConfig) -> Self {
         Self { cfg }
     }
 
     /// The presentation settings.
-    pub fn config(&self) -> &ZoneConfig {
+    pub fn config(&self) -> &DnsConfig {
         &self.cfg
     }
 

@@ -5,7 +5,8 @@
 //! hickory-proto path in `engine`, which defines the behaviour. Fuzzing checks that both paths
 //! give the same answer wherever the fast path answers (`fuzz/fuzz_targets/dns_engine.rs`).
 
-use crate::zone::{ZoneConfig, ZoneView};
+use crate::config::DnsConfig;
+use crate::zone::ZoneView;
 
 const TYPE_A: u16 = 1;
 const TYPE_AAAA: u16 = 28;
@@ -41,7 +42,7 @@ struct Shape {
 /// Answers `query` into `out` if it is of the fast-path shape; `false` otherwise (`out` may
 /// then hold garbage and must be cleared by the caller).
 pub fn answer<Z: ZoneView + ?Sized>(
-    cfg: &ZoneConfig,
+    cfg: &DnsConfig,
     zone: &Z,
     query: &[u8],
     out: &mut Vec<u8>,
@@ -95,7 +96,7 @@ pub fn answer<Z: ZoneView + ?Sized>(
 }
 
 /// The zone's SOA record for the authority section of a negative answer.
-fn soa<Z: ZoneView + ?Sized>(out: &mut Vec<u8>, cfg: &ZoneConfig, zone: &Z, apex_at: usize) {
+fn soa<Z: ZoneView + ?Sized>(out: &mut Vec<u8>, cfg: &DnsConfig, zone: &Z, apex_at: usize) {
     // apex_at < 512 in any query we accept, so it fits a compression pointer.
     let ptr = [0xc0 | ((apex_at >> 8) as u8 & 0x3f), (apex_at & 0xff) as u8];
     out.extend_from_slice(&ptr);

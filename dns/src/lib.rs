@@ -1,12 +1,15 @@
 //! boxd's authoritative DNS for the cluster zone.
 //!
+//! - `config`: `[dns]` of the configuration file ([`DnsConfig`]): how the zone is presented
+//!   and how it is served;
 //! - `zone`: what the engine reads ([`zone::ZoneView`], implemented by the control plane's
-//!   `View`) and how the zone is presented ([`zone::ZoneConfig`]);
+//!   `View`);
 //! - `engine`: query bytes in, response bytes out, no I/O; `fastpath` answers the common
 //!   A/AAAA query without allocating;
 //! - `rrl`: response rate limiting (sans-io);
 //! - `server`: glommio shards serving UDP and TCP on SO_REUSEPORT sockets.
 
+pub mod config;
 pub mod engine;
 pub mod fastpath;
 pub mod mmsg;
@@ -14,5 +17,6 @@ pub mod rrl;
 pub mod server;
 pub mod zone;
 
+pub use config::DnsConfig;
 pub use engine::{Action, Engine, Transport};
-pub use zone::{MemZone, ZoneConfig, ZoneView};
+pub use zone::{MemZone, ZoneView};

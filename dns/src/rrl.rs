@@ -7,24 +7,6 @@
 use std::collections::HashMap;
 use std::net::IpAddr;
 
-/// Limits; `responses_per_second == 0` disables limiting.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct RrlConfig {
-    /// Sustained responses per second per client network.
-    pub responses_per_second: u32,
-    /// Every `slip`-th limited response is sent truncated; 0 drops them all.
-    pub slip: u32,
-}
-
-impl Default for RrlConfig {
-    fn default() -> Self {
-        Self {
-            responses_per_second: 0,
-            slip: 2,
-        }
-    }
-}
-
 /// What to do with a response.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Verdict {
@@ -48,7 +30,10 @@ const MAX_BUCKETS: usize = 65_536;
 
 /// One shard's limiter.
 pub struct RateLimiter {
-    cfg: RrlConfig,
+    /// Responses per second per network; 0 is off.
+    rate: u32,
+    /// Every `slip`-th limited response is sent truncated; 0 drops them all.
+    slip: u32,
     buckets: HashMap<u128, Bucket>,
 }
 
@@ -60,22 +45,24 @@ fn network(ip: IpAddr) -> u128 {
 }
 
 impl RateLimiter {
-    /// A limiter with `cfg`.
-    pub fn new(cfg: RrlConfig) -> Self {
+    /// A limiter allowing `rate` responses per second per client network (0: no limit),
+    /// sending every `slip`-th limited one truncated (0: none).
+    pub fn new(rate: u32, slip: u32) -> Self {
         Self {
-            cfg,
+            rate,
+            slip,
             buckets: HashMap::new(),
         }
     }
 
     /// Whether limiting is on.
     pub fn enabled(&self) -> bool {
-        self.cfg.responses_per_second > 0
+        self.rate > 0
     }
 
     /// Accounts one response to `peer` at `now_ms`.
     pub fn check(&mut self, peer: IpAddr, now_ms: u64) -> Verdict {
-        let rate = self.cfg.responses_per_second;
+        let rate = self.rate;
         if rate == 0 {
             return Verdict::Send;
         }
@@ -102,7 +89,7 @@ impl RateLimiter {
             return Verdict::Send;
         }
         b.limited = b.limited.wrapping_add(1);
-        if self.cfg.slip > 0 && b.limited.is_multiple_of(self.cfg.slip) {
+        if self.slip > 0 && b.limited.is_multiple_of(self.slip) {
             Verdict::Slip
         } else {
             Verdict::Drop
@@ -137,7 +124,7 @@ mod tests {
 
     #[test]
     fn disabled_always_sends() {
-        let mut r = RateLimiter::new(RrlConfig::default());
+        let mut r = RateLimiter::new(0, 2);
         for t in 0..1000 {
             assert_eq!(r.check("10.0.0.1".parse().unwrap(), t), Verdict::Send);
         }
@@ -145,10 +132,7 @@ mod tests {
 
     #[test]
     fn limits_per_network_and_slips() {
-        let mut r = RateLimiter::new(RrlConfig {
-            responses_per_second: 5,
-            slip: 2,
-        });
+        let mut r = RateLimiter::new(5, 2);
         let a: IpAddr = "10.0.0.1".parse().unwrap();
         let same_net: IpAddr = "10.0.0.200".parse().unwrap();
         let other: IpAddr = "10.0.1.1".parse().unwrap();

@@ -19,9 +19,10 @@ use boxd_model::ViewHandle;
 use futures_lite::{AsyncReadExt as _, AsyncWriteExt as _};
 use glommio::{LocalExecutorBuilder, Placement};
 
+use crate::config::DnsConfig;
 use crate::engine::{Action, Engine, Transport};
 use crate::mmsg::Batch;
-use crate::rrl::{self, RateLimiter, RrlConfig, Verdict};
+use crate::rrl::{self, RateLimiter, Verdict};
 use crate::zone::ZoneView;
 
 /// Where queries find the zone. Implemented by the control plane's `ViewHandle`.
@@ -47,33 +48,6 @@ impl<Z: ZoneView + Send + Sync + 'static> ZoneSource for std::sync::Mutex<Z> {
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
         f(&z)
-    }
-}
-
-/// Server settings.
-#[derive(Clone, Debug)]
-pub struct ServerConfig {
-    /// CPUs to pin shards to, one shard each; empty runs one unpinned shard per socket pair.
-    pub cpus: Vec<usize>,
-    /// Close a TCP connection idle for this long.
-    pub tcp_idle: Duration,
-    /// Close a TCP connection after this many queries.
-    pub tcp_max_queries: u32,
-    /// Most TCP connections per shard.
-    pub tcp_max_connections: usize,
-    /// Response rate limiting (UDP).
-    pub rrl: RrlConfig,
-}
-
-impl Default for ServerConfig {
-    fn default() -> Self {
-        Self {
-            cpus: Vec::new(),
-            tcp_idle: Duration::from_secs(10),
-            tcp_max_queries: 1000,
-            tcp_max_connections: 1024,
-            rrl: RrlConfig::default(),
-        }
     }
 }
 
@@ -134,7 +108,7 @@ impl DnsServer {
     /// Starts one shard per socket pair.
     pub fn start<S: ZoneSource>(
         sockets: Sockets,
-        cfg: ServerConfig,
+        cfg: DnsConfig,
         engine: Engine,
         source: Arc<S>,
     ) -> io::Result<Self> {
@@ -182,7 +156,7 @@ async fn shard<S: ZoneSource>(
     tcp: TcpListener,
     engine: Engine,
     source: Arc<S>,
-    cfg: ServerConfig,
+    cfg: DnsConfig,
     stop: Arc<AtomicBool>,
 ) {
     // SAFETY: the descriptors come from sockets we own and give up here (into_raw_fd), so
@@ -191,7 +165,10 @@ async fn shard<S: ZoneSource>(
     // SAFETY: as above.
     let tcp = unsafe { glommio::net::TcpListener::from_raw_fd(tcp.into_raw_fd()) };
     let engine = Rc::new(engine);
-    let rrl = Rc::new(RefCell::new(RateLimiter::new(cfg.rrl)));
+    let rrl = Rc::new(RefCell::new(RateLimiter::new(
+        cfg.rrl_responses_per_second,
+        cfg.rrl_slip,
+    )));
     let epoch = Instant::now();
     glommio::spawn_local(serve_udp(
         Rc::clone(&udp),
@@ -284,7 +261,7 @@ async fn accept_tcp<S: ZoneSource>(
     listener: glommio::net::TcpListener,
     engine: Rc<Engine>,
     source: Arc<S>,
-    cfg: ServerConfig,
+    cfg: DnsConfig,
 ) {
     let open = Rc::new(Cell::new(0usize));
     loop {
@@ -333,16 +310,16 @@ async fn serve_tcp<S: ZoneSource>(
     mut stream: glommio::net::TcpStream,
     engine: &Engine,
     source: &S,
-    cfg: &ServerConfig,
+    cfg: &DnsConfig,
 ) -> io::Result<()> {
     let peer = stream.peer_addr()?.ip();
     let mut out = Vec::with_capacity(512);
     let mut query = Vec::with_capacity(512);
     for _ in 0..cfg.tcp_max_queries {
         let mut len = [0u8; 2];
-        read_idle(&mut stream, &mut len, cfg.tcp_idle).await?;
+        read_idle(&mut stream, &mut len, cfg.tcp_idle()).await?;
         query.resize(usize::from(u16::from_be_bytes(len)), 0);
-        read_idle(&mut stream, &mut query, cfg.tcp_idle).await?;
+        read_idle(&mut stream, &mut query, cfg.tcp_idle()).await?;
         let action = source.with(|z| engine.answer(z, &query, Transport::Tcp, peer, &mut out));
         match action {
             Action::Reply => write_framed(&mut stream, &out).await?,

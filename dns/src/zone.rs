@@ -1,11 +1,10 @@
 //! What the answer engine needs to know about the zone: the narrow [`ZoneView`] trait (what
-//! exists), [`ZoneConfig`] (how it is presented: TTLs, SOA timers, name server, CAA, who may
-//! transfer it), and the implementation of `ZoneView` for the control plane's `View`.
+//! exists) and the implementation of `ZoneView` for the control plane's `View`.
 //!
 //! Names handed to a `ZoneView` are relative to the apex, lowercase, without a trailing dot:
 //! `""` is the apex, `"myapp"` a VM, `"_acme-challenge.myapp"` a TXT owner.
 
-use std::net::{IpAddr, Ipv4Addr};
+use std::net::Ipv4Addr;
 
 use boxd_model::View;
 
@@ -80,45 +79,6 @@ impl ZoneView for View {
                 && owner.ends_with(name)
                 && owner.as_bytes()[owner.len() - name.len() - 1] == b'.'
         })
-    }
-}
-
-/// How the zone is presented. The same on every DNS node of a cluster.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct ZoneConfig {
-    /// TTL of positive answers, seconds.
-    pub ttl: u32,
-    /// SOA minimum: the TTL of negative answers, seconds.
-    pub negative_ttl: u32,
-    /// SOA refresh, retry and expire, seconds (for secondaries).
-    pub refresh: i32,
-    /// See `refresh`.
-    pub retry: i32,
-    /// See `refresh`.
-    pub expire: i32,
-    /// Address of `ns1.<zone>`, the zone's name server.
-    pub nameserver: Ipv4Addr,
-    /// CAs allowed to issue for the zone (`CAA 0 issue "<ca>"` at the apex).
-    pub caa_issuers: Vec<String>,
-    /// Addresses allowed to transfer the zone (AXFR/IXFR); everyone else is refused.
-    pub secondaries: Vec<IpAddr>,
-    /// Largest UDP response we send to an EDNS client, and what we advertise.
-    pub edns_payload: u16,
-}
-
-impl Default for ZoneConfig {
-    fn default() -> Self {
-        Self {
-            ttl: 60,
-            negative_ttl: 60,
-            refresh: 3600,
-            retry: 600,
-            expire: 604_800,
-            nameserver: Ipv4Addr::LOCALHOST,
-            caa_issuers: vec!["letsencrypt.org".into()],
-            secondaries: Vec::new(),
-            edns_payload: 1232,
-        }
     }
 }
 

@@ -8,7 +8,7 @@ use std::alloc::{GlobalAlloc, Layout, System};
 use std::net::{IpAddr, Ipv4Addr};
 use std::sync::atomic::{AtomicUsize, Ordering};
 
-use boxd_dns::{Action, Engine, Transport, ZoneConfig};
+use boxd_dns::{Action, DnsConfig, Engine, Transport};
 use boxd_model::model::{AccountId, ClusterSettings, Desired, Observed, VmId};
 use boxd_model::view::{View, ViewHandle, VmRoute};
 use hickory_proto::op::{Edns, Message, MessageType, OpCode, Query};
@@ -69,7 +69,7 @@ fn hot_path_does_not_allocate() {
     });
     let handle = ViewHandle::new();
     handle.publish(View::build(7, Some(settings), routes, []));
-    let engine = Engine::new(ZoneConfig::default());
+    let engine = Engine::new(DnsConfig::default());
     let peer = IpAddr::V4(Ipv4Addr::LOCALHOST);
     let queries: Vec<Vec<u8>> = [
         ("vm-42.boxd.test.", RecordType::A),

@@ -5,7 +5,7 @@
 
 use std::net::{IpAddr, Ipv4Addr};
 
-use boxd_dns::{Action, Engine, MemZone, Transport, ZoneConfig};
+use boxd_dns::{Action, DnsConfig, Engine, MemZone, Transport};
 use hickory_proto::op::{Edns, Message, MessageType, OpCode, Query, ResponseCode};
 use hickory_proto::rr::{DNSClass, Name, RData, RecordType};
 
@@ -34,9 +34,9 @@ fn zone() -> MemZone {
 }
 
 fn engine() -> Engine {
-    Engine::new(ZoneConfig {
+    Engine::new(DnsConfig {
         secondaries: vec![SECONDARY],
-        ..ZoneConfig::default()
+        ..DnsConfig::default()
     })
 }
 

@@ -10,8 +10,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use boxd_dns::server::{DnsServer, ServerConfig, Sockets};
-use boxd_dns::{Engine, MemZone, ZoneConfig};
+use boxd_dns::server::{DnsServer, Sockets};
+use boxd_dns::{DnsConfig, Engine, MemZone};
 use hickory_proto::op::{Message, MessageType, OpCode, Query, ResponseCode};
 use hickory_proto::rr::{Name, RData, RecordType};
 
@@ -30,8 +30,8 @@ fn start(shards: usize) -> DnsServer {
     let sockets = Sockets::bind("127.0.0.1:0".parse().unwrap(), shards).unwrap();
     DnsServer::start(
         sockets,
-        ServerConfig::default(),
-        Engine::new(ZoneConfig::default()),
+        DnsConfig::default(),
+        Engine::new(DnsConfig::default()),
         Arc::new(Mutex::new(zone)),
     )
     .unwrap()

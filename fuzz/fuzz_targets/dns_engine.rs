@@ -5,7 +5,7 @@
 
 use std::net::{IpAddr, Ipv4Addr};
 
-use boxd_dns::{Action, Engine, MemZone, Transport, ZoneConfig};
+use boxd_dns::{Action, Engine, MemZone, Transport, DnsConfig};
 use hickory_proto::op::Message;
 use libfuzzer_sys::fuzz_target;
 
@@ -27,9 +27,9 @@ fn zone() -> MemZone {
 fuzz_target!(|data: &[u8]| {
     let z = zone();
     let peer = IpAddr::V4(Ipv4Addr::LOCALHOST);
-    let engine = Engine::new(ZoneConfig {
+    let engine = Engine::new(DnsConfig {
         secondaries: vec![peer],
-        ..ZoneConfig::default()
+        ..DnsConfig::default()
     });
     for transport in [Transport::Udp, Transport::Tcp] {
         let mut out = Vec::new();

@@ -3,11 +3,14 @@
 //! [`DEFAULT_TOML`], which a test keeps identical to `Config::default()`.
 
 use std::collections::BTreeSet;
-use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::net::{Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 
-use boxd_controlplane::RaftTuning;
+pub use boxd_controlplane::RaftConfig;
 use boxd_controlplane::model::{Role, is_dns_label};
+pub use boxd_dataplane::https::HttpsConfig;
+pub use boxd_dataplane::ssh::SshConfig;
+pub use boxd_dns::DnsConfig;
 use ipnet::Ipv4Net;
 use serde::{Deserialize, Serialize};
 
@@ -80,198 +83,6 @@ impl Default for ClusterConfig {
             public_pool: Ipv4Net::new(Ipv4Addr::new(127, 77, 0, 0), 16)
                 .unwrap_or_else(|_| Ipv4Net::default()),
             max_vms_per_account: 20,
-        }
-    }
-}
-
-/// `[raft]`
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct RaftConfig {
-    /// Address the Raft/gRPC port listens on.
-    pub listen: SocketAddr,
-    /// Address other members use; empty means `listen`.
-    pub advertise: String,
-    /// Leader heartbeat, milliseconds.
-    pub heartbeat_ms: u64,
-    /// Election timeout lower bound, milliseconds.
-    pub election_min_ms: u64,
-    /// Election timeout upper bound, milliseconds.
-    pub election_max_ms: u64,
-    /// Snapshot after this many entries.
-    pub snapshot_every: u64,
-    /// Entries kept after a snapshot.
-    pub logs_kept: u64,
-    /// How long a write waits for a leader, milliseconds.
-    pub write_timeout_ms: u64,
-}
-
-impl Default for RaftConfig {
-    fn default() -> Self {
-        let t = RaftTuning::default();
-        Self {
-            listen: SocketAddr::from(([127, 0, 0, 1], 7000)),
-            advertise: String::new(),
-            heartbeat_ms: t.heartbeat_ms,
-            election_min_ms: t.election_min_ms,
-            election_max_ms: t.election_max_ms,
-            snapshot_every: t.snapshot_every,
-            logs_kept: t.logs_kept,
-            write_timeout_ms: t.write_timeout_ms,
-        }
-    }
-}
-
-impl RaftConfig {
-    /// Timing handed to the replica.
-    pub fn tuning(&self) -> RaftTuning {
-        RaftTuning {
-            heartbeat_ms: self.heartbeat_ms,
-            election_min_ms: self.election_min_ms,
-            election_max_ms: self.election_max_ms,
-            snapshot_every: self.snapshot_every,
-            logs_kept: self.logs_kept,
-            write_timeout_ms: self.write_timeout_ms,
-        }
-    }
-
-    /// The address other members use.
-    pub fn advertise_addr(&self) -> String {
-        if self.advertise.is_empty() {
-            self.listen.to_string()
-        } else {
-            self.advertise.clone()
-        }
-    }
-}
-
-/// `[ssh]`
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct SshConfig {
-    /// Listen address; only connections addressed to the lobby or a pool address are served.
-    pub listen: SocketAddr,
-    /// CPUs to run shards on, one pinned shard each; empty means every CPU.
-    pub cpus: Vec<usize>,
-    /// Seconds a client has to authenticate.
-    pub auth_timeout_secs: u64,
-    /// Connections still authenticating, per shard, and per client address per shard.
-    pub max_handshakes_per_shard: usize,
-    /// See `max_handshakes_per_shard`.
-    pub max_handshakes_per_ip: usize,
-    /// Channels one connection may have open.
-    pub max_channels_per_connection: usize,
-    /// Seconds between keepalive probes (three unanswered close the connection).
-    pub keepalive_secs: u64,
-    /// Seconds `new`, `start` and `restart` wait for the VM to become reachable.
-    pub ready_timeout_secs: u64,
-}
-
-impl Default for SshConfig {
-    fn default() -> Self {
-        Self {
-            listen: SocketAddr::from(([0, 0, 0, 0], 2222)),
-            cpus: Vec::new(),
-            auth_timeout_secs: 30,
-            max_handshakes_per_shard: 256,
-            max_handshakes_per_ip: 32,
-            max_channels_per_connection: 16,
-            keepalive_secs: 30,
-            ready_timeout_secs: 120,
-        }
-    }
-}
-
-/// `[https]`
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct HttpsConfig {
-    /// TLS listen address.
-    pub listen: SocketAddr,
-    /// Plain HTTP listen address that redirects to HTTPS.
-    pub redirect_listen: SocketAddr,
-    /// CPUs to run shards on, one pinned shard each; empty means every CPU.
-    pub cpus: Vec<usize>,
-    /// Operator's certificate chain (PEM) for `*.<zone>`; empty: a local CA made by boxd.
-    pub cert: PathBuf,
-    /// Its private key (PEM).
-    pub key: PathBuf,
-    /// Seconds a client has for its TLS handshake and each request head, and a kept-alive
-    /// HTTP/1.1 or an HTTP/2 connection for its next request.
-    pub header_timeout_secs: u64,
-    /// Seconds to wait for a VM to accept a connection before answering 502.
-    pub connect_timeout_secs: u64,
-    /// Most open client connections per shard.
-    pub max_connections_per_shard: usize,
-    /// Most TLS handshakes in progress per shard.
-    pub max_handshakes_per_shard: usize,
-    /// Seconds between checks of `cert` and `key` for changes (reloaded without dropping
-    /// connections).
-    pub reload_secs: u64,
-    /// Most open connections from one client address, per shard.
-    pub max_connections_per_ip: usize,
-}
-
-impl Default for HttpsConfig {
-    fn default() -> Self {
-        Self {
-            listen: SocketAddr::from(([0, 0, 0, 0], 8443)),
-            redirect_listen: SocketAddr::from(([0, 0, 0, 0], 8080)),
-            cpus: Vec::new(),
-            cert: PathBuf::new(),
-            key: PathBuf::new(),
-            header_timeout_secs: 10,
-            connect_timeout_secs: 3,
-            max_connections_per_shard: 10_000,
-            max_handshakes_per_shard: 256,
-            reload_secs: 5,
-            max_connections_per_ip: 256,
-        }
-    }
-}
-
-/// `[dns]`
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct DnsConfig {
-    /// UDP and TCP listen address.
-    pub listen: SocketAddr,
-    /// CPUs to run shards on, one pinned shard each; empty means every CPU.
-    pub cpus: Vec<usize>,
-    /// TTL of answers, seconds.
-    pub ttl: u32,
-    /// TTL of negative answers (the SOA minimum), seconds.
-    pub negative_ttl: u32,
-    /// Address of `ns1.<zone>`, the zone's name server (NS glue).
-    pub nameserver: Ipv4Addr,
-    /// CAs named in the apex CAA records.
-    pub caa_issuers: Vec<String>,
-    /// Addresses allowed to transfer the zone (AXFR/IXFR over TCP).
-    pub secondaries: Vec<IpAddr>,
-    /// Close idle TCP connections after this many seconds.
-    pub tcp_idle_secs: u64,
-    /// Close a TCP connection after this many queries.
-    pub tcp_max_queries: u32,
-    /// Response rate limit per client network (/24, /56), responses per second; 0 is off.
-    pub rrl_responses_per_second: u32,
-    /// Over the limit, every `rrl_slip`-th response is sent truncated; 0 drops them all.
-    pub rrl_slip: u32,
-}
-
-impl Default for DnsConfig {
-    fn default() -> Self {
-        Self {
-            listen: SocketAddr::from(([127, 0, 0, 1], 5353)),
-            cpus: Vec::new(),
-            ttl: 60,
-            negative_ttl: 60,
-            nameserver: Ipv4Addr::LOCALHOST,
-            caa_issuers: vec!["letsencrypt.org".into()],
-            secondaries: Vec::new(),
-            tcp_idle_secs: 10,
-            tcp_max_queries: 1000,
-            rrl_responses_per_second: 0,
-            rrl_slip: 2,
         }
     }
 }
@@ -507,79 +318,21 @@ impl Config {
                 "use 100 for no overcommit, more to let VMs' sizes add up past the disk (10 to 10000)",
             ));
         }
-        let r = &self.raft;
-        if r.heartbeat_ms == 0 {
-            return Err(invalid("raft.heartbeat_ms", "use 1 or more milliseconds"));
-        }
-        if r.election_min_ms < 3 * r.heartbeat_ms {
-            return Err(invalid(
-                "raft.election_min_ms",
-                format!(
-                    "{} ms is less than three heartbeats ({} ms): raise it, or lower raft.heartbeat_ms",
-                    r.election_min_ms,
-                    3 * r.heartbeat_ms
-                ),
-            ));
-        }
-        if r.election_max_ms <= r.election_min_ms {
-            return Err(invalid(
-                "raft.election_max_ms",
-                format!(
-                    "must be greater than raft.election_min_ms ({} ms)",
-                    r.election_min_ms
-                ),
-            ));
-        }
-        if r.snapshot_every == 0 {
-            return Err(invalid("raft.snapshot_every", "use 1 or more entries"));
-        }
-        if r.write_timeout_ms < r.election_max_ms {
-            return Err(invalid(
-                "raft.write_timeout_ms",
-                "must be at least raft.election_max_ms, or writes fail during every election",
-            ));
-        }
-        if !r.advertise.is_empty() && r.advertise.parse::<SocketAddr>().is_err() {
-            return Err(invalid(
-                "raft.advertise",
-                format!(
-                    "`{}` is not IP:PORT (leave it empty to use raft.listen)",
-                    r.advertise
-                ),
-            ));
-        }
-        if r.advertise.is_empty() && r.listen.ip().is_unspecified() {
-            return Err(invalid(
-                "raft.advertise",
-                format!(
-                    "raft.listen is {} which other nodes cannot dial: set raft.advertise to this node's reachable IP:PORT",
-                    r.listen
-                ),
-            ));
-        }
-        let d = &self.dns;
-        if d.ttl == 0 || d.negative_ttl == 0 {
-            return Err(invalid("dns.ttl", "TTLs must be at least 1 second"));
-        }
-        if d.tcp_idle_secs == 0 || d.tcp_max_queries == 0 {
-            return Err(invalid(
-                "dns.tcp_idle_secs",
-                "TCP limits must be at least 1 (second, query)",
-            ));
-        }
-        if let Some(ca) = d.caa_issuers.iter().find(|ca| {
-            ca.is_empty() || !ca.split('.').all(|l| is_dns_label(&l.to_ascii_lowercase()))
-        }) {
-            return Err(invalid(
-                "dns.caa_issuers",
-                format!(
-                    "`{ca}` is not a domain name: use the CA's domain, e.g. \"letsencrypt.org\""
-                ),
-            ));
-        }
+        self.raft
+            .validate()
+            .map_err(|(field, m)| invalid(field, m))?;
+        self.dns
+            .validate()
+            .map_err(|(field, m)| invalid(field, m))?;
+        self.https
+            .validate()
+            .map_err(|(field, m)| invalid(field, m))?;
+        self.ssh
+            .validate()
+            .map_err(|(field, m)| invalid(field, m))?;
         let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
         for (field, list) in [
-            ("dns.cpus", &d.cpus),
+            ("dns.cpus", &self.dns.cpus),
             ("https.cpus", &self.https.cpus),
             ("ssh.cpus", &self.ssh.cpus),
         ] {
@@ -592,46 +345,6 @@ impl Config {
                     ),
                 ));
             }
-        }
-        let h = &self.https;
-        if h.cert.as_os_str().is_empty() != h.key.as_os_str().is_empty() {
-            return Err(invalid(
-                "https.cert",
-                "set both https.cert and https.key, or neither (for a local CA)",
-            ));
-        }
-        for (field, path) in [("https.cert", &h.cert), ("https.key", &h.key)] {
-            if !path.as_os_str().is_empty() && !path.is_file() {
-                return Err(invalid(
-                    field,
-                    format!("{} is not a readable file", path.display()),
-                ));
-            }
-        }
-        if h.header_timeout_secs == 0
-            || h.connect_timeout_secs == 0
-            || h.max_connections_per_shard == 0
-            || h.max_handshakes_per_shard == 0
-            || h.reload_secs == 0
-            || h.max_connections_per_ip == 0
-        {
-            return Err(invalid(
-                "https.header_timeout_secs",
-                "HTTPS timeouts and limits must be at least 1",
-            ));
-        }
-        let ssh = &self.ssh;
-        if ssh.auth_timeout_secs == 0
-            || ssh.max_handshakes_per_shard == 0
-            || ssh.max_handshakes_per_ip == 0
-            || ssh.max_channels_per_connection == 0
-            || ssh.keepalive_secs == 0
-            || ssh.ready_timeout_secs == 0
-        {
-            return Err(invalid(
-                "ssh.auth_timeout_secs",
-                "SSH timeouts and limits must be at least 1",
-            ));
         }
         let listeners: [(&'static str, SocketAddr); 5] = [
             ("ssh.listen", self.ssh.listen),
@@ -790,6 +503,10 @@ mod tests {
             ("[dns]\ncaa_issuers = [\"not a name\"]\n", "dns.caa_issuers"),
             ("[dns]\nlisten = \"0.0.0.0:7000\"\n", "dns.listen"),
             ("not toml", "boxd.toml"),
+            // What each crate's section keeps out of the file stays out of it.
+            ("[dns]\nrefresh = 5\n", "unknown field `refresh`"),
+            ("[https]\nssh_port = 22\n", "unknown field `ssh_port`"),
+            ("[ssh]\nagent_port = 1\n", "unknown field `agent_port`"),
         ];
         for (text, field) in cases {
             let e = err(text);

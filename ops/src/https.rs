@@ -25,20 +25,12 @@ pub struct HttpsReady {
     pub ca: Option<PathBuf>,
 }
 
-/// The shard configuration from `[https]`.
+/// `[https]` as the shards take it: `cpus` resolved, the lobby's SSH port for the zone page.
 pub fn https_config(cfg: &Config) -> HttpsConfig {
-    let h = &cfg.https;
     HttpsConfig {
-        listen: h.listen,
-        redirect_listen: Some(h.redirect_listen),
-        cpus: shard_cpus(&h.cpus),
-        header_timeout: Duration::from_secs(h.header_timeout_secs),
-        connect_timeout: Duration::from_secs(h.connect_timeout_secs),
-        max_connections: h.max_connections_per_shard,
-        max_handshakes: h.max_handshakes_per_shard,
-        max_connections_per_ip: h.max_connections_per_ip,
+        cpus: shard_cpus(&cfg.https.cpus),
         ssh_port: cfg.ssh.listen.port(),
-        ..HttpsConfig::default()
+        ..cfg.https.clone()
     }
 }
 

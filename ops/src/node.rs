@@ -136,7 +136,7 @@ pub async fn run(
             node_id: identity.node_id,
             advertise: advertise.clone(),
             peer_key: identity.peer_key.clone(),
-            tuning: cfg.raft.tuning(),
+            raft: cfg.raft.clone(),
         },
         Arc::new(SystemClock),
     )
@@ -455,26 +455,12 @@ fn start_dns(
     sockets: boxd_dns::server::Sockets,
     view: Arc<boxd_controlplane::ViewHandle>,
 ) -> Result<boxd_dns::server::DnsServer, NodeError> {
-    let d = &cfg.dns;
-    let engine = boxd_dns::Engine::new(boxd_dns::ZoneConfig {
-        ttl: d.ttl,
-        negative_ttl: d.negative_ttl,
-        nameserver: d.nameserver,
-        caa_issuers: d.caa_issuers.clone(),
-        secondaries: d.secondaries.clone(),
-        ..boxd_dns::ZoneConfig::default()
-    });
-    let server = boxd_dns::server::ServerConfig {
+    let dns = boxd_dns::DnsConfig {
         cpus: shard_cpus(&cfg.dns.cpus),
-        tcp_idle: Duration::from_secs(d.tcp_idle_secs),
-        tcp_max_queries: d.tcp_max_queries,
-        rrl: boxd_dns::rrl::RrlConfig {
-            responses_per_second: d.rrl_responses_per_second,
-            slip: d.rrl_slip,
-        },
-        ..boxd_dns::server::ServerConfig::default()
+        ..cfg.dns.clone()
     };
-    boxd_dns::server::DnsServer::start(sockets, server, engine, view)
+    let engine = boxd_dns::Engine::new(dns.clone());
+    boxd_dns::server::DnsServer::start(sockets, dns, engine, view)
         .map_err(|e| NodeError::Failed(format!("cannot start DNS: {e}")))
 }
 

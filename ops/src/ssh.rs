@@ -14,18 +14,11 @@ use crate::config::Config;
 use crate::error::NodeError;
 use crate::host::shard_cpus;
 
-/// The shard configuration from `[ssh]`.
+/// `[ssh]` as the shards take it: `cpus` resolved.
 pub fn ssh_config(cfg: &Config) -> SshConfig {
-    let s = &cfg.ssh;
     SshConfig {
-        listen: s.listen,
-        cpus: shard_cpus(&s.cpus),
-        auth_timeout: Duration::from_secs(s.auth_timeout_secs),
-        max_handshakes: s.max_handshakes_per_shard,
-        max_handshakes_per_ip: s.max_handshakes_per_ip,
-        max_channels_per_connection: s.max_channels_per_connection,
-        keepalive: Duration::from_secs(s.keepalive_secs),
-        ..SshConfig::default()
+        cpus: shard_cpus(&cfg.ssh.cpus),
+        ..cfg.ssh.clone()
     }
 }
 

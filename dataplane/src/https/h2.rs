@@ -41,7 +41,7 @@ where
     S: AsyncRead + AsyncWrite + Unpin + 'static,
 {
     let cfg = shard.cfg();
-    let idle = cfg.header_timeout;
+    let idle = cfg.header_timeout();
     let handshake = h2::server::Builder::new()
         .max_concurrent_streams(MAX_STREAMS)
         .max_header_list_size(u32::try_from(cfg.max_header_bytes).unwrap_or(u32::MAX))

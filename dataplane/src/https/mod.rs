@@ -14,40 +14,54 @@ pub mod tls;
 
 use std::net::{SocketAddr, TcpListener};
 use std::os::fd::{FromRawFd as _, IntoRawFd as _};
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use boxd_model::view::ViewHandle;
 use glommio::{LocalExecutorBuilder, Placement};
+use serde::{Deserialize, Serialize};
 
-/// How the front door behaves.
-#[derive(Clone, Debug)]
+/// `[https]` of boxd's configuration file, defined once: the binary embeds this type in its
+/// `Config` and hands it to [`HttpsServer::start`] as it is (with `cpus` resolved and
+/// `ssh_port` set).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
 pub struct HttpsConfig {
     /// TLS listen address.
     pub listen: SocketAddr,
-    /// Plain-HTTP listen address answering with a redirect to HTTPS; `None` for none.
-    pub redirect_listen: Option<SocketAddr>,
-    /// CPUs to pin shards to, one shard each; empty means one unpinned shard.
+    /// Plain HTTP listen address that redirects to HTTPS.
+    pub redirect_listen: SocketAddr,
+    /// CPUs to run shards on, one pinned shard each; empty means every CPU (`boxd` resolves
+    /// that before starting; given an empty list, the server runs one unpinned shard).
     pub cpus: Vec<usize>,
-    /// A client must finish its TLS handshake and request head within this (slowloris).
-    pub header_timeout: Duration,
-    /// Connecting to a VM gives up after this: 502.
-    pub connect_timeout: Duration,
-    /// Largest request or response head.
-    pub max_header_bytes: usize,
-    /// Most header fields in a head.
-    pub max_headers: usize,
+    /// Operator's certificate chain (PEM) for `*.<zone>`; empty: a local CA made by boxd.
+    pub cert: PathBuf,
+    /// Its private key (PEM).
+    pub key: PathBuf,
+    /// Seconds a client has for its TLS handshake and each request head, and a kept-alive
+    /// HTTP/1.1 or an HTTP/2 connection for its next request (slowloris).
+    pub header_timeout_secs: u64,
+    /// Seconds to wait for a VM to accept a connection before answering 502.
+    pub connect_timeout_secs: u64,
     /// Most open client connections per shard.
-    pub max_connections: usize,
+    pub max_connections_per_shard: usize,
     /// Most TLS handshakes in progress per shard.
-    pub max_handshakes: usize,
+    pub max_handshakes_per_shard: usize,
+    /// Seconds between checks of `cert` and `key` for changes (reloaded without dropping
+    /// connections).
+    pub reload_secs: u64,
     /// Most open connections from one client address, per shard.
     pub max_connections_per_ip: usize,
-    /// Accept connections addressed to any local address (tests); otherwise only the lobby
-    /// and pool addresses the View knows.
-    pub any_address: bool,
-    /// The lobby's SSH port, for the zone's own page.
+    /// Largest request or response head (not in the file).
+    #[serde(skip)]
+    pub max_header_bytes: usize,
+    /// Most header fields in a head (not in the file).
+    #[serde(skip)]
+    pub max_headers: usize,
+    /// The lobby's SSH port, for the zone's own page (not in the file: `ssh.listen`'s).
+    #[serde(skip)]
     pub ssh_port: u16,
 }
 
@@ -55,18 +69,61 @@ impl Default for HttpsConfig {
     fn default() -> Self {
         Self {
             listen: SocketAddr::from(([0, 0, 0, 0], 8443)),
-            redirect_listen: Some(SocketAddr::from(([0, 0, 0, 0], 8080))),
+            redirect_listen: SocketAddr::from(([0, 0, 0, 0], 8080)),
             cpus: Vec::new(),
-            header_timeout: Duration::from_secs(10),
-            connect_timeout: Duration::from_secs(3),
+            cert: PathBuf::new(),
+            key: PathBuf::new(),
+            header_timeout_secs: 10,
+            connect_timeout_secs: 3,
+            max_connections_per_shard: 10_000,
+            max_handshakes_per_shard: 256,
+            reload_secs: 5,
+            max_connections_per_ip: 256,
             max_header_bytes: 16 * 1024,
             max_headers: 64,
-            max_connections: 10_000,
-            max_handshakes: 256,
-            max_connections_per_ip: 256,
-            any_address: false,
             ssh_port: 22,
         }
+    }
+}
+
+impl HttpsConfig {
+    /// A client must finish its TLS handshake and request head within this.
+    pub fn header_timeout(&self) -> Duration {
+        Duration::from_secs(self.header_timeout_secs)
+    }
+
+    /// Connecting to a VM gives up after this: 502.
+    pub fn connect_timeout(&self) -> Duration {
+        Duration::from_secs(self.connect_timeout_secs)
+    }
+
+    /// Checks what the types cannot express (the certificate files are checked when they
+    /// are loaded); the error names the field and the fix.
+    pub fn validate(&self) -> Result<(), (&'static str, String)> {
+        if self.cert.as_os_str().is_empty() != self.key.as_os_str().is_empty() {
+            return Err((
+                "https.cert",
+                "set both https.cert and https.key, or neither (for a local CA)".into(),
+            ));
+        }
+        for (field, path) in [("https.cert", &self.cert), ("https.key", &self.key)] {
+            if !path.as_os_str().is_empty() && !path.is_file() {
+                return Err((field, format!("{} is not a readable file", path.display())));
+            }
+        }
+        if self.header_timeout_secs == 0
+            || self.connect_timeout_secs == 0
+            || self.max_connections_per_shard == 0
+            || self.max_handshakes_per_shard == 0
+            || self.reload_secs == 0
+            || self.max_connections_per_ip == 0
+        {
+            return Err((
+                "https.header_timeout_secs",
+                "HTTPS timeouts and limits must be at least 1".into(),
+            ));
+        }
+        Ok(())
     }
 }
 
@@ -81,7 +138,7 @@ impl Listeners {
     /// Binds `shards` listener sets.
     pub fn bind(cfg: &HttpsConfig, shards: usize) -> std::io::Result<Self> {
         let mut addr = cfg.listen;
-        let mut redirect_addr = cfg.redirect_listen;
+        let mut redirect_addr = Some(cfg.redirect_listen);
         let mut out = Vec::new();
         for _ in 0..shards.max(1) {
             let l = crate::shard::listen(addr)?;

@@ -73,9 +73,6 @@ impl Shard {
 
     /// Whether a connection to `local` is ours: the lobby or a VM's public address.
     fn ours(&self, local: SocketAddr) -> bool {
-        if self.cfg.any_address {
-            return true;
-        }
         match local.ip() {
             IpAddr::V4(ip) => self.view.current().is_public_address(ip),
             IpAddr::V6(_) => false,
@@ -240,16 +237,16 @@ async fn serve_redirect(mut stream: TcpStream, shard: &Shard) -> std::io::Result
     if !shard.ours(stream.local_addr()?) {
         return Ok(());
     }
-    let Some(_slot) = Slot::take(&shard.connections, shard.cfg.max_connections) else {
+    let Some(_slot) = Slot::take(&shard.connections, shard.cfg.max_connections_per_shard) else {
         return Ok(());
     };
-    stream.set_read_timeout(Some(shard.cfg.header_timeout))?;
+    stream.set_read_timeout(Some(shard.cfg.header_timeout()))?;
     let cfg = &shard.cfg;
     let mut buf = Vec::with_capacity(1024);
     let read = read_head(&mut stream, &mut buf, |b| {
         head::parse_request(b, cfg.max_headers, cfg.max_header_bytes)
     });
-    let resp = match within(cfg.header_timeout, read)
+    let resp = match within(cfg.header_timeout(), read)
         .await
         .unwrap_or_else(|| Err(timed_out("request head")))?
     {
@@ -286,7 +283,7 @@ async fn serve_tls(stream: TcpStream, shard: Rc<Shard>) -> std::io::Result<()> {
     if !shard.ours(local) {
         return Ok(());
     }
-    let Some(_conn) = Slot::take(&shard.connections, shard.cfg.max_connections) else {
+    let Some(_conn) = Slot::take(&shard.connections, shard.cfg.max_connections_per_shard) else {
         return Ok(());
     };
     let client = stream.peer_addr()?.ip();
@@ -296,14 +293,14 @@ async fn serve_tls(stream: TcpStream, shard: Rc<Shard>) -> std::io::Result<()> {
     };
     // The deadline covers the handshake and each request head (slowloris, and the idle time
     // of a kept-alive connection); lifted while a request is being forwarded.
-    stream.set_read_timeout(Some(shard.cfg.header_timeout))?;
+    stream.set_read_timeout(Some(shard.cfg.header_timeout()))?;
     let mut tls = {
-        let Some(_hs) = Slot::take(&shard.handshakes, shard.cfg.max_handshakes) else {
+        let Some(_hs) = Slot::take(&shard.handshakes, shard.cfg.max_handshakes_per_shard) else {
             return Ok(());
         };
         // One deadline for the whole handshake, however the client paces its bytes.
         let accept = shard.acceptor.accept(Gathered::new(stream));
-        within(shard.cfg.header_timeout, accept)
+        within(shard.cfg.header_timeout(), accept)
             .await
             .unwrap_or_else(|| Err(timed_out("TLS handshake")))?
     };
@@ -321,8 +318,10 @@ async fn serve_tls(stream: TcpStream, shard: Rc<Shard>) -> std::io::Result<()> {
     // Bytes read from the client and not yet used: the start of the next request.
     let mut buf = Vec::with_capacity(4096);
     loop {
-        tls.get_ref().0.set_read_timeout(Some(cfg.header_timeout))?;
-        let req = match read_request_head(&mut tls, &mut buf, cfg.header_timeout, |b| {
+        tls.get_ref()
+            .0
+            .set_read_timeout(Some(cfg.header_timeout()))?;
+        let req = match read_request_head(&mut tls, &mut buf, cfg.header_timeout(), |b| {
             head::parse_request(b, cfg.max_headers, cfg.max_header_bytes)
         })
         .await
@@ -456,7 +455,7 @@ async fn serve_tls(stream: TcpStream, shard: Rc<Shard>) -> std::io::Result<()> {
 /// A fresh connection to a VM at `addr`, or `None` (logged) when it does not accept within
 /// the connect timeout.
 pub(super) async fn connect(addr: SocketAddr, cfg: &HttpsConfig, vm: &str) -> Option<TcpStream> {
-    match TcpStream::connect_timeout(addr, cfg.connect_timeout).await {
+    match TcpStream::connect_timeout(addr, cfg.connect_timeout()).await {
         Ok(b) => {
             // A connection that cannot take the option still works; it is only slower.
             let _ = b.set_nodelay(true);

@@ -19,6 +19,7 @@ use std::time::Duration;
 
 use boxd_operations::{Backend, Operations};
 use russh::keys::PrivateKey;
+use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
 use self::cutoff::{Cutoff, Switch};
@@ -30,24 +31,31 @@ use self::slots::{HandshakeSlot, Limits};
 /// reads (bulk data) bypass it.
 const READ_BUFFER: usize = 8 * 1024;
 
-/// How the SSH front door behaves.
-#[derive(Clone, Debug)]
+/// `[ssh]` of boxd's configuration file, defined once: the binary embeds this type in its
+/// `Config` and hands it to [`SshServer::start`] as it is (with `cpus` resolved).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
 pub struct SshConfig {
-    /// Listen address.
+    /// Listen address; only connections addressed to the lobby or a pool address are served.
     pub listen: SocketAddr,
-    /// CPUs to pin shards to, one shard each; empty means one unpinned shard.
+    /// CPUs to run shards on, one pinned shard each; empty means every CPU (`boxd` resolves
+    /// that before starting; given an empty list, the server runs one unpinned shard).
     pub cpus: Vec<usize>,
-    /// A client must authenticate within this.
-    pub auth_timeout: Duration,
-    /// Most handshakes (connected, not yet authenticated) per shard.
-    pub max_handshakes: usize,
-    /// Most handshakes per client IP per shard.
+    /// Seconds a client has to authenticate.
+    pub auth_timeout_secs: u64,
+    /// Connections still authenticating, per shard, and per client address per shard.
+    pub max_handshakes_per_shard: usize,
+    /// See `max_handshakes_per_shard`.
     pub max_handshakes_per_ip: usize,
-    /// Most open channels per connection.
+    /// Channels one connection may have open.
     pub max_channels_per_connection: usize,
-    /// Keepalive probe interval (three unanswered probes close the connection).
-    pub keepalive: Duration,
-    /// The port guest agents listen on.
+    /// Seconds between keepalive probes (three unanswered close the connection).
+    pub keepalive_secs: u64,
+    /// Seconds `new`, `start` and `restart` wait for the VM to become reachable (the
+    /// operations' wait; see boxd-operations `Settings`).
+    pub ready_timeout_secs: u64,
+    /// The port guest agents listen on (not in the file).
+    #[serde(skip)]
     pub agent_port: u16,
 }
 
@@ -56,13 +64,33 @@ impl Default for SshConfig {
         Self {
             listen: SocketAddr::from(([0, 0, 0, 0], 2222)),
             cpus: Vec::new(),
-            auth_timeout: Duration::from_secs(30),
-            max_handshakes: 256,
+            auth_timeout_secs: 30,
+            max_handshakes_per_shard: 256,
             max_handshakes_per_ip: 32,
             max_channels_per_connection: 16,
-            keepalive: Duration::from_secs(30),
+            keepalive_secs: 30,
+            ready_timeout_secs: 120,
             agent_port: relay::AGENT_PORT,
         }
+    }
+}
+
+impl SshConfig {
+    /// Checks what the types cannot express; the error names the field and the fix.
+    pub fn validate(&self) -> Result<(), (&'static str, String)> {
+        if self.auth_timeout_secs == 0
+            || self.max_handshakes_per_shard == 0
+            || self.max_handshakes_per_ip == 0
+            || self.max_channels_per_connection == 0
+            || self.keepalive_secs == 0
+            || self.ready_timeout_secs == 0
+        {
+            return Err((
+                "ssh.auth_timeout_secs",
+                "SSH timeouts and limits must be at least 1".into(),
+            ));
+        }
+        Ok(())
     }
 }
 
@@ -165,7 +193,7 @@ impl SshServer {
             auth_rejection_time_initial: Some(Duration::ZERO),
             keys: vec![host_key],
             inactivity_timeout: None,
-            keepalive_interval: Some(cfg.keepalive),
+            keepalive_interval: Some(Duration::from_secs(cfg.keepalive_secs)),
             keepalive_max: 3,
             max_auth_attempts: 8,
             nodelay: true,
@@ -269,7 +297,7 @@ async fn shard<B: Backend>(
         let Some(slot) = HandshakeSlot::take(
             &shared.limits,
             peer.ip(),
-            cfg.max_handshakes,
+            cfg.max_handshakes_per_shard,
             cfg.max_handshakes_per_ip,
             switch.clone(),
         ) else {
@@ -286,7 +314,7 @@ async fn shard<B: Backend>(
             Arc::clone(&authed),
         );
         let russh_cfg = Arc::clone(&russh_cfg);
-        let auth_timeout = cfg.auth_timeout;
+        let auth_timeout = Duration::from_secs(cfg.auth_timeout_secs);
         tokio::spawn(async move {
             // One deadline from accept for the version exchange, the key exchange and
             // authentication, however the client paces its bytes: past it, the connection is
