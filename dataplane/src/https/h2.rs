@@ -18,9 +18,10 @@ use glommio::net::TcpStream;
 use tokio_util::compat::FuturesAsyncReadCompatExt as _;
 
 use super::framing::{Body, Chunked};
-use super::head::{self, Parse};
+use super::head::{self, Parse, Response};
 use super::pages;
-use super::proxy::{Shard, connect, read_head, within};
+use super::proxy::{Shard, within};
+use super::upstream::{Exchange, Outgoing, ProxyError, Upstream};
 
 /// Streams one client may have open at once.
 const MAX_STREAMS: u32 = 128;
@@ -93,7 +94,7 @@ where
             // Boxed: spawning then moves a small future, not the stream's (copying it whole
             // on spawn was ~3 % of the shard's time under h2load).
             if let Err(e) = Box::pin(stream(req, respond, &shard, sni, client)).await {
-                tracing::debug!(error = %e, "HTTP/2 stream");
+                tracing::debug!(fault = ?e.fault(), retry_safe = e.retry_safe(), error = %e, "HTTP/2 stream");
             }
         })
         .detach();
@@ -133,7 +134,7 @@ impl Drop for StreamGuard {
 type Respond = h2::server::SendResponse<Bytes>;
 
 /// Sends one of the failure pages as the stream's response.
-fn page(mut respond: Respond, page: &[u8]) -> std::io::Result<()> {
+fn page(mut respond: Respond, page: &[u8]) -> Result<(), ProxyError> {
     let (status, body) = match head::parse_response(page, 16, page.len()) {
         Parse::Complete(r) => (r.status, &page[r.len..]),
         _ => (500, &b""[..]),
@@ -144,12 +145,15 @@ fn page(mut respond: Respond, page: &[u8]) -> std::io::Result<()> {
         .header("cache-control", "no-store")
         .header("content-length", body.len())
         .body(())
-        .map_err(std::io::Error::other)?;
-    let mut send = respond
-        .send_response(resp, false)
-        .map_err(std::io::Error::other)?;
+        .map_err(ProxyError::boxd)?;
+    let mut send = respond.send_response(resp, false).map_err(h2_client)?;
     send.send_data(Bytes::copy_from_slice(body), true)
-        .map_err(std::io::Error::other)
+        .map_err(h2_client)
+}
+
+/// A failed send on the client's stream.
+fn h2_client(e: h2::Error) -> ProxyError {
+    ProxyError::client(std::io::Error::other(e))
 }
 
 /// The request as an HTTP/1.1 head (parsed back with the HTTP/1.1 rules, so both versions are
@@ -189,7 +193,7 @@ async fn stream(
     shard: &Shard,
     sni: Option<String>,
     client: IpAddr,
-) -> std::io::Result<()> {
+) -> Result<(), ProxyError> {
     let cfg = shard.cfg();
     let (parts, mut body) = req.into_parts();
     let authority = parts
@@ -217,72 +221,66 @@ async fn stream(
         Parse::Invalid(why) => return page(respond, &pages::bad_request(&why)),
         Parse::Partial => return page(respond, &pages::bad_request("incomplete request head")),
     };
-    let backend_addr = SocketAddr::from((private, vm.http_port));
+    let up = Upstream {
+        addr: SocketAddr::from((private, vm.http_port)),
+        name: &vm.name,
+    };
     let h1 = req.forward(client, &host);
-    // A VM connection an earlier request left open first (see `pool`); if it turns out closed
-    // before an answer began, a request without a body goes again on a fresh one.
-    let mut kept = shard.vms().take(backend_addr);
-    let (mut backend, mut rbuf, resp) = loop {
-        let again = kept.is_some() && !has_body;
-        let mut backend = match kept.take() {
-            Some(b) => b,
-            None => match connect(backend_addr, cfg, &vm.name).await {
-                Some(b) => b,
-                None => return page(respond, &pages::bad_gateway(&vm.name, vm.http_port)),
-            },
-        };
-        match send_request(&mut backend, &h1, &mut body, has_body, chunked).await {
-            Ok(()) => {}
-            Err(_) if again => continue,
-            Err(e) => return Err(e),
-        }
-        let mut rbuf = Vec::with_capacity(4096);
-        let resp = loop {
-            match read_head(&mut backend, &mut rbuf, |b| {
-                head::parse_response(b, cfg.max_headers, cfg.max_header_bytes)
-            })
-            .await
-            {
-                // Interim answers end here; the final one follows.
-                Ok(Parse::Complete(r)) if (100..200).contains(&r.status) => {
-                    rbuf.drain(..r.len);
-                }
-                Ok(Parse::Complete(r)) => break Some(r),
-                Err(_) if again && rbuf.is_empty() => break None,
-                _ => return page(respond, &pages::bad_gateway(&vm.name, vm.http_port)),
-            }
-        };
-        if let Some(r) = resp {
-            break (backend, rbuf, r);
+    let mut out = H2Request {
+        h1: &h1,
+        body: &mut body,
+        has_body,
+        chunked,
+    };
+    let x = match up.exchange(shard, &mut out).await {
+        Ok(x) => x,
+        Err(e) => {
+            tracing::debug!(fault = ?e.fault(), retry_safe = e.retry_safe(), error = %e, "HTTP/2 request failed");
+            return match e.page() {
+                Some(p) => page(respond, &p),
+                None => Err(e),
+            };
         }
     };
+    respond_with(x, respond, shard, &up, req.method.as_str()).await
+}
+
+/// Sends the VM's response on the stream: HEADERS, then the body de-framed into DATA frames
+/// as the client's window allows; the VM connection goes back to the pool if it ended cleanly.
+async fn respond_with(
+    x: Exchange,
+    mut respond: Respond,
+    shard: &Shard,
+    up: &Upstream<'_>,
+    method: &str,
+) -> Result<(), ProxyError> {
+    let Exchange {
+        vm: mut backend,
+        buf: mut rbuf,
+        resp,
+    } = x;
     rbuf.drain(..resp.len);
-    let framing = resp.body(req.method.as_str());
+    let framing = resp.body(method);
     // Whether the VM connection may carry a later stream once this response has ended.
     let reusable = framing != Body::UntilClose && resp.keeps_alive();
     let mut out = http::Response::builder().status(resp.status);
     for (name, value) in resp.h2_fields() {
         out = out.header(name, value);
     }
-    let out = out.body(()).map_err(std::io::Error::other)?;
-    let mut respond = respond;
+    let out = out.body(()).map_err(ProxyError::boxd)?;
     if matches!(framing, Body::None | Body::Length(0)) {
-        respond
-            .send_response(out, true)
-            .map_err(std::io::Error::other)?;
+        respond.send_response(out, true).map_err(h2_client)?;
         if reusable && rbuf.is_empty() {
-            shard.vms().put(backend_addr, backend);
+            shard.vms().put(up.addr, backend);
         }
         return Ok(());
     }
-    let mut send = respond
-        .send_response(out, false)
-        .map_err(std::io::Error::other)?;
+    let mut send = respond.send_response(out, false).map_err(h2_client)?;
     let mut left = match framing {
         Body::Length(n) => Some(n),
         _ => None,
     };
-    let mut chunks = (framing == Body::Chunked).then(|| Chunked::new(cfg.max_header_bytes));
+    let mut chunks = (framing == Body::Chunked).then(|| Chunked::new(shard.cfg().max_header_bytes));
     // Allocated (and zeroed) only once a body must be read from the VM: a small response is
     // usually whole in `rbuf` already (64 KiB zeroed per stream was ~4 % of the shard).
     let mut buf = Vec::new();
@@ -291,12 +289,13 @@ async fn stream(
             if buf.is_empty() {
                 buf.resize(READ, 0);
             }
-            let n = backend.read(&mut buf).await?;
+            let n = backend.read(&mut buf).await.map_err(ProxyError::vm)?;
             if n == 0 {
                 if framing == Body::UntilClose {
                     break;
                 }
-                return Err(std::io::ErrorKind::UnexpectedEof.into()); // resets the stream
+                // Resets the stream.
+                return Err(ProxyError::vm(std::io::ErrorKind::UnexpectedEof.into()));
             }
             (&buf[..n], true)
         } else {
@@ -305,7 +304,9 @@ async fn stream(
         let (data, used): (Vec<u8>, usize) = match (&mut chunks, &mut left) {
             (Some(c), _) => {
                 let mut d = Vec::with_capacity(raw.len());
-                let used = c.decode(raw, &mut d).map_err(std::io::Error::other)?;
+                let used = c
+                    .decode(raw, &mut d)
+                    .map_err(|e| ProxyError::vm(std::io::Error::other(e)))?;
                 (d, used)
             }
             (None, Some(n)) => {
@@ -322,16 +323,42 @@ async fn stream(
         }
         let done = chunks.as_ref().is_some_and(Chunked::done) || left == Some(0);
         // The last piece carries END_STREAM itself (no empty DATA frame after it).
-        send_all(&mut send, Bytes::from(data), done).await?;
+        send_all(&mut send, Bytes::from(data), done)
+            .await
+            .map_err(ProxyError::client)?;
         if done {
             if reusable && !tail {
-                shard.vms().put(backend_addr, backend);
+                shard.vms().put(up.addr, backend);
             }
             return Ok(());
         }
     }
-    send.send_data(Bytes::new(), true)
-        .map_err(std::io::Error::other)
+    send.send_data(Bytes::new(), true).map_err(h2_client)
+}
+
+/// An HTTP/2 stream's request on its way to a VM, as HTTP/1.1.
+struct H2Request<'a> {
+    /// The rewritten head.
+    h1: &'a [u8],
+    body: &'a mut h2::RecvStream,
+    has_body: bool,
+    /// Whether the body goes chunked (the client gave no length).
+    chunked: bool,
+}
+
+impl Outgoing for H2Request<'_> {
+    fn replayable(&self) -> bool {
+        !self.has_body
+    }
+
+    async fn send(&mut self, vm: &mut TcpStream, _again: bool) -> Result<(), ProxyError> {
+        send_request(vm, self.h1, self.body, self.has_body, self.chunked).await
+    }
+
+    async fn interim(&mut self, _resp: &Response) -> Result<bool, ProxyError> {
+        // Interim answers end here (HTTP/2 has no 101); the final one follows.
+        Ok(true)
+    }
 }
 
 /// Writes the request head `h1` and, if `has_body`, the client's body as it comes (chunked
@@ -342,11 +369,11 @@ async fn send_request(
     body: &mut h2::RecvStream,
     has_body: bool,
     chunked: bool,
-) -> std::io::Result<()> {
-    backend.write_all(h1).await?;
+) -> Result<(), ProxyError> {
+    backend.write_all(h1).await.map_err(ProxyError::vm)?;
     if has_body {
         while let Some(data) = body.data().await {
-            let data = data.map_err(std::io::Error::other)?;
+            let data = data.map_err(|e| ProxyError::client(std::io::Error::other(e)))?;
             let n = data.len();
             if chunked && n > 0 {
                 // One write per chunk (size line, data, CRLF): one `sendto`, not three.
@@ -354,17 +381,20 @@ async fn send_request(
                 piece.reserve(n + 2);
                 piece.extend_from_slice(&data);
                 piece.extend_from_slice(b"\r\n");
-                backend.write_all(&piece).await?;
+                backend.write_all(&piece).await.map_err(ProxyError::vm)?;
             } else {
-                backend.write_all(&data).await?;
+                backend.write_all(&data).await.map_err(ProxyError::vm)?;
             }
             _ = body.flow_control().release_capacity(n);
         }
         if chunked {
-            backend.write_all(b"0\r\n\r\n").await?;
+            backend
+                .write_all(b"0\r\n\r\n")
+                .await
+                .map_err(ProxyError::vm)?;
         }
     }
-    backend.flush().await
+    backend.flush().await.map_err(ProxyError::vm)
 }
 
 /// Sends `data` as the client's window allows (never queueing more than it granted), the

@@ -11,6 +11,7 @@ mod pool;
 mod proxy;
 mod route;
 pub mod tls;
+mod upstream;
 
 use std::net::{SocketAddr, TcpListener};
 use std::os::fd::{FromRawFd as _, IntoRawFd as _};

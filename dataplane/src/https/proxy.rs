@@ -13,6 +13,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use super::route::Target;
+use super::upstream::{Exchange, Outgoing, ProxyError, Upstream};
 use boxd_model::view::ViewHandle;
 use futures_lite::{AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _};
 use futures_rustls::TlsAcceptor;
@@ -20,7 +21,7 @@ use glommio::net::{TcpListener, TcpStream};
 
 use super::framing::{Body, Chunked};
 use super::gather::Gathered;
-use super::head::{self, Parse};
+use super::head::{self, Parse, Response};
 use super::pool::Pool;
 use super::{HttpsConfig, pages};
 
@@ -344,76 +345,38 @@ async fn serve_tls(stream: TcpStream, shard: Rc<Shard>) -> std::io::Result<()> {
             Ok(b) => b,
             Err(why) => return reply(&mut tls, &pages::bad_request(&why)).await,
         };
-        let backend_addr = SocketAddr::from((private, vm.http_port));
+        let up = Upstream {
+            addr: SocketAddr::from((private, vm.http_port)),
+            name: &vm.name,
+        };
         // The VM connection outlives this client connection: other clients of the shard reuse
         // it, so a client's `Connection: close` is not passed on.
-        let mut head = req.forward(client, &host);
+        let head = req.forward(client, &host);
         tls.get_ref().0.set_read_timeout(None)?;
         if req.upgrade {
-            let Some(mut backend) = connect(backend_addr, cfg, &vm.name).await else {
-                return reply(&mut tls, &pages::bad_gateway(&vm.name, vm.http_port)).await;
+            let mut backend = match up.connect(&shard).await {
+                Ok(b) => b,
+                Err(e) => return fail(&mut tls, e).await,
             };
             backend.write_all(&head).await?;
             backend.write_all(&buf).await?;
-            return tunnel(tls, backend, cfg, &vm.name, vm.http_port).await;
+            return tunnel(tls, backend, cfg, &up).await;
         }
         let limit = cfg.max_header_bytes;
-        // The request goes on a VM connection an earlier one left open, if any (see `pool`); if
-        // that one turns out closed before an answer began, a request without a body goes again
-        // on a fresh connection.
-        let mut kept = shard.vms.take(backend_addr);
-        let (mut backend, mut rbuf, resp) = loop {
-            let reused = kept.is_some();
-            let mut backend = match kept.take() {
-                Some(b) => b,
-                None => match connect(backend_addr, cfg, &vm.name).await {
-                    Some(b) => b,
-                    None => {
-                        let page = pages::bad_gateway(&vm.name, vm.http_port);
-                        return reply(&mut tls, &page).await;
-                    }
-                },
-            };
-            let mut again = reused && body == Body::None;
-            let h = if again {
-                head.clone()
-            } else {
-                std::mem::take(&mut head)
-            };
-            let sent = copy_body(&mut tls, &mut buf, &mut backend, body, limit, h).await;
-            if let Err(e) = sent {
-                if let Some(why) = BadFraming::of(&e) {
-                    // The client's chunked body is malformed: its fault, said so; the VM
-                    // connection, left mid-message, is dropped.
-                    return reply(&mut tls, &pages::bad_request(why)).await;
-                }
-                if again {
-                    continue;
-                }
-                return Err(e);
-            }
-            let mut rbuf = Vec::with_capacity(4096);
-            let resp = loop {
-                match read_head(&mut backend, &mut rbuf, |b| {
-                    head::parse_response(b, cfg.max_headers, cfg.max_header_bytes)
-                })
-                .await
-                {
-                    // Interim answers (100 Continue) pass through; the final one follows.
-                    Ok(Parse::Complete(r)) if (100..200).contains(&r.status) && r.status != 101 => {
-                        tls.write_all(&r.forward(true)).await?;
-                        rbuf.drain(..r.len);
-                        again = false;
-                    }
-                    Ok(Parse::Complete(r)) => break Some(r),
-                    Err(_) if again && rbuf.is_empty() => break None,
-                    _ => return reply(&mut tls, &pages::bad_gateway(&vm.name, vm.http_port)).await,
-                }
-            };
-            match resp {
-                Some(r) => break (backend, rbuf, r),
-                None => continue,
-            }
+        let mut out = H1Request {
+            client: &mut tls,
+            buf: &mut buf,
+            head,
+            body,
+            limit,
+        };
+        let Exchange {
+            vm: mut backend,
+            buf: mut rbuf,
+            resp,
+        } = match up.exchange(&shard, &mut out).await {
+            Ok(x) => x,
+            Err(e) => return fail(&mut tls, e).await,
         };
         let rbody = resp.body(&req.method);
         // Either connection outlives this exchange only if the response's end is known.
@@ -439,11 +402,13 @@ async fn serve_tls(stream: TcpStream, shard: Rc<Shard>) -> std::io::Result<()> {
             // after it. (Never one still streaming: its bytes must not wait.)
             tls.get_mut().0.hold();
         }
-        copy_body(&mut backend, &mut rbuf, &mut tls, rbody, limit, out).await?;
+        copy_body(&mut backend, &mut rbuf, &mut tls, rbody, limit, out)
+            .await
+            .map_err(CopyError::download)?;
         // Nothing may follow a response the VM framed; if something did, the connection is
         // out of step and goes.
         if reuse && rbuf.is_empty() {
-            shard.vms.put(backend_addr, backend);
+            shard.vms.put(up.addr, backend);
         }
         tls.flush().await?;
         if !keep {
@@ -452,34 +417,96 @@ async fn serve_tls(stream: TcpStream, shard: Rc<Shard>) -> std::io::Result<()> {
     }
 }
 
-/// A fresh connection to a VM at `addr`, or `None` (logged) when it does not accept within
-/// the connect timeout.
-pub(super) async fn connect(addr: SocketAddr, cfg: &HttpsConfig, vm: &str) -> Option<TcpStream> {
-    match TcpStream::connect_timeout(addr, cfg.connect_timeout()).await {
-        Ok(b) => {
-            // A connection that cannot take the option still works; it is only slower.
-            let _ = b.set_nodelay(true);
-            Some(b)
+/// An HTTP/1.1 request on its way to a VM: its rewritten head, then its body as it comes
+/// from the client.
+struct H1Request<'a, C> {
+    client: &'a mut C,
+    /// What was read from the client past the head.
+    buf: &'a mut Vec<u8>,
+    head: Vec<u8>,
+    body: Body,
+    /// Largest chunked trailer.
+    limit: usize,
+}
+
+impl<C: AsyncRead + AsyncWrite + Unpin> Outgoing for H1Request<'_, C> {
+    fn replayable(&self) -> bool {
+        self.body == Body::None
+    }
+
+    async fn send(&mut self, vm: &mut TcpStream, again: bool) -> Result<(), ProxyError> {
+        let head = if again {
+            self.head.clone()
+        } else {
+            std::mem::take(&mut self.head)
+        };
+        copy_body(self.client, self.buf, vm, self.body, self.limit, head)
+            .await
+            .map_err(CopyError::upload)
+    }
+
+    async fn interim(&mut self, resp: &Response) -> Result<bool, ProxyError> {
+        // 101 is final: the VM switched protocols without being asked to.
+        if resp.status == 101 {
+            return Ok(false);
         }
-        Err(e) => {
-            tracing::debug!(%vm, %addr, error = %e, "VM did not accept");
-            None
+        // Interim answers (100 Continue) pass through; the final one follows.
+        self.client
+            .write_all(&resp.forward(true))
+            .await
+            .map_err(ProxyError::client)?;
+        Ok(true)
+    }
+}
+
+/// Answers a failed request with its page when there is one; otherwise the connection ends.
+async fn fail<S: AsyncWrite + Unpin>(s: &mut S, e: ProxyError) -> std::io::Result<()> {
+    tracing::debug!(fault = ?e.fault(), retry_safe = e.retry_safe(), error = %e, "request failed");
+    match e.page() {
+        Some(page) => reply(s, &page).await,
+        None => Err(e.into()),
+    }
+}
+
+impl From<ProxyError> for std::io::Error {
+    fn from(e: ProxyError) -> Self {
+        match e {
+            ProxyError::Broken { source, .. } => source,
+            e => std::io::Error::other(e),
         }
     }
 }
 
-/// A chunked body that does not follow RFC 9112 7.1: the sender's fault (for a request, the
-/// client gets 400).
-#[derive(Debug, thiserror::Error)]
-#[error("{0}")]
-struct BadFraming(String);
+/// Where copying a message failed.
+#[derive(Debug)]
+pub(super) enum CopyError {
+    /// Reading the sender.
+    Read(std::io::Error),
+    /// Writing the receiver.
+    Write(std::io::Error),
+    /// The sender's chunked body does not follow RFC 9112 7.1.
+    Framing(String),
+}
 
-impl BadFraming {
-    /// The framing problem `e` carries, if it is one.
-    fn of(e: &std::io::Error) -> Option<&str> {
-        e.get_ref()
-            .and_then(|inner| inner.downcast_ref::<BadFraming>())
-            .map(|b| b.0.as_str())
+impl CopyError {
+    /// For a request: the client sent, the VM received.
+    pub(super) fn upload(self) -> ProxyError {
+        match self {
+            Self::Read(e) => ProxyError::client(e),
+            Self::Write(e) => ProxyError::vm(e),
+            Self::Framing(why) => ProxyError::BadRequest(why),
+        }
+    }
+
+    /// For a response: the VM sent, the client received.
+    pub(super) fn download(self) -> ProxyError {
+        match self {
+            Self::Read(e) => ProxyError::vm(e),
+            Self::Write(e) => ProxyError::client(e),
+            Self::Framing(why) => {
+                ProxyError::vm(std::io::Error::new(std::io::ErrorKind::InvalidData, why))
+            }
+        }
     }
 }
 
@@ -498,18 +525,18 @@ async fn copy_body<R, W>(
     body: Body,
     max_trailer: usize,
     mut head: Vec<u8>,
-) -> std::io::Result<()>
+) -> Result<(), CopyError>
 where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
 {
-    let eof = || std::io::Error::from(std::io::ErrorKind::UnexpectedEof);
+    let eof = || CopyError::Read(std::io::ErrorKind::UnexpectedEof.into());
     match body {
-        Body::None => dst.write_all(&head).await,
+        Body::None => dst.write_all(&head).await.map_err(CopyError::Write),
         Body::Length(mut left) => {
             let take = usize::try_from(left).unwrap_or(usize::MAX).min(buf.len());
             head.extend_from_slice(&buf[..take]);
-            dst.write_all(&head).await?;
+            dst.write_all(&head).await.map_err(CopyError::Write)?;
             buf.drain(..take);
             left -= take as u64;
             if left == 0 {
@@ -519,42 +546,52 @@ where
             let mut chunk = vec![0u8; size];
             while left > 0 {
                 let want = usize::try_from(left).unwrap_or(usize::MAX).min(chunk.len());
-                let n = src.read(&mut chunk[..want]).await?;
+                let n = src
+                    .read(&mut chunk[..want])
+                    .await
+                    .map_err(CopyError::Read)?;
                 if n == 0 {
                     return Err(eof());
                 }
-                dst.write_all(&chunk[..n]).await?;
+                dst.write_all(&chunk[..n]).await.map_err(CopyError::Write)?;
                 left -= n as u64;
             }
             Ok(())
         }
         Body::Chunked => {
-            let bad =
-                |e: String| std::io::Error::new(std::io::ErrorKind::InvalidData, BadFraming(e));
             let mut dec = Chunked::new(max_trailer);
-            let used = dec.feed(buf).map_err(bad)?;
+            let used = dec.feed(buf).map_err(CopyError::Framing)?;
             head.extend_from_slice(&buf[..used]);
-            dst.write_all(&head).await?;
+            dst.write_all(&head).await.map_err(CopyError::Write)?;
             buf.drain(..used);
             if dec.done() {
                 return Ok(());
             }
             let mut chunk = vec![0u8; COPY_BUFFER];
             while !dec.done() {
-                let n = src.read(&mut chunk).await?;
+                let n = src.read(&mut chunk).await.map_err(CopyError::Read)?;
                 if n == 0 {
                     return Err(eof());
                 }
-                let used = dec.feed(&chunk[..n]).map_err(bad)?;
-                dst.write_all(&chunk[..used]).await?;
+                let used = dec.feed(&chunk[..n]).map_err(CopyError::Framing)?;
+                dst.write_all(&chunk[..used])
+                    .await
+                    .map_err(CopyError::Write)?;
                 buf.extend_from_slice(&chunk[used..n]);
             }
             Ok(())
         }
         Body::UntilClose => {
             head.append(buf);
-            dst.write_all(&head).await?;
-            futures_lite::io::copy(src, dst).await.map(|_| ())
+            dst.write_all(&head).await.map_err(CopyError::Write)?;
+            let mut chunk = vec![0u8; COPY_BUFFER];
+            loop {
+                let n = src.read(&mut chunk).await.map_err(CopyError::Read)?;
+                if n == 0 {
+                    return Ok(());
+                }
+                dst.write_all(&chunk[..n]).await.map_err(CopyError::Write)?;
+            }
         }
     }
 }
@@ -564,8 +601,7 @@ async fn tunnel<C>(
     mut client: C,
     mut backend: TcpStream,
     cfg: &HttpsConfig,
-    name: &str,
-    port: u16,
+    up: &Upstream<'_>,
 ) -> std::io::Result<()>
 where
     C: AsyncRead + AsyncWrite + Unpin,
@@ -576,7 +612,7 @@ where
     })
     .await;
     let Ok(Parse::Complete(resp)) = r else {
-        return reply(&mut client, &pages::bad_gateway(name, port)).await;
+        return reply(&mut client, &pages::bad_gateway(up.name, up.addr.port())).await;
     };
     client.write_all(&resp.forward(false)).await?;
     client.write_all(&rbuf[resp.len..]).await?;
