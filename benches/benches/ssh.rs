@@ -138,20 +138,8 @@ fn ssh(key: &Path, host: &str, port: u16) -> Command {
     let mut c = Command::new("taskset");
     c.args(["-c", "1", "ssh", "-p", &port.to_string(), "-i"])
         .arg(key)
-        .args([
-            "-F",
-            "/dev/null",
-            "-o",
-            "IdentitiesOnly=yes",
-            "-o",
-            "StrictHostKeyChecking=no",
-            "-o",
-            "UserKnownHostsFile=/dev/null",
-            "-o",
-            "LogLevel=ERROR",
-            "-o",
-            "BatchMode=yes",
-        ])
+        .args(boxd_test_support::SSH_OPTS)
+        .args(["-o", "BatchMode=yes"])
         .arg(host);
     c
 }

@@ -9,21 +9,11 @@
 use std::hint::black_box;
 use std::net::Ipv4Addr;
 
-use boxd_controlplane::model::{AccountId, ClusterSettings, Desired, Fingerprint, Observed, VmId};
+use boxd_controlplane::model::{AccountId, Fingerprint, Observed, VmId};
 use boxd_controlplane::view::{View, ViewChange, ViewHandle, VmRoute};
+use boxd_test_support::fixtures;
 use criterion::{BenchmarkId, Criterion, criterion_group, criterion_main};
 use uuid::Uuid;
-
-fn settings() -> ClusterSettings {
-    ClusterSettings {
-        cluster_id: Uuid::nil(),
-        zone: "boxd.test".into(),
-        lobby: Ipv4Addr::new(127, 77, 0, 1),
-        public_pool: "127.77.0.0/16".parse().unwrap(),
-        max_vms_per_account: 100,
-        created_at: 0,
-    }
-}
 
 /// `n` VMs owned by `n / 10` accounts with one key each.
 fn state(n: usize) -> (Vec<VmRoute>, Vec<(Fingerprint, AccountId)>) {
@@ -36,17 +26,13 @@ fn state(n: usize) -> (Vec<VmRoute>, Vec<(Fingerprint, AccountId)>) {
         .collect();
     let routes = (0..n)
         .map(|i| VmRoute {
-            id: VmId(Uuid::from_u128(1 << 64 | i as u128)),
-            name: format!("vm-{i}"),
-            owner: accounts[i / 10],
-            public_ip: Ipv4Addr::from(u32::from(Ipv4Addr::new(127, 77, 0, 2)) + (i % 10) as u32),
             private_ip: Some(Ipv4Addr::from(0x0a00_0000 + i as u32)),
-            http_port: 80,
-            desired: Desired::Running,
-            observed: Observed::Running,
-            reason: None,
-            worker: Some(1),
-            agent_key: None,
+            ..fixtures::route(
+                VmId(Uuid::from_u128(1 << 64 | i as u128)),
+                format!("vm-{i}"),
+                accounts[i / 10],
+                Ipv4Addr::from(u32::from(Ipv4Addr::new(127, 77, 0, 2)) + (i % 10) as u32),
+            )
         })
         .collect();
     (routes, keys)
@@ -69,7 +55,12 @@ fn publish(c: &mut Criterion) {
     let mut g = c.benchmark_group("view_publish");
     for n in [1_000usize, 10_000, 100_000] {
         let (routes, keys) = state(n);
-        let view = View::build(1, Some(settings()), routes.clone(), keys.clone());
+        let view = View::build(
+            1,
+            Some(fixtures::settings(100)),
+            routes.clone(),
+            keys.clone(),
+        );
         let handle = ViewHandle::new();
         handle.publish(view);
         for k in [1usize, 100] {
@@ -86,7 +77,7 @@ fn publish(c: &mut Criterion) {
             b.iter(|| {
                 handle.publish(View::build(
                     1,
-                    Some(settings()),
+                    Some(fixtures::settings(100)),
                     black_box(routes.clone()),
                     keys.clone(),
                 ))
@@ -101,7 +92,7 @@ fn lookup(c: &mut Criterion) {
     let handle = ViewHandle::new();
     handle.publish(View::build(
         1,
-        Some(settings()),
+        Some(fixtures::settings(100)),
         routes.clone(),
         keys.clone(),
     ));

@@ -9,8 +9,9 @@ use std::net::{IpAddr, Ipv4Addr};
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use boxd_dns::{Action, DnsConfig, Engine, Transport};
-use boxd_model::model::{AccountId, ClusterSettings, Desired, Observed, VmId};
-use boxd_model::view::{View, ViewHandle, VmRoute};
+use boxd_model::model::{AccountId, VmId};
+use boxd_model::view::{View, ViewHandle};
+use boxd_test_support::fixtures;
 use hickory_proto::op::{Edns, Message, MessageType, OpCode, Query};
 use hickory_proto::rr::{Name, RecordType};
 
@@ -45,27 +46,15 @@ fn query(name: &str, t: RecordType, edns: bool) -> Vec<u8> {
 
 #[test]
 fn hot_path_does_not_allocate() {
-    let settings = ClusterSettings {
-        cluster_id: uuid::Uuid::nil(),
-        zone: "boxd.test".into(),
-        lobby: Ipv4Addr::new(127, 77, 0, 1),
-        public_pool: "127.77.0.0/16".parse().unwrap(),
-        max_vms_per_account: 10,
-        created_at: 0,
-    };
+    let settings = fixtures::settings(10);
     let owner = AccountId::random();
-    let routes = (0..10_000u32).map(|i| VmRoute {
-        id: VmId::random(),
-        name: format!("vm-{i}"),
-        owner,
-        public_ip: Ipv4Addr::from(0x7f4d_0002 + i),
-        private_ip: None,
-        http_port: 80,
-        desired: Desired::Running,
-        observed: Observed::Running,
-        reason: None,
-        worker: Some(1),
-        agent_key: None,
+    let routes = (0..10_000u32).map(|i| {
+        fixtures::route(
+            VmId::random(),
+            format!("vm-{i}"),
+            owner,
+            Ipv4Addr::from(0x7f4d_0002 + i),
+        )
     });
     let handle = ViewHandle::new();
     handle.publish(View::build(7, Some(settings), routes, []));

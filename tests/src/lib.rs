@@ -13,32 +13,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
-/// The `boxd` binary under test: `$BOXD_BIN`, or `target/<profile>/boxd` next to this test.
-pub fn boxd_bin() -> PathBuf {
-    if let Some(p) = std::env::var_os("BOXD_BIN") {
-        return PathBuf::from(p);
-    }
-    let exe = std::env::current_exe().unwrap();
-    // target/<profile>/deps/<test> -> target/<profile>/boxd
-    let bin = exe.parent().unwrap().parent().unwrap().join("boxd");
-    assert!(
-        bin.exists(),
-        "{} is missing: build it first with `cargo build -p boxd` (ops/test does)",
-        bin.display()
-    );
-    bin
-}
-
-/// The guest agent binary, built next to `boxd`.
-pub fn agent_bin() -> PathBuf {
-    let bin = boxd_bin().with_file_name("boxd-agent");
-    assert!(
-        bin.exists(),
-        "{} is missing: build it first with `cargo build --workspace` (ops/test does)",
-        bin.display()
-    );
-    bin
-}
+pub use boxd_test_support::{SSH_OPTS, agent_bin, boxd_bin, keygen};
 
 /// `boxd up` without the worker role. Tests outside a network namespace of their own must not
 /// run a worker (it creates a bridge for its VMs); where they need placed VMs, [`fake_worker`]
@@ -454,31 +429,4 @@ fn spawn_first_line(cmd: &mut Command) -> (Child, String) {
         .read_line(&mut line)
         .unwrap();
     (child, line)
-}
-
-/// Options for an OpenSSH client in tests: no user config, only the given key, no host key
-/// pinning, quiet, no passwords.
-pub const SSH_OPTS: [&str; 12] = [
-    "-F",
-    "/dev/null",
-    "-o",
-    "IdentitiesOnly=yes",
-    "-o",
-    "StrictHostKeyChecking=no",
-    "-o",
-    "UserKnownHostsFile=/dev/null",
-    "-o",
-    "LogLevel=ERROR",
-    "-o",
-    "PasswordAuthentication=no",
-];
-
-/// A new passphrase-less Ed25519 key pair at `path` (and `path`.pub), made by ssh-keygen.
-pub fn keygen(path: &Path) {
-    let ok = Command::new("ssh-keygen")
-        .args(["-q", "-t", "ed25519", "-N", "", "-f"])
-        .arg(path)
-        .status()
-        .is_ok_and(|s| s.success());
-    assert!(ok, "ssh-keygen -f {} failed", path.display());
 }

@@ -601,21 +601,8 @@ fn agent_host_key(ip: std::net::Ipv4Addr) -> String {
 
 fn agent_ssh(key: &Path, ip: std::net::Ipv4Addr, cmd: &str) -> (Option<i32>, String, String) {
     let out = Command::new("ssh")
-        .args([
-            "-F",
-            "/dev/null",
-            "-o",
-            "IdentitiesOnly=yes",
-            "-o",
-            "BatchMode=yes",
-        ])
-        .args([
-            "-o",
-            "StrictHostKeyChecking=no",
-            "-o",
-            "UserKnownHostsFile=/dev/null",
-        ])
-        .args(["-o", "LogLevel=ERROR", "-p", "2200", "-i"])
+        .args(boxd_tests::SSH_OPTS)
+        .args(["-o", "BatchMode=yes", "-p", "2200", "-i"])
         .arg(key)
         .arg(format!("root@{ip}"))
         .arg(cmd)
