@@ -13,7 +13,6 @@ use boxd_controlplane::Replica;
 use boxd_controlplane::command::Command;
 use boxd_controlplane::model::{ImageAd, NodeId, is_dns_label};
 use boxd_controlplane::rpc::pb;
-use boxd_controlplane::store::rows;
 use boxd_worker::image::{self, Archive, ImageInfo};
 use sha2::Digest as _;
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
@@ -162,11 +161,7 @@ pub async fn publish(replica: Arc<Replica>, data_dir: PathBuf, mut stop: watch::
         let here = tokio::task::spawn_blocking(move || local_ads(&dir))
             .await
             .unwrap_or_default();
-        let said = replica
-            .reader()
-            .read(move |c| rows::images_of(c, me))
-            .await
-            .unwrap_or_default();
+        let said = replica.reader().images_of(me).await.unwrap_or_default();
         if here != said {
             let names: Vec<&str> = here.iter().map(|i| i.name.as_str()).collect();
             let names = names.join(",");
@@ -209,10 +204,9 @@ pub async fn fetch(
         return Ok(());
     }
     let me = replica.id();
-    let key = name.to_owned();
     let sources: Vec<(NodeId, String, ImageAd)> = replica
         .reader()
-        .read(move |c| rows::image_sources(c, &key))
+        .image_sources(name.to_owned())
         .await
         .map_err(|e| e.to_string())?
         .into_iter()

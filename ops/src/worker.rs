@@ -11,9 +11,9 @@ use std::time::{Duration, Instant};
 
 use boxd_controlplane::Replica;
 use boxd_controlplane::command::Command;
+use boxd_controlplane::command::MAX_REASON;
 use boxd_controlplane::model::{Desired, NodeId, Observed, Vm, VmId};
-use boxd_controlplane::store::apply::MAX_REASON;
-use boxd_controlplane::store::rows;
+use boxd_controlplane::store::WorkerState;
 use boxd_worker::kvm_runtime::KvmRuntime;
 use boxd_worker::{
     Host, HostConfig, Reported, Runtime, SandboxRuntime, Started, Step, VmPlan, decide,
@@ -280,16 +280,14 @@ impl Supervisor {
         if let Ok(mut e) = self.ended.lock() {
             e.retain(|_, n| *n > read_at);
         }
-        let (vms, deleted, members) = self
+        let WorkerState {
+            vms,
+            deleted,
+            members,
+        } = self
             .replica
             .reader()
-            .read(move |c| {
-                Ok((
-                    rows::vms_on(c, me)?,
-                    rows::deleted_on(c, me)?,
-                    rows::nodes(c)?,
-                ))
-            })
+            .worker_state(me)
             .await
             .map_err(|e| e.to_string())?;
         // Every member's Raft address is closed to VMs (see `isolation`).

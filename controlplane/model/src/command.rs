@@ -580,6 +580,10 @@ pub enum Outcome {
 /// The log's answer to a command: applied, or refused with state unchanged.
 pub type Response = Result<Outcome, ApplyError>;
 
+/// Longest reason a worker may give for a VM's state (longer ones are refused; workers cut
+/// theirs to fit).
+pub const MAX_REASON: usize = 1024;
+
 /// Why a command was refused. State is unchanged when one of these is returned.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
 #[serde(tag = "error", rename_all = "snake_case")]

@@ -9,7 +9,8 @@ pub mod sqlite;
 use rusqlite::Connection;
 
 use crate::model::{
-    Account, AccountId, ClusterSettings, Fingerprint, Node, Registration, SshKey, TlsMaterial, Vm,
+    Account, AccountId, ClusterSettings, Fingerprint, ImageAd, Node, NodeId, Registration, SshKey,
+    TlsMaterial, Vm, VmId,
 };
 use crate::view::{View, ViewChange, VmRoute};
 pub use apply::Touched;
@@ -155,4 +156,41 @@ impl StateReader {
     pub async fn cluster_secret(&self) -> Result<Option<String>, ReadError> {
         self.read(rows::cluster_secret).await
     }
+
+    /// What worker `node` acts on, read in one transaction: the VMs placed on it, the deleted
+    /// VMs it still has to remove, and every member (whose Raft addresses VMs may not reach).
+    pub async fn worker_state(&self, node: NodeId) -> Result<WorkerState, ReadError> {
+        self.read(move |c| {
+            Ok(WorkerState {
+                vms: rows::vms_on(c, node)?,
+                deleted: rows::deleted_on(c, node)?,
+                members: rows::nodes(c)?,
+            })
+        })
+        .await
+    }
+
+    /// The images node `node` has published.
+    pub async fn images_of(&self, node: NodeId) -> Result<Vec<ImageAd>, ReadError> {
+        self.read(move |c| rows::images_of(c, node)).await
+    }
+
+    /// Who published image `name`, newest build first: (node, its Raft address, the image).
+    pub async fn image_sources(
+        &self,
+        name: String,
+    ) -> Result<Vec<(NodeId, String, ImageAd)>, ReadError> {
+        self.read(move |c| rows::image_sources(c, &name)).await
+    }
+}
+
+/// What a worker acts on (see [`StateReader::worker_state`]).
+#[derive(Clone, Debug, Default)]
+pub struct WorkerState {
+    /// The VMs placed on it.
+    pub vms: Vec<Vm>,
+    /// Deleted VMs it still has to remove.
+    pub deleted: Vec<VmId>,
+    /// Every member of the cluster.
+    pub members: Vec<Node>,
 }

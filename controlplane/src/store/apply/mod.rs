@@ -256,8 +256,7 @@ pub const MAX_REGISTRATIONS: i64 = 10_000;
 /// Events a VM keeps (the oldest go first).
 pub const MAX_EVENTS: u64 = 50;
 
-/// Longest reason a worker may give for a VM's state.
-pub const MAX_REASON: usize = 1024;
+pub use crate::command::MAX_REASON;
 
 fn invalid(what: impl Into<String>, reason: impl Into<String>) -> Fail {
     Fail::Reject(ApplyError::Invalid {
