@@ -20,7 +20,7 @@ use tokio_util::compat::FuturesAsyncReadCompatExt as _;
 use super::framing::{Body, Chunked};
 use super::head::{self, Parse, Response};
 use super::pages;
-use super::proxy::{Shard, within};
+use super::shard::{Shard, within};
 use super::upstream::{Exchange, Outgoing, ProxyError, Upstream};
 
 /// Streams one client may have open at once.

@@ -10,6 +10,7 @@ pub mod pages;
 mod pool;
 mod proxy;
 mod route;
+mod shard;
 pub mod tls;
 mod upstream;
 
@@ -206,7 +207,7 @@ impl HttpsServer {
                     // SAFETY: the descriptors come from listeners we own and give up here, so
                     // glommio's listeners are their only owners.
                     let l = unsafe { glommio::net::TcpListener::from_raw_fd(l.into_raw_fd()) };
-                    let shard = Rc::new(proxy::Shard::new(cfg, tls, view, https_port));
+                    let shard = Rc::new(shard::Shard::new(cfg, tls, view, https_port));
                     glommio::spawn_local(proxy::accept_tls(l, shard.clone())).detach();
                     if let Some(r) = r {
                         // SAFETY: as above.

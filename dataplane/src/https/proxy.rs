@@ -5,129 +5,19 @@
 //! frame their bodies. Bodies are never buffered whole. Upgrades (WebSocket) become a
 //! two-way byte stream.
 
-use std::cell::{Cell, RefCell};
-use std::collections::HashMap;
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 use std::rc::Rc;
-use std::sync::Arc;
-use std::time::Duration;
 
-use super::route::Target;
-use super::upstream::{Exchange, Outgoing, ProxyError, Upstream};
-use boxd_model::view::ViewHandle;
 use futures_lite::{AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _};
-use futures_rustls::TlsAcceptor;
 use glommio::net::{TcpListener, TcpStream};
 
 use super::framing::{Body, Chunked};
 use super::gather::Gathered;
 use super::head::{self, Parse, Response};
-use super::pool::Pool;
+use super::route::Target;
+use super::shard::{IpSlot, Shard, Slot, read_head, read_request_head, timed_out, within};
+use super::upstream::{Exchange, Outgoing, ProxyError, Upstream};
 use super::{HttpsConfig, pages};
-
-/// What every connection on one shard shares.
-pub(super) struct Shard {
-    cfg: HttpsConfig,
-    acceptor: TlsAcceptor,
-    view: Arc<ViewHandle>,
-    https_port: u16,
-    connections: Cell<usize>,
-    handshakes: Cell<usize>,
-    per_ip: RefCell<HashMap<IpAddr, usize>>,
-    /// Idle VM connections, for any of this shard's client connections (see `pool`).
-    vms: Pool,
-}
-
-impl Shard {
-    pub(super) fn new(
-        cfg: HttpsConfig,
-        tls: Arc<rustls::ServerConfig>,
-        view: Arc<ViewHandle>,
-        https_port: u16,
-    ) -> Self {
-        Self {
-            cfg,
-            acceptor: TlsAcceptor::from(tls),
-            view,
-            https_port,
-            connections: Cell::new(0),
-            handshakes: Cell::new(0),
-            per_ip: RefCell::new(HashMap::new()),
-            vms: Pool::default(),
-        }
-    }
-
-    /// The shard's settings.
-    pub(super) fn cfg(&self) -> &HttpsConfig {
-        &self.cfg
-    }
-
-    /// The shard's idle VM connections.
-    pub(super) fn vms(&self) -> &Pool {
-        &self.vms
-    }
-
-    /// The View the shard routes by.
-    pub(super) fn view(&self) -> &ViewHandle {
-        &self.view
-    }
-
-    /// Whether a connection to `local` is ours: the lobby or a VM's public address.
-    fn ours(&self, local: SocketAddr) -> bool {
-        match local.ip() {
-            IpAddr::V4(ip) => self.view.current().is_public_address(ip),
-            IpAddr::V6(_) => false,
-        }
-    }
-}
-
-/// Counts a connection for as long as it lives.
-struct Slot<'a>(&'a Cell<usize>);
-
-impl<'a> Slot<'a> {
-    fn take(c: &'a Cell<usize>, max: usize) -> Option<Self> {
-        (c.get() < max).then(|| {
-            c.set(c.get() + 1);
-            Self(c)
-        })
-    }
-}
-
-impl Drop for Slot<'_> {
-    fn drop(&mut self) {
-        self.0.set(self.0.get() - 1);
-    }
-}
-
-/// Counts a client address's open connections for as long as one lives.
-struct IpSlot<'a> {
-    counts: &'a RefCell<HashMap<IpAddr, usize>>,
-    ip: IpAddr,
-}
-
-impl<'a> IpSlot<'a> {
-    fn take(counts: &'a RefCell<HashMap<IpAddr, usize>>, ip: IpAddr, max: usize) -> Option<Self> {
-        let mut m = counts.borrow_mut();
-        let n = m.entry(ip).or_insert(0);
-        if *n >= max {
-            return None;
-        }
-        *n += 1;
-        Some(Self { counts, ip })
-    }
-}
-
-impl Drop for IpSlot<'_> {
-    fn drop(&mut self) {
-        let mut m = self.counts.borrow_mut();
-        if let Some(n) = m.get_mut(&self.ip) {
-            *n -= 1;
-            if *n == 0 {
-                m.remove(&self.ip);
-            }
-        }
-    }
-}
 
 pub(super) async fn accept_tls(listener: TcpListener, shard: Rc<Shard>) {
     loop {
@@ -161,76 +51,6 @@ pub(super) async fn accept_redirect(listener: TcpListener, shard: Rc<Shard>) {
             let _ = serve_redirect(stream, &shard).await;
         })
         .detach();
-    }
-}
-
-/// `f`'s output, or `None` if it takes longer than `limit` (then `f` is dropped).
-pub(super) async fn within<T>(limit: Duration, f: impl Future<Output = T>) -> Option<T> {
-    futures_lite::future::or(async { Some(f.await) }, async {
-        glommio::timer::sleep(limit).await;
-        None
-    })
-    .await
-}
-
-fn timed_out(what: &str) -> std::io::Error {
-    std::io::Error::new(
-        std::io::ErrorKind::TimedOut,
-        format!("{what} not complete in time"),
-    )
-}
-
-/// Reads a request head whose first bytes may take as long as the socket's read timeout (a
-/// kept-alive connection waiting for its next request) and which, from its first byte, must be
-/// whole within `limit`: a head dripped a byte at a time does not renew its time with each
-/// byte (slowloris).
-async fn read_request_head<S, T>(
-    s: &mut S,
-    buf: &mut Vec<u8>,
-    limit: Duration,
-    mut parse: impl FnMut(&[u8]) -> Parse<T>,
-) -> std::io::Result<Parse<T>>
-where
-    S: AsyncRead + Unpin,
-{
-    if buf.is_empty() {
-        let mut first = [0u8; 4096];
-        let n = s.read(&mut first).await?;
-        if n == 0 {
-            return Err(std::io::ErrorKind::UnexpectedEof.into());
-        }
-        buf.extend_from_slice(&first[..n]);
-    }
-    // Nearly every head is whole after its first read: no timer for those.
-    match parse(buf) {
-        Parse::Partial => {}
-        done => return Ok(done),
-    }
-    within(limit, read_head(s, buf, parse))
-        .await
-        .unwrap_or_else(|| Err(timed_out("request head")))
-}
-
-/// Reads until a complete head (or a limit, or the peer goes away).
-pub(super) async fn read_head<S, T>(
-    s: &mut S,
-    buf: &mut Vec<u8>,
-    mut parse: impl FnMut(&[u8]) -> Parse<T>,
-) -> std::io::Result<Parse<T>>
-where
-    S: AsyncRead + Unpin,
-{
-    let mut chunk = [0u8; 4096];
-    loop {
-        match parse(buf) {
-            Parse::Partial => {}
-            done => return Ok(done),
-        }
-        let n = s.read(&mut chunk).await?;
-        if n == 0 {
-            return Err(std::io::ErrorKind::UnexpectedEof.into());
-        }
-        buf.extend_from_slice(&chunk[..n]);
     }
 }
 

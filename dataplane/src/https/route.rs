@@ -8,7 +8,7 @@ use boxd_model::model::Desired;
 use boxd_model::view::VmRoute;
 
 use super::pages;
-use super::proxy::Shard;
+use super::shard::Shard;
 
 /// The VM a request goes to.
 pub(super) struct Target {

@@ -13,7 +13,7 @@ use glommio::net::TcpStream;
 
 use super::head::{self, Parse, Response};
 use super::pages;
-use super::proxy::{Shard, read_head};
+use super::shard::{Shard, read_head};
 
 /// Whose fault a failure is.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -164,7 +164,13 @@ pub fn no_clone3() -> Result<BpfProgram, String> {
 
 /// Bind-mounts `src` over `target` and, for `read_only`, makes that mount read-only.
 fn bind(src: &Path, target: &Path, read_only: bool) -> Result<(), String> {
-    crate::sandbox::mount_path(Some(src), target, None, libc::MS_BIND | libc::MS_REC, None)?;
+    crate::sandbox::mounts::mount_path(
+        Some(src),
+        target,
+        None,
+        libc::MS_BIND | libc::MS_REC,
+        None,
+    )?;
     if read_only {
         let flags = libc::MS_BIND
             | libc::MS_REMOUNT
@@ -172,7 +178,7 @@ fn bind(src: &Path, target: &Path, read_only: bool) -> Result<(), String> {
             | libc::MS_NOSUID
             | libc::MS_NODEV
             | libc::MS_NOEXEC;
-        crate::sandbox::mount_path(None, target, None, flags, None)?;
+        crate::sandbox::mounts::mount_path(None, target, None, flags, None)?;
     }
     Ok(())
 }

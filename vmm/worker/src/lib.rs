@@ -19,6 +19,7 @@
 //! vms/<id>/console.log   the process's output: init, agent
 //! ```
 
+use std::collections::BTreeSet;
 use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
@@ -29,7 +30,6 @@ use serde::{Deserialize, Serialize};
 pub mod agent_key;
 pub mod confine;
 mod disk;
-mod host;
 pub mod image;
 pub mod isolation;
 pub mod kvm_runtime;
@@ -37,9 +37,9 @@ mod net;
 pub mod sandbox;
 mod sandbox_runtime;
 mod spawn;
+mod vms;
 
 pub use self::disk::{Disk, LAYER_IMAGE, LAYER_MOUNT, overlay_supported, written_bytes};
-pub use self::host::Host;
 pub use self::net::{host_veth, tap_name};
 pub use self::sandbox_runtime::SandboxRuntime;
 pub(crate) use self::spawn::{stdin_tool, tool};
@@ -172,6 +172,41 @@ pub(crate) fn once(
         return Ok(());
     }
     make()
+}
+
+/// This worker's VMs on disk.
+pub struct Host {
+    /// Settings.
+    pub cfg: HostConfig,
+    /// Addresses handed out (and on disk), so concurrent starts never share one.
+    pub(crate) taken: Mutex<BTreeSet<Ipv4Addr>>,
+    pub(crate) bridge_ready: Mutex<bool>,
+    /// How outbound traffic is NATed, once the bridge is up.
+    pub(crate) nat: Mutex<Option<String>>,
+    /// Held while the isolation rules are rebuilt, so two rebuilds never interleave; holds
+    /// the cluster members' Raft addresses, which VMs may not reach.
+    pub(crate) isolating: Mutex<Vec<std::net::SocketAddrV4>>,
+}
+
+impl Host {
+    /// Opens the VM directories under `cfg.data_dir`, learning the addresses they hold.
+    pub fn open(cfg: HostConfig) -> Host {
+        let mut taken = BTreeSet::new();
+        if let Ok(rd) = std::fs::read_dir(cfg.data_dir.join("vms")) {
+            for e in rd.flatten() {
+                if let Some(n) = net::read_net(&e.path()) {
+                    taken.insert(n.ip);
+                }
+            }
+        }
+        Host {
+            cfg,
+            taken: Mutex::new(taken),
+            bridge_ready: Mutex::new(false),
+            nat: Mutex::new(None),
+            isolating: Mutex::new(Vec::new()),
+        }
+    }
 }
 
 /// What the supervisor should do about one VM, from the replica's view and the probe.

@@ -9,7 +9,6 @@ use std::time::{Duration, Instant};
 use boxd_vmm::api;
 use serde::Serialize;
 
-use crate::host::tail;
 use crate::{Host, WorkerError, write_json};
 
 impl Host {
@@ -129,4 +128,16 @@ pub(crate) fn tool(program: &str, args: &[&str]) -> Result<(), WorkerError> {
         }
         other => other,
     })
+}
+
+/// The last lines of a log, for error messages.
+pub(crate) fn tail(path: &Path) -> String {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().rev().take(3).collect();
+    let out: Vec<&str> = lines.into_iter().rev().collect();
+    if out.is_empty() {
+        format!("nothing in {}", path.display())
+    } else {
+        out.join(" | ")
+    }
 }

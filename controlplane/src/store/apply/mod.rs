@@ -15,6 +15,7 @@ use crate::store::rows::{self, sql_u64};
 
 mod accounts;
 mod cluster;
+mod images;
 mod nodes;
 mod vms;
 
@@ -411,7 +412,7 @@ fn apply_one(
         } => vms::record_vm_event(c, vm, worker, text, at),
         Command::SetAgentKey { vm, worker, key } => vms::set_agent_key(c, t, vm, worker, key),
         Command::SetTxt { name, values } => cluster::set_txt(c, t, cache, name, values),
-        Command::PublishImages { node, images } => nodes::publish_images(c, node, images),
+        Command::PublishImages { node, images } => images::publish_images(c, node, images),
         Command::PurgeVm { vm } => vms::purge_vm(c, vm),
     }
 }

@@ -6,7 +6,8 @@ use std::os::unix::process::CommandExt;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use super::root::{cstr, enter_root};
+use super::mounts::cstr;
+use super::root::enter_root;
 use super::userns::{self, Block, Holder, Namespaces};
 use super::{
     AGENT_KEY_PATH, AgentSpec, SandboxNet, SandboxSpec, cgroups, describe_status, errno, pipe,

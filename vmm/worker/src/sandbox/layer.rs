@@ -22,7 +22,7 @@ const ATTEMPTS: usize = 16;
 /// unmounted.
 pub(super) fn mount(image: &Path, at: &Path) -> Result<(), String> {
     let device = attach(image)?;
-    let r = super::root::mount_path(
+    let r = super::mounts::mount_path(
         Some(&device.path),
         at,
         Some("ext4"),

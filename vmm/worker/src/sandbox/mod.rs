@@ -31,6 +31,7 @@ mod cgroups;
 pub use cgroups::oom_kills;
 mod init;
 mod layer;
+pub(crate) mod mounts;
 mod root;
 pub mod userns;
 
@@ -45,7 +46,6 @@ use serde::{Deserialize, Serialize};
 
 use boxd_vmm::api::{self, Request, Response};
 pub use cgroups::{missing_controllers, remove as remove_cgroups};
-pub(crate) use root::mount_path;
 
 /// Everything the sandbox process needs, written by the supervisor as JSON.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

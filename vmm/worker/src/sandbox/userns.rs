@@ -24,7 +24,7 @@ use std::io::Write;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::path::Path;
 
-use super::root::cstr;
+use super::mounts::cstr;
 use super::{errno, pipe, read_byte, write_byte};
 
 /// Ids a VM has: 0–65535 inside.

@@ -1,51 +1,18 @@
-//! `Host`: this worker's VMs on disk, and bringing one up, down or away. Its networking is in
+//! What `Host` (lib.rs) does with this worker's VMs: their directories, and bringing one up,
+//! down or away. Its networking is in
 //! `net.rs`, its processes in `spawn.rs`, its disk in `disk.rs`.
 
-use std::collections::BTreeSet;
 use std::net::{Ipv4Addr, SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use boxd_vmm::api::{self, Probe};
 
 use crate::net::{ip, link_exists, read_net, tap_name};
-use crate::{HostConfig, Runtime, Started, VmPlan, WorkerError, cgroup_of, sandbox, write_json};
-
-/// This worker's VMs on disk.
-pub struct Host {
-    /// Settings.
-    pub cfg: HostConfig,
-    /// Addresses handed out (and on disk), so concurrent starts never share one.
-    pub(crate) taken: Mutex<BTreeSet<Ipv4Addr>>,
-    pub(crate) bridge_ready: Mutex<bool>,
-    /// How outbound traffic is NATed, once the bridge is up.
-    pub(crate) nat: Mutex<Option<String>>,
-    /// Held while the isolation rules are rebuilt, so two rebuilds never interleave; holds
-    /// the cluster members' Raft addresses, which VMs may not reach.
-    pub(crate) isolating: Mutex<Vec<std::net::SocketAddrV4>>,
-}
+use crate::spawn::tail;
+use crate::{Host, Runtime, Started, VmPlan, WorkerError, cgroup_of, sandbox, write_json};
 
 impl Host {
-    /// Opens the VM directories under `cfg.data_dir`, learning the addresses they hold.
-    pub fn open(cfg: HostConfig) -> Host {
-        let mut taken = BTreeSet::new();
-        if let Ok(rd) = std::fs::read_dir(cfg.data_dir.join("vms")) {
-            for e in rd.flatten() {
-                if let Some(n) = read_net(&e.path()) {
-                    taken.insert(n.ip);
-                }
-            }
-        }
-        Host {
-            cfg,
-            taken: Mutex::new(taken),
-            bridge_ready: Mutex::new(false),
-            nat: Mutex::new(None),
-            isolating: Mutex::new(Vec::new()),
-        }
-    }
-
     /// A VM's directory.
     pub fn vm_dir(&self, id: &str) -> PathBuf {
         self.cfg.data_dir.join("vms").join(id)
@@ -229,16 +196,4 @@ fn listens(table: &Path, port: u16) -> bool {
         let state = f.nth(1).unwrap_or("");
         local.ends_with(&want) && state == "0A"
     })
-}
-
-/// The last lines of a log, for error messages.
-pub(crate) fn tail(path: &Path) -> String {
-    let text = std::fs::read_to_string(path).unwrap_or_default();
-    let lines: Vec<&str> = text.lines().rev().take(3).collect();
-    let out: Vec<&str> = lines.into_iter().rev().collect();
-    if out.is_empty() {
-        format!("nothing in {}", path.display())
-    } else {
-        out.join(" | ")
-    }
 }
