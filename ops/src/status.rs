@@ -106,9 +106,9 @@ impl Handler for AdminContext {
                     .await
                     .map_err(|e| e.to_string())?
                     .ok_or("the cluster is not initialised yet")?;
-                let key = boxd_dataplane::ssh::relay::agent_key(&secret);
+                let seed = boxd_controlplane::model::agent_key_seed(&secret);
                 Ok(serde_json::json!({
-                    "public_key": boxd_dataplane::ssh::relay::public_openssh(&key),
+                    "public_key": boxd_worker::agent_key::cluster_public(&seed),
                 }))
             }
             Request::Vms {} => to_value(

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use boxd_controlplane::Replica;
 use boxd_controlplane::command::Command;
 use boxd_controlplane::command::MAX_REASON;
-use boxd_controlplane::model::{Desired, NodeId, Observed, Vm, VmId};
+use boxd_controlplane::model::{AGENT_PORT, Desired, NodeId, Observed, Vm, VmId, agent_key_seed};
 use boxd_controlplane::store::WorkerState;
 use boxd_worker::kvm_runtime::KvmRuntime;
 use boxd_worker::{
@@ -162,8 +162,7 @@ pub async fn run(
             _ => tokio::time::sleep(Duration::from_millis(100)).await,
         }
     };
-    let agent_key =
-        boxd_dataplane::ssh::relay::public_openssh(&boxd_dataplane::ssh::relay::agent_key(&secret));
+    let agent_key = boxd_worker::agent_key::cluster_public(&agent_key_seed(&secret));
     let here = std::env::current_exe().unwrap_or_else(|_| "boxd".into());
     let host = Arc::new(Host::open(HostConfig {
         data_dir: data_dir.clone(),
@@ -171,7 +170,7 @@ pub async fn run(
         bridge: cfg.worker.bridge.clone(),
         subnet,
         agent_key,
-        agent_port: boxd_dataplane::ssh::relay::AGENT_PORT,
+        agent_port: AGENT_PORT,
         minimal: boxd_worker::image::MinimalSources {
             busybox: "/bin/busybox".into(),
             agent: here.with_file_name("boxd-agent"),
@@ -671,6 +670,20 @@ mod tests {
             cut.len() <= MAX_REASON && cut.ends_with("..."),
             "{}",
             cut.len()
+        );
+    }
+
+    #[test]
+    fn workers_hand_vms_the_public_half_of_the_proxies_agent_key() {
+        for secret in ["00", "a cluster secret"] {
+            let proxy = boxd_dataplane::ssh::relay::agent_key(secret);
+            let worker = boxd_worker::agent_key::cluster_public(&agent_key_seed(secret));
+            assert_eq!(proxy.public_key().to_openssh().expect("encodes"), worker);
+        }
+        assert_ne!(
+            boxd_worker::agent_key::cluster_public(&agent_key_seed("one")),
+            boxd_worker::agent_key::cluster_public(&agent_key_seed("two")),
+            "each cluster its own key"
         );
     }
 }

@@ -63,6 +63,22 @@ uuid_id!(
     TokenId
 );
 
+/// The port the guest agent listens on inside every VM.
+pub const AGENT_PORT: u16 = 2200;
+
+/// The seed of the cluster's agent key (Ed25519), derived from the cluster secret: every proxy
+/// holds the same key, the only client guest agents accept, and workers give VMs its public
+/// half, with no further secret in the log. The proxy side builds the key in
+/// `dataplane::ssh::relay::agent_key`, the worker side its public half in
+/// `boxd_worker::agent_key::cluster_public`.
+pub fn agent_key_seed(cluster_secret: &str) -> [u8; 32] {
+    use sha2::Digest as _;
+    let mut h = sha2::Sha256::new();
+    h.update(b"boxd agent key v1\0");
+    h.update(cluster_secret.as_bytes());
+    h.finalize().into()
+}
+
 /// An OpenSSH-style key fingerprint: `SHA256:` followed by 43 characters of unpadded base64.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(try_from = "String", into = "String")]

@@ -19,22 +19,17 @@ use russh::keys::PrivateKey;
 use russh::keys::ssh_key::private::Ed25519Keypair;
 use russh::server;
 use russh::{Channel, ChannelMsg};
-use sha2::Digest as _;
 use tokio::sync::OnceCell;
 
-/// The agent listens here inside every VM.
-pub const AGENT_PORT: u16 = 2200;
+pub use boxd_model::model::AGENT_PORT;
 
 /// How long connecting and authenticating to an agent may take.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// The cluster's agent key: derived from the cluster secret, so every proxy holds the same key
-/// and no extra secret is replicated. Workers give VMs its public half.
+/// The cluster's agent key (see `boxd_model::model::agent_key_seed`): every proxy holds the
+/// same one. Workers give VMs its public half.
 pub fn agent_key(cluster_secret: &str) -> PrivateKey {
-    let mut h = sha2::Sha256::new();
-    h.update(b"boxd agent key v1\0");
-    h.update(cluster_secret.as_bytes());
-    let seed: [u8; 32] = h.finalize().into();
+    let seed = boxd_model::model::agent_key_seed(cluster_secret);
     PrivateKey::from(Ed25519Keypair::from_seed(&seed))
 }
 
@@ -58,11 +53,6 @@ fn agent_client_config() -> client::Config {
         },
         ..Default::default()
     }
-}
-
-/// The public half of a key in OpenSSH form.
-pub fn public_openssh(key: &PrivateKey) -> String {
-    key.public_key().to_openssh().unwrap_or_default()
 }
 
 /// The client side towards one agent.

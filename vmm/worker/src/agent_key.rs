@@ -10,6 +10,15 @@ use russh::keys::PrivateKey;
 use russh::keys::ssh_key::LineEnding;
 use russh::keys::ssh_key::private::Ed25519Keypair;
 
+/// The public half (OpenSSH form) of the cluster's agent key with `seed` (see boxd-model's
+/// `agent_key_seed`): the one client every VM's agent accepts.
+pub fn cluster_public(seed: &[u8; 32]) -> String {
+    PrivateKey::from(Ed25519Keypair::from_seed(seed))
+        .public_key()
+        .to_openssh()
+        .unwrap_or_default()
+}
+
 /// The key's file in the VM's directory.
 pub const FILE: &str = "agent_host_key";
 
