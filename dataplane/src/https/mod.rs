@@ -129,31 +129,24 @@ impl HttpsConfig {
     }
 }
 
-/// Bound listeners: per shard a TLS listener and maybe a redirect listener, SO_REUSEPORT.
+/// Bound listeners: per shard a TLS listener and a redirect listener, SO_REUSEPORT.
 pub struct Listeners {
-    shards: Vec<(TcpListener, Option<TcpListener>)>,
+    shards: Vec<(TcpListener, TcpListener)>,
     addr: SocketAddr,
-    redirect_addr: Option<SocketAddr>,
+    redirect_addr: SocketAddr,
 }
 
 impl Listeners {
     /// Binds `shards` listener sets.
     pub fn bind(cfg: &HttpsConfig, shards: usize) -> std::io::Result<Self> {
-        let mut addr = cfg.listen;
-        let mut redirect_addr = Some(cfg.redirect_listen);
+        let (mut addr, mut redirect_addr) = (cfg.listen, cfg.redirect_listen);
         let mut out = Vec::new();
         for _ in 0..shards.max(1) {
             let l = crate::shard::listen(addr)?;
+            let r = crate::shard::listen(redirect_addr)?;
             // With port 0 the first bind picks the port; the other shards share it.
             addr = l.local_addr()?;
-            let r = match redirect_addr {
-                Some(a) => {
-                    let r = crate::shard::listen(a)?;
-                    redirect_addr = Some(r.local_addr()?);
-                    Some(r)
-                }
-                None => None,
-            };
+            redirect_addr = r.local_addr()?;
             out.push((l, r));
         }
         Ok(Self {
@@ -169,7 +162,7 @@ impl Listeners {
     }
 
     /// The redirect address.
-    pub fn redirect_addr(&self) -> Option<SocketAddr> {
+    pub fn redirect_addr(&self) -> SocketAddr {
         self.redirect_addr
     }
 }
@@ -209,11 +202,9 @@ impl HttpsServer {
                     let l = unsafe { glommio::net::TcpListener::from_raw_fd(l.into_raw_fd()) };
                     let shard = Rc::new(shard::Shard::new(cfg, tls, view, https_port));
                     glommio::spawn_local(proxy::accept_tls(l, shard.clone())).detach();
-                    if let Some(r) = r {
-                        // SAFETY: as above.
-                        let r = unsafe { glommio::net::TcpListener::from_raw_fd(r.into_raw_fd()) };
-                        glommio::spawn_local(proxy::accept_redirect(r, shard.clone())).detach();
-                    }
+                    // SAFETY: as above.
+                    let r = unsafe { glommio::net::TcpListener::from_raw_fd(r.into_raw_fd()) };
+                    glommio::spawn_local(proxy::accept_redirect(r, shard.clone())).detach();
                     let mut ticks = 0u32;
                     while !stop.load(Ordering::Relaxed) {
                         glommio::timer::sleep(Duration::from_millis(100)).await;
