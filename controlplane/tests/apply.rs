@@ -702,6 +702,47 @@ fn history() -> Vec<(&'static str, Command, Check)> {
             Box::new(done),
         ),
         (
+            "dave's registration",
+            Command::CreateRegistration {
+                code: "dddddddd12".into(),
+                fingerprint: Fingerprint::of_key_blob(b"dave"),
+                public_key: "ssh-ed25519 AAAA dave".into(),
+                at: 13,
+                expires_at: 20,
+            },
+            Box::new(done),
+        ),
+        (
+            "approved as a new account under a taken name: no account is left behind",
+            Command::ApproveRegistration {
+                code: "dddddddd12".into(),
+                account: AccountId(Uuid::from_u128(0xda7e)),
+                new_account: Some("alice".into()),
+                at: 15,
+            },
+            err(|e| matches!(e, ApplyError::AccountNameTaken { .. })),
+        ),
+        (
+            "approved as a new account after expiry",
+            Command::ApproveRegistration {
+                code: "dddddddd12".into(),
+                account: AccountId(Uuid::from_u128(0xda7e)),
+                new_account: Some("dave".into()),
+                at: 21,
+            },
+            err(|e| matches!(e, ApplyError::Expired { .. })),
+        ),
+        (
+            "approved as a new account",
+            Command::ApproveRegistration {
+                code: "dddddddd12".into(),
+                account: AccountId(Uuid::from_u128(0xda7e)),
+                new_account: Some("dave".into()),
+                at: 15,
+            },
+            Box::new(done),
+        ),
+        (
             "TXT for an ACME challenge",
             Command::SetTxt {
                 name: "_acme-challenge.app".into(),
@@ -1021,7 +1062,7 @@ fn every_command_round_trips_in_json_and_binary() {
     let kinds: std::collections::BTreeSet<&str> = cmds.iter().map(Command::kind).collect();
     assert_eq!(
         kinds.len(),
-        23,
+        24,
         "the history holds every kind of command: {kinds:?}"
     );
     for cmd in &cmds {

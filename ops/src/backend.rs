@@ -10,7 +10,7 @@ use std::sync::Arc;
 use boxd_controlplane::Replica;
 use boxd_controlplane::command::{Command, Outcome};
 use boxd_controlplane::model::{
-    AccountId, Fingerprint, Millis, Node, Registration, Role, SshKey, Vm, VmId,
+    Account, AccountId, Fingerprint, Millis, Node, Registration, Role, SshKey, Vm, VmId,
 };
 use boxd_controlplane::replica::WriteError;
 use boxd_controlplane::store::ReadError;
@@ -74,14 +74,30 @@ impl Backend for ReplicaBackend {
         self.on_rt(move |r| async move { r.reader().registration_of(fp).await.map_err(read_err) })
     }
 
-    fn account_name(
+    fn registration(&self, code: String) -> BoxFuture<'_, Result<Option<Registration>, OpError>> {
+        self.on_rt(move |r| async move { r.reader().registration(code).await.map_err(read_err) })
+    }
+
+    fn registrations(
         &self,
-        account: AccountId,
-    ) -> BoxFuture<'_, Result<Option<(String, u32)>, OpError>> {
+        now: Millis,
+        limit: u32,
+    ) -> BoxFuture<'_, Result<Vec<Registration>, OpError>> {
         self.on_rt(move |r| async move {
-            let a = r.reader().account(account).await.map_err(read_err)?;
-            Ok(a.map(|a| (a.name, a.max_vms)))
+            let reader = r.reader();
+            reader
+                .registrations_pending(now, limit)
+                .await
+                .map_err(read_err)
         })
+    }
+
+    fn account(&self, account: AccountId) -> BoxFuture<'_, Result<Option<Account>, OpError>> {
+        self.on_rt(move |r| async move { r.reader().account(account).await.map_err(read_err) })
+    }
+
+    fn account_named(&self, name: String) -> BoxFuture<'_, Result<Option<Account>, OpError>> {
+        self.on_rt(move |r| async move { r.reader().account_named(name).await.map_err(read_err) })
     }
 
     fn events_of(&self, vm: VmId) -> BoxFuture<'_, Result<Vec<(Millis, String)>, OpError>> {

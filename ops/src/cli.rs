@@ -130,6 +130,11 @@ enum AdminCmd {
     Vms,
     /// The public key guest agents must authorise (the proxy's key towards VMs)
     AgentKey,
+    /// Keys waiting behind registration links; `approve CODE` links one
+    Registrations {
+        #[command(subcommand)]
+        command: Option<RegistrationsCmd>,
+    },
     /// Create a token that lets a node join with the given roles
     JoinToken {
         /// Roles the joining node may take, comma-separated
@@ -138,6 +143,21 @@ enum AdminCmd {
         /// Validity, e.g. 30m, 24h, 7d
         #[arg(long, default_value = "24h", value_parser = parse_duration)]
         ttl: Duration,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum RegistrationsCmd {
+    /// Link the key waiting behind CODE to a new account (or to an existing one)
+    Approve {
+        /// The code from the registration link
+        code: String,
+        /// Name of the new account (default: user-<first 8 characters of CODE>)
+        #[arg(long, conflicts_with = "to_account")]
+        name: Option<String>,
+        /// Join this existing account instead (its name or id)
+        #[arg(long)]
+        to_account: Option<String>,
     },
 }
 
@@ -404,6 +424,19 @@ fn admin_command(socket: &Path, json: bool, command: AdminCmd) -> ExitCode {
         AdminCmd::Members => Request::Members {},
         AdminCmd::Vms => Request::Vms {},
         AdminCmd::AgentKey => Request::AgentKey {},
+        AdminCmd::Registrations { command: None } => Request::Registrations {},
+        AdminCmd::Registrations {
+            command:
+                Some(RegistrationsCmd::Approve {
+                    code,
+                    name,
+                    to_account,
+                }),
+        } => Request::Approve {
+            code: code.clone(),
+            name: name.clone(),
+            to_account: to_account.clone(),
+        },
         AdminCmd::JoinToken { role, ttl } => Request::JoinToken {
             roles: role.clone(),
             ttl_secs: ttl.as_secs(),
@@ -442,6 +475,20 @@ fn admin_command(socket: &Path, json: bool, command: AdminCmd) -> ExitCode {
             println!("{}", result["public_key"].as_str().unwrap_or_default());
             Ok(())
         }
+        AdminCmd::Registrations { command: None } => {
+            serde_json::from_value(result).map(|r: Vec<serde_json::Value>| print_registrations(&r))
+        }
+        AdminCmd::Registrations { command: Some(_) } => {
+            let fp = result["fingerprint"].as_str().unwrap_or_default();
+            let account = result["account"].as_str().unwrap_or_default();
+            let new = if result["new_account"].as_bool() == Some(true) {
+                "a new account"
+            } else {
+                "the account"
+            };
+            println!("linked {fp} to {new} {account}");
+            Ok(())
+        }
         AdminCmd::JoinToken { role, .. } => {
             let token = result["token"].as_str().unwrap_or_default();
             let seed = result["seed"].as_str().unwrap_or_default();
@@ -457,6 +504,17 @@ fn admin_command(socket: &Path, json: bool, command: AdminCmd) -> ExitCode {
     match printed {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => fail(1, format!("unexpected reply from boxd: {e}")),
+    }
+}
+
+fn print_registrations(list: &[serde_json::Value]) {
+    if list.is_empty() {
+        println!("no keys are waiting for approval");
+        return;
+    }
+    for r in list {
+        let s = |k: &str| r[k].as_str().unwrap_or("-").to_owned();
+        println!("{}  {}  {}", s("code"), s("key_type"), s("fingerprint"));
     }
 }
 

@@ -82,6 +82,7 @@ pub async fn start(
     data_dir: &Path,
     listeners: Listeners,
     replica: &Arc<Replica>,
+    ops: Arc<boxd_operations::Operations>,
     stop: watch::Receiver<bool>,
 ) -> Result<(HttpsServer, HttpsReady), NodeError> {
     let view = Arc::clone(replica.view());
@@ -112,7 +113,7 @@ pub async fn start(
     let tls_cfg =
         tls::server_config(certs).map_err(|e| NodeError::Failed(format!("TLS setup: {e}")))?;
     let addr = listeners.local_addr();
-    let server = HttpsServer::start(listeners, https_config(cfg), tls_cfg, view)
+    let server = HttpsServer::start(listeners, https_config(cfg), tls_cfg, ops)
         .map_err(|e| NodeError::Failed(format!("cannot start HTTPS: {e}")))?;
     Ok((server, HttpsReady { addr, ca: files.ca }))
 }

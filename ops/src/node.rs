@@ -163,10 +163,18 @@ pub async fn run(
         stop_rx.clone(),
     ));
 
+    // One operations layer per process, for every front end and the admin socket (it keeps
+    // the per-address registration-link limits).
+    let ops = crate::ssh::operations(
+        &cfg,
+        &replica,
+        https_listeners.as_ref().map(|l| l.local_addr().port()),
+    );
     let socket_path = cfg.admin_socket(&data_dir);
     let admin_listener = bind_admin(&socket_path)?;
     let worker_status = crate::worker::StatusCell::default();
     let ctx = Arc::new(AdminContext {
+        ops: Arc::clone(&ops),
         worker: Arc::clone(&worker_status),
         replica: Arc::clone(&replica),
         identity: identity.clone(),
@@ -203,6 +211,7 @@ pub async fn run(
             dns: dns_addr,
             https: https_listeners,
             ssh: ssh_listeners,
+            ops,
             front: Arc::clone(&front),
             worker: worker_status,
             runtime: worker,
@@ -244,6 +253,8 @@ struct Ready {
     https: Option<boxd_dataplane::https::Listeners>,
     /// See `https`.
     ssh: Option<boxd_dataplane::ssh::Listeners>,
+    /// The operations both front ends serve.
+    ops: Arc<boxd_operations::Operations>,
     /// Where the started servers are kept for shutdown.
     front: Arc<std::sync::Mutex<FrontDoor>>,
     /// What the worker reports to `boxd admin status`.
@@ -333,7 +344,16 @@ async fn settle(
 
     let mut https_ready = None;
     if let Some(listeners) = ready.https {
-        match crate::https::start(&cfg, &ready.data_dir, listeners, &replica, stop.clone()).await {
+        match crate::https::start(
+            &cfg,
+            &ready.data_dir,
+            listeners,
+            &replica,
+            Arc::clone(&ready.ops),
+            stop.clone(),
+        )
+        .await
+        {
             Ok((server, r)) => {
                 https_ready = Some(r);
                 if let Ok(mut f) = ready.front.lock() {
@@ -346,8 +366,7 @@ async fn settle(
     let mut ssh_line = String::new();
     if let Some(listeners) = ready.ssh {
         let addr = listeners.local_addr();
-        let https_port = https_ready.as_ref().map(|h| h.addr.port());
-        match crate::ssh::start(&cfg, listeners, &replica, https_port).await {
+        match crate::ssh::start(&cfg, listeners, &replica, Arc::clone(&ready.ops)).await {
             Ok((server, fp)) => {
                 let lobby = replica
                     .view()

@@ -60,12 +60,27 @@ async fn host_key(replica: &Replica) -> Result<(HostKey, String), String> {
     }
 }
 
+/// The operations on this node's replica, as the front ends and the admin socket serve them.
+/// `https_port` is the port HTTPS listens on, when this node serves it (for the links printed).
+pub fn operations(
+    cfg: &Config,
+    replica: &Arc<Replica>,
+    https_port: Option<u16>,
+) -> Arc<Operations> {
+    let backend = Arc::new(ReplicaBackend::new(Arc::clone(replica)));
+    Arc::new(Operations::new(
+        backend,
+        Arc::clone(replica.view()),
+        operations_settings(cfg, https_port),
+    ))
+}
+
 /// Starts the SSH shards; returns the server and the host key's fingerprint.
 pub async fn start(
     cfg: &Config,
     listeners: Listeners,
     replica: &Arc<Replica>,
-    https_port: Option<u16>,
+    ops: Arc<Operations>,
 ) -> Result<(SshServer, String), NodeError> {
     let (key, fp) = host_key(replica)
         .await
@@ -77,12 +92,6 @@ pub async fn start(
         .map_err(|e| NodeError::Failed(format!("reading the cluster secret: {e}")))?
         .ok_or_else(|| NodeError::Failed("the cluster has no secret yet".into()))?;
     let agent_key = boxd_dataplane::ssh::relay::agent_key(&secret);
-    let backend = Arc::new(ReplicaBackend::new(Arc::clone(replica)));
-    let ops = Arc::new(Operations::new(
-        backend,
-        Arc::clone(replica.view()),
-        operations_settings(cfg, https_port),
-    ));
     let server = SshServer::start(listeners, ssh_config(cfg), key, agent_key, ops)
         .map_err(|e| NodeError::Failed(format!("cannot start SSH: {e}")))?;
     Ok((server, fp))

@@ -8,6 +8,7 @@ use boxd_controlplane::membership;
 use boxd_controlplane::model::{NodeId, Role, Roles};
 use boxd_controlplane::replica::ReplicaStatus;
 use boxd_controlplane::{Replica, WriteError};
+use boxd_operations::{Approver, LinkTo};
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 use uuid::Uuid;
@@ -18,6 +19,8 @@ use crate::identity::Identity;
 
 /// State the admin handler needs.
 pub struct AdminContext {
+    /// The operations (registrations are approved through them).
+    pub ops: Arc<boxd_operations::Operations>,
     /// The replica.
     pub replica: Arc<Replica>,
     /// This node's identity.
@@ -128,6 +131,25 @@ impl Handler for AdminContext {
                     membership::join_token(&self.replica, roles, Duration::from_secs(ttl_secs))
                         .await?;
                 Ok(json!({ "token": token, "seed": self.replica.advertise() }))
+            }
+            Request::Registrations {} => {
+                let keys = self.ops.pending_keys(Approver::Operator).await;
+                to_value(&keys.map_err(|e| e.message)?)
+            }
+            Request::Approve {
+                code,
+                name,
+                to_account,
+            } => {
+                let to = match (name, to_account) {
+                    (None, Some(a)) => LinkTo::Account(a),
+                    (name, None) => LinkTo::NewAccount(name),
+                    (Some(_), Some(_)) => {
+                        return Err("give --name (a new account) or --to-account, not both".into());
+                    }
+                };
+                let a = self.ops.approve(Approver::Operator, &code, to).await;
+                to_value(&a.map_err(|e| e.message)?)
             }
             Request::Write { command } => match self.replica.write(command).await {
                 Ok(outcome) => Ok(json!({ "applied": true, "outcome": outcome })),

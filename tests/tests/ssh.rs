@@ -13,6 +13,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
+use boxd_test_support::fingerprint;
 use boxd_tests::{
     Node, SSH_OPTS, UP, eventually, fake_worker, now_ms, ready_field as field, running_vm, write,
     write_config,
@@ -34,21 +35,6 @@ fn keygen(dir: &Path, name: &str) -> PathBuf {
         .unwrap();
     assert!(st.success());
     p
-}
-
-/// `ssh-keygen -lf`'s SHA256 fingerprint of a key.
-fn fingerprint(key: &Path) -> String {
-    let out = Command::new("ssh-keygen")
-        .arg("-lf")
-        .arg(key.with_extension("pub"))
-        .output()
-        .unwrap();
-    String::from_utf8(out.stdout)
-        .unwrap()
-        .split_whitespace()
-        .nth(1)
-        .unwrap()
-        .to_owned()
 }
 
 struct Ssh<'a> {

@@ -279,6 +279,19 @@ pub enum Command {
         /// When.
         at: Millis,
     },
+    /// The owner (or an operator) approves a parked key: it joins `account`, created first
+    /// with `new_account` as its name when that is given. Refused, with nothing changed, when
+    /// the code is unknown, used or expired, the name is taken, or the key is registered.
+    ApproveRegistration {
+        /// Code in the URL.
+        code: String,
+        /// Account the key joins (the new account's id when `new_account` is given).
+        account: AccountId,
+        /// Name of the account to create, or `None` to join an existing one.
+        new_account: Option<String>,
+        /// Proposal time; an expired code is refused.
+        at: Millis,
+    },
 }
 
 /// The name of the field that holds a command's variant in its JSON form.
@@ -542,6 +555,7 @@ impl Command {
             Command::SetAgentKey { .. } => "set_agent_key",
             Command::RecordVmEvent { .. } => "record_vm_event",
             Command::PublishImages { .. } => "publish_images",
+            Command::ApproveRegistration { .. } => "approve_registration",
         }
     }
 }

@@ -464,6 +464,10 @@ pub struct Account {
     pub vm_count: u32,
     /// Creation time.
     pub created_at: Millis,
+    /// The cluster's owner (the first key's account): approves registrations when no identity
+    /// provider is configured.
+    #[serde(default)]
+    pub owner: bool,
 }
 
 /// An SSH public key bound to an account.

@@ -6,7 +6,9 @@ use std::future::Future;
 use std::pin::Pin;
 
 use boxd_model::command::{Command, Outcome};
-use boxd_model::model::{AccountId, Fingerprint, Millis, Node, Registration, SshKey, Vm, VmId};
+use boxd_model::model::{
+    Account, AccountId, Fingerprint, Millis, Node, Registration, SshKey, Vm, VmId,
+};
 
 use crate::OpError;
 
@@ -27,11 +29,18 @@ pub trait Backend: Send + Sync + 'static {
         &self,
         fp: Fingerprint,
     ) -> BoxFuture<'_, Result<Option<Registration>, OpError>>;
-    /// The account's name and quota (local replica).
-    fn account_name(
+    /// The registration with `code`, expired or not (local replica).
+    fn registration(&self, code: String) -> BoxFuture<'_, Result<Option<Registration>, OpError>>;
+    /// Registrations valid at `now`, oldest first, at most `limit` (local replica).
+    fn registrations(
         &self,
-        account: AccountId,
-    ) -> BoxFuture<'_, Result<Option<(String, u32)>, OpError>>;
+        now: Millis,
+        limit: u32,
+    ) -> BoxFuture<'_, Result<Vec<Registration>, OpError>>;
+    /// An account by id (local replica).
+    fn account(&self, account: AccountId) -> BoxFuture<'_, Result<Option<Account>, OpError>>;
+    /// An account by name (local replica).
+    fn account_named(&self, name: String) -> BoxFuture<'_, Result<Option<Account>, OpError>>;
     /// A VM's events, oldest first: (time, text) (local replica).
     fn events_of(&self, vm: VmId) -> BoxFuture<'_, Result<Vec<(Millis, String)>, OpError>>;
     /// The cluster's workers with their capacity and what is placed on them (local replica).

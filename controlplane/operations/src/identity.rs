@@ -7,7 +7,7 @@ use std::net::IpAddr;
 use boxd_model::command::Command;
 use boxd_model::model::{AccountId, Fingerprint};
 
-use crate::{Backend, Caller, ErrorKind, OpError, Operations};
+use crate::{Caller, ErrorKind, OpError, Operations};
 
 /// Registration links stay valid this long.
 pub const REGISTRATION_TTL_MS: u64 = 24 * 3600 * 1000;
@@ -15,7 +15,7 @@ pub const REGISTRATION_TTL_MS: u64 = 24 * 3600 * 1000;
 /// A link is reused while it has at least this long to live.
 const REUSE_MARGIN_MS: u64 = 60_000;
 
-impl<B: Backend> Operations<B> {
+impl Operations {
     /// Makes the key `fp` (`public_key` in OpenSSH form) the owner of a fresh cluster: one
     /// with no key yet. Refused once any key exists (or another key won the race).
     pub async fn claim_owner(&self, fp: &Fingerprint, public_key: &str) -> Result<Caller, OpError> {

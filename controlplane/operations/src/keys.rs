@@ -1,9 +1,9 @@
 //! The account operations: its keys (list, add, remove) and who the caller is.
 
 use boxd_model::command::Command;
-use boxd_model::model::{AccountId, Fingerprint, SshKey};
+use boxd_model::model::{Account, AccountId, Fingerprint, SshKey};
 
-use crate::{Backend, Caller, ErrorKind, OpError, Operations};
+use crate::{Caller, ErrorKind, OpError, Operations};
 
 /// Who the caller is.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -18,13 +18,15 @@ pub struct Whoami {
     pub vms: usize,
     /// VMs it may own.
     pub max_vms: u32,
+    /// Whether it is the cluster's owner.
+    pub owner: bool,
 }
 
 /// How to give a key, for messages about a missing or malformed one.
 const ADD_KEY_HINT: &str =
     "pipe a public key, e.g. `ssh boxd.test keys add < ~/.ssh/id_ed25519.pub`";
 
-impl<B: Backend> Operations<B> {
+impl Operations {
     /// The caller's account's keys.
     pub async fn keys(&self, caller: &Caller) -> Result<Vec<SshKey>, OpError> {
         self.backend.keys_of(caller.account).await
@@ -78,19 +80,24 @@ impl<B: Backend> Operations<B> {
 
     /// Who the caller is.
     pub async fn whoami(&self, caller: &Caller) -> Result<Whoami, OpError> {
-        let (account, max_vms) = self
-            .backend
-            .account_name(caller.account)
-            .await?
-            .ok_or_else(|| OpError::new(ErrorKind::NotFound, "your account no longer exists"))?;
+        let account = self.account_of(caller).await?;
         let vms = self.backend.vms_of(caller.account).await?.len();
         Ok(Whoami {
-            account,
+            account: account.name,
             id: caller.account,
             key: caller.fingerprint.clone(),
             vms,
-            max_vms,
+            max_vms: account.max_vms,
+            owner: account.owner,
         })
+    }
+
+    /// The caller's account.
+    pub(crate) async fn account_of(&self, caller: &Caller) -> Result<Account, OpError> {
+        self.backend
+            .account(caller.account)
+            .await?
+            .ok_or_else(|| OpError::new(ErrorKind::NotFound, "your account no longer exists"))
     }
 }
 

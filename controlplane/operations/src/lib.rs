@@ -1,5 +1,6 @@
 //! Every user operation, once: create, list, show, delete, start, stop and restart a VM; list,
-//! add and remove keys; who am I; the first key's claim and registration links. Each runs
+//! add and remove keys; who am I; the first key's claim, registration links and their
+//! approval. Each runs
 //! against the control plane through a [`Backend`] (log writes, replica reads) and the View
 //! (waiting for a VM's state), and fails with one [`OpError`] that says what to do.
 //!
@@ -7,6 +8,7 @@
 //! calls one operation and prints the answer; the gRPC API does the same with protobuf. No
 //! operation is implemented in a front end. See DESIGN.md.
 
+mod approvals;
 pub mod backend;
 pub mod capacity;
 mod error;
@@ -23,6 +25,7 @@ use boxd_model::model::{AccountId, Fingerprint};
 use boxd_model::view::ViewHandle;
 use tokio::sync::mpsc;
 
+pub use self::approvals::{Approved, Approver, LinkTo, PendingKey, is_code};
 pub use self::backend::{Backend, BoxFuture};
 pub use self::error::{ErrorKind, OpError};
 pub use self::identity::REGISTRATION_TTL_MS;
@@ -79,16 +82,16 @@ impl Progress {
 
 /// The operations, over one backend and View. One per process, shared by every front end and
 /// shard (it holds the registration-link limits).
-pub struct Operations<B> {
-    backend: Arc<B>,
+pub struct Operations {
+    backend: Arc<dyn Backend>,
     view: Arc<ViewHandle>,
     settings: Settings,
     registrations: Mutex<RegistrationLimits>,
 }
 
-impl<B: Backend> Operations<B> {
+impl Operations {
     /// Operations over `backend` and `view`.
-    pub fn new(backend: Arc<B>, view: Arc<ViewHandle>, settings: Settings) -> Self {
+    pub fn new(backend: Arc<dyn Backend>, view: Arc<ViewHandle>, settings: Settings) -> Self {
         Self {
             backend,
             view,
@@ -119,10 +122,18 @@ impl<B: Backend> Operations<B> {
 
     /// The command that reaches VM `name`: `ssh [-p PORT] NAME.ZONE`.
     pub fn ssh_command(&self, name: &str) -> String {
-        let zone = self.zone();
+        self.ssh_to(&format!("{name}.{}", self.zone()))
+    }
+
+    /// The command that reaches the lobby: `ssh [-p PORT] ZONE`.
+    pub fn zone_ssh(&self) -> String {
+        self.ssh_to(&self.zone())
+    }
+
+    fn ssh_to(&self, host: &str) -> String {
         match self.settings.ssh_port {
-            22 => format!("ssh {name}.{zone}"),
-            p => format!("ssh -p {p} {name}.{zone}"),
+            22 => format!("ssh {host}"),
+            p => format!("ssh -p {p} {host}"),
         }
     }
 

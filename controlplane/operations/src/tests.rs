@@ -7,16 +7,19 @@ use std::sync::{Arc, Mutex};
 
 use boxd_model::command::{ApplyError, Command, Outcome};
 use boxd_model::model::{
-    AccountId, Capacity, Fingerprint, Millis, Node, Registration, SshKey, Vm, VmId,
+    Account, AccountId, Capacity, Fingerprint, Millis, Node, Registration, SshKey, Vm, VmId,
 };
 use boxd_model::view::ViewHandle;
 
-use crate::{Backend, BoxFuture, Caller, ErrorKind, NewVm, OpError, Operations, Progress};
+use crate::{
+    Approver, Backend, BoxFuture, Caller, ErrorKind, LinkTo, NewVm, OpError, Operations, Progress,
+};
 
 /// Answers reads from fixed data; each write is recorded and answered by `refuse`, if set.
 #[derive(Default)]
 struct Memory {
     workers: Vec<Node>,
+    accounts: Vec<Account>,
     writes: Mutex<Vec<Command>>,
     refuse: Option<ApplyError>,
     registration: Mutex<Option<Registration>>,
@@ -66,8 +69,25 @@ impl Backend for Memory {
         let r = self.registration.lock().expect("lock").clone();
         Box::pin(async move { Ok(r) })
     }
-    fn account_name(&self, _: AccountId) -> BoxFuture<'_, Result<Option<(String, u32)>, OpError>> {
-        Box::pin(async { Ok(None) })
+    fn registration(&self, code: String) -> BoxFuture<'_, Result<Option<Registration>, OpError>> {
+        let r = self.registration.lock().expect("lock").clone();
+        Box::pin(async move { Ok(r.filter(|r| r.code == code)) })
+    }
+    fn registrations(
+        &self,
+        now: Millis,
+        _: u32,
+    ) -> BoxFuture<'_, Result<Vec<Registration>, OpError>> {
+        let r = self.registration.lock().expect("lock").clone();
+        Box::pin(async move { Ok(r.into_iter().filter(|r| r.expires_at > now).collect()) })
+    }
+    fn account(&self, id: AccountId) -> BoxFuture<'_, Result<Option<Account>, OpError>> {
+        let a = self.accounts.iter().find(|a| a.id == id).cloned();
+        Box::pin(async move { Ok(a) })
+    }
+    fn account_named(&self, name: String) -> BoxFuture<'_, Result<Option<Account>, OpError>> {
+        let a = self.accounts.iter().find(|a| a.name == name).cloned();
+        Box::pin(async move { Ok(a) })
     }
     fn events_of(&self, _: VmId) -> BoxFuture<'_, Result<Vec<(Millis, String)>, OpError>> {
         Box::pin(async { Ok(Vec::new()) })
@@ -81,9 +101,9 @@ impl Backend for Memory {
     }
 }
 
-fn ops(m: Memory) -> (Operations<Memory>, Arc<Memory>) {
+fn ops(m: Memory) -> (Operations, Arc<Memory>) {
     let m = Arc::new(m);
-    let o = Operations::new(Arc::clone(&m), ViewHandle::new(), Default::default());
+    let o = Operations::new(m.clone(), ViewHandle::new(), Default::default());
     (o, m)
 }
 
@@ -210,4 +230,114 @@ async fn registration_links_are_reused_and_limited_per_address() {
         crate::registrations::PER_ADDRESS as usize,
         "the refused link cost no write"
     );
+}
+
+fn account(id: AccountId, name: &str, owner: bool) -> Account {
+    Account {
+        id,
+        name: name.into(),
+        max_vms: 3,
+        vm_count: 0,
+        created_at: 0,
+        owner,
+    }
+}
+
+#[tokio::test]
+async fn only_the_owner_approves_and_a_refusal_writes_nothing() {
+    let (owner, other) = (caller(), caller());
+    let code = "0123456789abcdef0123456789abcdef";
+    let (o, m) = ops(Memory {
+        accounts: vec![
+            account(owner.account, "owner", true),
+            account(other.account, "bob", false),
+        ],
+        registration: Mutex::new(Some(Registration {
+            code: code.into(),
+            fingerprint: Fingerprint::of_key_blob(b"waiting"),
+            public_key: "ssh-ed25519 AAAA w@x".into(),
+            created_at: 0,
+            // Memory's clock reads 1,000,000.
+            expires_at: 2_000_000,
+        })),
+        ..Memory::default()
+    });
+    let by = |c| Approver::Account(c);
+    let e = o
+        .approve(by(&other), code, LinkTo::NewAccount(None))
+        .await
+        .expect_err("not the owner");
+    assert_eq!(e.kind, ErrorKind::Refused);
+    let e = o.pending_keys(by(&other)).await.expect_err("not the owner");
+    assert_eq!(e.kind, ErrorKind::Refused);
+    for bad in [
+        "",
+        "../etc",
+        "0123456789ABCDEF0123456789ABCDEF",
+        &"a".repeat(33),
+    ] {
+        let e = o.pending_key(bad).await.expect_err("not a code");
+        assert_eq!(e.kind, ErrorKind::NotFound, "{bad:?}");
+    }
+    let e = o
+        .approve(by(&owner), code, LinkTo::Account("nobody".into()))
+        .await
+        .expect_err("no such account");
+    assert_eq!(e.kind, ErrorKind::NotFound);
+    assert_eq!(m.written(), 0, "no refusal reached the log");
+    let k = o.pending_key(code).await.expect("the page's key");
+    assert_eq!((k.key_type.as_str(), k.expired), ("ssh-ed25519", false));
+    assert_eq!(o.pending_keys(by(&owner)).await.expect("listed").len(), 1);
+    let a = o
+        .approve(by(&owner), code, LinkTo::Account("bob".into()))
+        .await
+        .expect("approved into bob's account");
+    assert_eq!((a.account.as_str(), a.new_account), ("bob", false));
+    let a = o
+        .approve(Approver::Operator, code, LinkTo::NewAccount(None))
+        .await
+        .expect("the operator approves");
+    assert_eq!(a.account, "user-01234567");
+    let written = m.writes.lock().expect("lock");
+    assert!(
+        matches!(
+            &written[..],
+            [
+                Command::ApproveRegistration { account, new_account: None, .. },
+                Command::ApproveRegistration { new_account: Some(n), .. },
+            ] if *account == other.account && n == "user-01234567"
+        ),
+        "{written:?}"
+    );
+}
+
+#[tokio::test]
+async fn an_expired_link_is_shown_as_expired_and_not_approved() {
+    let owner = caller();
+    let code = "ffffffffffffffffffffffffffffffff";
+    let (o, m) = ops(Memory {
+        accounts: vec![account(owner.account, "owner", true)],
+        registration: Mutex::new(Some(Registration {
+            code: code.into(),
+            fingerprint: Fingerprint::of_key_blob(b"late"),
+            public_key: "ssh-ed25519 AAAA".into(),
+            created_at: 0,
+            expires_at: 999_999,
+        })),
+        ..Memory::default()
+    });
+    assert!(o.pending_key(code).await.expect("shown").expired);
+    let e = o
+        .approve(Approver::Account(&owner), code, LinkTo::NewAccount(None))
+        .await
+        .expect_err("expired");
+    assert_eq!(e.kind, ErrorKind::Refused);
+    assert!(e.message.contains("expired"), "{e}");
+    assert!(
+        o.pending_keys(Approver::Operator)
+            .await
+            .expect("list")
+            .is_empty()
+    );
+    assert_eq!(m.written(), 0);
 }

@@ -4,7 +4,7 @@
 use boxd_model::command::{Command, Outcome};
 use boxd_model::model::{Desired, Millis, Observed, Vm, VmId, VmSpec, vm_name_problem};
 
-use crate::{Backend, Caller, ErrorKind, OpError, Operations, Progress};
+use crate::{Caller, ErrorKind, OpError, Operations, Progress};
 
 /// What `create` asks for; `None` means the cluster default (a generated name for the name).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -35,7 +35,7 @@ pub struct Shown {
 /// Events `show` includes.
 const RECENT_EVENTS: usize = 3;
 
-impl<B: Backend> Operations<B> {
+impl Operations {
     /// Creates a VM for `caller` and waits until it is running and wired, reporting each
     /// state on `progress`.
     pub async fn create(

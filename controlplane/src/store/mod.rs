@@ -9,8 +9,8 @@ pub mod sqlite;
 use rusqlite::Connection;
 
 use crate::model::{
-    Account, AccountId, ClusterSettings, Fingerprint, ImageAd, Node, NodeId, Registration, SshKey,
-    TlsMaterial, Vm, VmId,
+    Account, AccountId, ClusterSettings, Fingerprint, ImageAd, Millis, Node, NodeId, Registration,
+    SshKey, TlsMaterial, Vm, VmId,
 };
 use crate::view::{View, ViewChange, VmRoute};
 pub use apply::Touched;
@@ -140,6 +140,26 @@ impl StateReader {
         fp: Fingerprint,
     ) -> Result<Option<Registration>, ReadError> {
         self.read(move |c| rows::registration_of(c, &fp)).await
+    }
+
+    /// The registration with `code`, expired or not.
+    pub async fn registration(&self, code: String) -> Result<Option<Registration>, ReadError> {
+        self.read(move |c| rows::registration(c, &code)).await
+    }
+
+    /// Registrations still valid at `now`, oldest first, at most `limit`.
+    pub async fn registrations_pending(
+        &self,
+        now: Millis,
+        limit: u32,
+    ) -> Result<Vec<Registration>, ReadError> {
+        self.read(move |c| rows::registrations_pending(c, now, limit))
+            .await
+    }
+
+    /// One account by name.
+    pub async fn account_named(&self, name: String) -> Result<Option<Account>, ReadError> {
+        self.read(move |c| rows::account_named(c, &name)).await
     }
 
     /// The SSH host key, once a proxy has stored one.

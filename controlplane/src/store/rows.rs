@@ -298,18 +298,30 @@ pub fn nodes(conn: &Connection) -> rusqlite::Result<Vec<Node>> {
 /// One account by id.
 pub fn account(conn: &Connection, id: AccountId) -> rusqlite::Result<Option<Account>> {
     conn.prepare_cached(
-        "SELECT id, name, max_vms, vm_count, created_at FROM accounts WHERE id = ?1",
+        "SELECT id, name, max_vms, vm_count, created_at, owner FROM accounts WHERE id = ?1",
     )?
-    .query_row(params![id.to_string()], |r| {
-        Ok(Account {
-            id: AccountId(uuid(r, 0)?),
-            name: r.get(1)?,
-            max_vms: unsigned(r, 2)?,
-            vm_count: unsigned(r, 3)?,
-            created_at: unsigned(r, 4)?,
-        })
-    })
+    .query_row(params![id.to_string()], account_row)
     .optional()
+}
+
+/// One account by name.
+pub fn account_named(conn: &Connection, name: &str) -> rusqlite::Result<Option<Account>> {
+    conn.prepare_cached(
+        "SELECT id, name, max_vms, vm_count, created_at, owner FROM accounts WHERE name = ?1",
+    )?
+    .query_row(params![name], account_row)
+    .optional()
+}
+
+fn account_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Account> {
+    Ok(Account {
+        id: AccountId(uuid(r, 0)?),
+        name: r.get(1)?,
+        max_vms: unsigned(r, 2)?,
+        vm_count: unsigned(r, 3)?,
+        created_at: unsigned(r, 4)?,
+        owner: r.get(5)?,
+    })
 }
 
 /// The account a key belongs to.
@@ -356,25 +368,52 @@ pub fn keys_of(conn: &Connection, account: AccountId) -> rusqlite::Result<Vec<Ss
     .collect()
 }
 
+const REGISTRATION_COLUMNS: &str = "code, fingerprint, public_key, created_at, expires_at";
+
+fn registration_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Registration> {
+    Ok(Registration {
+        code: r.get(0)?,
+        fingerprint: parsed(r, 1)?,
+        public_key: r.get(2)?,
+        created_at: unsigned(r, 3)?,
+        expires_at: unsigned(r, 4)?,
+    })
+}
+
 /// The newest registration waiting for `fp`, expired or not.
 pub fn registration_of(
     conn: &Connection,
     fp: &Fingerprint,
 ) -> rusqlite::Result<Option<Registration>> {
-    conn.prepare_cached(
-        "SELECT code, fingerprint, public_key, created_at, expires_at FROM registrations
-         WHERE fingerprint = ?1 ORDER BY expires_at DESC LIMIT 1",
-    )?
-    .query_row(params![fp.as_str()], |r| {
-        Ok(Registration {
-            code: r.get(0)?,
-            fingerprint: parsed(r, 1)?,
-            public_key: r.get(2)?,
-            created_at: unsigned(r, 3)?,
-            expires_at: unsigned(r, 4)?,
-        })
-    })
+    conn.prepare_cached(&format!(
+        "SELECT {REGISTRATION_COLUMNS} FROM registrations
+         WHERE fingerprint = ?1 ORDER BY expires_at DESC LIMIT 1"
+    ))?
+    .query_row(params![fp.as_str()], registration_row)
     .optional()
+}
+
+/// The registration with `code`, expired or not.
+pub fn registration(conn: &Connection, code: &str) -> rusqlite::Result<Option<Registration>> {
+    conn.prepare_cached(&format!(
+        "SELECT {REGISTRATION_COLUMNS} FROM registrations WHERE code = ?1"
+    ))?
+    .query_row(params![code], registration_row)
+    .optional()
+}
+
+/// Registrations that expire after `now`, oldest first, at most `limit`.
+pub fn registrations_pending(
+    conn: &Connection,
+    now: u64,
+    limit: u32,
+) -> rusqlite::Result<Vec<Registration>> {
+    conn.prepare_cached(&format!(
+        "SELECT {REGISTRATION_COLUMNS} FROM registrations WHERE expires_at > ?1
+         ORDER BY created_at, code LIMIT ?2"
+    ))?
+    .query_map(params![sql_u64(now), limit], registration_row)?
+    .collect()
 }
 
 /// A value from the `meta` table.

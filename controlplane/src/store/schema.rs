@@ -5,7 +5,7 @@
 use rusqlite::Connection;
 
 /// Version of the schema below; stored in `PRAGMA user_version`.
-pub const SCHEMA_VERSION: i64 = 4;
+pub const SCHEMA_VERSION: i64 = 5;
 
 const SCHEMA: &str = r#"
 CREATE TABLE IF NOT EXISTS meta (
@@ -48,7 +48,9 @@ CREATE TABLE IF NOT EXISTS accounts (
     -- it are free again (listed in free_public_ips).
     ip_high_water INTEGER,
     freed_ips     INTEGER NOT NULL DEFAULT 0,
-    created_at INTEGER NOT NULL
+    created_at INTEGER NOT NULL,
+    -- 1 for the cluster's owner (the first key's account, ClaimOwner).
+    owner      INTEGER NOT NULL DEFAULT 0
 );
 CREATE TABLE IF NOT EXISTS ssh_keys (
     fingerprint TEXT PRIMARY KEY,
@@ -149,6 +151,18 @@ pub fn migrate(conn: &Connection) -> rusqlite::Result<()> {
     if (1..=2).contains(&version) {
         conn.execute_batch("ALTER TABLE vms ADD COLUMN agent_key TEXT")?;
     }
+    let has_accounts: bool = conn.query_row(
+        "SELECT EXISTS (SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'accounts')",
+        [],
+        |r| r.get(0),
+    )?;
+    if (1..=4).contains(&version) && has_accounts {
+        // Before version 5 the owner was the account ClaimOwner named `owner`.
+        conn.execute_batch(
+            "ALTER TABLE accounts ADD COLUMN owner INTEGER NOT NULL DEFAULT 0;
+             UPDATE accounts SET owner = 1 WHERE name = 'owner';",
+        )?;
+    }
     conn.execute_batch(SCHEMA)?;
     conn.pragma_update(None, "user_version", SCHEMA_VERSION)?;
     Ok(())
@@ -187,5 +201,29 @@ mod tests {
         assert_eq!(v, SCHEMA_VERSION);
         // Opening again changes nothing.
         migrate(&c).unwrap();
+    }
+
+    #[test]
+    fn a_version_4_database_knows_its_owner() {
+        let c = Connection::open_in_memory().unwrap();
+        c.execute_batch(
+            "CREATE TABLE accounts (id TEXT PRIMARY KEY, name TEXT NOT NULL UNIQUE,
+                max_vms INTEGER NOT NULL, vm_count INTEGER NOT NULL DEFAULT 0,
+                ip_high_water INTEGER, freed_ips INTEGER NOT NULL DEFAULT 0,
+                created_at INTEGER NOT NULL);
+             INSERT INTO accounts (id, name, max_vms, created_at) VALUES ('a', 'owner', 3, 1),
+                ('b', 'bob', 3, 2);
+             PRAGMA user_version = 4;",
+        )
+        .unwrap();
+        migrate(&c).unwrap();
+        let owners: Vec<String> = c
+            .prepare("SELECT name FROM accounts WHERE owner = 1")
+            .unwrap()
+            .query_map([], |r| r.get(0))
+            .unwrap()
+            .collect::<Result<_, _>>()
+            .unwrap();
+        assert_eq!(owners, ["owner"]);
     }
 }

@@ -11,7 +11,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::rc::Rc;
 use std::time::{Duration, Instant};
 
-use super::route::Target;
+use super::route::{Elsewhere, Target};
 use bytes::Bytes;
 use futures_lite::{AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _};
 use glommio::net::TcpStream;
@@ -210,7 +210,12 @@ async fn stream(
     let named = authority.as_deref().and_then(head::normalize_host);
     let Target { host, vm, private } = match shard.target(sni, [named.as_deref(), None]) {
         Ok(t) => t,
-        Err(p) => return page(respond, &p),
+        Err(Elsewhere::Page(p)) => return page(respond, &p),
+        Err(Elsewhere::Site) => {
+            let target = parts.uri.path_and_query().map_or("/", |p| p.as_str());
+            let p = super::site::answer(shard, parts.method.as_str(), target).await;
+            return page(respond, &p);
+        }
     };
     let has_body = !body.is_end_stream();
     let (raw, chunked) = h1_head(&parts, authority.as_deref().unwrap_or(&host), has_body);

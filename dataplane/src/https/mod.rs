@@ -11,6 +11,7 @@ mod pool;
 mod proxy;
 mod route;
 mod shard;
+mod site;
 pub mod tls;
 mod upstream;
 
@@ -21,7 +22,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use boxd_model::view::ViewHandle;
+use boxd_operations::Operations;
 use glommio::{LocalExecutorBuilder, Placement};
 use serde::{Deserialize, Serialize};
 
@@ -182,7 +183,7 @@ impl HttpsServer {
         listeners: Listeners,
         cfg: HttpsConfig,
         tls: Arc<rustls::ServerConfig>,
-        view: Arc<ViewHandle>,
+        ops: Arc<Operations>,
     ) -> std::io::Result<Self> {
         let stop = Arc::new(AtomicBool::new(false));
         let https_port = listeners.addr.port();
@@ -192,7 +193,7 @@ impl HttpsServer {
                 Some(cpu) => Placement::Fixed(*cpu),
                 None => Placement::Unbound,
             };
-            let (stop, cfg, tls, view) = (stop.clone(), cfg.clone(), tls.clone(), view.clone());
+            let (stop, cfg, tls, ops) = (stop.clone(), cfg.clone(), tls.clone(), ops.clone());
             let h = LocalExecutorBuilder::new(placement)
                 .name(&format!("boxd-https-{i}"))
                 .io_memory(IO_MEMORY)
@@ -200,7 +201,7 @@ impl HttpsServer {
                     // SAFETY: the descriptors come from listeners we own and give up here, so
                     // glommio's listeners are their only owners.
                     let l = unsafe { glommio::net::TcpListener::from_raw_fd(l.into_raw_fd()) };
-                    let shard = Rc::new(shard::Shard::new(cfg, tls, view, https_port));
+                    let shard = Rc::new(shard::Shard::new(cfg, tls, ops, https_port));
                     glommio::spawn_local(proxy::accept_tls(l, shard.clone())).detach();
                     // SAFETY: as above.
                     let r = unsafe { glommio::net::TcpListener::from_raw_fd(r.into_raw_fd()) };

@@ -1,23 +1,42 @@
 //! The friendly failure pages: what a browser shows when the name is unknown, the VM is
 //! stopped or not answering.
 
-/// A complete HTTP/1.1 response with a small HTML page; the connection closes after it.
-pub fn response(status: u16, reason: &str, title: &str, detail: &str) -> Vec<u8> {
-    let body = format!(
-        "<!doctype html>\n<html><head><meta charset=\"utf-8\"><title>{status} {title}</title></head>\n\
-         <body style=\"font-family: sans-serif; max-width: 40em; margin: 4em auto\">\n\
-         <h1>{title}</h1>\n<p>{detail}</p>\n<p><small>boxd</small></p>\n</body></html>\n",
+/// The one stylesheet every page carries (inline: pages need no second request and no
+/// JavaScript).
+const STYLE: &str = "body{font:16px/1.5 system-ui,sans-serif;max-width:40em;margin:4em auto;\
+padding:0 1em;color:#1d2430;background:#fbfbfd}h1{font-size:1.6em;margin:0 0 .6em}\
+code,kbd{font:.95em ui-monospace,monospace;background:#eef0f5;padding:.1em .35em;\
+border-radius:4px}dl{display:grid;grid-template-columns:max-content auto;gap:.3em 1em}\
+dt{color:#5a6478}dd{margin:0;word-break:break-all}.box{background:#fff;border:1px solid \
+#dde1ea;border-radius:10px;padding:1.2em 1.5em;margin:1.5em 0}.muted,footer{color:#6b7487;\
+font-size:.9em}footer{margin-top:3em}";
+
+/// A complete HTTP/1.1 response with an HTML page: `title` (text, escaped here) and `body`
+/// (HTML the caller built, escaping what it got from anyone); the connection closes after it.
+pub fn document(status: u16, reason: &str, title: &str, body: &str) -> Vec<u8> {
+    let html = format!(
+        "<!doctype html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">\
+         <meta name=\"viewport\" content=\"width=device-width\">\
+         <title>{title}</title><style>{STYLE}</style></head>\n<body>\n<h1>{title}</h1>\n\
+         {body}\n<footer>boxd</footer>\n</body></html>\n",
         title = escape(title),
-        detail = escape(detail),
     );
     let mut r = format!(
         "HTTP/1.1 {status} {reason}\r\nContent-Type: text/html; charset=utf-8\r\n\
-         Content-Length: {}\r\nConnection: close\r\nCache-Control: no-store\r\n\r\n",
-        body.len()
+         Content-Length: {}\r\nConnection: close\r\nCache-Control: no-store\r\n\
+         X-Frame-Options: DENY\r\nContent-Security-Policy: default-src 'none'; \
+         style-src 'unsafe-inline'; form-action 'self'; frame-ancestors 'none'\r\n\
+         Referrer-Policy: no-referrer\r\n\r\n",
+        html.len()
     )
     .into_bytes();
-    r.extend_from_slice(body.as_bytes());
+    r.extend_from_slice(html.as_bytes());
     r
+}
+
+/// A page with one paragraph of text (escaped here).
+pub fn response(status: u16, reason: &str, title: &str, detail: &str) -> Vec<u8> {
+    document(status, reason, title, &format!("<p>{}</p>", escape(detail)))
 }
 
 /// No VM by that name.
@@ -106,11 +125,13 @@ pub fn bad_request(why: &str) -> Vec<u8> {
     response(400, "Bad Request", "Bad request", why)
 }
 
-fn escape(s: &str) -> String {
+/// `s` safe inside HTML text and attribute values.
+pub fn escape(s: &str) -> String {
     s.replace('&', "&amp;")
         .replace('<', "&lt;")
         .replace('>', "&gt;")
         .replace('"', "&quot;")
+        .replace('\'', "&#39;")
 }
 
 #[cfg(test)]

@@ -14,7 +14,7 @@ use glommio::net::{TcpListener, TcpStream};
 use super::framing::{Body, Chunked};
 use super::gather::Gathered;
 use super::head::{self, Parse, Response};
-use super::route::Target;
+use super::route::{Elsewhere, Target};
 use super::shard::{IpSlot, Shard, Slot, read_head, read_request_head, timed_out, within};
 use super::upstream::{Exchange, Outgoing, ProxyError, Upstream};
 use super::{HttpsConfig, pages};
@@ -159,7 +159,11 @@ async fn serve_tls(stream: TcpStream, shard: Rc<Shard>) -> std::io::Result<()> {
         let named = [req.host.as_deref(), req.authority.as_deref()];
         let Target { host, vm, private } = match shard.target(sni.clone(), named) {
             Ok(t) => t,
-            Err(page) => return reply(&mut tls, &page).await,
+            Err(Elsewhere::Page(page)) => return reply(&mut tls, &page).await,
+            Err(Elsewhere::Site) => {
+                let page = super::site::answer(&shard, &req.method, &req.target).await;
+                return reply(&mut tls, &page).await;
+            }
         };
         let body = match req.body() {
             Ok(b) => b,

@@ -10,6 +10,20 @@ use boxd_model::view::VmRoute;
 use super::pages;
 use super::shard::Shard;
 
+/// Why a request goes to no VM.
+pub(super) enum Elsewhere {
+    /// Answer with this page.
+    Page(Vec<u8>),
+    /// It is for the zone's own name: its site answers (`site.rs`).
+    Site,
+}
+
+impl From<Vec<u8>> for Elsewhere {
+    fn from(page: Vec<u8>) -> Self {
+        Self::Page(page)
+    }
+}
+
 /// The VM a request goes to.
 pub(super) struct Target {
     /// The name it was asked by.
@@ -20,7 +34,7 @@ pub(super) struct Target {
 }
 
 impl Shard {
-    /// The VM a request is for, or the page to answer with. SNI names it; without SNI (an IP
+    /// The VM a request is for, or the page to answer with (the zone's own name: its site). SNI names it; without SNI (an IP
     /// in the URL) the first name the request carries does. Every name the request carries
     /// (`Host`, an absolute-form target, `:authority`) must be that one: a request for another
     /// VM than the TLS connection was opened for is misdirected (421, RFC 9110 15.5.20).
@@ -28,15 +42,15 @@ impl Shard {
         &self,
         sni: Option<String>,
         named: [Option<&str>; 2],
-    ) -> Result<Target, Vec<u8>> {
+    ) -> Result<Target, Elsewhere> {
         let first = || named.iter().flatten().next().map(|h| (*h).to_owned());
         let Some(host) = sni.or_else(first) else {
-            return Err(pages::bad_request(
-                "No server name and no Host header (or :authority).",
-            ));
+            return Err(
+                pages::bad_request("No server name and no Host header (or :authority).").into(),
+            );
         };
         if named.iter().flatten().any(|h| *h != host) {
-            return Err(pages::misdirected(&host));
+            return Err(pages::misdirected(&host).into());
         }
         let view = self.view().current();
         let Some(vm) = view.vm_by_host(&host).cloned() else {
@@ -45,23 +59,23 @@ impl Shard {
         let Some(private) = vm.private_ip.filter(|_| vm.desired == Desired::Running) else {
             let zone = view.zone().unwrap_or("");
             let stopped = vm.desired != Desired::Running;
-            return Err(pages::unavailable(&vm.name, zone, stopped));
+            return Err(pages::unavailable(&vm.name, zone, stopped).into());
         };
         Ok(Target { host, vm, private })
     }
 
-    /// The answer for a `host` no VM has: the zone's own page for the zone's name, a 404 for
+    /// The answer for a `host` no VM has: the zone's own site for the zone's name, a 404 for
     /// an unknown VM name in the zone, a 421 for a name outside it.
-    fn no_vm(&self, host: &str) -> Vec<u8> {
+    fn no_vm(&self, host: &str) -> Elsewhere {
         let view = self.view().current();
         let zone = view.zone().unwrap_or("");
         let bare = host.strip_suffix('.').unwrap_or(host);
         if bare.eq_ignore_ascii_case(zone) {
-            pages::apex(zone, self.cfg().ssh_port)
+            Elsewhere::Site
         } else if view.in_zone(host) {
-            pages::not_found(host, zone)
+            pages::not_found(host, zone).into()
         } else {
-            pages::not_served(host, zone)
+            pages::not_served(host, zone).into()
         }
     }
 }

@@ -10,6 +10,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use boxd_model::view::ViewHandle;
+use boxd_operations::Operations;
 use futures_lite::{AsyncRead, AsyncReadExt as _};
 use futures_rustls::TlsAcceptor;
 
@@ -22,6 +23,8 @@ pub(super) struct Shard {
     pub(super) cfg: HttpsConfig,
     pub(super) acceptor: TlsAcceptor,
     pub(super) view: Arc<ViewHandle>,
+    /// The operations (the zone's own pages read through them).
+    pub(super) ops: Arc<Operations>,
     /// The port clients reach HTTPS on (for redirects).
     pub(super) https_port: u16,
     /// Open client connections.
@@ -38,13 +41,14 @@ impl Shard {
     pub(super) fn new(
         cfg: HttpsConfig,
         tls: Arc<rustls::ServerConfig>,
-        view: Arc<ViewHandle>,
+        ops: Arc<Operations>,
         https_port: u16,
     ) -> Self {
         Self {
             cfg,
             acceptor: TlsAcceptor::from(tls),
-            view,
+            view: Arc::clone(ops.view()),
+            ops,
             https_port,
             connections: Cell::new(0),
             handshakes: Cell::new(0),
@@ -61,6 +65,11 @@ impl Shard {
     /// The shard's idle VM connections.
     pub(super) fn vms(&self) -> &Pool {
         &self.vms
+    }
+
+    /// The operations.
+    pub(super) fn ops(&self) -> &Operations {
+        &self.ops
     }
 
     /// The View the shard routes by.

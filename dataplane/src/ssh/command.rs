@@ -5,7 +5,7 @@
 
 use std::fmt;
 
-pub use boxd_operations::NewVm;
+pub use boxd_operations::{LinkTo, NewVm};
 
 /// Largest command line accepted.
 pub const MAX_LINE: usize = 4096;
@@ -60,6 +60,18 @@ pub enum LobbyCommand {
     Events {
         /// VM name.
         name: String,
+    },
+    /// Keys waiting behind registration links (the cluster's owner only).
+    Registrations {
+        /// Machine-readable output.
+        json: bool,
+    },
+    /// Link a waiting key to an account (the cluster's owner only).
+    Approve {
+        /// The code from the link.
+        code: String,
+        /// The account it joins.
+        to: LinkTo,
     },
     /// An OpenSSH config block for the zone: names that work without DNS.
     SshConfig,
@@ -121,9 +133,12 @@ Commands:
   keys add            add the public key given on stdin
   keys rm FINGERPRINT remove a key
   whoami              show your account
+  registrations       keys waiting for approval (the cluster's owner)
+  approve CODE [--name=NAME | --to-account=ACCOUNT]
+                      link a waiting key to a new account (or to ACCOUNT)
   ssh-config          an OpenSSH config for your VMs' names (ssh -F <(ssh LOBBY ssh-config) NAME)
   help                this text
-Add --json to ls, show, keys, whoami and new for machine-readable output.
+Add --json to ls, show, keys, whoami, registrations and new for machine-readable output.
 Sizes: memory in MiB or with a unit (512M, 2G); disk in GiB or with a unit (10G).
 ";
 
@@ -297,6 +312,16 @@ fn parse(words: &[String]) -> Result<LobbyCommand, UsageError> {
                 name: one_name("events", &pos, "NAME")?.to_owned(),
             })
         }
+        "registrations" => {
+            let (pos, flags) = split(words, &[])?;
+            if pos.len() > 1 {
+                return Err(usage("`registrations` takes no arguments"));
+            }
+            Ok(LobbyCommand::Registrations {
+                json: json_only("registrations", &flags)?,
+            })
+        }
+        "approve" => parse_approve(words),
         "ssh-config" => {
             if words.len() > 1 {
                 return Err(usage("`ssh-config` takes no arguments"));
@@ -310,6 +335,25 @@ fn parse(words: &[String]) -> Result<LobbyCommand, UsageError> {
             other.escape_debug()
         ))),
     }
+}
+
+fn parse_approve(words: &[String]) -> Result<LobbyCommand, UsageError> {
+    let (pos, flags) = split(words, &["name", "to-account"])?;
+    let code = one_name("approve", &pos, "code")?.to_owned();
+    let mut to = LinkTo::NewAccount(None);
+    for f in &flags {
+        to = match (f.name, &to) {
+            ("name", LinkTo::NewAccount(None)) => LinkTo::NewAccount(Some(value(f)?.to_owned())),
+            ("to-account", LinkTo::NewAccount(None)) => LinkTo::Account(value(f)?.to_owned()),
+            ("name" | "to-account", _) => {
+                return Err(usage(
+                    "give one of --name=NAME (a new account) or --to-account=ACCOUNT, once",
+                ));
+            }
+            (other, _) => return Err(usage(format!("`approve` has no option --{other}"))),
+        };
+    }
+    Ok(LobbyCommand::Approve { code, to })
 }
 
 fn parse_new(words: &[String]) -> Result<LobbyCommand, UsageError> {
@@ -465,6 +509,25 @@ mod tests {
             })
         );
         assert_eq!(p("whoami --json"), Ok(LobbyCommand::Whoami { json: true }));
+        assert_eq!(
+            p("registrations --json"),
+            Ok(LobbyCommand::Registrations { json: true })
+        );
+        let approve = |code: &str, to| {
+            Ok(LobbyCommand::Approve {
+                code: code.into(),
+                to,
+            })
+        };
+        assert_eq!(p("approve c0de"), approve("c0de", LinkTo::NewAccount(None)));
+        assert_eq!(
+            p("approve c0de --name=ann"),
+            approve("c0de", LinkTo::NewAccount(Some("ann".into())))
+        );
+        assert_eq!(
+            p("approve --to-account ann c0de"),
+            approve("c0de", LinkTo::Account("ann".into()))
+        );
         assert_eq!(p("help"), Ok(LobbyCommand::Help));
         assert_eq!(p("  exit "), Ok(LobbyCommand::Exit));
         assert_eq!(parse_line("   "), Ok(None));
@@ -486,6 +549,11 @@ mod tests {
             ("ls --json=yes", "takes no value"),
             ("new 'unterminated", "unbalanced quotes"),
             ("keys frob", "not a command"),
+            ("approve", "needs a code"),
+            ("approve c --name=a --to-account=b", "give one of"),
+            ("approve c --name=a --name=b", "give one of"),
+            ("approve c --force", "no option --force"),
+            ("registrations x", "takes no arguments"),
             ("new --memory=99999999999999999999T", "not a size"),
             ("ls \u{1b}[2J", "control characters"),
         ] {

@@ -1,9 +1,11 @@
-//! Texts the lobby prints from replica rows: a VM's events and an OpenSSH config.
+//! Texts the lobby prints from replica rows: a VM's events, keys waiting for approval and an
+//! OpenSSH config.
 
 use std::fmt::Write as _;
 use std::net::Ipv4Addr;
 
 use boxd_model::model::{Millis, Vm};
+use boxd_operations::PendingKey;
 
 /// Events, oldest first, one per line with its time (UTC, HTTP date form); the last `last`
 /// of them, or all.
@@ -11,10 +13,37 @@ pub fn events(events: &[(Millis, String)], last: Option<usize>) -> String {
     let skip = last.map_or(0, |n| events.len().saturating_sub(n));
     let mut s = String::new();
     for (at, text) in &events[skip..] {
-        let when =
-            httpdate::fmt_http_date(std::time::UNIX_EPOCH + std::time::Duration::from_millis(*at));
-        let _ = writeln!(s, "{when}  {text}");
+        let _ = writeln!(s, "{}  {text}", date(*at));
     }
+    s
+}
+
+/// A time as HTTP dates print it (UTC).
+fn date(at: Millis) -> String {
+    httpdate::fmt_http_date(std::time::UNIX_EPOCH + std::time::Duration::from_millis(at))
+}
+
+/// Keys waiting behind registration links, one per line: code, key type, fingerprint and
+/// when the link expires; then how to approve one. `ssh` is how to reach the lobby.
+pub fn pending_keys(keys: &[PendingKey], ssh: &str) -> String {
+    if keys.is_empty() {
+        return "no keys are waiting for approval\n".into();
+    }
+    let mut s = String::new();
+    for k in keys {
+        let _ = writeln!(
+            s,
+            "{}  {}  {}  expires {}",
+            k.code,
+            k.key_type,
+            k.fingerprint,
+            date(k.expires_at)
+        );
+    }
+    let _ = writeln!(
+        s,
+        "approve one with `{ssh} approve CODE` (a new account) or `{ssh} approve CODE --to-account=ACCOUNT`"
+    );
     s
 }
 

@@ -7,7 +7,7 @@ use std::fmt::Write as _;
 use std::sync::Arc;
 
 use boxd_model::model::Vm;
-use boxd_operations::{Backend, ErrorKind, OpError, Operations};
+use boxd_operations::{Approver, ErrorKind, OpError, Operations, PendingKey};
 use serde_json::json;
 
 pub use boxd_operations::{Caller, Progress};
@@ -59,18 +59,18 @@ impl From<OpError> for Reply {
 }
 
 /// Runs lobby commands.
-pub struct Lobby<B> {
-    ops: Arc<Operations<B>>,
+pub struct Lobby {
+    ops: Arc<Operations>,
 }
 
-impl<B: Backend> Lobby<B> {
+impl Lobby {
     /// A lobby over `ops`.
-    pub fn new(ops: Arc<Operations<B>>) -> Self {
+    pub fn new(ops: Arc<Operations>) -> Self {
         Self { ops }
     }
 
     /// The operations.
-    pub fn ops(&self) -> &Arc<Operations<B>> {
+    pub fn ops(&self) -> &Arc<Operations> {
         &self.ops
     }
 
@@ -125,6 +125,16 @@ impl<B: Backend> Lobby<B> {
                 .await
                 .map(|()| Reply::out(format!("removed {fingerprint}\n"))),
             LobbyCommand::Whoami { json } => ops.whoami(caller).await.map(|w| whoami(&w, json)),
+            LobbyCommand::Registrations { json } => {
+                let by = Approver::Account(caller);
+                ops.pending_keys(by)
+                    .await
+                    .map(|k| self.pending_keys(&k, json))
+            }
+            LobbyCommand::Approve { code, to } => ops
+                .approve(Approver::Account(caller), &code, to)
+                .await
+                .map(|a| Reply::out(approved(&a, &ops.zone_ssh()))),
             LobbyCommand::SshConfig => ops.list(caller).await.map(|vms| {
                 Reply::out(super::listing::ssh_config(
                     &ops.zone(),
@@ -141,6 +151,21 @@ impl<B: Backend> Lobby<B> {
             LobbyCommand::Exit => Ok(Reply::default()),
         };
         r.unwrap_or_else(Reply::from)
+    }
+
+    fn pending_keys(&self, keys: &[PendingKey], json: bool) -> Reply {
+        if !json {
+            return Reply::out(super::listing::pending_keys(keys, &self.ops.zone_ssh()));
+        }
+        let all: Vec<_> = keys
+            .iter()
+            .map(|k| {
+                let mut v = json!(k);
+                v["link"] = self.ops.apex_url(&format!("register/{}", k.code)).into();
+                v
+            })
+            .collect();
+        Reply::out(format!("{}\n", serde_json::Value::Array(all)))
     }
 
     fn vm_json(&self, v: &Vm) -> serde_json::Value {
@@ -243,6 +268,19 @@ impl<B: Backend> Lobby<B> {
     }
 }
 
+/// What an approval did, and what its key's owner does next.
+pub fn approved(a: &boxd_operations::Approved, lobby: &str) -> String {
+    let which = if a.new_account {
+        "a new account"
+    } else {
+        "the account"
+    };
+    format!(
+        "linked {} to {which} {}: its owner reconnects with `{lobby}`\n",
+        a.fingerprint, a.account
+    )
+}
+
 fn keys(caller: &Caller, keys: &[boxd_model::model::SshKey], json: bool) -> Reply {
     if json {
         let all: Vec<_> = keys
@@ -283,11 +321,17 @@ fn whoami(w: &boxd_operations::Whoami, json: bool) -> Reply {
                 "key": w.key.as_str(),
                 "vms": w.vms,
                 "max_vms": w.max_vms,
+                "owner": w.owner,
             })
         ));
     }
+    let owner = if w.owner {
+        "owner    yes (approves registrations)\n"
+    } else {
+        ""
+    };
     Reply::out(format!(
-        "account  {}\nid       {}\nkey      {}\nvms      {} of {}\n",
+        "account  {}\nid       {}\nkey      {}\nvms      {} of {}\n{owner}",
         w.account, w.id, w.key, w.vms, w.max_vms
     ))
 }

@@ -17,7 +17,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use boxd_operations::{Backend, Operations};
+use boxd_operations::Operations;
 use russh::keys::PrivateKey;
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
@@ -174,12 +174,12 @@ pub struct SshServer {
 
 impl SshServer {
     /// Starts one shard per listener, pinned to `cfg.cpus` in order.
-    pub fn start<B: Backend>(
+    pub fn start(
         listeners: Listeners,
         cfg: SshConfig,
         host_key: PrivateKey,
         agent_key: PrivateKey,
-        ops: Arc<Operations<B>>,
+        ops: Arc<Operations>,
     ) -> std::io::Result<Self> {
         let russh_cfg = Arc::new(russh::server::Config {
             server_id: russh::SshId::Standard("SSH-2.0-boxd".into()),
@@ -258,9 +258,9 @@ impl SshServer {
     }
 }
 
-async fn shard<B: Backend>(
+async fn shard(
     listener: TcpListener,
-    shared: Arc<Shared<B>>,
+    shared: Arc<Shared>,
     russh_cfg: Arc<russh::server::Config>,
     mut stop: watch::Receiver<bool>,
 ) {
@@ -354,6 +354,6 @@ pub(crate) fn ipv4_of(addr: SocketAddr) -> Option<std::net::Ipv4Addr> {
 }
 
 /// Whether a connection to `local` is ours: the lobby or a pool address.
-fn ours<B: Backend>(shared: &Shared<B>, local: SocketAddr) -> bool {
+fn ours(shared: &Shared, local: SocketAddr) -> bool {
     ipv4_of(local).is_some_and(|ip| shared.lobby.ops().view().current().is_public_address(ip))
 }

@@ -9,7 +9,6 @@ use tokio::sync::mpsc;
 
 use super::command::{LobbyCommand, MAX_LINE, parse_line};
 use super::lobby::{Caller, EXIT_USAGE, Lobby, Progress, Reply};
-use boxd_operations::Backend;
 
 /// Largest stdin `keys add` reads.
 const MAX_STDIN: usize = 64 * 1024;
@@ -101,8 +100,8 @@ impl Term<'_> {
 }
 
 /// Runs one command line; returns its exit status.
-pub(super) async fn exec<B: Backend>(
-    lobby: &Lobby<B>,
+pub(super) async fn exec(
+    lobby: &Lobby,
     caller: &Caller,
     line: &str,
     rx: &mut russh::ChannelReadHalf,
@@ -137,8 +136,8 @@ pub(super) async fn exec<B: Backend>(
 }
 
 /// Runs a command while forwarding its progress lines to stderr.
-async fn run_with_progress<B: Backend>(
-    lobby: &Lobby<B>,
+async fn run_with_progress(
+    lobby: &Lobby,
     caller: &Caller,
     cmd: LobbyCommand,
     stdin: &[u8],
@@ -178,8 +177,8 @@ async fn read_stdin(rx: &mut russh::ChannelReadHalf) -> Option<Vec<u8>> {
 }
 
 /// The interactive prompt: a small line editor under a pty, plain lines without one.
-pub(super) async fn interactive<B: Backend>(
-    lobby: &Lobby<B>,
+pub(super) async fn interactive(
+    lobby: &Lobby,
     caller: &Caller,
     rx: russh::ChannelReadHalf,
     term: &Term<'_>,
@@ -377,12 +376,7 @@ impl Keys {
 }
 
 /// Runs one interactive line; `None` means the user asked to leave.
-async fn run_line<B: Backend>(
-    lobby: &Lobby<B>,
-    caller: &Caller,
-    line: &str,
-    term: &Term<'_>,
-) -> Option<u32> {
+async fn run_line(lobby: &Lobby, caller: &Caller, line: &str, term: &Term<'_>) -> Option<u32> {
     let cmd = match parse_line(line) {
         Ok(Some(LobbyCommand::Exit)) => return None,
         Ok(Some(c)) => c,

@@ -22,14 +22,14 @@ use super::lobby::{Caller, EXIT_FAILED, Lobby};
 use super::prompt::{Term, exec, interactive};
 use super::relay::{self, AgentLink};
 use super::slots::{HandshakeSlot, Limits};
-use boxd_operations::{Backend, ErrorKind};
+use boxd_operations::ErrorKind;
 
 /// Exit status when there is no VM to reach (what `ssh` itself uses for connection failures).
 pub const EXIT_NO_VM: u32 = 255;
 
 /// What every connection of a shard shares.
-pub(crate) struct Shared<B> {
-    pub lobby: Lobby<B>,
+pub(crate) struct Shared {
+    pub lobby: Lobby,
     pub cfg: SshConfig,
     pub limits: Limits,
     /// The cluster's agent key (authenticates the proxy to guest agents).
@@ -54,8 +54,8 @@ enum Mode {
 }
 
 /// The russh handler for one connection.
-pub(crate) struct Conn<B: Backend> {
-    shared: Arc<Shared<B>>,
+pub(crate) struct Conn {
+    shared: Arc<Shared>,
     local: SocketAddr,
     /// The client's address.
     peer: IpAddr,
@@ -73,9 +73,9 @@ pub(crate) struct Conn<B: Backend> {
     notice: Option<String>,
 }
 
-impl<B: Backend> Conn<B> {
+impl Conn {
     pub fn new(
-        shared: Arc<Shared<B>>,
+        shared: Arc<Shared>,
         local: SocketAddr,
         peer: IpAddr,
         slot: HandshakeSlot,
@@ -146,7 +146,7 @@ impl<B: Backend> Conn<B> {
     }
 }
 
-impl<B: Backend> Handler for Conn<B> {
+impl Handler for Conn {
     type Error = russh::Error;
 
     async fn auth_publickey(
@@ -437,8 +437,8 @@ fn reject() -> Auth {
 }
 
 /// Runs one session channel to its end.
-async fn serve_channel<B: Backend>(
-    shared: Arc<Shared<B>>,
+async fn serve_channel(
+    shared: Arc<Shared>,
     mode: Mode,
     channel: Channel<Msg>,
     local: SocketAddr,
@@ -529,11 +529,7 @@ async fn explain(channel: Channel<Msg>, msg: &str, code: u32) {
 /// Why a VM session cannot be served right now, if it cannot.
 /// Resolves, with a line for the user, once VM `id` is stopped or deleted (so its open
 /// sessions say why they end).
-async fn vm_ended<B: Backend>(
-    shared: Arc<Shared<B>>,
-    id: boxd_model::model::VmId,
-    name: String,
-) -> String {
+async fn vm_ended(shared: Arc<Shared>, id: boxd_model::model::VmId, name: String) -> String {
     let view = shared.lobby.ops().view();
     let mut changes = view.subscribe();
     loop {
@@ -550,7 +546,7 @@ async fn vm_ended<B: Backend>(
     }
 }
 
-fn vm_blocked<B: Backend>(shared: &Shared<B>, vm: &VmRoute) -> Option<String> {
+fn vm_blocked(shared: &Shared, vm: &VmRoute) -> Option<String> {
     let zone = shared.lobby.ops().zone();
     let current = shared.lobby.ops().view().current().vm(vm.id).cloned();
     let Some(vm) = current else {

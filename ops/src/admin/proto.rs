@@ -1,7 +1,8 @@
 //! The admin protocol: one JSON object per line each way over a Unix socket (mode 0600).
 //!
 //! Requests: `{"op":"status"}`, `{"op":"members"}`, `{"op":"vms"}`,
-//! `{"op":"join-token","roles":["worker"],"ttl_secs":86400}`,
+//! `{"op":"join-token","roles":["worker"],"ttl_secs":86400}`, `{"op":"registrations"}`,
+//! `{"op":"approve","code":"…","name":"ann"}` (or `"to_account"`),
 //! `{"op":"write","command":{...}}` (a typed log command, for operators and tests).
 //! Replies: `{"ok":true,"result":...}` or `{"ok":false,"error":"..."}`. A malformed line gets an
 //! error reply and the connection stays usable. This module does no I/O.
@@ -34,6 +35,20 @@ pub enum Request {
         /// Validity in seconds.
         #[serde(default = "default_ttl")]
         ttl_secs: u64,
+    },
+    /// Keys waiting behind registration links.
+    Registrations {},
+    /// Link a waiting key to a new account (named `name`, or one made from the code) or to
+    /// the existing account `to_account`.
+    Approve {
+        /// The code.
+        code: String,
+        /// Name of the new account.
+        #[serde(default)]
+        name: Option<String>,
+        /// Name or id of an existing account.
+        #[serde(default)]
+        to_account: Option<String>,
     },
     /// Append a command to the log (through the leader).
     Write {

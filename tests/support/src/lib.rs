@@ -74,3 +74,24 @@ pub fn keygen(path: &Path) {
         .is_ok_and(|s| s.success());
     assert!(ok, "ssh-keygen -f {} failed", path.display());
 }
+
+/// The `SHA256:` fingerprint `ssh-keygen -lf` prints for the key pair at `key` (its `.pub`).
+pub fn fingerprint(key: &Path) -> String {
+    let out = Command::new("ssh-keygen")
+        .arg("-lf")
+        .arg(key.with_extension("pub"))
+        .output()
+        .unwrap();
+    let text = String::from_utf8(out.stdout).unwrap();
+    text.split_whitespace().nth(1).unwrap().to_owned()
+}
+
+/// Runs `cmd` to the end: (exit status, or -1 for a signal; stdout; stderr), lossily decoded.
+pub fn run(cmd: &mut Command) -> (i32, String, String) {
+    let out = cmd.output().unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}

@@ -80,21 +80,15 @@ pub struct Client<'a> {
 impl Client<'_> {
     /// `ssh -p 2222 <host> <args>`; (status, stdout, stderr).
     pub fn ssh(&self, host: &str, args: &[&str]) -> (i32, String, String) {
-        let out = self
-            .ns
-            .command("ssh")
-            .args(boxd_tests::SSH_OPTS)
-            .args(["-o", "BatchMode=yes", "-p", "2222", "-i"])
-            .arg(&self.key)
-            .arg(host)
-            .args(args)
-            .stdin(Stdio::null())
-            .output()
-            .unwrap();
-        (
-            out.status.code().unwrap_or(-1),
-            String::from_utf8_lossy(&out.stdout).into_owned(),
-            String::from_utf8_lossy(&out.stderr).into_owned(),
+        boxd_test_support::run(
+            self.ns
+                .command("ssh")
+                .args(boxd_tests::SSH_OPTS)
+                .args(["-o", "BatchMode=yes", "-p", "2222", "-i"])
+                .arg(&self.key)
+                .arg(host)
+                .args(args)
+                .stdin(Stdio::null()),
         )
     }
 

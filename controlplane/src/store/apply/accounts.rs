@@ -352,6 +352,11 @@ pub(super) fn claim_owner(
         at: *at,
     };
     apply_one(c, &create, t, cache)?;
+    exec(
+        c,
+        "UPDATE accounts SET owner = 1 WHERE id = ?1",
+        params![id.to_string()],
+    )?;
     let key = Command::AddSshKey {
         account: *id,
         fingerprint: fingerprint.clone(),

@@ -371,6 +371,24 @@ fn apply_one(
         Command::CompleteRegistration { code, account, at } => {
             accounts::complete_registration(c, t, code, account, at)
         }
+        Command::ApproveRegistration {
+            code,
+            account,
+            new_account,
+            at,
+        } => {
+            if let Some(name) = new_account {
+                let create = Command::CreateAccount {
+                    id: *account,
+                    name: name.clone(),
+                    max_vms: None,
+                    at: *at,
+                };
+                // A refusal below undoes the account too (the command's savepoint).
+                apply_one(c, &create, t, cache)?;
+            }
+            accounts::complete_registration(c, t, code, account, at)
+        }
         Command::ClaimOwner {
             id,
             name,
