@@ -13,6 +13,7 @@ use boxd_controlplane::model::{
 };
 use boxd_controlplane::store::apply::Applier;
 use boxd_controlplane::store::{rows, schema};
+use boxd_controlplane::tokens::SigningKey;
 use rusqlite::Connection;
 use uuid::Uuid;
 
@@ -662,6 +663,51 @@ fn history() -> Vec<(&'static str, Command, Check)> {
             Box::new(done),
         ),
         (
+            "a token signing key",
+            Command::AddTokenKey {
+                kid: "k1".into(),
+                pkcs8: hex::encode(&SIGNING.pkcs8),
+                at: 12,
+                if_none: true,
+            },
+            Box::new(done),
+        ),
+        (
+            "a second first key is a no-op",
+            Command::AddTokenKey {
+                kid: "k2".into(),
+                pkcs8: "not hex".into(),
+                at: 12,
+                if_none: true,
+            },
+            Box::new(done),
+        ),
+        (
+            "a rotation with a key that is not one",
+            Command::AddTokenKey {
+                kid: "k3".into(),
+                pkcs8: "00".into(),
+                at: 12,
+                if_none: false,
+            },
+            err(|e| matches!(e, ApplyError::Invalid { .. })),
+        ),
+        (
+            "a scoped token",
+            scoped_token(&i, vec!["app".into()], 12 + 3_600_000),
+            Box::new(done),
+        ),
+        (
+            "a token for a reserved name",
+            scoped_token(&i, vec!["api".into()], 12 + 3_600_000),
+            err(|e| matches!(e, ApplyError::Invalid { .. })),
+        ),
+        (
+            "a token for longer than 90 days",
+            scoped_token(&i, Vec::new(), 12 + 91 * 24 * 3_600_000),
+            err(|e| matches!(e, ApplyError::Invalid { .. })),
+        ),
+        (
             "registration",
             Command::CreateRegistration {
                 code: "abcdefgh12".into(),
@@ -776,6 +822,22 @@ fn history() -> Vec<(&'static str, Command, Check)> {
             err(|e| matches!(e, ApplyError::NotFound { .. })),
         ),
     ]
+}
+
+static SIGNING: std::sync::LazyLock<SigningKey> =
+    std::sync::LazyLock::new(|| SigningKey::generate().unwrap());
+
+fn scoped_token(i: &Ids, vms: Vec<String>, expires_at: u64) -> Command {
+    Command::CreateToken {
+        id: TokenId::random(),
+        account: i.alice,
+        label: "ci".into(),
+        hash: "b".repeat(64),
+        vms,
+        read_only: true,
+        at: 12,
+        expires_at,
+    }
 }
 
 #[test]
@@ -1062,7 +1124,7 @@ fn every_command_round_trips_in_json_and_binary() {
     let kinds: std::collections::BTreeSet<&str> = cmds.iter().map(Command::kind).collect();
     assert_eq!(
         kinds.len(),
-        24,
+        26,
         "the history holds every kind of command: {kinds:?}"
     );
     for cmd in &cmds {

@@ -6,9 +6,10 @@
 #![allow(clippy::unwrap_used, missing_docs)]
 
 use boxd_controlplane::command::{Batch, Command, Outcome};
-use boxd_controlplane::model::{AccountId, VmId, VmSpec};
+use boxd_controlplane::model::{AccountId, TokenId, VmId, VmSpec};
 use boxd_controlplane::raft::Entry;
 use boxd_controlplane::raft::state_machine::StateMachine;
+use boxd_controlplane::tokens::SigningKey;
 use boxd_controlplane::view::ViewHandle;
 use openraft::storage::RaftStateMachine;
 use openraft::{CommittedLeaderId, EntryPayload, LogId, RaftSnapshotBuilder};
@@ -214,4 +215,72 @@ async fn a_storage_error_leaves_nothing_half_applied() {
         )
         .unwrap();
     assert!(applied.contains("\"index\":1"), "{applied}");
+}
+
+/// Tokens and the keys that sign them reach the View as they are applied (every proxy checks
+/// tokens there), revocations too, and a View rebuilt from the tables (a reopened replica)
+/// holds the same.
+#[tokio::test]
+async fn tokens_and_their_keys_reach_the_view() {
+    let dir = tempfile::tempdir().unwrap();
+    let (owner, vm) = (AccountId::random(), VmId::random());
+    let view = ViewHandle::new();
+    let mut sm = StateMachine::open(dir.path(), view.clone()).unwrap();
+    sm.apply(history(owner, vm)).await.unwrap();
+    let key = SigningKey::generate().unwrap();
+    let (kept, revoked) = (TokenId::random(), TokenId::random());
+    let token = |id: TokenId| Command::CreateToken {
+        id,
+        account: owner,
+        label: "ci".into(),
+        hash: format!("{:064x}", id.0.as_u128()),
+        vms: vec!["web".into()],
+        read_only: true,
+        at: 3,
+        expires_at: 3 + 60_000,
+    };
+    let answers = sm
+        .apply(vec![
+            entry(
+                3,
+                vec![
+                    Command::AddTokenKey {
+                        kid: key.kid.clone(),
+                        pkcs8: hex::encode(&key.pkcs8),
+                        at: 3,
+                        if_none: true,
+                    },
+                    token(kept),
+                    token(revoked),
+                ],
+            ),
+            entry(
+                4,
+                vec![Command::RevokeApiToken {
+                    account: owner,
+                    id: revoked,
+                }],
+            ),
+        ])
+        .await
+        .unwrap();
+    assert!(answers.iter().flatten().all(Result::is_ok), "{answers:?}");
+    let check = |v: &boxd_controlplane::view::View| {
+        assert!(v.token_live(kept, owner));
+        assert!(
+            !v.token_live(kept, AccountId::random()),
+            "another account's"
+        );
+        assert!(!v.token_live(revoked, owner), "revoked");
+        assert_eq!(
+            v.token_key(&key.kid),
+            Some(key.public().unwrap().as_slice())
+        );
+        assert_eq!(v.token_keys().len(), 1);
+    };
+    check(&view.current());
+    drop(sm);
+    let reopened = ViewHandle::new();
+    let _sm = StateMachine::open(dir.path(), reopened.clone()).unwrap();
+    check(&reopened.current());
 }

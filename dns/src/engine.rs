@@ -267,7 +267,7 @@ impl Engine {
             .unwrap_or_else(|_| apex.clone())
     }
 
-    /// The RRsets at `rel`: the apex, ns1, a VM, a TXT owner, an empty non-terminal, or nothing.
+    /// The RRsets at `rel`: the apex, ns1, api, a VM, a TXT owner, an empty non-terminal, or nothing.
     fn rrsets<Z: ZoneView + ?Sized>(
         &self,
         zone: &Z,
@@ -306,6 +306,11 @@ impl Engine {
             }
         } else if rel == "ns1" {
             sets.push((RecordType::A, vec![rec(RData::A(A(self.cfg.nameserver)))]));
+        } else if rel == "api" {
+            // The API is served by every proxy at the lobby address, as the apex is.
+            if let Some(ip) = zone.lobby() {
+                sets.push((RecordType::A, vec![rec(RData::A(A(ip)))]));
+            }
         } else if let Some(ip) = zone.vm_addr(rel) {
             sets.push((RecordType::A, vec![rec(RData::A(A(ip)))]));
         }
@@ -458,12 +463,16 @@ impl Engine {
         };
         push("");
         push("ns1");
+        push("api");
         let mut names: Vec<String> = Vec::new();
         zone.each_vm(&mut |n, _| names.push(n.to_owned()));
         zone.each_txt(&mut |n, _| names.push(n.to_owned()));
         names.sort();
         names.dedup();
-        for n in names.iter().filter(|n| n.as_str() != "ns1") {
+        for n in names
+            .iter()
+            .filter(|n| !matches!(n.as_str(), "ns1" | "api"))
+        {
             push(n);
         }
         records.extend(owners.into_iter().flat_map(|(_, r)| r));

@@ -57,7 +57,7 @@ pub fn answer<Z: ZoneView + ?Sized>(
     let Ok(name) = std::str::from_utf8(&label[..len]) else {
         return false;
     };
-    if name == "ns1" {
+    if name == "ns1" || name == "api" {
         return false;
     }
     out.clear();

@@ -139,7 +139,7 @@ fn names_outside_the_zone_and_other_classes_are_refused() {
 }
 
 #[test]
-fn apex_has_soa_ns_with_glue_lobby_a_and_caa() {
+fn apex_has_soa_ns_with_glue_lobby_a_and_caa_and_api_is_at_the_lobby() {
     let m = udp("boxd.test.", RecordType::SOA);
     assert_eq!(m.answers[0].record_type(), RecordType::SOA);
     let m = udp("boxd.test.", RecordType::NS);
@@ -155,6 +155,11 @@ fn apex_has_soa_ns_with_glue_lobby_a_and_caa() {
     assert_eq!(
         ips(&udp("ns1.boxd.test.", RecordType::A)),
         vec![Ipv4Addr::LOCALHOST]
+    );
+    // The API is at the lobby too.
+    assert_eq!(
+        ips(&udp("api.boxd.test.", RecordType::A)),
+        vec![Ipv4Addr::new(127, 77, 0, 1)]
     );
     let m = udp("boxd.test.", RecordType::CAA);
     let RData::CAA(caa) = &m.answers[0].data else {
@@ -369,6 +374,7 @@ fn zone_transfer_only_for_secondaries_over_tcp() {
     for n in [
         "boxd.test.",
         "ns1.boxd.test.",
+        "api.boxd.test.",
         "myapp.boxd.test.",
         "db.boxd.test.",
         "_acme-challenge.myapp.boxd.test.",
@@ -398,6 +404,7 @@ fn fast_path_agrees_with_the_full_path() {
         "big",
         "_acme-challenge.myapp",
         "ns1",
+        "api",
         "",
     ];
     for name in names {
@@ -423,7 +430,10 @@ fn fast_path_agrees_with_the_full_path() {
                         "{fqdn} {t} {edns:?}"
                     );
                 }
-                let expect_fast = name.split('.').count() == 1 && !name.is_empty() && name != "ns1";
+                let expect_fast = name.split('.').count() == 1
+                    && !name.is_empty()
+                    && name != "ns1"
+                    && name != "api";
                 assert_eq!(answered, expect_fast, "{fqdn} {t} {edns:?}");
             }
         }

@@ -10,10 +10,11 @@ use std::sync::Arc;
 use boxd_controlplane::Replica;
 use boxd_controlplane::command::{Command, Outcome};
 use boxd_controlplane::model::{
-    Account, AccountId, Fingerprint, Millis, Node, Registration, Role, SshKey, Vm, VmId,
+    Account, AccountId, ApiToken, Fingerprint, Millis, Node, Registration, Role, SshKey, Vm, VmId,
 };
 use boxd_controlplane::replica::WriteError;
 use boxd_controlplane::store::ReadError;
+use boxd_controlplane::tokens::SigningKey;
 use boxd_operations::{Backend, BoxFuture, OpError};
 
 /// The operations' backend on this node's replica.
@@ -90,6 +91,14 @@ impl Backend for ReplicaBackend {
                 .await
                 .map_err(read_err)
         })
+    }
+
+    fn tokens_of(&self, account: AccountId) -> BoxFuture<'_, Result<Vec<ApiToken>, OpError>> {
+        self.on_rt(move |r| async move { r.reader().tokens_of(account).await.map_err(read_err) })
+    }
+
+    fn signing_key(&self) -> BoxFuture<'_, Result<Option<SigningKey>, OpError>> {
+        self.on_rt(|r| async move { r.reader().token_signing_key().await.map_err(read_err) })
     }
 
     fn account(&self, account: AccountId) -> BoxFuture<'_, Result<Option<Account>, OpError>> {

@@ -135,6 +135,11 @@ enum AdminCmd {
         #[command(subcommand)]
         command: Option<RegistrationsCmd>,
     },
+    /// The keys that sign API tokens: `rotate` adds a new one
+    TokenKeys {
+        #[command(subcommand)]
+        command: TokenKeysCmd,
+    },
     /// Create a token that lets a node join with the given roles
     JoinToken {
         /// Roles the joining node may take, comma-separated
@@ -144,6 +149,12 @@ enum AdminCmd {
         #[arg(long, default_value = "24h", value_parser = parse_duration)]
         ttl: Duration,
     },
+}
+
+#[derive(Subcommand, Debug)]
+enum TokenKeysCmd {
+    /// Sign new tokens with a new key; tokens signed with the old ones work until they expire
+    Rotate,
 }
 
 #[derive(Subcommand, Debug)]
@@ -170,22 +181,7 @@ enum ConfigCmd {
 }
 
 fn parse_duration(s: &str) -> Result<Duration, String> {
-    let s = s.trim();
-    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
-    let (num, unit) = s.split_at(split);
-    let n: u64 = num
-        .parse()
-        .map_err(|_| format!("`{s}` is not a duration: use e.g. 90s, 30m, 24h or 7d"))?;
-    let mult = match unit {
-        "" | "s" => 1,
-        "m" => 60,
-        "h" => 3600,
-        "d" => 86_400,
-        _ => return Err(format!("unknown unit `{unit}`: use s, m, h or d")),
-    };
-    n.checked_mul(mult)
-        .map(Duration::from_secs)
-        .ok_or_else(|| format!("`{s}` is too long"))
+    boxd_operations::parse_duration(s)
 }
 
 fn fail(code: u8, msg: impl std::fmt::Display) -> ExitCode {
@@ -437,6 +433,9 @@ fn admin_command(socket: &Path, json: bool, command: AdminCmd) -> ExitCode {
             name: name.clone(),
             to_account: to_account.clone(),
         },
+        AdminCmd::TokenKeys {
+            command: TokenKeysCmd::Rotate,
+        } => Request::RotateTokenKey {},
         AdminCmd::JoinToken { role, ttl } => Request::JoinToken {
             roles: role.clone(),
             ttl_secs: ttl.as_secs(),
@@ -487,6 +486,11 @@ fn admin_command(socket: &Path, json: bool, command: AdminCmd) -> ExitCode {
                 "the account"
             };
             println!("linked {fp} to {new} {account}");
+            Ok(())
+        }
+        AdminCmd::TokenKeys { .. } => {
+            let kid = result["kid"].as_str().unwrap_or_default();
+            println!("new tokens are signed with key {kid}");
             Ok(())
         }
         AdminCmd::JoinToken { role, .. } => {

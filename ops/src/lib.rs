@@ -2,6 +2,7 @@
 //! entry points. The binary (`main.rs`) only parses arguments and calls [`cli::main`].
 
 pub mod admin;
+pub mod api;
 pub mod backend;
 pub mod cli;
 pub mod config;

@@ -342,6 +342,12 @@ async fn settle(
         }
     }
 
+    if ready.https.is_some() || ready.ssh.is_some() {
+        // Both front ends mint API tokens (the lobby) or check them (the API).
+        if let Err(e) = crate::api::add_token_key(&replica, true).await {
+            tracing::error!(error = %e, "no token signing key: `token create` will fail");
+        }
+    }
     let mut https_ready = None;
     if let Some(listeners) = ready.https {
         match crate::https::start(

@@ -151,6 +151,10 @@ impl Handler for AdminContext {
                 let a = self.ops.approve(Approver::Operator, &code, to).await;
                 to_value(&a.map_err(|e| e.message)?)
             }
+            Request::RotateTokenKey {} => {
+                let kid = crate::api::add_token_key(&self.replica, false).await?;
+                Ok(json!({ "kid": kid }))
+            }
             Request::Write { command } => match self.replica.write(command).await {
                 Ok(outcome) => Ok(json!({ "applied": true, "outcome": outcome })),
                 Err(WriteError::Rejected(e)) => {

@@ -292,6 +292,38 @@ pub enum Command {
         /// Proposal time; an expired code is refused.
         at: Millis,
     },
+    /// Adds a key that signs API tokens: the newest signs, every kept one verifies. With
+    /// `if_none`, only when the cluster has none yet (proxies racing at startup agree on one).
+    /// Keys superseded longer ago than a token may live are dropped.
+    AddTokenKey {
+        /// Key id (the JWT `kid`).
+        kid: String,
+        /// Hex PKCS#8 v2 DER of the Ed25519 key.
+        pkcs8: String,
+        /// Proposal time.
+        at: Millis,
+        /// Only when there is no key yet.
+        if_none: bool,
+    },
+    /// Records an API token (its id is the JWT `jti`; the JWT itself is never stored).
+    CreateToken {
+        /// New id.
+        id: TokenId,
+        /// Owner.
+        account: AccountId,
+        /// Label (may be empty).
+        label: String,
+        /// Hex SHA-256 of the JWT.
+        hash: String,
+        /// VMs it is limited to; empty: all.
+        vms: Vec<String>,
+        /// Reads only.
+        read_only: bool,
+        /// Proposal time.
+        at: Millis,
+        /// Expiry.
+        expires_at: Millis,
+    },
 }
 
 /// The name of the field that holds a command's variant in its JSON form.
@@ -556,6 +588,8 @@ impl Command {
             Command::RecordVmEvent { .. } => "record_vm_event",
             Command::PublishImages { .. } => "publish_images",
             Command::ApproveRegistration { .. } => "approve_registration",
+            Command::AddTokenKey { .. } => "add_token_key",
+            Command::CreateToken { .. } => "create_token",
         }
     }
 }
@@ -692,5 +726,11 @@ pub enum ApplyError {
         what: String,
         /// The id.
         id: String,
+    },
+    /// The account has as many live tokens as it may.
+    #[error("this account has {limit} live tokens, the most it may: remove some with `token rm`")]
+    TokenLimit {
+        /// The limit.
+        limit: u32,
     },
 }

@@ -9,6 +9,7 @@
 
 pub mod command;
 pub mod model;
+pub mod tokens;
 pub mod view;
 
 pub use command::{ApplyError, Command, Outcome};

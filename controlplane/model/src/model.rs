@@ -492,12 +492,18 @@ pub struct ApiToken {
     pub account: AccountId,
     /// Label chosen by the owner.
     pub name: String,
-    /// Hex SHA-256 of the secret.
+    /// Hex SHA-256 of the token as issued (the token itself is never stored).
     pub hash: String,
     /// Creation time.
     pub created_at: Millis,
     /// Expiry.
     pub expires_at: Millis,
+    /// VMs it is limited to; empty: all.
+    #[serde(default)]
+    pub vms: Vec<String>,
+    /// Reads only.
+    #[serde(default)]
+    pub read_only: bool,
 }
 
 /// An unknown key waiting to be linked to an account through the web login.
@@ -581,12 +587,12 @@ pub fn is_dns_label(s: &str) -> bool {
 }
 
 /// Names the zone uses itself.
-pub const RESERVED_VM_NAMES: [&str; 1] = ["ns1"];
+pub const RESERVED_VM_NAMES: [&str; 2] = ["ns1", "api"];
 
 /// Why a VM name is refused, or `None` when it is fine.
 pub fn vm_name_problem(name: &str) -> Option<&'static str> {
     if RESERVED_VM_NAMES.contains(&name) {
-        Some("the name is reserved for the zone's name server: pick another")
+        Some("the name is reserved for the zone's own services (ns1, api): pick another")
     } else if name.is_empty() {
         Some("a name cannot be empty")
     } else if name.len() > 63 {

@@ -19,7 +19,10 @@ use imbl::GenericHashMap;
 use imbl::shared_ptr::DefaultSharedPtr;
 use tokio::sync::watch;
 
-use crate::model::{AccountId, ClusterSettings, Desired, Fingerprint, NodeId, Observed, Vm, VmId};
+use crate::model::{
+    AccountId, ClusterSettings, Desired, Fingerprint, NodeId, Observed, TokenId, Vm, VmId,
+};
+use crate::tokens::PublicKey;
 
 /// What the data plane knows about one VM.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -83,6 +86,12 @@ pub enum ViewChange {
     TxtUpsert(String, Arc<[String]>),
     /// TXT records at a name were removed.
     TxtRemove(String),
+    /// An API token exists (for an account).
+    TokenUpsert(TokenId, AccountId),
+    /// An API token was revoked or expired.
+    TokenRemove(TokenId),
+    /// The keys that verify API tokens, all of them.
+    TokenKeys(Vec<PublicKey>),
 }
 
 /// The View's maps: persistent, hashed with foldhash (seeded per map, like the standard
@@ -105,6 +114,10 @@ pub struct View {
     /// of the pool.
     addresses: HashMap<Ipv4Addr, u32>,
     txt: HashMap<String, Arc<[String]>>,
+    /// Live API tokens: revoking one removes it, and every proxy then refuses it.
+    tokens: HashMap<TokenId, AccountId>,
+    /// The keys that verify API tokens, by key id.
+    token_keys: Arc<[PublicKey]>,
 }
 
 /// A VM name as a map key, stored inline (DNS labels have at most 63 bytes). A patch copies the
@@ -160,6 +173,13 @@ impl View {
                 ViewChange::TxtRemove(name) => {
                     self.txt.remove(&name);
                 }
+                ViewChange::TokenUpsert(id, account) => {
+                    self.tokens.insert(id, account);
+                }
+                ViewChange::TokenRemove(id) => {
+                    self.tokens.remove(&id);
+                }
+                ViewChange::TokenKeys(keys) => self.token_keys = keys.into(),
             }
         }
     }
@@ -310,6 +330,35 @@ impl View {
     pub fn with_txt(mut self, txt: impl IntoIterator<Item = (String, Vec<String>)>) -> Self {
         self.txt = txt.into_iter().map(|(n, v)| (n, Arc::from(v))).collect();
         self
+    }
+
+    /// Replaces the tokens and their keys wholesale (building a View from full state).
+    pub fn with_tokens(
+        mut self,
+        tokens: impl IntoIterator<Item = (TokenId, AccountId)>,
+        keys: Vec<PublicKey>,
+    ) -> Self {
+        self.tokens = tokens.into_iter().collect();
+        self.token_keys = keys.into();
+        self
+    }
+
+    /// Whether token `id` is live (created, not revoked, not yet pruned) for `account`.
+    pub fn token_live(&self, id: TokenId, account: AccountId) -> bool {
+        self.tokens.get(&id) == Some(&account)
+    }
+
+    /// The public key with id `kid` that verifies tokens.
+    pub fn token_key(&self, kid: &str) -> Option<&[u8]> {
+        self.token_keys
+            .iter()
+            .find(|k| k.kid == kid)
+            .map(|k| k.key.as_slice())
+    }
+
+    /// Every key that verifies tokens (what the JWKS publishes).
+    pub fn token_keys(&self) -> &[PublicKey] {
+        &self.token_keys
     }
 
     /// How many keys are bound to accounts.

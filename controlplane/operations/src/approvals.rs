@@ -175,11 +175,11 @@ impl Operations {
         match by {
             Approver::Operator => Ok(()),
             Approver::Account(caller) => {
-                if self.account_of(caller).await?.owner {
+                if caller.fingerprint().is_some() && self.account_of(caller).await?.owner {
                     Ok(())
                 } else {
                     Err(OpError::new(
-                        ErrorKind::Refused,
+                        ErrorKind::Denied,
                         "only the cluster's owner approves registrations: send them the code",
                     ))
                 }

@@ -7,8 +7,9 @@ use std::pin::Pin;
 
 use boxd_model::command::{Command, Outcome};
 use boxd_model::model::{
-    Account, AccountId, Fingerprint, Millis, Node, Registration, SshKey, Vm, VmId,
+    Account, AccountId, ApiToken, Fingerprint, Millis, Node, Registration, SshKey, Vm, VmId,
 };
+use boxd_model::tokens::SigningKey;
 
 use crate::OpError;
 
@@ -37,6 +38,10 @@ pub trait Backend: Send + Sync + 'static {
         now: Millis,
         limit: u32,
     ) -> BoxFuture<'_, Result<Vec<Registration>, OpError>>;
+    /// An account's API tokens, newest first (local replica).
+    fn tokens_of(&self, account: AccountId) -> BoxFuture<'_, Result<Vec<ApiToken>, OpError>>;
+    /// The key that signs new API tokens, once one exists (local replica).
+    fn signing_key(&self) -> BoxFuture<'_, Result<Option<SigningKey>, OpError>>;
     /// An account by id (local replica).
     fn account(&self, account: AccountId) -> BoxFuture<'_, Result<Option<Account>, OpError>>;
     /// An account by name (local replica).

@@ -16,6 +16,9 @@ pub enum ErrorKind {
     NotFound,
     /// The name or key is taken (`ALREADY_EXISTS`).
     Exists,
+    /// The credential does not allow it: a token's scope or read-only flag, a non-owner
+    /// approving (`PERMISSION_DENIED`).
+    Denied,
     /// A quota, the address pool or a rate limit is used up (`RESOURCE_EXHAUSTED`).
     Exhausted,
     /// The request is well formed but the state does not allow it: a VM that failed to
@@ -77,9 +80,9 @@ impl From<ApplyError> for OpError {
             | ApplyError::AccountNameTaken { .. }
             | ApplyError::KeyTaken { .. }
             | ApplyError::IdConflict { .. } => ErrorKind::Exists,
-            ApplyError::QuotaExceeded { .. } | ApplyError::PoolExhausted { .. } => {
-                ErrorKind::Exhausted
-            }
+            ApplyError::QuotaExceeded { .. }
+            | ApplyError::PoolExhausted { .. }
+            | ApplyError::TokenLimit { .. } => ErrorKind::Exhausted,
             ApplyError::AlreadyInitialized { .. }
             | ApplyError::OwnerClaimed
             | ApplyError::LastKey

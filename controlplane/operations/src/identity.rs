@@ -36,10 +36,7 @@ impl Operations {
             })
             .await?;
         tracing::info!(key = %fp, "the first key claimed the owner account");
-        Ok(Caller {
-            account: id,
-            fingerprint: fp.clone(),
-        })
+        Ok(Caller::key(id, fp.clone()))
     }
 
     /// A link (`https://ZONE/register/CODE`) that binds the unknown key `fp` to an account

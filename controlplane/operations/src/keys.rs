@@ -12,8 +12,8 @@ pub struct Whoami {
     pub account: String,
     /// Account id.
     pub id: AccountId,
-    /// The key the caller authenticated with.
-    pub key: Fingerprint,
+    /// The key the caller authenticated with (`None` with a token).
+    pub key: Option<Fingerprint>,
     /// VMs the account owns.
     pub vms: usize,
     /// VMs it may own.
@@ -35,6 +35,7 @@ impl Operations {
     /// Adds the first key in `text` (an `authorized_keys`-style file: blank and `#` lines are
     /// skipped) to the caller's account; returns its fingerprint.
     pub async fn add_key(&self, caller: &Caller, text: &[u8]) -> Result<Fingerprint, OpError> {
+        keys_over_ssh(caller)?;
         let text = std::str::from_utf8(text).map_err(|_| {
             OpError::invalid(format!("the key on stdin is not text: {ADD_KEY_HINT}"))
         })?;
@@ -57,6 +58,7 @@ impl Operations {
 
     /// Removes the key with fingerprint `fp` (as `keys` prints it) from the caller's account.
     pub async fn remove_key(&self, caller: &Caller, fp: &str) -> Result<(), OpError> {
+        keys_over_ssh(caller)?;
         let fingerprint: Fingerprint = fp.parse().map_err(|_| {
             OpError::invalid(format!(
                 "{fp} is not a key fingerprint: copy one from `keys`"
@@ -85,7 +87,7 @@ impl Operations {
         Ok(Whoami {
             account: account.name,
             id: caller.account,
-            key: caller.fingerprint.clone(),
+            key: caller.fingerprint().cloned(),
             vms,
             max_vms: account.max_vms,
             owner: account.owner,
@@ -98,6 +100,18 @@ impl Operations {
             .account(caller.account)
             .await?
             .ok_or_else(|| OpError::new(ErrorKind::NotFound, "your account no longer exists"))
+    }
+}
+
+/// Keys are added and removed with a key: a token that could add one would outlive its own
+/// expiry and scope.
+fn keys_over_ssh(caller: &Caller) -> Result<(), OpError> {
+    match caller.fingerprint() {
+        Some(_) => Ok(()),
+        None => Err(OpError::new(
+            ErrorKind::Denied,
+            "SSH keys are added and removed over SSH, not with a token",
+        )),
     }
 }
 

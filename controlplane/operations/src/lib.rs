@@ -15,6 +15,7 @@ mod error;
 mod identity;
 mod keys;
 pub mod registrations;
+mod tokens;
 mod vms;
 
 use std::net::{IpAddr, Ipv4Addr};
@@ -22,6 +23,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use boxd_model::model::{AccountId, Fingerprint};
+use boxd_model::tokens::{Scope, Verified};
 use boxd_model::view::ViewHandle;
 use tokio::sync::mpsc;
 
@@ -31,6 +33,7 @@ pub use self::error::{ErrorKind, OpError};
 pub use self::identity::REGISTRATION_TTL_MS;
 pub use self::keys::{Whoami, parse_public_key};
 use self::registrations::RegistrationLimits;
+pub use self::tokens::{DEFAULT_TTL_MS, Issued, NewToken, parse_duration};
 pub use self::vms::{NewVm, Shown};
 
 /// Addresses the operations print and how long they wait.
@@ -54,13 +57,90 @@ impl Default for Settings {
     }
 }
 
-/// Who runs an operation: an account, authenticated by one of its keys.
+/// Who runs an operation: an account, and what proved it.
 #[derive(Clone, Debug)]
 pub struct Caller {
     /// Account.
     pub account: AccountId,
-    /// The key they authenticated with.
-    pub fingerprint: Fingerprint,
+    /// What they authenticated with.
+    pub credential: Credential,
+}
+
+/// What a caller proved.
+#[derive(Clone, Debug)]
+pub enum Credential {
+    /// One of the account's SSH keys: everything the account may do.
+    Key(Fingerprint),
+    /// An API token: what its scope allows, until it expires.
+    Token(Verified),
+}
+
+impl Caller {
+    /// A caller authenticated by the account's key `fp`.
+    pub fn key(account: AccountId, fp: Fingerprint) -> Self {
+        Self {
+            account,
+            credential: Credential::Key(fp),
+        }
+    }
+
+    /// A caller authenticated by a checked token.
+    pub fn token(t: Verified) -> Self {
+        Self {
+            account: t.account,
+            credential: Credential::Token(t),
+        }
+    }
+
+    /// The key they authenticated with, if it was a key.
+    pub fn fingerprint(&self) -> Option<&Fingerprint> {
+        match &self.credential {
+            Credential::Key(fp) => Some(fp),
+            Credential::Token(_) => None,
+        }
+    }
+
+    /// What they may do: everything with a key, the token's scope with a token.
+    pub fn scope(&self) -> Scope {
+        match &self.credential {
+            Credential::Key(_) => Scope::default(),
+            Credential::Token(t) => t.scope.clone(),
+        }
+    }
+
+    /// Refused unless the caller may read VM `name`.
+    fn may_read(&self, name: &str) -> Result<(), OpError> {
+        let scope = self.scope();
+        if scope.covers(name) {
+            return Ok(());
+        }
+        Err(OpError::new(
+            ErrorKind::Denied,
+            format!(
+                "this token is limited to the VMs {}: {name} is not one of them",
+                scope.vms.join(", ")
+            ),
+        ))
+    }
+
+    /// Refused unless the caller may change VM `name` (`None`: create a new one).
+    fn may_write(&self, name: Option<&str>) -> Result<(), OpError> {
+        let scope = self.scope();
+        if scope.read_only {
+            return Err(OpError::new(
+                ErrorKind::Denied,
+                "this token is read-only: use one made without --read-only",
+            ));
+        }
+        match name {
+            Some(n) => self.may_read(n),
+            None if !scope.vms.is_empty() => Err(OpError::new(
+                ErrorKind::Denied,
+                "this token is limited to some VMs and cannot create new ones",
+            )),
+            None => Ok(()),
+        }
+    }
 }
 
 /// Progress lines while an operation waits (the lobby prints them on stderr).

@@ -7,8 +7,10 @@ use std::sync::{Arc, Mutex};
 
 use boxd_model::command::{ApplyError, Command, Outcome};
 use boxd_model::model::{
-    Account, AccountId, Capacity, Fingerprint, Millis, Node, Registration, SshKey, Vm, VmId,
+    Account, AccountId, ApiToken, Capacity, Fingerprint, Millis, Node, Registration, SshKey, Vm,
+    VmId,
 };
+use boxd_model::tokens::SigningKey;
 use boxd_model::view::ViewHandle;
 
 use crate::{
@@ -20,6 +22,7 @@ use crate::{
 struct Memory {
     workers: Vec<Node>,
     accounts: Vec<Account>,
+    signing: Option<SigningKey>,
     writes: Mutex<Vec<Command>>,
     refuse: Option<ApplyError>,
     registration: Mutex<Option<Registration>>,
@@ -81,6 +84,13 @@ impl Backend for Memory {
         let r = self.registration.lock().expect("lock").clone();
         Box::pin(async move { Ok(r.into_iter().filter(|r| r.expires_at > now).collect()) })
     }
+    fn tokens_of(&self, _: AccountId) -> BoxFuture<'_, Result<Vec<ApiToken>, OpError>> {
+        Box::pin(async { Ok(Vec::new()) })
+    }
+    fn signing_key(&self) -> BoxFuture<'_, Result<Option<SigningKey>, OpError>> {
+        let k = self.signing.clone();
+        Box::pin(async move { Ok(k) })
+    }
     fn account(&self, id: AccountId) -> BoxFuture<'_, Result<Option<Account>, OpError>> {
         let a = self.accounts.iter().find(|a| a.id == id).cloned();
         Box::pin(async move { Ok(a) })
@@ -108,10 +118,7 @@ fn ops(m: Memory) -> (Operations, Arc<Memory>) {
 }
 
 fn caller() -> Caller {
-    Caller {
-        account: AccountId::random(),
-        fingerprint: Fingerprint::of_key_blob(b"k"),
-    }
+    Caller::key(AccountId::random(), Fingerprint::of_key_blob(b"k"))
 }
 
 fn worker(vcpus: u32) -> Node {
@@ -267,9 +274,9 @@ async fn only_the_owner_approves_and_a_refusal_writes_nothing() {
         .approve(by(&other), code, LinkTo::NewAccount(None))
         .await
         .expect_err("not the owner");
-    assert_eq!(e.kind, ErrorKind::Refused);
+    assert_eq!(e.kind, ErrorKind::Denied);
     let e = o.pending_keys(by(&other)).await.expect_err("not the owner");
-    assert_eq!(e.kind, ErrorKind::Refused);
+    assert_eq!(e.kind, ErrorKind::Denied);
     for bad in [
         "",
         "../etc",
@@ -340,4 +347,70 @@ async fn an_expired_link_is_shown_as_expired_and_not_approved() {
             .is_empty()
     );
     assert_eq!(m.written(), 0);
+}
+
+#[tokio::test]
+async fn a_token_can_only_make_narrower_shorter_tokens() {
+    use boxd_model::tokens::{Scope, Verified};
+    let key = SigningKey::generate().expect("key");
+    let (o, m) = ops(Memory {
+        signing: Some(key.clone()),
+        ..Memory::default()
+    });
+    // Memory's clock reads 1,000,000 ms; the parent token has 10 minutes left.
+    let parent = Caller::token(Verified {
+        account: AccountId::random(),
+        id: boxd_model::model::TokenId::random(),
+        expires_at: 1_000_000 + 600_000,
+        scope: Scope {
+            vms: Vec::new(),
+            read_only: true,
+        },
+    });
+    let ask = |ttl: Option<u64>, read_only: bool| crate::NewToken {
+        ttl_ms: ttl,
+        read_only,
+        ..crate::NewToken::default()
+    };
+    let e = o
+        .create_token(&parent, ask(None, false))
+        .await
+        .expect_err("wider: read-write");
+    assert_eq!(e.kind, ErrorKind::Denied);
+    let e = o
+        .create_token(&parent, ask(Some(3_600_000), true))
+        .await
+        .expect_err("longer");
+    assert_eq!(e.kind, ErrorKind::Denied);
+    let e = o.revoke_token(&parent, "x").await.expect_err("read-only");
+    assert_eq!(e.kind, ErrorKind::Denied);
+    let e = o
+        .add_key(&parent, b"ssh-ed25519 AAAA")
+        .await
+        .expect_err("keys over SSH");
+    assert_eq!(e.kind, ErrorKind::Denied);
+    let e = o
+        .create(&parent, NewVm::default(), &Progress::default())
+        .await
+        .expect_err("read-only");
+    assert_eq!(e.kind, ErrorKind::Denied);
+    assert_eq!(m.written(), 0, "no refusal reached the log");
+    // Within scope and lifetime: the default is what the parent has left.
+    let t = o
+        .create_token(&parent, ask(None, true))
+        .await
+        .expect("narrower");
+    assert_eq!(t.info.expires_at, 1_600_000);
+    assert!(t.info.read_only);
+    let public = key.public().expect("public");
+    let v = boxd_model::tokens::verify(
+        &t.token,
+        "boxd.test",
+        1_000_000,
+        |_| Some(public.clone()),
+        |_| true,
+    )
+    .expect("verifies");
+    assert_eq!((v.account, v.id), (parent.account, t.info.id));
+    assert_eq!(m.written(), 1);
 }

@@ -44,6 +44,7 @@ impl Operations {
         req: NewVm,
         progress: &Progress,
     ) -> Result<Vm, OpError> {
+        caller.may_write(None)?;
         let d = VmSpec::default();
         let spec = VmSpec {
             vcpus: req.cpus.unwrap_or(d.vcpus),
@@ -87,12 +88,15 @@ impl Operations {
     /// The caller's VMs, by name.
     pub async fn list(&self, caller: &Caller) -> Result<Vec<Vm>, OpError> {
         let mut vms = self.backend.vms_of(caller.account).await?;
+        let scope = caller.scope();
+        vms.retain(|v| scope.covers(&v.name));
         vms.sort_by(|a, b| a.name.cmp(&b.name));
         Ok(vms)
     }
 
     /// The caller's VM called `name`.
     pub async fn find(&self, caller: &Caller, name: &str) -> Result<Vm, OpError> {
+        caller.may_read(name)?;
         let vms = self.backend.vms_of(caller.account).await?;
         vms.into_iter().find(|v| v.name == name).ok_or_else(|| {
             OpError::new(ErrorKind::NotFound, format!("no VM named {name}: see `ls`"))
@@ -124,6 +128,7 @@ impl Operations {
 
     /// Deletes the caller's VM `name` and its disk.
     pub async fn delete(&self, caller: &Caller, name: &str) -> Result<(), OpError> {
+        caller.may_write(Some(name))?;
         let v = self.find(caller, name).await?;
         self.backend
             .write(Command::DeleteVm {
@@ -137,6 +142,7 @@ impl Operations {
 
     /// Asks the worker to stop the caller's VM `name` (its disk stays); does not wait.
     pub async fn stop(&self, caller: &Caller, name: &str) -> Result<(), OpError> {
+        caller.may_write(Some(name))?;
         let v = self.find(caller, name).await?;
         self.set_desired(caller, &v, Desired::Stopped).await
     }
@@ -148,6 +154,7 @@ impl Operations {
         name: &str,
         progress: &Progress,
     ) -> Result<Vm, OpError> {
+        caller.may_write(Some(name))?;
         let v = self.find(caller, name).await?;
         self.set_desired(caller, &v, Desired::Running).await?;
         self.wait_running(caller, v.id, name, progress).await

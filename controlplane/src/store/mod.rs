@@ -8,10 +8,12 @@ pub mod sqlite;
 
 use rusqlite::Connection;
 
+use crate::model::ApiToken;
 use crate::model::{
     Account, AccountId, ClusterSettings, Fingerprint, ImageAd, Millis, Node, NodeId, Registration,
     SshKey, TlsMaterial, Vm, VmId,
 };
+use crate::tokens::SigningKey;
 use crate::view::{View, ViewChange, VmRoute};
 pub use apply::Touched;
 pub use sqlite::{Closed, Durability, SqliteThread};
@@ -41,6 +43,15 @@ pub fn view_changes(c: &Connection, touched: &Touched) -> rusqlite::Result<Vec<V
             None => ViewChange::KeyRemove(fp.clone()),
         });
     }
+    for id in &touched.tokens {
+        out.push(match rows::token_account(c, *id)? {
+            Some(a) => ViewChange::TokenUpsert(*id, a),
+            None => ViewChange::TokenRemove(*id),
+        });
+    }
+    if touched.token_keys {
+        out.push(ViewChange::TokenKeys(rows::token_public_keys(c)?));
+    }
     for name in &touched.txt {
         out.push(match rows::txt(c, name)? {
             Some(v) => ViewChange::TxtUpsert(name.clone(), v.into()),
@@ -59,7 +70,8 @@ pub fn full_view(c: &Connection, applied: u64) -> rusqlite::Result<View> {
         vms.iter().map(VmRoute::from),
         rows::keys(c)?,
     )
-    .with_txt(rows::all_txt(c)?))
+    .with_txt(rows::all_txt(c)?)
+    .with_tokens(rows::all_tokens(c)?, rows::token_public_keys(c)?))
 }
 
 /// A failure reading the local replica.
@@ -155,6 +167,16 @@ impl StateReader {
     ) -> Result<Vec<Registration>, ReadError> {
         self.read(move |c| rows::registrations_pending(c, now, limit))
             .await
+    }
+
+    /// An account's tokens, newest first.
+    pub async fn tokens_of(&self, id: AccountId) -> Result<Vec<ApiToken>, ReadError> {
+        self.read(move |c| rows::tokens_of(c, id)).await
+    }
+
+    /// The key that signs new tokens.
+    pub async fn token_signing_key(&self) -> Result<Option<SigningKey>, ReadError> {
+        self.read(rows::token_signing_key).await
     }
 
     /// One account by name.

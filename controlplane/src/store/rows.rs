@@ -10,9 +10,10 @@ use rusqlite::{Connection, OptionalExtension, Row, params};
 use uuid::Uuid;
 
 use crate::model::{
-    Account, AccountId, Capacity, ClusterSettings, Fingerprint, ImageAd, Node, NodeId,
-    Registration, SshKey, TlsMaterial, Vm, VmId, VmSpec, parse_roles,
+    Account, AccountId, ApiToken, Capacity, ClusterSettings, Fingerprint, ImageAd, Node, NodeId,
+    Registration, SshKey, TlsMaterial, TokenId, Vm, VmId, VmSpec, parse_roles,
 };
+use crate::tokens::{PublicKey, SigningKey};
 
 fn bad(idx: usize, e: impl std::error::Error + Send + Sync + 'static) -> rusqlite::Error {
     rusqlite::Error::FromSqlConversionFailure(idx, Type::Text, Box::new(e))
@@ -414,6 +415,83 @@ pub fn registrations_pending(
     ))?
     .query_map(params![sql_u64(now), limit], registration_row)?
     .collect()
+}
+
+/// The account a token belongs to, if it exists.
+pub fn token_account(conn: &Connection, id: TokenId) -> rusqlite::Result<Option<AccountId>> {
+    conn.prepare_cached("SELECT account FROM api_tokens WHERE id = ?1")?
+        .query_row(params![id.to_string()], |r| Ok(AccountId(uuid(r, 0)?)))
+        .optional()
+}
+
+/// An account's tokens that expired by `now`.
+pub fn expired_tokens(
+    conn: &Connection,
+    account: AccountId,
+    now: u64,
+) -> rusqlite::Result<Vec<TokenId>> {
+    conn.prepare_cached("SELECT id FROM api_tokens WHERE account = ?1 AND expires_at <= ?2")?
+        .query_map(params![account.to_string(), sql_u64(now)], |r| {
+            Ok(TokenId(uuid(r, 0)?))
+        })?
+        .collect()
+}
+
+/// Every token and its account (the View's set of live token ids).
+pub fn all_tokens(conn: &Connection) -> rusqlite::Result<Vec<(TokenId, AccountId)>> {
+    conn.prepare_cached("SELECT id, account FROM api_tokens")?
+        .query_map([], |r| Ok((TokenId(uuid(r, 0)?), AccountId(uuid(r, 1)?))))?
+        .collect()
+}
+
+/// An account's tokens, newest first.
+pub fn tokens_of(conn: &Connection, account: AccountId) -> rusqlite::Result<Vec<ApiToken>> {
+    conn.prepare_cached(
+        "SELECT id, account, name, hash, created_at, expires_at, vms, read_only FROM api_tokens
+         WHERE account = ?1 ORDER BY created_at DESC, id",
+    )?
+    .query_map(params![account.to_string()], |r| {
+        let vms: String = r.get(6)?;
+        Ok(ApiToken {
+            id: TokenId(uuid(r, 0)?),
+            account: AccountId(uuid(r, 1)?),
+            name: r.get(2)?,
+            hash: r.get(3)?,
+            created_at: unsigned(r, 4)?,
+            expires_at: unsigned(r, 5)?,
+            vms: serde_json::from_str(&vms).unwrap_or_default(),
+            read_only: r.get(7)?,
+        })
+    })?
+    .collect()
+}
+
+/// The keys that verify tokens, oldest first.
+pub fn token_public_keys(conn: &Connection) -> rusqlite::Result<Vec<PublicKey>> {
+    conn.prepare_cached("SELECT kid, public FROM token_keys ORDER BY created_at, kid")?
+        .query_map([], |r| {
+            Ok(PublicKey {
+                kid: r.get(0)?,
+                key: r.get(1)?,
+            })
+        })?
+        .collect()
+}
+
+/// The key that signs new tokens: the newest not superseded.
+pub fn token_signing_key(conn: &Connection) -> rusqlite::Result<Option<SigningKey>> {
+    conn.prepare_cached(
+        "SELECT kid, pkcs8 FROM token_keys WHERE superseded_at IS NULL
+         ORDER BY created_at DESC, kid LIMIT 1",
+    )?
+    .query_row([], |r| {
+        let hex_der: String = r.get(1)?;
+        Ok(SigningKey {
+            kid: r.get(0)?,
+            pkcs8: hex::decode(hex_der).unwrap_or_default(),
+        })
+    })
+    .optional()
 }
 
 /// A value from the `meta` table.

@@ -5,7 +5,7 @@
 use rusqlite::Connection;
 
 /// Version of the schema below; stored in `PRAGMA user_version`.
-pub const SCHEMA_VERSION: i64 = 5;
+pub const SCHEMA_VERSION: i64 = 6;
 
 const SCHEMA: &str = r#"
 CREATE TABLE IF NOT EXISTS meta (
@@ -65,7 +65,19 @@ CREATE TABLE IF NOT EXISTS api_tokens (
     name       TEXT NOT NULL,
     hash       TEXT NOT NULL UNIQUE,
     created_at INTEGER NOT NULL,
-    expires_at INTEGER NOT NULL
+    expires_at INTEGER NOT NULL,
+    -- JSON array of VM names the token is limited to; empty array: all.
+    vms        TEXT NOT NULL DEFAULT '[]',
+    read_only  INTEGER NOT NULL DEFAULT 0
+);
+CREATE INDEX IF NOT EXISTS api_tokens_by_account ON api_tokens (account, expires_at);
+-- Keys that sign API tokens: the newest one not superseded signs; all verify.
+CREATE TABLE IF NOT EXISTS token_keys (
+    kid           TEXT PRIMARY KEY,
+    pkcs8         TEXT NOT NULL,
+    public        BLOB NOT NULL,
+    created_at    INTEGER NOT NULL,
+    superseded_at INTEGER
 );
 CREATE TABLE IF NOT EXISTS registrations (
     code        TEXT PRIMARY KEY,
@@ -137,6 +149,14 @@ CREATE TABLE IF NOT EXISTS deleted_vms (
 );
 "#;
 
+fn has_table(conn: &Connection, name: &str) -> rusqlite::Result<bool> {
+    conn.query_row(
+        "SELECT EXISTS (SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?1)",
+        [name],
+        |r| r.get(0),
+    )
+}
+
 /// Creates the tables if they do not exist and checks the version.
 pub fn migrate(conn: &Connection) -> rusqlite::Result<()> {
     let version: i64 = conn.query_row("PRAGMA user_version", [], |r| r.get(0))?;
@@ -151,16 +171,17 @@ pub fn migrate(conn: &Connection) -> rusqlite::Result<()> {
     if (1..=2).contains(&version) {
         conn.execute_batch("ALTER TABLE vms ADD COLUMN agent_key TEXT")?;
     }
-    let has_accounts: bool = conn.query_row(
-        "SELECT EXISTS (SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'accounts')",
-        [],
-        |r| r.get(0),
-    )?;
-    if (1..=4).contains(&version) && has_accounts {
+    if (1..=4).contains(&version) && has_table(conn, "accounts")? {
         // Before version 5 the owner was the account ClaimOwner named `owner`.
         conn.execute_batch(
             "ALTER TABLE accounts ADD COLUMN owner INTEGER NOT NULL DEFAULT 0;
              UPDATE accounts SET owner = 1 WHERE name = 'owner';",
+        )?;
+    }
+    if (1..=5).contains(&version) && has_table(conn, "api_tokens")? {
+        conn.execute_batch(
+            "ALTER TABLE api_tokens ADD COLUMN vms TEXT NOT NULL DEFAULT '[]';
+             ALTER TABLE api_tokens ADD COLUMN read_only INTEGER NOT NULL DEFAULT 0;",
         )?;
     }
     conn.execute_batch(SCHEMA)?;

@@ -135,17 +135,21 @@ type Respond = h2::server::SendResponse<Bytes>;
 
 /// Sends one of the failure pages as the stream's response.
 fn page(mut respond: Respond, page: &[u8]) -> Result<(), ProxyError> {
-    let (status, body) = match head::parse_response(page, 16, page.len()) {
-        Parse::Complete(r) => (r.status, &page[r.len..]),
-        _ => (500, &b""[..]),
+    let mut b = http::Response::builder();
+    let body = match head::parse_response(page, 32, page.len()) {
+        Parse::Complete(r) => {
+            b = b.status(r.status);
+            for (name, value) in r.h2_fields() {
+                b = b.header(name, value);
+            }
+            &page[r.len..]
+        }
+        _ => {
+            b = b.status(500);
+            &b""[..]
+        }
     };
-    let resp = http::Response::builder()
-        .status(status)
-        .header("content-type", "text/html; charset=utf-8")
-        .header("cache-control", "no-store")
-        .header("content-length", body.len())
-        .body(())
-        .map_err(ProxyError::boxd)?;
+    let resp = b.body(()).map_err(ProxyError::boxd)?;
     let mut send = respond.send_response(resp, false).map_err(h2_client)?;
     send.send_data(Bytes::copy_from_slice(body), true)
         .map_err(h2_client)
@@ -215,6 +219,13 @@ async fn stream(
             let target = parts.uri.path_and_query().map_or("/", |p| p.as_str());
             let p = super::site::answer(shard, parts.method.as_str(), target).await;
             return page(respond, &p);
+        }
+        Err(Elsewhere::Api) => {
+            let target = parts.uri.path_and_query().map_or("/", |p| p.as_str());
+            return page(
+                respond,
+                &super::site::api(shard, parts.method.as_str(), target),
+            );
         }
     };
     let has_body = !body.is_end_stream();

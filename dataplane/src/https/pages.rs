@@ -34,6 +34,20 @@ pub fn document(status: u16, reason: &str, title: &str, body: &str) -> Vec<u8> {
     r
 }
 
+/// A complete HTTP/1.1 response with a JSON body; cached for a minute (a rotated key is
+/// published within that).
+pub fn json(status: u16, reason: &str, body: &str) -> Vec<u8> {
+    let mut r = format!(
+        "HTTP/1.1 {status} {reason}\r\nContent-Type: application/json\r\n\
+         Content-Length: {}\r\nConnection: close\r\nCache-Control: max-age=60\r\n\
+         Access-Control-Allow-Origin: *\r\n\r\n",
+        body.len()
+    )
+    .into_bytes();
+    r.extend_from_slice(body.as_bytes());
+    r
+}
+
 /// A page with one paragraph of text (escaped here).
 pub fn response(status: u16, reason: &str, title: &str, detail: &str) -> Vec<u8> {
     document(status, reason, title, &format!("<p>{}</p>", escape(detail)))

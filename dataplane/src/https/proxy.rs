@@ -164,6 +164,10 @@ async fn serve_tls(stream: TcpStream, shard: Rc<Shard>) -> std::io::Result<()> {
                 let page = super::site::answer(&shard, &req.method, &req.target).await;
                 return reply(&mut tls, &page).await;
             }
+            Err(Elsewhere::Api) => {
+                let page = super::site::api(&shard, &req.method, &req.target);
+                return reply(&mut tls, &page).await;
+            }
         };
         let body = match req.body() {
             Ok(b) => b,

@@ -16,6 +16,8 @@ pub(super) enum Elsewhere {
     Page(Vec<u8>),
     /// It is for the zone's own name: its site answers (`site.rs`).
     Site,
+    /// It is for `api.<zone>`: the API's host answers (`site.rs`).
+    Api,
 }
 
 impl From<Vec<u8>> for Elsewhere {
@@ -53,6 +55,9 @@ impl Shard {
             return Err(pages::misdirected(&host).into());
         }
         let view = self.view().current();
+        if is_api(&host, view.zone().unwrap_or("")) {
+            return Err(Elsewhere::Api);
+        }
         let Some(vm) = view.vm_by_host(&host).cloned() else {
             return Err(self.no_vm(&host));
         };
@@ -78,4 +83,14 @@ impl Shard {
             pages::not_served(host, zone).into()
         }
     }
+}
+
+/// Whether `host` is `api.<zone>` (any case, trailing dot or not).
+fn is_api(host: &str, zone: &str) -> bool {
+    let bare = host.strip_suffix('.').unwrap_or(host);
+    bare.len() == zone.len() + 4
+        && bare
+            .get(..4)
+            .is_some_and(|p| p.eq_ignore_ascii_case("api."))
+        && bare.get(4..).is_some_and(|z| z.eq_ignore_ascii_case(zone))
 }

@@ -1,7 +1,8 @@
 //! The zone's own site, at `https://<zone>/`: the front page and the registration pages an
 //! unknown SSH key is sent to (`/register/<code>`: which key, until when, and how it gets
-//! linked). Read-only pages: GET and HEAD. Every value shown is escaped; none needs
-//! JavaScript.
+//! linked); and the API's host `https://api.<zone>/`, whose JSON Web Key Set
+//! (`/.well-known/jwks.json`) lets anyone check a token's signature. Read-only pages: GET and
+//! HEAD. Every value shown is escaped; none needs JavaScript.
 
 use boxd_operations::{ErrorKind, PendingKey};
 
@@ -12,17 +13,9 @@ use super::shard::Shard;
 pub(super) async fn answer(shard: &Shard, method: &str, target: &str) -> Vec<u8> {
     let head = method == "HEAD";
     if !head && method != "GET" {
-        return with_header(
-            pages::response(
-                405,
-                "Method Not Allowed",
-                "Method not allowed",
-                "These pages are only read (GET).",
-            ),
-            "Allow: GET, HEAD",
-        );
+        return not_allowed();
     }
-    let path = target.split(['?', '#']).next().unwrap_or("");
+    let path = path_of(target);
     let page = match path {
         "/" => pages::apex(&zone(shard), shard.cfg().ssh_port),
         _ => match path.strip_prefix("/register/") {
@@ -40,6 +33,56 @@ pub(super) async fn answer(shard: &Shard, method: &str, target: &str) -> Vec<u8>
         },
     };
     if head { head_only(page) } else { page }
+}
+
+/// The answer to `method target` for `api.<zone>` over HTTP/1.1 (or HTTP/2 without gRPC).
+pub(super) fn api(shard: &Shard, method: &str, target: &str) -> Vec<u8> {
+    let head = method == "HEAD";
+    if !head && method != "GET" {
+        return not_allowed();
+    }
+    let zone = zone(shard);
+    let page = match path_of(target) {
+        "/.well-known/jwks.json" => {
+            let keys = boxd_model::tokens::jwks(shard.view().current().token_keys());
+            pages::json(200, "OK", &keys.to_string())
+        }
+        "/" => pages::response(
+            200,
+            "OK",
+            &format!("The {zone} API"),
+            &format!(
+                "A gRPC API (boxd.api.v1, HTTP/2) for the operations of the lobby. Make a \
+                 token with `{} token create` and send it as `authorization: Bearer <token>`. \
+                 The keys that sign tokens are at https://api.{zone}/.well-known/jwks.json.",
+                lobby_ssh(shard)
+            ),
+        ),
+        path => pages::response(
+            404,
+            "Not Found",
+            "No such page",
+            &format!("api.{zone} has no page {path}."),
+        ),
+    };
+    if head { head_only(page) } else { page }
+}
+
+fn not_allowed() -> Vec<u8> {
+    with_header(
+        pages::response(
+            405,
+            "Method Not Allowed",
+            "Method not allowed",
+            "These pages are only read (GET).",
+        ),
+        "Allow: GET, HEAD",
+    )
+}
+
+/// A request target's path (no query or fragment).
+fn path_of(target: &str) -> &str {
+    target.split(['?', '#']).next().unwrap_or("")
 }
 
 fn zone(shard: &Shard) -> String {

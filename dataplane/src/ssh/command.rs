@@ -5,7 +5,7 @@
 
 use std::fmt;
 
-pub use boxd_operations::{LinkTo, NewVm};
+pub use boxd_operations::{LinkTo, NewToken, NewVm};
 
 /// Largest command line accepted.
 pub const MAX_LINE: usize = 4096;
@@ -73,6 +73,23 @@ pub enum LobbyCommand {
         /// The account it joins.
         to: LinkTo,
     },
+    /// Make an API token and print it.
+    TokenCreate {
+        /// What it may do, for how long.
+        token: NewToken,
+        /// Machine-readable output.
+        json: bool,
+    },
+    /// List the account's tokens.
+    TokenLs {
+        /// Machine-readable output.
+        json: bool,
+    },
+    /// Revoke a token.
+    TokenRm {
+        /// Its id.
+        id: String,
+    },
     /// An OpenSSH config block for the zone: names that work without DNS.
     SshConfig,
     /// Usage.
@@ -133,12 +150,16 @@ Commands:
   keys add            add the public key given on stdin
   keys rm FINGERPRINT remove a key
   whoami              show your account
+  token create [--ttl=1h] [--vm=NAME]... [--read-only] [--label=TEXT]
+                      make an API token (a JWT for the gRPC API at api.ZONE)
+  token ls            list your tokens
+  token rm ID         revoke a token at once
   registrations       keys waiting for approval (the cluster's owner)
   approve CODE [--name=NAME | --to-account=ACCOUNT]
                       link a waiting key to a new account (or to ACCOUNT)
   ssh-config          an OpenSSH config for your VMs' names (ssh -F <(ssh LOBBY ssh-config) NAME)
   help                this text
-Add --json to ls, show, keys, whoami, registrations and new for machine-readable output.
+Add --json to ls, show, keys, whoami, token, registrations and new for machine-readable output.
 Sizes: memory in MiB or with a unit (512M, 2G); disk in GiB or with a unit (10G).
 ";
 
@@ -322,6 +343,7 @@ fn parse(words: &[String]) -> Result<LobbyCommand, UsageError> {
             })
         }
         "approve" => parse_approve(words),
+        "token" | "tokens" => parse_token(words),
         "ssh-config" => {
             if words.len() > 1 {
                 return Err(usage("`ssh-config` takes no arguments"));
@@ -334,6 +356,52 @@ fn parse(words: &[String]) -> Result<LobbyCommand, UsageError> {
             "unknown command `{}`: type `help` for the list",
             other.escape_debug()
         ))),
+    }
+}
+
+fn parse_token(words: &[String]) -> Result<LobbyCommand, UsageError> {
+    let (pos, flags) = split(words, &["ttl", "vm", "label"])?;
+    match pos.get(1).copied() {
+        None | Some("ls" | "list") if pos.len() <= 2 => Ok(LobbyCommand::TokenLs {
+            json: json_only("token ls", &flags)?,
+        }),
+        Some("rm" | "revoke") => {
+            json_only("token rm", &flags)?;
+            Ok(LobbyCommand::TokenRm {
+                id: one_name("token rm", &pos[1..], "token id")?.to_owned(),
+            })
+        }
+        Some("create" | "new") if pos.len() == 2 => {
+            let (mut token, mut json) = (NewToken::default(), false);
+            for f in &flags {
+                match f.name {
+                    "ttl" => {
+                        let d = boxd_operations::parse_duration(value(f)?).map_err(usage)?;
+                        let ms = u64::try_from(d.as_millis()).unwrap_or(u64::MAX);
+                        token.ttl_ms = Some(ms);
+                    }
+                    "vm" => token.vms.push(value(f)?.to_owned()),
+                    "label" => token.label = value(f)?.to_owned(),
+                    "read-only" => {
+                        no_value(f)?;
+                        token.read_only = true;
+                    }
+                    "json" => {
+                        no_value(f)?;
+                        json = true;
+                    }
+                    other => return Err(usage(format!("`token create` has no option --{other}"))),
+                }
+            }
+            Ok(LobbyCommand::TokenCreate { token, json })
+        }
+        Some(verb @ ("create" | "new" | "ls" | "list")) => Err(usage(format!(
+            "`token {verb}` takes options only (see `help`)"
+        ))),
+        Some(other) => Err(usage(format!(
+            "`token {other}` is not a command: use token create, token ls or token rm ID"
+        ))),
+        None => Err(usage("`token` takes no arguments: use token ls")),
     }
 }
 
@@ -510,6 +578,27 @@ mod tests {
         );
         assert_eq!(p("whoami --json"), Ok(LobbyCommand::Whoami { json: true }));
         assert_eq!(
+            p("token create --ttl=10m --vm=web --vm db --read-only --label='for ci' --json"),
+            Ok(LobbyCommand::TokenCreate {
+                token: NewToken {
+                    ttl_ms: Some(600_000),
+                    vms: vec!["web".into(), "db".into()],
+                    read_only: true,
+                    label: "for ci".into(),
+                },
+                json: true
+            })
+        );
+        assert_eq!(p("tokens"), Ok(LobbyCommand::TokenLs { json: false }));
+        assert_eq!(
+            p("token ls --json"),
+            Ok(LobbyCommand::TokenLs { json: true })
+        );
+        assert_eq!(
+            p("token rm abc"),
+            Ok(LobbyCommand::TokenRm { id: "abc".into() })
+        );
+        assert_eq!(
             p("registrations --json"),
             Ok(LobbyCommand::Registrations { json: true })
         );
@@ -554,6 +643,13 @@ mod tests {
             ("approve c --name=a --name=b", "give one of"),
             ("approve c --force", "no option --force"),
             ("registrations x", "takes no arguments"),
+            ("token frob", "not a command"),
+            ("token create --ttl=soon", "not a duration"),
+            ("token create --ttl=3w", "unknown unit"),
+            ("token create --read-only=yes", "takes no value"),
+            ("token create --vm", "needs a value"),
+            ("token rm", "needs a token id"),
+            ("token create extra", "takes options only"),
             ("new --memory=99999999999999999999T", "not a size"),
             ("ls \u{1b}[2J", "control characters"),
         ] {

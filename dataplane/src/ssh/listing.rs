@@ -19,7 +19,7 @@ pub fn events(events: &[(Millis, String)], last: Option<usize>) -> String {
 }
 
 /// A time as HTTP dates print it (UTC).
-fn date(at: Millis) -> String {
+pub(super) fn date(at: Millis) -> String {
     httpdate::fmt_http_date(std::time::UNIX_EPOCH + std::time::Duration::from_millis(at))
 }
 

@@ -6,6 +6,7 @@
 use std::fmt::Write as _;
 use std::sync::Arc;
 
+use boxd_model::model::ApiToken;
 use boxd_model::model::Vm;
 use boxd_operations::{Approver, ErrorKind, OpError, Operations, PendingKey};
 use serde_json::json;
@@ -125,6 +126,15 @@ impl Lobby {
                 .await
                 .map(|()| Reply::out(format!("removed {fingerprint}\n"))),
             LobbyCommand::Whoami { json } => ops.whoami(caller).await.map(|w| whoami(&w, json)),
+            LobbyCommand::TokenCreate { token, json } => ops
+                .create_token(caller, token)
+                .await
+                .map(|t| issued(&t, &ops.zone(), json)),
+            LobbyCommand::TokenLs { json } => ops.tokens(caller).await.map(|t| tokens(&t, json)),
+            LobbyCommand::TokenRm { id } => ops
+                .revoke_token(caller, &id)
+                .await
+                .map(|()| Reply::out(format!("revoked {id}\n"))),
             LobbyCommand::Registrations { json } => {
                 let by = Approver::Account(caller);
                 ops.pending_keys(by)
@@ -268,6 +278,68 @@ impl Lobby {
     }
 }
 
+/// A new token: the JWT alone on stdout (for `$(ssh … token create)`), what it allows on
+/// stderr; or all of it as JSON.
+fn issued(t: &boxd_operations::Issued, zone: &str, json: bool) -> Reply {
+    if json {
+        let mut v = token_json(&t.info);
+        v["token"] = t.token.clone().into();
+        return Reply::out(format!("{v}\n"));
+    }
+    let mut r = Reply::out(format!("{}\n", t.token));
+    r.stderr = format!(
+        "token {} for {}, {}, until {}: send it as `authorization: Bearer …` to api.{zone}\n",
+        t.info.id,
+        scope_text(&t.info),
+        if t.info.read_only {
+            "read-only"
+        } else {
+            "read-write"
+        },
+        super::listing::date(t.info.expires_at)
+    );
+    r
+}
+
+fn scope_text(t: &ApiToken) -> String {
+    if t.vms.is_empty() {
+        "every VM".into()
+    } else {
+        format!("VMs {}", t.vms.join(","))
+    }
+}
+
+fn token_json(t: &ApiToken) -> serde_json::Value {
+    json!({
+        "id": t.id.to_string(),
+        "label": t.name,
+        "vms": t.vms,
+        "read_only": t.read_only,
+        "created_at": t.created_at,
+        "expires_at": t.expires_at,
+    })
+}
+
+fn tokens(all: &[ApiToken], json: bool) -> Reply {
+    if json {
+        let v: Vec<_> = all.iter().map(token_json).collect();
+        return Reply::out(format!("{}\n", serde_json::Value::Array(v)));
+    }
+    let mut s = String::new();
+    for t in all {
+        let _ = writeln!(
+            s,
+            "{}  {}  {}  until {}  {}",
+            t.id,
+            scope_text(t),
+            if t.read_only { "ro" } else { "rw" },
+            super::listing::date(t.expires_at),
+            t.name
+        );
+    }
+    Reply::out(s)
+}
+
 /// What an approval did, and what its key's owner does next.
 pub fn approved(a: &boxd_operations::Approved, lobby: &str) -> String {
     let which = if a.new_account {
@@ -290,7 +362,7 @@ fn keys(caller: &Caller, keys: &[boxd_model::model::SshKey], json: bool) -> Repl
                     "fingerprint": k.fingerprint.as_str(),
                     "public_key": k.public_key,
                     "added_at": k.added_at,
-                    "current": k.fingerprint == caller.fingerprint,
+                    "current": Some(&k.fingerprint) == caller.fingerprint(),
                 })
             })
             .collect();
@@ -301,7 +373,7 @@ fn keys(caller: &Caller, keys: &[boxd_model::model::SshKey], json: bool) -> Repl
         let mut parts = k.public_key.split_whitespace();
         let kind = parts.next().unwrap_or("?");
         let comment: Vec<&str> = parts.skip(1).collect();
-        let mark = if k.fingerprint == caller.fingerprint {
+        let mark = if Some(&k.fingerprint) == caller.fingerprint() {
             "  (this key)"
         } else {
             ""
@@ -318,7 +390,7 @@ fn whoami(w: &boxd_operations::Whoami, json: bool) -> Reply {
             json!({
                 "account": w.account,
                 "id": w.id.to_string(),
-                "key": w.key.as_str(),
+                "key": w.key.as_ref().map(|k| k.as_str()),
                 "vms": w.vms,
                 "max_vms": w.max_vms,
                 "owner": w.owner,
@@ -332,6 +404,10 @@ fn whoami(w: &boxd_operations::Whoami, json: bool) -> Reply {
     };
     Reply::out(format!(
         "account  {}\nid       {}\nkey      {}\nvms      {} of {}\n{owner}",
-        w.account, w.id, w.key, w.vms, w.max_vms
+        w.account,
+        w.id,
+        w.key.as_ref().map_or("-", |k| k.as_str()),
+        w.vms,
+        w.max_vms
     ))
 }

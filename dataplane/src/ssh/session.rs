@@ -163,10 +163,7 @@ impl Handler for Conn {
         let account = self.shared.lobby.ops().view().current().account_of(&fp);
         if lobby {
             if let Some(account) = account {
-                return Ok(self.admit(Mode::Lobby(Caller {
-                    account,
-                    fingerprint: fp,
-                })));
+                return Ok(self.admit(Mode::Lobby(Caller::key(account, fp))));
             }
             let text = key.public_key.to_openssh().unwrap_or_default();
             // A fresh cluster: the first key claims the owner account.

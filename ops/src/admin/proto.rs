@@ -2,7 +2,7 @@
 //!
 //! Requests: `{"op":"status"}`, `{"op":"members"}`, `{"op":"vms"}`,
 //! `{"op":"join-token","roles":["worker"],"ttl_secs":86400}`, `{"op":"registrations"}`,
-//! `{"op":"approve","code":"…","name":"ann"}` (or `"to_account"`),
+//! `{"op":"approve","code":"…","name":"ann"}` (or `"to_account"`), `{"op":"rotate-token-key"}`,
 //! `{"op":"write","command":{...}}` (a typed log command, for operators and tests).
 //! Replies: `{"ok":true,"result":...}` or `{"ok":false,"error":"..."}`. A malformed line gets an
 //! error reply and the connection stays usable. This module does no I/O.
@@ -50,6 +50,8 @@ pub enum Request {
         #[serde(default)]
         to_account: Option<String>,
     },
+    /// Add a new token signing key (the old ones verify until their tokens expire).
+    RotateTokenKey {},
     /// Append a command to the log (through the leader).
     Write {
         /// The command.

@@ -1,8 +1,9 @@
-//! Commands about accounts and what proves them: SSH keys, API tokens, registrations, the owner.
+//! Commands about accounts and what proves them: SSH keys, registrations, the owner (API
+//! tokens: `tokens.rs`).
 
 #[allow(clippy::wildcard_imports)]
 use super::*;
-use crate::model::{Millis, TokenId};
+use crate::model::Millis;
 
 /// `CreateAccount`: creates an account.
 pub(super) fn create_account(
@@ -115,96 +116,6 @@ pub(super) fn remove_ssh_key(
         params![fingerprint.as_str()],
     )?;
     t.keys.insert(fingerprint.clone());
-    Ok(Outcome::Done)
-}
-
-/// `CreateApiToken`: records an API token's hash.
-#[allow(clippy::too_many_arguments)] // the command's fields, as the dispatch takes them apart
-pub(super) fn create_api_token(
-    c: &Connection,
-    cache: &mut Cache,
-    id: &TokenId,
-    account: &AccountId,
-    name: &String,
-    hash: &String,
-    at: &Millis,
-    expires_at: &Millis,
-) -> Result<Outcome, Fail> {
-    settings(c, &mut cache.settings)?;
-    if rows::account(c, *account)?.is_none() {
-        return Err(not_found("account", account));
-    }
-    if hash.len() != 64 || !hash.bytes().all(|b| b.is_ascii_hexdigit()) {
-        return Err(invalid("token hash", "expected 64 hex digits (SHA-256)"));
-    }
-    if let Some(p) = text_problem(name, 128) {
-        return Err(invalid("token name", p));
-    }
-    let existing: Option<(String, String)> = c
-        .query_row(
-            "SELECT account, hash FROM api_tokens WHERE id = ?1",
-            params![id.to_string()],
-            |r| Ok((r.get(0)?, r.get(1)?)),
-        )
-        .map(Some)
-        .or_else(ignore_no_rows)?;
-    if let Some((a, h)) = existing {
-        return if a == account.to_string() && h == *hash {
-            Ok(Outcome::Done)
-        } else {
-            Err(ApplyError::IdConflict {
-                what: "token".into(),
-                id: id.to_string(),
-            }
-            .into())
-        };
-    }
-    exec(
-        c,
-        "INSERT INTO api_tokens (id, account, name, hash, created_at, expires_at)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
-        params![
-            id.to_string(),
-            account.to_string(),
-            name,
-            hash,
-            sql_u64(*at),
-            sql_u64(*expires_at)
-        ],
-    )?;
-    Ok(Outcome::Done)
-}
-
-/// `RevokeApiToken`: revokes a token.
-pub(super) fn revoke_api_token(
-    c: &Connection,
-    account: &AccountId,
-    id: &TokenId,
-) -> Result<Outcome, Fail> {
-    let owner: Option<String> = c
-        .query_row(
-            "SELECT account FROM api_tokens WHERE id = ?1",
-            params![id.to_string()],
-            |r| r.get(0),
-        )
-        .map(Some)
-        .or_else(ignore_no_rows)?;
-    match owner {
-        Some(o) if o == account.to_string() => {}
-        Some(_) => {
-            return Err(ApplyError::NotYours {
-                what: "token".into(),
-                id: id.to_string(),
-            }
-            .into());
-        }
-        None => return Err(not_found("token", id)),
-    }
-    exec(
-        c,
-        "DELETE FROM api_tokens WHERE id = ?1",
-        params![id.to_string()],
-    )?;
     Ok(Outcome::Done)
 }
 

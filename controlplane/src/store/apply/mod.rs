@@ -17,6 +17,7 @@ mod accounts;
 mod cluster;
 mod images;
 mod nodes;
+mod tokens;
 mod vms;
 
 use crate::command::{ApplyError, Command, Outcome, Response};
@@ -41,6 +42,10 @@ pub struct Touched {
     pub settings: bool,
     /// TXT owner names written.
     pub txt: BTreeSet<String>,
+    /// API tokens created, revoked or expired.
+    pub tokens: BTreeSet<crate::model::TokenId>,
+    /// The token signing keys changed.
+    pub token_keys: bool,
 }
 
 impl Touched {
@@ -56,6 +61,8 @@ impl Touched {
         self.keys.extend(other.keys);
         self.settings |= other.settings;
         self.txt.extend(other.txt);
+        self.tokens.extend(other.tokens);
+        self.token_keys |= other.token_keys;
     }
 
     /// Records that `vm` changed (or went): its row must be read back for the View.
@@ -359,8 +366,49 @@ fn apply_one(
             hash,
             at,
             expires_at,
-        } => accounts::create_api_token(c, cache, id, account, name, hash, at, expires_at),
-        Command::RevokeApiToken { account, id } => accounts::revoke_api_token(c, account, id),
+        } => {
+            // The older form, which nothing proposes any more: a token for every VM.
+            let token = Command::CreateToken {
+                id: *id,
+                account: *account,
+                label: name.clone(),
+                hash: hash.clone(),
+                vms: Vec::new(),
+                read_only: false,
+                at: *at,
+                expires_at: *expires_at,
+            };
+            apply_one(c, &token, t, cache)
+        }
+        Command::CreateToken {
+            id,
+            account,
+            label,
+            hash,
+            vms,
+            read_only,
+            at,
+            expires_at,
+        } => {
+            let n = tokens::NewToken {
+                id,
+                account,
+                label,
+                hash,
+                vms,
+                read_only: *read_only,
+                at: *at,
+                expires_at: *expires_at,
+            };
+            tokens::create_token(c, t, cache, &n)
+        }
+        Command::AddTokenKey {
+            kid,
+            pkcs8,
+            at,
+            if_none,
+        } => tokens::add_token_key(c, t, kid, pkcs8, *at, *if_none),
+        Command::RevokeApiToken { account, id } => tokens::revoke_api_token(c, t, account, id),
         Command::CreateRegistration {
             code,
             fingerprint,

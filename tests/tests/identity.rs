@@ -1,0 +1,406 @@
+//! Identity end to end with OpenSSH, curl and PyJWT.
+//!
+//! Registration without an identity provider: an unknown key gets a link; the link opens a
+//! page (through the HTTPS front door, at the zone's own name) that shows the key and how it
+//! gets linked; the cluster's owner lists waiting keys and approves one as a new account or
+//! into an existing one, from the lobby or `boxd admin`; the key's owner reconnects and is in.
+//! Refused, with nothing linked: a non-owner's approval, a used code, an expired one, a taken
+//! account name; hostile paths get escaped 404 pages.
+//!
+//! API tokens: `token create` prints a JWT that PyJWT verifies against the key set published
+//! at `https://api.<zone>/.well-known/jwks.json`, with the scope asked for; `token ls`,
+//! `token rm`; a key rotation keeps old tokens verifiable.
+
+#![allow(clippy::unwrap_used)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use boxd_test_support::{SSH_OPTS, boxd_bin, fingerprint, keygen, run};
+use boxd_tests::{Node, UP, now_ms, ready_field as field, running_vm, write, write_config};
+use serde_json::{Value, json};
+
+const LOBBY: &str = "127.77.0.1";
+
+/// Where one test's node listens: its own IP for Raft, DNS and the rest, and its own HTTPS
+/// and SSH ports on every address (the lobby address is shared by every test).
+#[derive(Clone, Copy)]
+struct At {
+    ip: &'static str,
+    https: u16,
+    ssh: u16,
+}
+
+const REGISTRATION: At = At {
+    ip: "127.0.44.1",
+    https: 30443,
+    ssh: 30222,
+};
+const TOKENS: At = At {
+    ip: "127.0.44.2",
+    https: 30445,
+    ssh: 30223,
+};
+
+impl At {
+    /// `boxd up` with this test's addresses; returns the node, its ready line and data dir.
+    fn start(self, dir: &Path) -> (Node, String, PathBuf) {
+        let ip = self.ip;
+        let cfg = write_config(dir, "id", &format!("{ip}:7000"), "");
+        let text = std::fs::read_to_string(&cfg)
+            .unwrap()
+            .replace(
+                &format!("[https]\nlisten = \"{ip}:8443\"\nredirect_listen = \"{ip}:8080\""),
+                &format!(
+                    "[https]\nlisten = \"0.0.0.0:{}\"\nredirect_listen = \"0.0.0.0:{}\"",
+                    self.https,
+                    self.https + 1
+                ),
+            )
+            .replace(
+                &format!("[ssh]\nlisten = \"{ip}:2222\""),
+                &format!(
+                    "[ssh]\nlisten = \"0.0.0.0:{}\"\nauth_timeout_secs = 5",
+                    self.ssh
+                ),
+            );
+        std::fs::write(&cfg, text).unwrap();
+        let data = dir.join("data");
+        let node = Node::start(&UP, &data, &cfg);
+        let ready = node.wait_ready(Duration::from_secs(30));
+        (node, ready, data)
+    }
+
+    /// `ssh -p SSH -i key LOBBY args…`: (exit status, stdout, stderr).
+    fn lobby(self, key: &Path, args: &[&str]) -> (i32, String, String) {
+        run(Command::new("ssh")
+            .args(["-p", &self.ssh.to_string(), "-i"])
+            .arg(key)
+            .args(SSH_OPTS)
+            .args(["-o", "ConnectTimeout=10", LOBBY])
+            .args(args)
+            .stdin(Stdio::null()))
+    }
+
+    /// The registration link an unknown key is given, and its code.
+    fn link_for(self, key: &Path) -> (String, String) {
+        let (status, out, err) = self.lobby(key, &["whoami"]);
+        assert_eq!((status, out.as_str()), (1, ""), "{err}");
+        let link = err
+            .split_whitespace()
+            .find(|w| w.contains("/register/"))
+            .unwrap_or_else(|| panic!("no link in {err:?}"))
+            .to_owned();
+        let code = link.rsplit('/').next().unwrap().to_owned();
+        (link, code)
+    }
+
+    /// `https://HOST:HTTPS/path` for a name in the zone (`""`: the zone itself).
+    fn url(self, host: &str, path: &str) -> String {
+        let dot = if host.is_empty() { "" } else { "." };
+        format!("https://{host}{dot}boxd.test:{}{path}", self.https)
+    }
+
+    /// curl `url` (its host resolved to the lobby) with the local CA: (status, body).
+    fn curl(self, ca: &str, url: &str, extra: &[&str]) -> (u16, String) {
+        let host = url
+            .trim_start_matches("https://")
+            .split([':', '/'])
+            .next()
+            .unwrap();
+        let out = Command::new("curl")
+            .args(["-sS", "--max-time", "30", "--cacert", ca, "-o", "-"])
+            .args(["-w", "\n%{http_code}", "--resolve"])
+            .arg(format!("{host}:{}:{LOBBY}", self.https))
+            .args(extra)
+            .arg(url)
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        let (body, code) = text.rsplit_once('\n').unwrap_or(("", "0"));
+        (code.parse().unwrap_or(0), body.to_owned())
+    }
+
+    fn whoami(self, key: &Path) -> Value {
+        let (status, out, err) = self.lobby(key, &["whoami", "--json"]);
+        assert_eq!(status, 0, "{err}");
+        serde_json::from_str(&out).unwrap()
+    }
+}
+
+fn key(dir: &Path, name: &str) -> PathBuf {
+    let p = dir.join(name);
+    keygen(&p);
+    p
+}
+
+fn admin_cli(data: &Path, args: &[&str]) -> (i32, String, String) {
+    run(Command::new(boxd_bin())
+        .args(["admin", "--data-dir"])
+        .arg(data)
+        .args(args))
+}
+
+#[test]
+fn the_owner_approves_keys_from_their_registration_links() {
+    let dir = tempfile::tempdir().unwrap();
+    let at = REGISTRATION;
+    let (node, ready, data) = at.start(dir.path());
+    let ca = field(&ready, "ca").to_owned();
+    let [alice, bob, carol, dave, erin, frank] =
+        ["alice", "bob", "carol", "dave", "erin", "frank"].map(|n| key(dir.path(), n));
+
+    let me = at.whoami(&alice);
+    assert_eq!(
+        (me["account"].as_str(), me["owner"].as_bool()),
+        (Some("owner"), Some(true))
+    );
+
+    // The link opens a page that shows the key and how it gets linked.
+    let (link, code) = at.link_for(&bob);
+    assert_eq!(link, at.url("", &format!("/register/{code}")));
+    let (status, page) = at.curl(&ca, &link, &[]);
+    assert_eq!(status, 200, "{page}");
+    for needle in [
+        fingerprint(&bob).as_str(),
+        "ssh-ed25519",
+        &format!("ssh -p {} boxd.test approve {code}", at.ssh),
+        "<style>",
+    ] {
+        assert!(page.contains(needle), "{needle:?} not in {page}");
+    }
+    assert!(!page.contains("<script"), "{page}");
+    // The same page over HTTP/2; HEAD has no body; other methods are refused.
+    let (status, page2) = at.curl(&ca, &link, &["--http2"]);
+    assert_eq!((status, page2.contains(&fingerprint(&bob))), (200, true));
+    let (status, body) = at.curl(&ca, &link, &["-I"]);
+    assert!(status == 200 && !body.contains("<html"), "{body}");
+    assert_eq!(at.curl(&ca, &link, &["-X", "POST"]).0, 405);
+
+    // Hostile or unknown paths: escaped pages, nothing looked up for a malformed code.
+    for (path, want) in [
+        ("/register/%3Cscript%3Ealert(1)%3C/script%3E", 404),
+        ("/register/00000000000000000000000000000000", 404),
+        ("/register/", 404),
+        ("/admin", 404),
+    ] {
+        let (status, body) = at.curl(&ca, &at.url("", path), &[]);
+        assert_eq!(status, want, "{path}: {body}");
+        assert!(!body.contains("<script"), "{path}: {body}");
+    }
+    let (status, body) = at.curl(&ca, &at.url("", "/"), &[]);
+    assert!(status == 200 && body.contains("new --name=myapp"), "{body}");
+
+    // Only the owner approves. Carol's key becomes an account of its own first...
+    let (_, carol_code) = at.link_for(&carol);
+    let (status, out, err) = at.lobby(&alice, &["registrations"]);
+    assert_eq!(status, 0, "{err}");
+    assert!(out.contains(&code) && out.contains(&carol_code), "{out}");
+    let (status, out, err) = at.lobby(&alice, &["approve", &carol_code, "--name=carol"]);
+    assert_eq!(status, 0, "{err}");
+    assert!(out.contains("to a new account carol"), "{out}");
+    assert_eq!(at.whoami(&carol)["owner"], false);
+    // ... and cannot approve bob, list, or learn anything; bob stays out.
+    for args in [&["approve", code.as_str()][..], &["registrations"][..]] {
+        let (status, _, err) = at.lobby(&carol, args);
+        assert_eq!(status, 1, "{args:?}: {err}");
+        assert!(err.contains("only the cluster's owner"), "{err}");
+    }
+    assert_eq!(at.lobby(&bob, &["whoami"]).0, 1, "bob is still unknown");
+
+    // The owner approves bob as a new account; bob reconnects and is in.
+    let (status, out, err) = at.lobby(&alice, &["registrations", "--json"]);
+    assert_eq!(status, 0, "{err}");
+    let waiting: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(waiting.as_array().unwrap().len(), 1, "{waiting}");
+    assert_eq!(waiting[0]["fingerprint"], fingerprint(&bob));
+    let (status, out, err) = at.lobby(&alice, &["approve", &code]);
+    assert_eq!(status, 0, "{err}");
+    let account = format!("user-{}", &code[..8]);
+    assert!(out.contains(&account), "{out}");
+    let bob_me = at.whoami(&bob);
+    assert_eq!(
+        (bob_me["account"].as_str(), bob_me["owner"].as_bool()),
+        (Some(account.as_str()), Some(false))
+    );
+    // The code is spent: approving it again is refused and its page is gone.
+    let (status, _, err) = at.lobby(&alice, &["approve", &code]);
+    assert!(status == 1 && err.contains("no registration link"), "{err}");
+    assert_eq!(at.curl(&ca, &link, &[]).0, 404);
+
+    // A second key of the same person joins bob's account.
+    let (_, dave_code) = at.link_for(&dave);
+    let (status, _, err) = at.lobby(&alice, &["approve", &dave_code, "--name=carol"]);
+    assert!(status == 1 && err.contains("taken"), "a taken name: {err}");
+    assert_eq!(at.lobby(&dave, &["whoami"]).0, 1, "nothing was linked");
+    let (status, _, err) = at.lobby(&alice, &["approve", &dave_code, "--to-account=nobody"]);
+    assert!(status == 1 && err.contains("no account nobody"), "{err}");
+    let to = format!("--to-account={account}");
+    let (status, _, err) = at.lobby(&alice, &["approve", &dave_code, &to]);
+    assert_eq!(status, 0, "{err}");
+    assert_eq!(at.whoami(&dave)["id"], bob_me["id"]);
+
+    // An expired link: its page says so and it cannot be approved.
+    let erin_pub = std::fs::read_to_string(erin.with_extension("pub")).unwrap();
+    let erin_code = "e".repeat(32);
+    write(
+        &node,
+        json!({"type": "create_registration", "code": erin_code,
+               "fingerprint": fingerprint(&erin), "public_key": erin_pub.trim(),
+               "at": now_ms() - 7_200_000, "expires_at": now_ms() - 3_600_000}),
+    );
+    let (status, body) = at.curl(&ca, &at.url("", &format!("/register/{erin_code}")), &[]);
+    assert!(status == 410 && body.contains("expired"), "{body}");
+    let (status, _, err) = at.lobby(&alice, &["approve", &erin_code]);
+    assert!(status == 1 && err.contains("expired"), "{err}");
+    assert_eq!(at.lobby(&erin, &["whoami"]).0, 1, "nothing was linked");
+
+    // The operator approves from the node itself.
+    let (_, frank_code) = at.link_for(&frank);
+    let (status, out, err) = admin_cli(&data, &["registrations"]);
+    assert_eq!(status, 0, "{err}");
+    assert!(
+        out.contains(&frank_code) && !out.contains(&erin_code),
+        "{out}"
+    );
+    let (status, out, err) = admin_cli(
+        &data,
+        &["registrations", "approve", &frank_code, "--name", "frank"],
+    );
+    assert_eq!(status, 0, "{err}");
+    assert!(out.contains("frank"), "{out}");
+    assert_eq!(at.whoami(&frank)["account"], "frank");
+    let (status, _, err) = admin_cli(&data, &["registrations", "approve", &frank_code]);
+    assert!(status == 1 && err.contains("no registration link"), "{err}");
+}
+
+/// Checks `token` the way a client of ours would: PyJWT with the key set `jwks` (JSON), the
+/// audience and issuer; prints the claims as JSON, or the error.
+fn pyjwt(token: &str, jwks: &str) -> Result<Value, String> {
+    const CHECK: &str = r#"
+import json, sys, jwt
+token, jwks = sys.argv[1], json.loads(sys.argv[2])
+header = jwt.get_unverified_header(token)
+keys = {k["kid"]: jwt.PyJWK(k) for k in jwks["keys"]}
+try:
+    key = keys[header["kid"]]
+    claims = jwt.decode(token, key=key, algorithms=["EdDSA"], audience="boxd-api",
+                        issuer="https://api.boxd.test")
+except Exception as e:
+    print(type(e).__name__, e, file=sys.stderr)
+    sys.exit(1)
+print(json.dumps(claims))
+"#;
+    let (status, out, err) = run(Command::new("python3").args(["-c", CHECK, token, jwks]));
+    if status == 0 {
+        Ok(serde_json::from_str(&out).unwrap())
+    } else {
+        Err(err)
+    }
+}
+
+#[test]
+fn tokens_are_jwts_anyone_can_check_against_the_published_keys() {
+    let dir = tempfile::tempdir().unwrap();
+    let at = TOKENS;
+    let (node, ready, data) = at.start(dir.path());
+    let ca = field(&ready, "ca").to_owned();
+    let alice = key(dir.path(), "alice");
+    let me = at.whoami(&alice);
+    running_vm(&node, &me["id"], "web", 80, "10.0.0.2");
+    let jwks_url = at.url("api", "/.well-known/jwks.json");
+
+    // A token limited to one VM, read-only, ten minutes: the JWT alone on stdout.
+    let (status, token, err) = at.lobby(
+        &alice,
+        &[
+            "token",
+            "create",
+            "--ttl=10m",
+            "--vm=web",
+            "--read-only",
+            "--label=ci",
+        ],
+    );
+    assert_eq!(status, 0, "{err}");
+    let token = token.trim().to_owned();
+    assert!(err.contains("VMs web, read-only"), "{err}");
+    let (status, jwks) = at.curl(&ca, &jwks_url, &[]);
+    assert_eq!(status, 200, "{jwks}");
+    let claims = pyjwt(&token, &jwks).unwrap();
+    assert_eq!(claims["sub"], me["id"]);
+    assert_eq!(claims["vms"], json!(["web"]));
+    assert_eq!(claims["ro"], true);
+    let ttl = claims["exp"].as_u64().unwrap() - claims["iat"].as_u64().unwrap();
+    assert!((599..=600).contains(&ttl), "{claims}");
+    // Over HTTP/2 the key set is the same document.
+    assert_eq!(at.curl(&ca, &jwks_url, &["--http2"]), (200, jwks.clone()));
+
+    // A token whose claims were widened keeps its signature: PyJWT refuses it.
+    let mut parts: Vec<String> = token.split('.').map(str::to_owned).collect();
+    let mut widened = claims.clone();
+    widened["vms"] = json!([]);
+    widened["ro"] = json!(false);
+    parts[1] = b64url(&widened.to_string());
+    let err = pyjwt(&parts.join("."), &jwks).unwrap_err();
+    assert!(err.contains("InvalidSignature"), "{err}");
+
+    // `token ls` shows it; `token rm` revokes it.
+    let (status, out, err) = at.lobby(&alice, &["token", "ls", "--json"]);
+    assert_eq!(status, 0, "{err}");
+    let listed: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(listed.as_array().unwrap().len(), 1, "{listed}");
+    assert_eq!(listed[0]["id"], claims["jti"]);
+    assert_eq!(listed[0]["label"], "ci");
+    let id = claims["jti"].as_str().unwrap();
+    assert_eq!(at.lobby(&alice, &["token", "rm", id]).0, 0);
+    let (_, out, _) = at.lobby(&alice, &["token", "ls", "--json"]);
+    assert_eq!(out.trim(), "[]");
+    let (status, _, err) = at.lobby(&alice, &["token", "rm", id]);
+    assert!(status == 1 && err.contains("no token"), "{err}");
+
+    // Refused, nothing made: a VM that is not ours, a lifetime past 90 days, junk.
+    for (args, want, needle) in [
+        (&["token", "create", "--vm=nope"][..], 1, "no VM named nope"),
+        (&["token", "create", "--ttl=91d"][..], 2, "90d"),
+        (&["token", "create", "--ttl=0"][..], 2, "1s"),
+        (&["token", "rm", "not-an-id"][..], 2, "not a token id"),
+    ] {
+        let (status, out, err) = at.lobby(&alice, args);
+        assert_eq!((status, out.as_str()), (want, ""), "{args:?}: {err}");
+        assert!(err.contains(needle), "{args:?}: {err}");
+    }
+    let (_, out, _) = at.lobby(&alice, &["token", "ls", "--json"]);
+    assert_eq!(out.trim(), "[]");
+
+    // Rotation: new tokens are signed by the new key; the old key still verifies.
+    let (status, _, err) = at.lobby(&alice, &["token", "create"]);
+    assert_eq!(status, 0, "{err}");
+    let (_, old_token, _) = at.lobby(&alice, &["token", "create", "--ttl=1h"]);
+    let (status, out, err) = admin_cli(&data, &["token-keys", "rotate"]);
+    assert_eq!(status, 0, "{err}");
+    let kid = out.trim().rsplit(' ').next().unwrap().to_owned();
+    let (_, new_token, _) = at.lobby(&alice, &["token", "create"]);
+    let (_, jwks) = at.curl(&ca, &jwks_url, &[]);
+    let set: Value = serde_json::from_str(&jwks).unwrap();
+    assert_eq!(set["keys"].as_array().unwrap().len(), 2, "{set}");
+    assert!(pyjwt(old_token.trim(), &jwks).is_ok());
+    assert!(pyjwt(new_token.trim(), &jwks).is_ok());
+    let header: Value =
+        serde_json::from_slice(&base64_url(new_token.trim().split('.').next().unwrap())).unwrap();
+    assert_eq!(header["kid"], kid);
+    assert_eq!(header["alg"], "EdDSA");
+}
+
+fn b64url(s: &str) -> String {
+    use base64::Engine as _;
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(s)
+}
+
+fn base64_url(s: &str) -> Vec<u8> {
+    use base64::Engine as _;
+    base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(s)
+        .unwrap()
+}
