@@ -113,7 +113,10 @@ pub async fn start(
     let tls_cfg =
         tls::server_config(certs).map_err(|e| NodeError::Failed(format!("TLS setup: {e}")))?;
     let addr = listeners.local_addr();
-    let server = HttpsServer::start(listeners, https_config(cfg), tls_cfg, ops)
+    let api = boxd_api::Api::new(Arc::clone(&ops), tokio::runtime::Handle::current())
+        .map_err(NodeError::Failed)?;
+    let api: Arc<dyn boxd_dataplane::https::ApiServer> = api;
+    let server = HttpsServer::start(listeners, https_config(cfg), tls_cfg, ops, Some(api))
         .map_err(|e| NodeError::Failed(format!("cannot start HTTPS: {e}")))?;
     Ok((server, HttpsReady { addr, ca: files.ca }))
 }

@@ -404,3 +404,156 @@ fn base64_url(s: &str) -> Vec<u8> {
         .decode(s)
         .unwrap()
 }
+
+const API: At = At {
+    ip: "127.0.44.3",
+    https: 30447,
+    ssh: 30224,
+};
+
+/// Plays the worker for every VM the scheduler places on the [`fake_worker`] until `stop`:
+/// reports it running when it should run, stopped when it should not.
+fn play_worker(socket: &Path, worker: Value, stop: &std::sync::atomic::AtomicBool) {
+    use std::sync::atomic::Ordering;
+    let mut admin = boxd_tests::Admin::connect(socket);
+    while !stop.load(Ordering::Relaxed) {
+        let vms = admin.ok(&json!({"op": "vms"}));
+        for v in vms.as_array().into_iter().flatten() {
+            let observed = match (v["desired"].as_str(), v["observed"].as_str()) {
+                (Some("running"), Some(o)) if o != "running" => "running",
+                (Some("stopped"), Some("running")) => "stopped",
+                _ => continue,
+            };
+            if v["worker"] != worker {
+                continue;
+            }
+            let report = json!({"type": "report_vm", "vm": v["id"], "worker": worker,
+                   "observed": observed, "private_ip": "10.0.0.9", "at": now_ms()});
+            admin.ok(&json!({"op": "write", "command": report}));
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[test]
+fn a_grpc_client_none_of_our_code_generates_uses_the_api_with_tokens() {
+    let dir = tempfile::tempdir().unwrap();
+    let at = API;
+    let (node, ready, _data) = at.start(dir.path());
+    let ca = field(&ready, "ca").to_owned();
+    let alice = key(dir.path(), "alice");
+    let me = at.whoami(&alice);
+    running_vm(&node, &me["id"], "other", 80, "10.0.0.3");
+    let token = |args: &[&str]| {
+        let mut all = vec!["token", "create"];
+        all.extend_from_slice(args);
+        let (status, out, err) = at.lobby(&alice, &all);
+        assert_eq!(status, 0, "{err}");
+        out.trim().to_owned()
+    };
+    let revoked = token(&[]);
+    let claims: Value =
+        serde_json::from_slice(&base64_url(revoked.split('.').nth(1).unwrap())).unwrap();
+    assert_eq!(
+        at.lobby(&alice, &["token", "rm", claims["jti"].as_str().unwrap()])
+            .0,
+        0
+    );
+    let expired = token(&["--ttl=1s"]);
+    // The same claims signed by a key this cluster does not know.
+    let stranger = boxd_controlplane::tokens::SigningKey::generate().unwrap();
+    let foreign = stranger
+        .sign(&serde_json::from_value(claims.clone()).unwrap())
+        .unwrap();
+    let tokens = json!({
+        "full": token(&["--ttl=1h"]),
+        "read_only": token(&["--read-only"]),
+        "scoped": token(&["--vm=other"]),
+        "revoked": revoked,
+        "expired": expired,
+        "foreign": foreign,
+    });
+    std::thread::sleep(Duration::from_millis(1100));
+
+    let worker = boxd_tests::fake_worker(&node);
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    let socket = node.socket();
+    let seen: Value = std::thread::scope(|s| {
+        s.spawn(|| play_worker(&socket, worker, &stop));
+        let proto = concat!(env!("CARGO_MANIFEST_DIR"), "/../dataplane/api/proto");
+        let client = concat!(env!("CARGO_MANIFEST_DIR"), "/fixtures/api_client.py");
+        let (status, out, err) = run(Command::new("python3").args([
+            client,
+            proto,
+            &format!("{LOBBY}:{}", at.https),
+            &ca,
+            &tokens.to_string(),
+        ]));
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        assert_eq!(status, 0, "{err}");
+        serde_json::from_str(&out).unwrap()
+    });
+    eprintln!("{seen:#}");
+
+    assert!(
+        seen["services"]
+            .as_array()
+            .unwrap()
+            .contains(&json!("boxd.api.v1.Boxd")),
+        "{seen}"
+    );
+    assert_eq!(seen["whoami"], json!(["OK", "owner"]));
+    assert_eq!(seen["create"], json!(["OK", "VM_STATE_RUNNING"]));
+    assert_eq!(seen["list"], json!(["other", "web"]));
+    assert_eq!(
+        seen["get"],
+        json!(["OK", "web", format!("ssh -p {} web.boxd.test", at.ssh)])
+    );
+    for (case, code) in [
+        ("no token", "UNAUTHENTICATED"),
+        ("garbage", "UNAUTHENTICATED"),
+        ("expired", "UNAUTHENTICATED"),
+        ("revoked", "UNAUTHENTICATED"),
+        ("foreign", "UNAUTHENTICATED"),
+        ("read-only delete", "PERMISSION_DENIED"),
+        ("read-only widens", "PERMISSION_DENIED"),
+        ("out of scope", "PERMISSION_DENIED"),
+        ("bad name", "INVALID_ARGUMENT"),
+        ("name taken", "ALREADY_EXISTS"),
+        ("no such vm", "NOT_FOUND"),
+    ] {
+        assert_eq!(seen["refused"][case], code, "{case}: {seen}");
+    }
+    assert_eq!(seen["scoped list"], json!(["other"]));
+    assert_eq!(
+        seen["still there"], "OK",
+        "a refused delete deleted nothing"
+    );
+    assert_eq!(seen["narrower"], json!(["OK", true]));
+    assert_eq!(seen["stop"], json!(["OK", false]));
+    assert_eq!(seen["delete"], "OK");
+    assert_eq!(seen["after delete"], "NOT_FOUND");
+    // The watch saw the VMs there at the start, then web come, run, stop and go.
+    let events = seen["events"].as_array().unwrap();
+    let web: Vec<(&str, bool)> = events
+        .iter()
+        .filter(|e| e["name"] == "web")
+        .map(|e| {
+            (
+                e["state"].as_str().unwrap(),
+                e["deleted"].as_bool().unwrap(),
+            )
+        })
+        .collect();
+    assert!(
+        events
+            .iter()
+            .any(|e| e["name"] == "other" && e["initial"] == true),
+        "{events:?}"
+    );
+    let pos = |want: (&str, bool)| web.iter().position(|w| *w == want);
+    let running = pos(("VM_STATE_RUNNING", false)).expect("running");
+    let stopped = pos(("VM_STATE_STOPPED", false)).expect("stopped");
+    let deleted = web.iter().position(|w| w.1).expect("deleted");
+    assert!(running < stopped && stopped < deleted, "{web:?}");
+}

@@ -130,6 +130,22 @@ impl HttpsConfig {
     }
 }
 
+/// A TLS-terminated client connection, as the API server takes it (tokio's I/O traits).
+pub trait ApiIo: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin {}
+impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin> ApiIo for T {}
+
+/// What serves `api.<zone>` over HTTP/2: the gRPC API (`boxd-api`). It is handed each such
+/// connection once TLS is done, on the shard that accepted it, and serves it there (the
+/// future need not be `Send`).
+pub trait ApiServer: Send + Sync + 'static {
+    /// Serves `io` from `client` until it ends.
+    fn serve(
+        &self,
+        io: Box<dyn ApiIo>,
+        client: std::net::IpAddr,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()>>>;
+}
+
 /// Bound listeners: per shard a TLS listener and a redirect listener, SO_REUSEPORT.
 pub struct Listeners {
     shards: Vec<(TcpListener, TcpListener)>,
@@ -184,6 +200,7 @@ impl HttpsServer {
         cfg: HttpsConfig,
         tls: Arc<rustls::ServerConfig>,
         ops: Arc<Operations>,
+        api: Option<Arc<dyn ApiServer>>,
     ) -> std::io::Result<Self> {
         let stop = Arc::new(AtomicBool::new(false));
         let https_port = listeners.addr.port();
@@ -194,6 +211,7 @@ impl HttpsServer {
                 None => Placement::Unbound,
             };
             let (stop, cfg, tls, ops) = (stop.clone(), cfg.clone(), tls.clone(), ops.clone());
+            let api = api.clone();
             let h = LocalExecutorBuilder::new(placement)
                 .name(&format!("boxd-https-{i}"))
                 .io_memory(IO_MEMORY)
@@ -201,7 +219,7 @@ impl HttpsServer {
                     // SAFETY: the descriptors come from listeners we own and give up here, so
                     // glommio's listeners are their only owners.
                     let l = unsafe { glommio::net::TcpListener::from_raw_fd(l.into_raw_fd()) };
-                    let shard = Rc::new(shard::Shard::new(cfg, tls, ops, https_port));
+                    let shard = Rc::new(shard::Shard::new(cfg, tls, ops, api, https_port));
                     glommio::spawn_local(proxy::accept_tls(l, shard.clone())).detach();
                     // SAFETY: as above.
                     let r = unsafe { glommio::net::TcpListener::from_raw_fd(r.into_raw_fd()) };

@@ -130,6 +130,16 @@ async fn serve_tls(stream: TcpStream, shard: Rc<Shard>) -> std::io::Result<()> {
     tls.get_mut().0.release();
     let sni = tls.get_ref().1.server_name().map(str::to_ascii_lowercase);
     if tls.get_ref().1.alpn_protocol() == Some(b"h2") {
+        if let Some(api) = &shard.api
+            && sni.as_deref().is_some_and(|h| shard.is_api(h))
+        {
+            // The API bounds its own streams; a call may wait (a VM starting) with nothing
+            // to read from the client meanwhile.
+            tls.get_ref().0.set_read_timeout(None)?;
+            use tokio_util::compat::FuturesAsyncReadCompatExt as _;
+            api.serve(Box::new(tls.compat()), client).await;
+            return Ok(());
+        }
         // h2::serve bounds the preface and the idle time itself: a stream may wait on a slow
         // VM with nothing to read from the client meanwhile, so no read deadline here.
         tls.get_ref().0.set_read_timeout(None)?;

@@ -55,7 +55,7 @@ impl Shard {
             return Err(pages::misdirected(&host).into());
         }
         let view = self.view().current();
-        if is_api(&host, view.zone().unwrap_or("")) {
+        if self.is_api(&host) {
             return Err(Elsewhere::Api);
         }
         let Some(vm) = view.vm_by_host(&host).cloned() else {
@@ -67,6 +67,11 @@ impl Shard {
             return Err(pages::unavailable(&vm.name, zone, stopped).into());
         };
         Ok(Target { host, vm, private })
+    }
+
+    /// Whether `host` is `api.<zone>`.
+    pub(super) fn is_api(&self, host: &str) -> bool {
+        is_api(host, self.view().current().zone().unwrap_or(""))
     }
 
     /// The answer for a `host` no VM has: the zone's own site for the zone's name, a 404 for

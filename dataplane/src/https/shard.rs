@@ -25,6 +25,8 @@ pub(super) struct Shard {
     pub(super) view: Arc<ViewHandle>,
     /// The operations (the zone's own pages read through them).
     pub(super) ops: Arc<Operations>,
+    /// The gRPC API, for HTTP/2 connections to `api.<zone>`.
+    pub(super) api: Option<Arc<dyn super::ApiServer>>,
     /// The port clients reach HTTPS on (for redirects).
     pub(super) https_port: u16,
     /// Open client connections.
@@ -42,6 +44,7 @@ impl Shard {
         cfg: HttpsConfig,
         tls: Arc<rustls::ServerConfig>,
         ops: Arc<Operations>,
+        api: Option<Arc<dyn super::ApiServer>>,
         https_port: u16,
     ) -> Self {
         Self {
@@ -49,6 +52,7 @@ impl Shard {
             acceptor: TlsAcceptor::from(tls),
             view: Arc::clone(ops.view()),
             ops,
+            api,
             https_port,
             connections: Cell::new(0),
             handshakes: Cell::new(0),

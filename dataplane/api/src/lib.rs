@@ -1,0 +1,159 @@
+//! The gRPC API (`boxd.api.v1`, `proto/boxd/api/v1/api.proto`): the operations of the SSH
+//! lobby for programs, a second thin front end over `boxd-operations`. Every call carries a
+//! token (`authorization: Bearer <JWT>`), checked against the View (`auth.rs`); each call
+//! parses its message, runs one operation and answers with a message or a status code
+//! (`convert.rs`). `WatchVms` streams the account's VMs as the replica applies changes
+//! (`watch.rs`).
+//!
+//! It is served by every proxy's HTTPS shards for SNI `api.<zone>` with ALPN `h2`: the shard
+//! terminates TLS as for any connection and hands the stream to [`Api::serve`], which runs
+//! hyper's HTTP/2 server on the shard's own executor; each call runs tonic's routes on the
+//! control plane's tokio runtime (operations wait on its timers and the replica). Server
+//! reflection and the standard health service are on. See DESIGN.md.
+
+mod auth;
+mod convert;
+mod service;
+mod watch;
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::net::IpAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+
+use boxd_dataplane::https::{ApiIo, ApiServer};
+use boxd_operations::Operations;
+use bytes::Bytes;
+use http_body_util::BodyExt as _;
+use tonic::service::Routes;
+
+pub use auth::Auth;
+
+/// The generated messages and service.
+#[allow(missing_docs, clippy::all, clippy::pedantic)]
+pub mod pb {
+    tonic::include_proto!("boxd.api.v1");
+
+    /// The file descriptor set of the API, for server reflection.
+    pub const FILE_DESCRIPTOR_SET: &[u8] =
+        include_bytes!(concat!(env!("OUT_DIR"), "/boxd_api_descriptor.bin"));
+}
+
+/// Most concurrent streams one client connection may have open.
+const MAX_STREAMS: u32 = 128;
+
+/// The API server of one node: one per process, shared by every shard.
+pub struct Api {
+    routes: Routes,
+    ops: Arc<Operations>,
+    rt: tokio::runtime::Handle,
+}
+
+impl Api {
+    /// The API over `ops`; operations run on `rt` (the control plane's runtime).
+    pub fn new(ops: Arc<Operations>, rt: tokio::runtime::Handle) -> Result<Arc<Self>, String> {
+        let svc = service::Service::new(Arc::clone(&ops));
+        let auth = Auth::new(Arc::clone(&ops));
+        // Both versions of reflection: grpcurl and newer clients ask v1, grpcio's own
+        // reflection client and older tools v1alpha.
+        let reflection = tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
+            .build_v1()
+            .map_err(|e| format!("gRPC reflection: {e}"))?;
+        let reflection_alpha = tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
+            .build_v1alpha()
+            .map_err(|e| format!("gRPC reflection: {e}"))?;
+        let (health, health_svc) = tonic_health::server::health_reporter();
+        // Nothing else sets it: the API is served as long as the shard runs.
+        drop(health.set_serving::<pb::boxd_server::BoxdServer<service::Service>>());
+        let routes = Routes::new(pb::boxd_server::BoxdServer::with_interceptor(svc, auth))
+            .add_service(reflection)
+            .add_service(reflection_alpha)
+            .add_service(health_svc)
+            .prepare();
+        Ok(Arc::new(Self { routes, ops, rt }))
+    }
+}
+
+impl ApiServer for Api {
+    fn serve(&self, io: Box<dyn ApiIo>, client: IpAddr) -> Pin<Box<dyn Future<Output = ()>>> {
+        let routes = self.routes.clone();
+        let ops = Arc::clone(&self.ops);
+        let rt = self.rt.clone();
+        Box::pin(async move {
+            let svc = tower::service_fn(move |req: http::Request<hyper::body::Incoming>| {
+                answer(routes.clone(), Arc::clone(&ops), rt.clone(), req)
+            });
+            let conn = hyper::server::conn::http2::Builder::new(Local)
+                .max_concurrent_streams(MAX_STREAMS)
+                .serve_connection(
+                    hyper_util::rt::TokioIo::new(io),
+                    hyper_util::service::TowerToHyperService::new(svc),
+                );
+            if let Err(e) = conn.await {
+                tracing::debug!(%client, error = %e, "API connection ended");
+            }
+        })
+    }
+}
+
+/// gRPC calls go to tonic's routes, run on the control plane's runtime (the operations wait
+/// on its timers and replica; tonic's reflection spawns tokio tasks); a plain GET of the key
+/// set is answered here, so it is reachable over HTTP/2 as over HTTP/1.1. HTTP/2 framing and
+/// TLS stay on the shard.
+async fn answer(
+    mut routes: Routes,
+    ops: Arc<Operations>,
+    rt: tokio::runtime::Handle,
+    req: http::Request<hyper::body::Incoming>,
+) -> Result<http::Response<tonic::body::Body>, Infallible> {
+    let grpc = req
+        .headers()
+        .get(http::header::CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"));
+    if !grpc {
+        let (status, kind, body) = if req.uri().path() == "/.well-known/jwks.json" {
+            let keys = boxd_model::tokens::jwks(ops.view().current().token_keys());
+            (200, "application/json", keys.to_string())
+        } else {
+            (
+                404,
+                "text/plain",
+                "This is the boxd gRPC API (boxd.api.v1).\n".to_owned(),
+            )
+        };
+        let body = http_body_util::Full::new(Bytes::from(body))
+            .map_err(|never| match never {})
+            .boxed_unsync();
+        let mut resp = http::Response::new(tonic::body::Body::new(body));
+        *resp.status_mut() = http::StatusCode::from_u16(status).unwrap_or_default();
+        resp.headers_mut().insert(
+            http::header::CONTENT_TYPE,
+            http::HeaderValue::from_static(kind),
+        );
+        return Ok(resp);
+    }
+    let call = rt.spawn(async move { tower::Service::call(&mut routes, req).await });
+    match call.await {
+        Ok(answer) => answer,
+        Err(e) => {
+            let stopping = format!("the node is stopping ({e}); try again");
+            Ok(tonic::Status::unavailable(stopping).into_http())
+        }
+    }
+}
+
+/// Runs hyper's per-stream tasks on the shard's executor.
+#[derive(Clone, Copy)]
+struct Local;
+
+impl<F> hyper::rt::Executor<F> for Local
+where
+    F: Future + 'static,
+{
+    fn execute(&self, fut: F) {
+        glommio::spawn_local(fut).detach();
+    }
+}
