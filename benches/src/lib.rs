@@ -20,6 +20,12 @@ pub mod etcdpb {
     tonic::include_proto!("etcdserverpb");
 }
 
+/// boxd's API (`dataplane/api/proto`), client side.
+#[allow(clippy::all, clippy::pedantic, missing_docs)]
+pub mod apipb {
+    tonic::include_proto!("boxd.api.v1");
+}
+
 pub use boxd_test_support::{Proc, boxd_bin, sshc};
 
 /// Latency samples of one run.
