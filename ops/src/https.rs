@@ -113,8 +113,13 @@ pub async fn start(
     let tls_cfg =
         tls::server_config(certs).map_err(|e| NodeError::Failed(format!("TLS setup: {e}")))?;
     let addr = listeners.local_addr();
-    let api = boxd_api::Api::new(Arc::clone(&ops), tokio::runtime::Handle::current())
-        .map_err(NodeError::Failed)?;
+    let agent_key = crate::ssh::agent_key(replica).await?;
+    let api = boxd_api::Api::new(
+        Arc::clone(&ops),
+        tokio::runtime::Handle::current(),
+        agent_key,
+    )
+    .map_err(NodeError::Failed)?;
     let api: Arc<dyn boxd_dataplane::https::ApiServer> = api;
     let server = HttpsServer::start(listeners, https_config(cfg), tls_cfg, ops, Some(api))
         .map_err(|e| NodeError::Failed(format!("cannot start HTTPS: {e}")))?;

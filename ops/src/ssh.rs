@@ -75,6 +75,18 @@ pub fn operations(
     ))
 }
 
+/// The cluster's agent key (derived from the cluster secret): what the relay and the API's
+/// `Exec` authenticate to guest agents with.
+pub async fn agent_key(replica: &Replica) -> Result<HostKey, NodeError> {
+    let secret = replica
+        .reader()
+        .cluster_secret()
+        .await
+        .map_err(|e| NodeError::Failed(format!("reading the cluster secret: {e}")))?
+        .ok_or_else(|| NodeError::Failed("the cluster has no secret yet".into()))?;
+    Ok(boxd_dataplane::ssh::relay::agent_key(&secret))
+}
+
 /// Starts the SSH shards; returns the server and the host key's fingerprint.
 pub async fn start(
     cfg: &Config,
@@ -85,13 +97,7 @@ pub async fn start(
     let (key, fp) = host_key(replica)
         .await
         .map_err(|e| NodeError::Failed(format!("SSH host key: {e}")))?;
-    let secret = replica
-        .reader()
-        .cluster_secret()
-        .await
-        .map_err(|e| NodeError::Failed(format!("reading the cluster secret: {e}")))?
-        .ok_or_else(|| NodeError::Failed("the cluster has no secret yet".into()))?;
-    let agent_key = boxd_dataplane::ssh::relay::agent_key(&secret);
+    let agent_key = agent_key(replica).await?;
     let server = SshServer::start(listeners, ssh_config(cfg), key, agent_key, ops)
         .map_err(|e| NodeError::Failed(format!("cannot start SSH: {e}")))?;
     Ok((server, fp))

@@ -17,8 +17,10 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use boxd_test_support::{SSH_OPTS, boxd_bin, fingerprint, keygen, run};
-use boxd_tests::{Node, UP, now_ms, ready_field as field, running_vm, write, write_config};
+use boxd_test_support::{Proc, SSH_OPTS, agent_bin, boxd_bin, fingerprint, keygen, run};
+use boxd_tests::{
+    Node, UP, now_ms, ready_field as field, running_vm, spawn_agent, write, write_config,
+};
 use serde_json::{Value, json};
 
 const LOBBY: &str = "127.77.0.1";
@@ -443,7 +445,17 @@ fn a_grpc_client_none_of_our_code_generates_uses_the_api_with_tokens() {
     let ca = field(&ready, "ca").to_owned();
     let alice = key(dir.path(), "alice");
     let me = at.whoami(&alice);
-    running_vm(&node, &me["id"], "other", 80, "10.0.0.3");
+    // `other` is served by a real guest agent (on loopback), for Exec.
+    let cluster_key = dir.path().join("agent.pub");
+    let public = node.admin().ok(&json!({"op": "agent-key"}))["public_key"].clone();
+    std::fs::write(&cluster_key, public.as_str().unwrap()).unwrap();
+    let agent_ip = "127.0.44.33";
+    let _agent = Proc(spawn_agent(
+        Command::new(agent_bin())
+            .args(["--listen", &format!("{agent_ip}:2200"), "--authorized-key"])
+            .arg(&cluster_key),
+    ));
+    running_vm(&node, &me["id"], "other", 80, agent_ip);
     let token = |args: &[&str]| {
         let mut all = vec!["token", "create"];
         all.extend_from_slice(args);
@@ -469,6 +481,7 @@ fn a_grpc_client_none_of_our_code_generates_uses_the_api_with_tokens() {
         "full": token(&["--ttl=1h"]),
         "read_only": token(&["--read-only"]),
         "scoped": token(&["--vm=other"]),
+        "scoped_web": token(&["--vm=other", "--read-only"]),
         "revoked": revoked,
         "expired": expired,
         "foreign": foreign,
@@ -530,6 +543,11 @@ fn a_grpc_client_none_of_our_code_generates_uses_the_api_with_tokens() {
         "a refused delete deleted nothing"
     );
     assert_eq!(seen["narrower"], json!(["OK", true]));
+    assert_eq!(seen["exec"], json!(["hi\n", "", [3, ""]]));
+    assert_eq!(seen["exec env"], json!(["hi\n", "", [0, ""]]));
+    assert_eq!(seen["exec stdin"], json!(["typed\n", "oops\n", [0, ""]]));
+    assert_eq!(seen["exec read-only"], "PERMISSION_DENIED");
+    assert_eq!(seen["exec out of scope"], "PERMISSION_DENIED");
     assert_eq!(seen["stop"], json!(["OK", false]));
     assert_eq!(seen["delete"], "OK");
     assert_eq!(seen["after delete"], "NOT_FOUND");

@@ -126,6 +126,30 @@ impl Operations {
         self.backend.events_of(vm.id).await
     }
 
+    /// The caller's running VM `name` to run a command in (a write: a read-only token may not),
+    /// as the View routes it (its private address and the agent's recorded key).
+    pub fn exec_target(
+        &self,
+        caller: &Caller,
+        name: &str,
+    ) -> Result<std::sync::Arc<boxd_model::view::VmRoute>, OpError> {
+        caller.may_write(Some(name))?;
+        let view = self.view.current();
+        let vm = view
+            .vm_by_name(name)
+            .filter(|v| v.owner == caller.account)
+            .ok_or_else(|| {
+                OpError::new(ErrorKind::NotFound, format!("no VM named {name}: see `ls`"))
+            })?;
+        if vm.desired != Desired::Running || vm.private_ip.is_none() {
+            return Err(OpError::new(
+                ErrorKind::Refused,
+                format!("{name} is not running: start it first"),
+            ));
+        }
+        Ok(std::sync::Arc::clone(vm))
+    }
+
     /// Deletes the caller's VM `name` and its disk.
     pub async fn delete(&self, caller: &Caller, name: &str) -> Result<(), OpError> {
         caller.may_write(Some(name))?;

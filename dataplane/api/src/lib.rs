@@ -3,7 +3,8 @@
 //! token (`authorization: Bearer <JWT>`), checked against the View (`auth.rs`); each call
 //! parses its message, runs one operation and answers with a message or a status code
 //! (`convert.rs`). `WatchVms` streams the account's VMs as the replica applies changes
-//! (`watch.rs`).
+//! (`watch.rs`); `Exec` runs a command in a VM through the relay to its guest agent
+//! (`exec.rs`).
 //!
 //! It is served by every proxy's HTTPS shards for SNI `api.<zone>` with ALPN `h2`: the shard
 //! terminates TLS as for any connection and hands the stream to [`Api::serve`], which runs
@@ -13,6 +14,7 @@
 
 mod auth;
 mod convert;
+mod exec;
 mod service;
 mod watch;
 
@@ -51,9 +53,14 @@ pub struct Api {
 }
 
 impl Api {
-    /// The API over `ops`; operations run on `rt` (the control plane's runtime).
-    pub fn new(ops: Arc<Operations>, rt: tokio::runtime::Handle) -> Result<Arc<Self>, String> {
-        let svc = service::Service::new(Arc::clone(&ops));
+    /// The API over `ops`; calls run on `rt` (the control plane's runtime); `agent_key` (the
+    /// cluster's) reaches guest agents for `Exec`.
+    pub fn new(
+        ops: Arc<Operations>,
+        rt: tokio::runtime::Handle,
+        agent_key: russh::keys::PrivateKey,
+    ) -> Result<Arc<Self>, String> {
+        let svc = service::Service::new(Arc::clone(&ops), Arc::new(agent_key));
         let auth = Auth::new(Arc::clone(&ops));
         // Both versions of reflection: grpcurl and newer clients ask v1, grpcio's own
         // reflection client and older tools v1alpha.

@@ -15,12 +15,14 @@ use crate::pb;
 /// The service over the operations.
 pub struct Service {
     ops: Arc<Operations>,
+    /// The cluster's agent key (`Exec` authenticates to guest agents with it).
+    agent_key: Arc<russh::keys::PrivateKey>,
 }
 
 impl Service {
-    /// The service over `ops`.
-    pub fn new(ops: Arc<Operations>) -> Self {
-        Self { ops }
+    /// The service over `ops`; `agent_key` reaches guest agents.
+    pub fn new(ops: Arc<Operations>, agent_key: Arc<russh::keys::PrivateKey>) -> Self {
+        Self { ops, agent_key }
     }
 
     /// Runs `f` with the operations and the caller; a refusal becomes its status.
@@ -224,6 +226,18 @@ impl pb::boxd_server::Boxd for Service {
             token_vms: scope.vms,
             read_only: scope.read_only,
         }))
+    }
+
+    type ExecStream = crate::exec::Answers;
+
+    async fn exec(
+        &self,
+        req: Request<tonic::Streaming<pb::ExecRequest>>,
+    ) -> Result<Response<Self::ExecStream>, Status> {
+        let c = caller(&req)?;
+        let key = Arc::clone(&self.agent_key);
+        let answers = crate::exec::start(Arc::clone(&self.ops), key, c, req.into_inner()).await?;
+        Ok(Response::new(answers))
     }
 
     type WatchVmsStream = ReceiverStream<Result<pb::VmEvent, Status>>;

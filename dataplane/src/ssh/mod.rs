@@ -5,6 +5,7 @@
 
 pub mod command;
 mod cutoff;
+pub mod exec;
 mod listing;
 pub mod lobby;
 mod prompt;

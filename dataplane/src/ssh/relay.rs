@@ -57,8 +57,9 @@ fn agent_client_config() -> client::Config {
 
 /// The client side towards one agent.
 pub(crate) struct AgentClient {
-    /// The user's connection, for channels the agent opens (`ssh -R`).
-    user: server::Handle,
+    /// The user's connection, for channels the agent opens (`ssh -R`); none for an API
+    /// `Exec`, which refuses them.
+    user: Option<server::Handle>,
     /// The host key its worker recorded for the VM's agent; none for VMs made before
     /// per-VM keys, whose agents have throwaway keys.
     expected: Option<String>,
@@ -107,8 +108,13 @@ impl client::Handler for AgentClient {
         reply: client::ChannelOpenHandle,
         _session: &mut client::Session,
     ) -> Result<(), Self::Error> {
-        let towards_user = self
-            .user
+        let Some(user) = &self.user else {
+            reply
+                .reject(russh::ChannelOpenFailure::AdministrativelyProhibited)
+                .await;
+            return Ok(());
+        };
+        let towards_user = user
             .channel_open_forwarded_tcpip(
                 connected_address,
                 connected_port,
@@ -127,14 +133,17 @@ impl client::Handler for AgentClient {
         _session: &mut client::Session,
     ) -> Result<(), Self::Error> {
         use std::sync::atomic::Ordering;
-        if !self.agent_forwarding.load(Ordering::Relaxed) {
-            tracing::debug!("agent channel from a VM whose user forwards no agent: refused");
-            reply
-                .reject(russh::ChannelOpenFailure::AdministrativelyProhibited)
-                .await;
-            return Ok(());
-        }
-        join(channel, reply, self.user.channel_open_agent().await).await;
+        let user = match &self.user {
+            Some(u) if self.agent_forwarding.load(Ordering::Relaxed) => u,
+            _ => {
+                tracing::debug!("agent channel from a VM whose user forwards no agent: refused");
+                reply
+                    .reject(russh::ChannelOpenFailure::AdministrativelyProhibited)
+                    .await;
+                return Ok(());
+            }
+        };
+        join(channel, reply, user.channel_open_agent().await).await;
         Ok(())
     }
 }
@@ -221,44 +230,66 @@ impl AgentLink {
     }
 
     async fn connect(&self, user: server::Handle) -> Result<client::Handle<AgentClient>, String> {
-        let ip = self.vm.private_ip.ok_or("it has no private address yet")?;
-        let addr = SocketAddr::from((ip, self.port));
-        let tcp = tokio::net::TcpStream::connect(addr)
-            .await
-            .map_err(|e| format!("{addr}: {e}"))?;
-        let _ = tcp.set_nodelay(true);
-        let cfg = Arc::new(agent_client_config());
-        // Buffered for the same reason as the shards' accepted connections.
-        let tcp = tokio::io::BufReader::with_capacity(super::READ_BUFFER, tcp);
-        let refused = Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let client = AgentClient {
-            user,
-            expected: self.vm.agent_key.clone(),
-            refused: Arc::clone(&refused),
-            agent_forwarding: Arc::clone(&self.agent_forwarding),
-        };
-        let mut h = client::connect_stream(cfg, tcp, client)
-            .await
-            .map_err(|e| {
-                if refused.load(std::sync::atomic::Ordering::Relaxed) {
-                    tracing::warn!(vm = %self.vm.name, %addr, "the agent's host key is not the one recorded for the VM");
-                    NOT_VERIFIED.to_owned()
-                } else {
-                    format!("handshake: {e}")
-                }
-            })?;
-        let auth = h
-            .authenticate_publickey(
-                self.user.clone(),
-                russh::keys::PrivateKeyWithHashAlg::new(Arc::clone(&self.key), None),
-            )
-            .await
-            .map_err(|e| format!("authentication: {e}"))?;
-        if !auth.success() {
-            return Err("it refused the cluster's agent key".into());
-        }
-        Ok(h)
+        dial(
+            &self.vm,
+            &self.user,
+            &self.key,
+            self.port,
+            Some(user),
+            Arc::clone(&self.agent_forwarding),
+        )
+        .await
     }
+}
+
+/// Connects to `vm`'s agent at `port` and authenticates as `user` with the cluster's `key`;
+/// the agent must present the host key recorded for the VM. `towards_user` is the user's
+/// connection, for channels the agent opens (none for an API `Exec`).
+pub(super) async fn dial(
+    vm: &VmRoute,
+    user: &str,
+    key: &Arc<PrivateKey>,
+    port: u16,
+    towards_user: Option<server::Handle>,
+    agent_forwarding: Arc<std::sync::atomic::AtomicBool>,
+) -> Result<client::Handle<AgentClient>, String> {
+    let ip = vm.private_ip.ok_or("it has no private address yet")?;
+    let addr = SocketAddr::from((ip, port));
+    let tcp = tokio::net::TcpStream::connect(addr)
+        .await
+        .map_err(|e| format!("{addr}: {e}"))?;
+    let _ = tcp.set_nodelay(true);
+    let cfg = Arc::new(agent_client_config());
+    // Buffered for the same reason as the shards' accepted connections.
+    let tcp = tokio::io::BufReader::with_capacity(super::READ_BUFFER, tcp);
+    let refused = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let client = AgentClient {
+        user: towards_user,
+        expected: vm.agent_key.clone(),
+        refused: Arc::clone(&refused),
+        agent_forwarding,
+    };
+    let mut h = client::connect_stream(cfg, tcp, client)
+        .await
+        .map_err(|e| {
+            if refused.load(std::sync::atomic::Ordering::Relaxed) {
+                tracing::warn!(vm = %vm.name, %addr, "the agent's host key is not the one recorded for the VM");
+                NOT_VERIFIED.to_owned()
+            } else {
+                format!("handshake: {e}")
+            }
+        })?;
+    let auth = h
+        .authenticate_publickey(
+            user.to_owned(),
+            russh::keys::PrivateKeyWithHashAlg::new(Arc::clone(key), None),
+        )
+        .await
+        .map_err(|e| format!("authentication: {e}"))?;
+    if !auth.success() {
+        return Err("it refused the cluster's agent key".into());
+    }
+    Ok(h)
 }
 
 /// Relays one session channel to a new agent session channel until either side closes.
