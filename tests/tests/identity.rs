@@ -516,6 +516,9 @@ fn a_grpc_client_none_of_our_code_generates_uses_the_api_with_tokens() {
         "{seen}"
     );
     assert_eq!(seen["whoami"], json!(["OK", "owner"]));
+    let mut watches = vec![json!("OK"); 15];
+    watches.push(json!("RESOURCE_EXHAUSTED"));
+    assert_eq!(seen["watches"], json!(watches), "16 watches per account");
     assert_eq!(seen["create"], json!(["OK", "VM_STATE_RUNNING"]));
     assert_eq!(seen["list"], json!(["other", "web"]));
     assert_eq!(

@@ -17,6 +17,8 @@ use crate::pb::{self, exec_request::Kind as In, exec_response::Kind as Out};
 
 /// Messages buffered each way.
 const BUFFER: usize = 16;
+/// Most environment variables one command may be given.
+const MAX_ENV: usize = 64;
 
 /// The stream of answers.
 pub type Answers = tokio_stream::wrappers::ReceiverStream<Result<pb::ExecResponse, Status>>;
@@ -38,6 +40,11 @@ pub async fn start(
     };
     if start.command.is_empty() {
         return Err(Status::invalid_argument("give a command to run"));
+    }
+    if start.env.len() > MAX_ENV {
+        return Err(Status::invalid_argument(format!(
+            "at most {MAX_ENV} environment variables"
+        )));
     }
     let vm = ops.exec_target(&caller, &start.vm).map_err(status)?;
     let (stdin_tx, stdin_rx) = mpsc::channel::<Vec<u8>>(BUFFER);

@@ -17,12 +17,18 @@ pub struct Service {
     ops: Arc<Operations>,
     /// The cluster's agent key (`Exec` authenticates to guest agents with it).
     agent_key: Arc<russh::keys::PrivateKey>,
+    /// Open watches per account.
+    watches: Arc<crate::watch::Open>,
 }
 
 impl Service {
     /// The service over `ops`; `agent_key` reaches guest agents.
     pub fn new(ops: Arc<Operations>, agent_key: Arc<russh::keys::PrivateKey>) -> Self {
-        Self { ops, agent_key }
+        Self {
+            ops,
+            agent_key,
+            watches: Arc::default(),
+        }
     }
 
     /// Runs `f` with the operations and the caller; a refusal becomes its status.
@@ -247,8 +253,13 @@ impl pb::boxd_server::Boxd for Service {
         req: Request<pb::WatchVmsRequest>,
     ) -> Result<Response<Self::WatchVmsStream>, Status> {
         let c = caller(&req)?;
+        let slot = self.watches.take(c.account)?;
         let (tx, rx) = tokio::sync::mpsc::channel(crate::watch::BUFFER);
-        tokio::spawn(crate::watch::run(Arc::clone(&self.ops), c, tx));
+        let ops = Arc::clone(&self.ops);
+        tokio::spawn(async move {
+            crate::watch::run(ops, c, tx).await;
+            drop(slot);
+        });
         Ok(Response::new(ReceiverStream::new(rx)))
     }
 }

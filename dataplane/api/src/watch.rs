@@ -18,17 +18,66 @@ use crate::pb;
 /// Events buffered for a slow client; past this the watch waits for it.
 pub const BUFFER: usize = 64;
 
+/// Watches one account may have open at once (each scans the View on every change).
+pub const MAX_PER_ACCOUNT: usize = 16;
+
+/// Open watches per account.
+#[derive(Default)]
+pub struct Open(std::sync::Mutex<HashMap<boxd_model::model::AccountId, usize>>);
+
+/// One open watch, counted until it is dropped.
+pub struct Slot(Arc<Open>, boxd_model::model::AccountId);
+
+impl Open {
+    /// A slot for one more watch of `account`, or `RESOURCE_EXHAUSTED`.
+    pub fn take(self: &Arc<Self>, account: boxd_model::model::AccountId) -> Result<Slot, Status> {
+        let mut m = self
+            .0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let n = m.entry(account).or_insert(0);
+        if *n >= MAX_PER_ACCOUNT {
+            return Err(Status::resource_exhausted(format!(
+                "this account has {MAX_PER_ACCOUNT} watches open, the most it may: close one"
+            )));
+        }
+        *n += 1;
+        Ok(Slot(Arc::clone(self), account))
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        let mut m = self
+            .0
+            .0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(n) = m.get_mut(&self.1) {
+            *n -= 1;
+            if *n == 0 {
+                m.remove(&self.1);
+            }
+        }
+    }
+}
+
 type Tx = mpsc::Sender<Result<pb::VmEvent, Status>>;
 
 /// Runs one watch until the client goes or the token ends.
-pub async fn run(ops: Arc<Operations>, caller: Caller, tx: Tx) {
+pub async fn run(ops: Arc<Operations>, caller: Caller, tx: Tx) -> Option<()> {
     let mut changes = ops.view().subscribe();
     let mut seen: HashMap<VmId, (Arc<VmRoute>, pb::Vm)> = HashMap::new();
     let mut initial = true;
+    let mut rescan = true;
     loop {
         if let Err(e) = still_valid(&ops, &caller) {
             let _ = tx.send(Err(e)).await;
-            return;
+            return None;
+        }
+        if !rescan {
+            rescan = wait(&mut changes, &tx).await?;
+            continue;
         }
         let routes = mine(&ops, &caller);
         let changed: Vec<VmId> = routes
@@ -41,7 +90,7 @@ pub async fn run(ops: Arc<Operations>, caller: Caller, tx: Tx) {
                 Ok(v) => v,
                 Err(e) => {
                     let _ = tx.send(Err(status(e))).await;
-                    return;
+                    return None;
                 }
             };
             for v in vms.iter().filter(|v| changed.contains(&v.id)) {
@@ -54,9 +103,7 @@ pub async fn run(ops: Arc<Operations>, caller: Caller, tx: Tx) {
                     deleted: false,
                     initial,
                 };
-                if tx.send(Ok(ev)).await.is_err() {
-                    return;
-                }
+                tx.send(Ok(ev)).await.ok()?;
             }
         }
         let gone: Vec<VmId> = seen
@@ -71,19 +118,21 @@ pub async fn run(ops: Arc<Operations>, caller: Caller, tx: Tx) {
                     deleted: true,
                     initial: false,
                 };
-                if tx.send(Ok(ev)).await.is_err() {
-                    return;
-                }
+                tx.send(Ok(ev)).await.ok()?;
             }
         }
         initial = false;
-        // Wake on the next applied change, the client going, or once a second (to notice a
-        // token expiring).
-        tokio::select! {
-            r = changes.changed() => if r.is_err() { return },
-            () = tx.closed() => return,
-            () = tokio::time::sleep(std::time::Duration::from_secs(1)) => {}
-        }
+        rescan = wait(&mut changes, &tx).await?;
+    }
+}
+
+/// Waits for the next applied change (`Some(true)`: scan the View again), a second to pass
+/// (`Some(false)`: only check the token again), or the client to go (`None`).
+async fn wait(changes: &mut tokio::sync::watch::Receiver<u64>, tx: &Tx) -> Option<bool> {
+    tokio::select! {
+        r = changes.changed() => r.is_ok().then_some(true),
+        () = tx.closed() => None,
+        () = tokio::time::sleep(std::time::Duration::from_secs(1)) => Some(false),
     }
 }
 
