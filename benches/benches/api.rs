@@ -19,7 +19,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, Result, bail};
 use boxd_benches::{Proc, apipb, cpu_seconds, env_or, etcdpb, median, pin_to_cpu, start_boxd_up};
-use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint};
+use rustls_pki_types::pem::PemObject as _;
+use rustls_pki_types::{CertificateDer, ServerName};
+use tonic::transport::{Channel, Endpoint};
 
 const CONNS: usize = 4;
 const INFLIGHT: usize = 32;
@@ -27,14 +29,34 @@ const HTTPS: &str = "127.77.0.1:28499";
 const SSH_PORT: u16 = 22299;
 const ETCD: &str = "127.0.33.31:2379";
 
-/// A TLS channel to `addr` that checks the server's name `name` against `ca` (PEM).
+/// A TLS channel to `addr` (HTTP/2 by ALPN) that checks the server's name `name` against `ca`
+/// (PEM): rustls with ring through tokio-rustls, as tonic's own TLS would, built here so the
+/// workspace's rustls keeps its `logging` feature off.
 async fn channel(addr: &str, name: &str, ca: &[u8]) -> Result<Channel> {
-    let tls = ClientTlsConfig::new()
-        .ca_certificate(Certificate::from_pem(ca))
-        .domain_name(name);
-    Ok(Endpoint::from_shared(format!("https://{addr}"))?
-        .tls_config(tls)?
-        .connect()
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in CertificateDer::pem_slice_iter(ca) {
+        roots.add(cert?)?;
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut cfg = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    cfg.alpn_protocols = vec![b"h2".to_vec()];
+    let tls = tokio_rustls::TlsConnector::from(Arc::new(cfg));
+    let server = ServerName::try_from(name.to_owned())?;
+    let addr: std::net::SocketAddr = addr.parse()?;
+    let connect = tower::service_fn(move |_: http::Uri| {
+        let (tls, server) = (tls.clone(), server.clone());
+        async move {
+            let tcp = tokio::net::TcpStream::connect(addr).await?;
+            tcp.set_nodelay(true)?;
+            let stream = tls.connect(server, tcp).await?;
+            Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(stream))
+        }
+    });
+    Ok(Endpoint::from_shared(format!("http://{addr}"))?
+        .connect_with_connector(connect)
         .await?)
 }
 
