@@ -615,7 +615,8 @@ fn an_operator_certificate_is_reloaded_without_dropping_connections() {
 /// The header deadline (slowloris): a TLS client that sends half a request head, or an HTTP/2
 /// client that never sends its preface, idles with no stream open, or trickles a header block
 /// that never ends, is disconnected once `header_timeout_secs` pass (an idle HTTP/2 connection
-/// after a GOAWAY) — while an HTTP/2 download slower than the deadline runs to its end.
+/// after a GOAWAY), at a VM's name and at the gRPC API's — while an HTTP/2 download slower
+/// than the deadline runs to its end.
 #[test]
 fn slow_and_idle_clients_are_cut_off_at_the_header_deadline() {
     const IP3: &str = "127.0.39.3";
@@ -646,39 +647,44 @@ fn slow_and_idle_clients_are_cut_off_at_the_header_deadline() {
     );
 
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/fixtures/slow_client.py");
-    let clients: Vec<_> = ["h1-partial", "h2-silent", "h2-idle", "h2-trickle"]
+    // The same against the gRPC API's host (served by hyper, not the proxy's HTTP/2).
+    let cases = [
+        ("h1-partial", "127.77.0.2", "myapp.boxd.test"),
+        ("h2-silent", "127.77.0.2", "myapp.boxd.test"),
+        ("h2-idle", "127.77.0.2", "myapp.boxd.test"),
+        ("h2-trickle", "127.77.0.2", "myapp.boxd.test"),
+        ("h2-silent", "127.77.0.1", "api.boxd.test"),
+        ("h2-idle", "127.77.0.1", "api.boxd.test"),
+        ("h2-trickle", "127.77.0.1", "api.boxd.test"),
+    ];
+    let clients: Vec<_> = cases
         .into_iter()
-        .map(|mode| {
+        .map(|(mode, ip, sni)| {
             let child = Command::new("python3")
-                .args([
-                    script,
-                    "127.77.0.2",
-                    &PORT.to_string(),
-                    "myapp.boxd.test",
-                    &ca,
-                ])
+                .args([script, ip, &PORT.to_string(), sni, &ca])
                 .args([mode, "20"])
                 .stdout(Stdio::piped())
                 .spawn()
                 .unwrap();
-            (mode, child)
+            (format!("{mode} {sni}"), child)
         })
         .collect();
-    for (mode, child) in clients {
+    for (case, child) in clients {
+        let mode = case.split(' ').next().unwrap();
         let out = child.wait_with_output().unwrap();
         let line = String::from_utf8_lossy(&out.stdout).trim().to_owned();
         let words: Vec<&str> = line.split(' ').collect();
-        assert_eq!(words.first(), Some(&"closed"), "{mode}: {line}");
+        assert_eq!(words.first(), Some(&"closed"), "{case}: {line}");
         let secs: f64 = words[1].parse().unwrap();
         assert!(
             (deadline - 0.5..deadline + 3.0).contains(&secs),
-            "{mode}: closed after {secs} s, deadline {deadline} s"
+            "{case}: closed after {secs} s, deadline {deadline} s"
         );
         if mode == "h2-idle" {
             // SETTINGS (4) first, and a GOAWAY (7) before the close.
             let frames: Vec<&str> = words[2].split(',').collect();
-            assert_eq!(frames.first(), Some(&"4"), "{mode}: {line}");
-            assert!(frames.contains(&"7"), "{mode}: no GOAWAY: {line}");
+            assert_eq!(frames.first(), Some(&"4"), "{case}: {line}");
+            assert!(frames.contains(&"7"), "{case}: no GOAWAY: {line}");
         }
     }
 

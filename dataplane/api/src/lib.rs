@@ -18,11 +18,14 @@ mod exec;
 mod service;
 mod watch;
 
+use std::cell::Cell;
 use std::convert::Infallible;
 use std::future::Future;
 use std::net::IpAddr;
 use std::pin::Pin;
+use std::rc::Rc;
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use boxd_dataplane::https::{ApiIo, ApiServer};
 use boxd_operations::Operations;
@@ -85,13 +88,29 @@ impl Api {
 }
 
 impl ApiServer for Api {
-    fn serve(&self, io: Box<dyn ApiIo>, client: IpAddr) -> Pin<Box<dyn Future<Output = ()>>> {
+    fn serve(
+        &self,
+        io: Box<dyn ApiIo>,
+        client: IpAddr,
+        idle: Duration,
+    ) -> Pin<Box<dyn Future<Output = ()>>> {
         let routes = self.routes.clone();
         let ops = Arc::clone(&self.ops);
         let rt = self.rt.clone();
         Box::pin(async move {
+            let calls = Rc::new(Calls {
+                open: Cell::new(0),
+                idle_since: Cell::new(Instant::now()),
+            });
+            let counted = Rc::clone(&calls);
             let svc = tower::service_fn(move |req: http::Request<hyper::body::Incoming>| {
-                answer(routes.clone(), Arc::clone(&ops), rt.clone(), req)
+                let call = Call::start(&counted);
+                let answer = answer(routes.clone(), Arc::clone(&ops), rt.clone(), req);
+                async move {
+                    let resp = answer.await?;
+                    // The call lasts as long as its response body (a stream's).
+                    Ok::<_, Infallible>(resp.map(|b| b.map_frame(move |f| call.keep(f))))
+                }
             });
             let conn = hyper::server::conn::http2::Builder::new(Local)
                 .max_concurrent_streams(MAX_STREAMS)
@@ -99,10 +118,71 @@ impl ApiServer for Api {
                     hyper_util::rt::TokioIo::new(io),
                     hyper_util::service::TowerToHyperService::new(svc),
                 );
-            if let Err(e) = conn.await {
+            let mut conn = std::pin::pin!(conn);
+            let ended = futures_lite::future::or(async { Some(conn.as_mut().await) }, async {
+                calls.idle(idle).await;
+                None
+            })
+            .await;
+            let result = match ended {
+                Some(r) => r,
+                None => {
+                    tracing::debug!(%client, "API connection idle: closing");
+                    conn.as_mut().graceful_shutdown();
+                    let bounded = glommio::timer::timeout(idle, async { Ok(conn.as_mut().await) });
+                    bounded.await.unwrap_or(Ok(()))
+                }
+            };
+            if let Err(e) = result {
                 tracing::debug!(%client, error = %e, "API connection ended");
             }
         })
+    }
+}
+
+/// The calls in progress on one connection, for its idle bound.
+struct Calls {
+    open: Cell<usize>,
+    idle_since: Cell<Instant>,
+}
+
+impl Calls {
+    /// Resolves once no call has been in progress for `limit`.
+    async fn idle(&self, limit: Duration) {
+        loop {
+            let wait = if self.open.get() == 0 {
+                let since = self.idle_since.get().elapsed();
+                if since >= limit {
+                    return;
+                }
+                limit - since
+            } else {
+                limit
+            };
+            glommio::timer::sleep(wait).await;
+        }
+    }
+}
+
+/// One call in progress: counted from its request until its response body is dropped.
+struct Call(Rc<Calls>);
+
+impl Call {
+    fn start(calls: &Rc<Calls>) -> Self {
+        calls.open.set(calls.open.get() + 1);
+        Self(Rc::clone(calls))
+    }
+
+    /// Passes a frame of the response through (the closure that calls this owns the call).
+    fn keep<T>(&self, frame: T) -> T {
+        frame
+    }
+}
+
+impl Drop for Call {
+    fn drop(&mut self) {
+        self.0.open.set(self.0.open.get().saturating_sub(1));
+        self.0.idle_since.set(Instant::now());
     }
 }
 

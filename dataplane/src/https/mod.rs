@@ -138,11 +138,14 @@ impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin> ApiIo for T {}
 /// connection once TLS is done, on the shard that accepted it, and serves it there (the
 /// future need not be `Send`).
 pub trait ApiServer: Send + Sync + 'static {
-    /// Serves `io` from `client` until it ends.
+    /// Serves `io` from `client` until it ends; a connection with no call in progress for
+    /// `idle` (from its start, or since its last call ended) is closed, as an HTTP/2
+    /// connection to a VM is.
     fn serve(
         &self,
         io: Box<dyn ApiIo>,
         client: std::net::IpAddr,
+        idle: Duration,
     ) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()>>>;
 }
 

@@ -133,11 +133,12 @@ async fn serve_tls(stream: TcpStream, shard: Rc<Shard>) -> std::io::Result<()> {
         if let Some(api) = &shard.api
             && sni.as_deref().is_some_and(|h| shard.is_api(h))
         {
-            // The API bounds its own streams; a call may wait (a VM starting) with nothing
-            // to read from the client meanwhile.
+            // The API bounds its connections' idle time itself; a call may wait (a VM
+            // starting) with nothing to read from the client meanwhile.
             tls.get_ref().0.set_read_timeout(None)?;
             use tokio_util::compat::FuturesAsyncReadCompatExt as _;
-            api.serve(Box::new(tls.compat()), client).await;
+            let idle = shard.cfg.header_timeout();
+            api.serve(Box::new(tls.compat()), client, idle).await;
             return Ok(());
         }
         // h2::serve bounds the preface and the idle time itself: a stream may wait on a slow
