@@ -55,7 +55,7 @@ pub(super) fn api(shard: &Shard, method: &str, target: &str) -> Vec<u8> {
                 "A gRPC API (boxd.api.v1, HTTP/2) for the operations of the lobby. Make a \
                  token with `{} token create` and send it as `authorization: Bearer <token>`. \
                  The keys that sign tokens are at https://api.{zone}/.well-known/jwks.json.",
-                lobby_ssh(shard)
+                shard.ops().zone_ssh()
             ),
         ),
         path => pages::response(
@@ -92,7 +92,7 @@ fn zone(shard: &Shard) -> String {
 /// `/register/<code>`: the key waiting behind the code and how it gets linked.
 async fn register(shard: &Shard, code: &str) -> Vec<u8> {
     let ops = shard.ops();
-    let lobby = lobby_ssh(shard);
+    let lobby = shard.ops().zone_ssh();
     match ops.pending_key(code).await {
         Ok(k) if k.expired => pages::response(
             410,
@@ -151,14 +151,6 @@ fn pending(k: &PendingKey, lobby: &str) -> String {
         fp = escape(k.fingerprint.as_str()),
         code = escape(&k.code),
     )
-}
-
-/// `ssh [-p PORT] ZONE`.
-fn lobby_ssh(shard: &Shard) -> String {
-    match shard.cfg().ssh_port {
-        22 => format!("ssh {}", zone(shard)),
-        p => format!("ssh -p {p} {}", zone(shard)),
-    }
 }
 
 /// `page` with one more header field (`Name: value`) after its status line.
