@@ -11,6 +11,7 @@ use boxd_controlplane::model::{Role, is_dns_label};
 pub use boxd_dataplane::https::HttpsConfig;
 pub use boxd_dataplane::ssh::SshConfig;
 pub use boxd_dns::DnsConfig;
+pub use boxd_oidc::IdentityConfig;
 use ipnet::Ipv4Net;
 use serde::{Deserialize, Serialize};
 
@@ -37,6 +38,8 @@ pub struct Config {
     pub admin: AdminConfig,
     /// Resources offered to VMs.
     pub worker: WorkerConfig,
+    /// The OpenID provider people sign in with to link keys.
+    pub identity: IdentityConfig,
 }
 
 /// `[node]`
@@ -330,6 +333,11 @@ impl Config {
         self.ssh
             .validate()
             .map_err(|(field, m)| invalid(field, m))?;
+        if self.identity.enabled() {
+            self.identity
+                .secret()
+                .map_err(|(field, m)| invalid(field, m))?;
+        }
         let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
         for (field, list) in [
             ("dns.cpus", &self.dns.cpus),

@@ -10,7 +10,7 @@ use std::time::{Duration, SystemTime};
 use boxd_controlplane::Replica;
 use boxd_controlplane::command::Command;
 use boxd_dataplane::https::tls::{self, CertFiles, ZoneCert};
-use boxd_dataplane::https::{HttpsConfig, HttpsServer, Listeners};
+use boxd_dataplane::https::{HttpsConfig, HttpsServer, Listeners, Services};
 use tokio::sync::watch;
 
 use crate::config::Config;
@@ -121,9 +121,43 @@ pub async fn start(
     )
     .map_err(NodeError::Failed)?;
     let api: Arc<dyn boxd_dataplane::https::ApiServer> = api;
-    let server = HttpsServer::start(listeners, https_config(cfg), tls_cfg, ops, Some(api))
+    let sign_in = sign_in(cfg, &ops)?;
+    let services = Services {
+        ops,
+        api: Some(api),
+        sign_in,
+    };
+    let server = HttpsServer::start(listeners, https_config(cfg), tls_cfg, services)
         .map_err(|e| NodeError::Failed(format!("cannot start HTTPS: {e}")))?;
     Ok((server, HttpsReady { addr, ca: files.ca }))
+}
+
+/// The OpenID relying party, when `[identity]` names an issuer. Its discovery runs in the
+/// background: a provider that is down at start is retried at the first sign-in.
+fn sign_in(
+    cfg: &Config,
+    ops: &Arc<boxd_operations::Operations>,
+) -> Result<Option<Arc<boxd_oidc::SignIn>>, NodeError> {
+    if !cfg.identity.enabled() {
+        return Ok(None);
+    }
+    let redirect = ops.apex_url("register/callback");
+    let s = boxd_oidc::SignIn::new(
+        &cfg.identity,
+        &redirect,
+        Arc::clone(ops),
+        tokio::runtime::Handle::current(),
+    )
+    .map_err(NodeError::Usage)?;
+    let probe = Arc::clone(&s);
+    let issuer = cfg.identity.issuer.clone();
+    tokio::spawn(async move {
+        match probe.discover().await {
+            Ok(()) => tracing::info!(%issuer, %redirect, "signing in with OpenID Connect"),
+            Err(e) => tracing::warn!(%issuer, "the OpenID provider cannot be read yet: {e}"),
+        }
+    });
+    Ok(Some(s))
 }
 
 /// Modification time and length of both files: a change in either means a reload.

@@ -28,6 +28,7 @@ pub fn operations_settings(cfg: &Config, https_port: Option<u16>) -> Settings {
         ssh_port: cfg.ssh.listen.port(),
         https_port,
         ready_timeout: Duration::from_secs(cfg.ssh.ready_timeout_secs),
+        sign_in: cfg.identity.enabled().then(|| cfg.identity.name()),
     }
 }
 

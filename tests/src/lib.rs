@@ -15,6 +15,8 @@ use serde_json::Value;
 
 pub use boxd_test_support::{SSH_OPTS, agent_bin, boxd_bin, keygen};
 
+pub mod at;
+
 /// `boxd up` without the worker role. Tests outside a network namespace of their own must not
 /// run a worker (it creates a bridge for its VMs); where they need placed VMs, [`fake_worker`]
 /// stands in. The journey test runs the real worker inside its own namespace.

@@ -13,26 +13,14 @@
 
 #![allow(clippy::unwrap_used)]
 
-use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::path::Path;
+use std::process::Command;
 use std::time::Duration;
 
-use boxd_test_support::{Proc, SSH_OPTS, agent_bin, boxd_bin, fingerprint, keygen, run};
-use boxd_tests::{
-    Node, UP, now_ms, ready_field as field, running_vm, spawn_agent, write, write_config,
-};
+use boxd_test_support::{Proc, agent_bin, fingerprint, run};
+use boxd_tests::at::{At, LOBBY, admin_cli, expired_link, key};
+use boxd_tests::{now_ms, ready_field as field, running_vm, spawn_agent};
 use serde_json::{Value, json};
-
-const LOBBY: &str = "127.77.0.1";
-
-/// Where one test's node listens: its own IP for Raft, DNS and the rest, and its own HTTPS
-/// and SSH ports on every address (the lobby address is shared by every test).
-#[derive(Clone, Copy)]
-struct At {
-    ip: &'static str,
-    https: u16,
-    ssh: u16,
-}
 
 const REGISTRATION: At = At {
     ip: "127.0.44.1",
@@ -44,105 +32,6 @@ const TOKENS: At = At {
     https: 30445,
     ssh: 30223,
 };
-
-impl At {
-    /// `boxd up` with this test's addresses; returns the node, its ready line and data dir.
-    fn start(self, dir: &Path) -> (Node, String, PathBuf) {
-        let ip = self.ip;
-        let cfg = write_config(dir, "id", &format!("{ip}:7000"), "");
-        let text = std::fs::read_to_string(&cfg)
-            .unwrap()
-            .replace(
-                &format!("[https]\nlisten = \"{ip}:8443\"\nredirect_listen = \"{ip}:8080\""),
-                &format!(
-                    "[https]\nlisten = \"0.0.0.0:{}\"\nredirect_listen = \"0.0.0.0:{}\"",
-                    self.https,
-                    self.https + 1
-                ),
-            )
-            .replace(
-                &format!("[ssh]\nlisten = \"{ip}:2222\""),
-                &format!(
-                    "[ssh]\nlisten = \"0.0.0.0:{}\"\nauth_timeout_secs = 5",
-                    self.ssh
-                ),
-            );
-        std::fs::write(&cfg, text).unwrap();
-        let data = dir.join("data");
-        let node = Node::start(&UP, &data, &cfg);
-        let ready = node.wait_ready(Duration::from_secs(30));
-        (node, ready, data)
-    }
-
-    /// `ssh -p SSH -i key LOBBY args…`: (exit status, stdout, stderr).
-    fn lobby(self, key: &Path, args: &[&str]) -> (i32, String, String) {
-        run(Command::new("ssh")
-            .args(["-p", &self.ssh.to_string(), "-i"])
-            .arg(key)
-            .args(SSH_OPTS)
-            .args(["-o", "ConnectTimeout=10", LOBBY])
-            .args(args)
-            .stdin(Stdio::null()))
-    }
-
-    /// The registration link an unknown key is given, and its code.
-    fn link_for(self, key: &Path) -> (String, String) {
-        let (status, out, err) = self.lobby(key, &["whoami"]);
-        assert_eq!((status, out.as_str()), (1, ""), "{err}");
-        let link = err
-            .split_whitespace()
-            .find(|w| w.contains("/register/"))
-            .unwrap_or_else(|| panic!("no link in {err:?}"))
-            .to_owned();
-        let code = link.rsplit('/').next().unwrap().to_owned();
-        (link, code)
-    }
-
-    /// `https://HOST:HTTPS/path` for a name in the zone (`""`: the zone itself).
-    fn url(self, host: &str, path: &str) -> String {
-        let dot = if host.is_empty() { "" } else { "." };
-        format!("https://{host}{dot}boxd.test:{}{path}", self.https)
-    }
-
-    /// curl `url` (its host resolved to the lobby) with the local CA: (status, body).
-    fn curl(self, ca: &str, url: &str, extra: &[&str]) -> (u16, String) {
-        let host = url
-            .trim_start_matches("https://")
-            .split([':', '/'])
-            .next()
-            .unwrap();
-        let out = Command::new("curl")
-            .args(["-sS", "--max-time", "30", "--cacert", ca, "-o", "-"])
-            .args(["-w", "\n%{http_code}", "--resolve"])
-            .arg(format!("{host}:{}:{LOBBY}", self.https))
-            .args(extra)
-            .arg(url)
-            .output()
-            .unwrap();
-        let text = String::from_utf8_lossy(&out.stdout).into_owned();
-        let (body, code) = text.rsplit_once('\n').unwrap_or(("", "0"));
-        (code.parse().unwrap_or(0), body.to_owned())
-    }
-
-    fn whoami(self, key: &Path) -> Value {
-        let (status, out, err) = self.lobby(key, &["whoami", "--json"]);
-        assert_eq!(status, 0, "{err}");
-        serde_json::from_str(&out).unwrap()
-    }
-}
-
-fn key(dir: &Path, name: &str) -> PathBuf {
-    let p = dir.join(name);
-    keygen(&p);
-    p
-}
-
-fn admin_cli(data: &Path, args: &[&str]) -> (i32, String, String) {
-    run(Command::new(boxd_bin())
-        .args(["admin", "--data-dir"])
-        .arg(data)
-        .args(args))
-}
 
 #[test]
 fn the_owner_approves_keys_from_their_registration_links() {
@@ -244,14 +133,7 @@ fn the_owner_approves_keys_from_their_registration_links() {
     assert_eq!(at.whoami(&dave)["id"], bob_me["id"]);
 
     // An expired link: its page says so and it cannot be approved.
-    let erin_pub = std::fs::read_to_string(erin.with_extension("pub")).unwrap();
-    let erin_code = "e".repeat(32);
-    write(
-        &node,
-        json!({"type": "create_registration", "code": erin_code,
-               "fingerprint": fingerprint(&erin), "public_key": erin_pub.trim(),
-               "at": now_ms() - 7_200_000, "expires_at": now_ms() - 3_600_000}),
-    );
+    let erin_code = expired_link(&node, &erin);
     let (status, body) = at.curl(&ca, &at.url("", &format!("/register/{erin_code}")), &[]);
     assert!(status == 410 && body.contains("expired"), "{body}");
     let (status, _, err) = at.lobby(&alice, &["approve", &erin_code]);

@@ -324,6 +324,27 @@ pub enum Command {
         /// Expiry.
         expires_at: Millis,
     },
+    /// A person signed in with the cluster's OpenID provider for a parked key: the key joins
+    /// the account their identity (`issuer` + `subject`) is linked to, or, on their first
+    /// sign-in, a new account `account` named `name` (`name-<code's first 6>` when `name` is
+    /// taken) that the identity is linked to from then on. Refused, with nothing changed, like
+    /// `ApproveRegistration`.
+    LinkIdentity {
+        /// Code in the URL.
+        code: String,
+        /// The ID token's `iss`.
+        issuer: String,
+        /// Its `sub`: the person at that issuer.
+        subject: String,
+        /// Its `email`, when it has one (shown, never used to match).
+        email: Option<String>,
+        /// Id for the account to create on a first sign-in.
+        account: AccountId,
+        /// Name for that account.
+        name: String,
+        /// Proposal time; an expired code is refused.
+        at: Millis,
+    },
 }
 
 /// The name of the field that holds a command's variant in its JSON form.
@@ -590,6 +611,7 @@ impl Command {
             Command::ApproveRegistration { .. } => "approve_registration",
             Command::AddTokenKey { .. } => "add_token_key",
             Command::CreateToken { .. } => "create_token",
+            Command::LinkIdentity { .. } => "link_identity",
         }
     }
 }

@@ -17,8 +17,16 @@ const REUSE_MARGIN_MS: u64 = 60_000;
 
 impl Operations {
     /// Makes the key `fp` (`public_key` in OpenSSH form) the owner of a fresh cluster: one
-    /// with no key yet. Refused once any key exists (or another key won the race).
+    /// with no key yet. Refused once any key exists (or another key won the race), and on a
+    /// cluster whose people sign in with a provider: there every key is linked that way (a
+    /// stranger who connects first must not own it).
     pub async fn claim_owner(&self, fp: &Fingerprint, public_key: &str) -> Result<Caller, OpError> {
+        if self.settings.sign_in.is_some() {
+            return Err(OpError::new(
+                ErrorKind::Refused,
+                "keys are linked by signing in on this cluster",
+            ));
+        }
         if self.view.current().key_count() != 0 {
             return Err(OpError::new(
                 ErrorKind::Refused,

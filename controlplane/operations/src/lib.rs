@@ -15,6 +15,7 @@ mod error;
 mod identity;
 mod keys;
 pub mod registrations;
+mod signin;
 mod tokens;
 mod vms;
 
@@ -33,6 +34,7 @@ pub use self::error::{ErrorKind, OpError};
 pub use self::identity::REGISTRATION_TTL_MS;
 pub use self::keys::{Whoami, parse_public_key};
 use self::registrations::RegistrationLimits;
+pub use self::signin::{SignedIn, account_name};
 pub use self::tokens::{DEFAULT_TTL_MS, Issued, NewToken, parse_duration};
 pub use self::vms::{NewVm, Shown};
 
@@ -45,6 +47,9 @@ pub struct Settings {
     pub https_port: Option<u16>,
     /// How long `create`, `start` and `restart` wait for the VM to become reachable.
     pub ready_timeout: Duration,
+    /// The name of the OpenID provider people sign in with to link a key (`[identity]`), or
+    /// `None`: the owner approves keys, and the first key to connect owns the cluster.
+    pub sign_in: Option<String>,
 }
 
 impl Default for Settings {
@@ -53,6 +58,7 @@ impl Default for Settings {
             ssh_port: 2222,
             https_port: Some(8443),
             ready_timeout: Duration::from_secs(120),
+            sign_in: None,
         }
     }
 }

@@ -5,7 +5,7 @@
 use rusqlite::Connection;
 
 /// Version of the schema below; stored in `PRAGMA user_version`.
-pub const SCHEMA_VERSION: i64 = 6;
+pub const SCHEMA_VERSION: i64 = 7;
 
 const SCHEMA: &str = r#"
 CREATE TABLE IF NOT EXISTS meta (
@@ -79,6 +79,17 @@ CREATE TABLE IF NOT EXISTS token_keys (
     created_at    INTEGER NOT NULL,
     superseded_at INTEGER
 );
+-- People who signed in with the cluster's OpenID provider (version 7): the account their
+-- identity (issuer + subject) is linked to.
+CREATE TABLE IF NOT EXISTS identities (
+    issuer    TEXT NOT NULL,
+    subject   TEXT NOT NULL,
+    account   TEXT NOT NULL,
+    email     TEXT,
+    linked_at INTEGER NOT NULL,
+    PRIMARY KEY (issuer, subject)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS identities_by_account ON identities (account);
 CREATE TABLE IF NOT EXISTS registrations (
     code        TEXT PRIMARY KEY,
     fingerprint TEXT NOT NULL,

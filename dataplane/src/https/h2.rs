@@ -217,7 +217,11 @@ async fn stream(
         Err(Elsewhere::Page(p)) => return page(respond, &p),
         Err(Elsewhere::Site) => {
             let target = parts.uri.path_and_query().map_or("/", |p| p.as_str());
-            let p = super::site::answer(shard, parts.method.as_str(), target).await;
+            let cookies: Vec<&str> = (parts.headers.get_all(http::header::COOKIE).iter())
+                .filter_map(|v| v.to_str().ok())
+                .collect();
+            let cookies = cookies.join("; ");
+            let p = super::site::answer(shard, parts.method.as_str(), target, &cookies).await;
             return page(respond, &p);
         }
         Err(Elsewhere::Api) => {

@@ -307,6 +307,21 @@ impl Request {
         }
     }
 
+    /// Every `Cookie` field, joined with `; ` (HTTP/2 may split them, RFC 9113 8.2.3); empty
+    /// when there is none or it is not text.
+    pub fn cookies(&self) -> String {
+        let mut out = String::new();
+        for (_, v) in self.headers.iter().filter(|(n, _)| n == "cookie") {
+            if let Ok(v) = std::str::from_utf8(v) {
+                if !out.is_empty() {
+                    out.push_str("; ");
+                }
+                out.push_str(v);
+            }
+        }
+        out
+    }
+
     /// How many fields named `name` (lower case) the head has.
     pub fn fields(&self, name: &str) -> usize {
         self.headers.iter().filter(|(n, _)| n == name).count()

@@ -11,6 +11,7 @@ mod pool;
 mod proxy;
 mod route;
 mod shard;
+mod signin;
 mod site;
 pub mod tls;
 mod upstream;
@@ -196,14 +197,24 @@ pub struct HttpsServer {
 /// I/O memory per executor: small, so that the default 8 MiB memlock limit suffices.
 const IO_MEMORY: usize = 512 << 10;
 
+/// What the shards answer with besides VMs.
+#[derive(Clone)]
+pub struct Services {
+    /// The operations (the zone's pages, registration).
+    pub ops: Arc<Operations>,
+    /// The gRPC API, for HTTP/2 connections to `api.<zone>`.
+    pub api: Option<Arc<dyn ApiServer>>,
+    /// Signing in to link a key, when an OpenID provider is configured.
+    pub sign_in: Option<Arc<boxd_oidc::SignIn>>,
+}
+
 impl HttpsServer {
     /// Starts one shard per listener set.
     pub fn start(
         listeners: Listeners,
         cfg: HttpsConfig,
         tls: Arc<rustls::ServerConfig>,
-        ops: Arc<Operations>,
-        api: Option<Arc<dyn ApiServer>>,
+        services: Services,
     ) -> std::io::Result<Self> {
         let stop = Arc::new(AtomicBool::new(false));
         let https_port = listeners.addr.port();
@@ -213,8 +224,8 @@ impl HttpsServer {
                 Some(cpu) => Placement::Fixed(*cpu),
                 None => Placement::Unbound,
             };
-            let (stop, cfg, tls, ops) = (stop.clone(), cfg.clone(), tls.clone(), ops.clone());
-            let api = api.clone();
+            let (stop, cfg, tls) = (stop.clone(), cfg.clone(), tls.clone());
+            let services = services.clone();
             let h = LocalExecutorBuilder::new(placement)
                 .name(&format!("boxd-https-{i}"))
                 .io_memory(IO_MEMORY)
@@ -222,7 +233,7 @@ impl HttpsServer {
                     // SAFETY: the descriptors come from listeners we own and give up here, so
                     // glommio's listeners are their only owners.
                     let l = unsafe { glommio::net::TcpListener::from_raw_fd(l.into_raw_fd()) };
-                    let shard = Rc::new(shard::Shard::new(cfg, tls, ops, api, https_port));
+                    let shard = Rc::new(shard::Shard::new(cfg, tls, services, https_port));
                     glommio::spawn_local(proxy::accept_tls(l, shard.clone())).detach();
                     // SAFETY: as above.
                     let r = unsafe { glommio::net::TcpListener::from_raw_fd(r.into_raw_fd()) };

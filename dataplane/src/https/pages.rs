@@ -9,7 +9,9 @@ code,kbd{font:.95em ui-monospace,monospace;background:#eef0f5;padding:.1em .35em
 border-radius:4px}dl{display:grid;grid-template-columns:max-content auto;gap:.3em 1em}\
 dt{color:#5a6478}dd{margin:0;word-break:break-all}.box{background:#fff;border:1px solid \
 #dde1ea;border-radius:10px;padding:1.2em 1.5em;margin:1.5em 0}.muted,footer{color:#6b7487;\
-font-size:.9em}footer{margin-top:3em}";
+font-size:.9em}footer{margin-top:3em}h2{font-size:1.15em;margin-top:1.8em}.button{display:\
+inline-block;background:#2b59c3;color:#fff;text-decoration:none;padding:.6em 1.3em;\
+border-radius:8px;font-weight:600}";
 
 /// A complete HTTP/1.1 response with an HTML page: `title` (text, escaped here) and `body`
 /// (HTML the caller built, escaping what it got from anyone); the connection closes after it.

@@ -172,7 +172,8 @@ async fn serve_tls(stream: TcpStream, shard: Rc<Shard>) -> std::io::Result<()> {
             Ok(t) => t,
             Err(Elsewhere::Page(page)) => return reply(&mut tls, &page).await,
             Err(Elsewhere::Site) => {
-                let page = super::site::answer(&shard, &req.method, &req.target).await;
+                let page =
+                    super::site::answer(&shard, &req.method, &req.target, &req.cookies()).await;
                 return reply(&mut tls, &page).await;
             }
             Err(Elsewhere::Api) => {

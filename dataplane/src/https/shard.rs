@@ -27,6 +27,8 @@ pub(super) struct Shard {
     pub(super) ops: Arc<Operations>,
     /// The gRPC API, for HTTP/2 connections to `api.<zone>`.
     pub(super) api: Option<Arc<dyn super::ApiServer>>,
+    /// Signing in to link a key (`/register/<code>/login`), when configured.
+    pub(super) sign_in: Option<Arc<boxd_oidc::SignIn>>,
     /// The port clients reach HTTPS on (for redirects).
     pub(super) https_port: u16,
     /// Open client connections.
@@ -43,16 +45,16 @@ impl Shard {
     pub(super) fn new(
         cfg: HttpsConfig,
         tls: Arc<rustls::ServerConfig>,
-        ops: Arc<Operations>,
-        api: Option<Arc<dyn super::ApiServer>>,
+        services: super::Services,
         https_port: u16,
     ) -> Self {
         Self {
             cfg,
             acceptor: TlsAcceptor::from(tls),
-            view: Arc::clone(ops.view()),
-            ops,
-            api,
+            view: Arc::clone(services.ops.view()),
+            ops: services.ops,
+            api: services.api,
+            sign_in: services.sign_in,
             https_port,
             connections: Cell::new(0),
             handshakes: Cell::new(0),

@@ -8,9 +8,11 @@ use boxd_operations::{ErrorKind, PendingKey};
 
 use super::pages::{self, escape};
 use super::shard::Shard;
+use super::signin;
 
-/// The answer to `method target` for the zone's own name: a complete HTTP/1.1 response.
-pub(super) async fn answer(shard: &Shard, method: &str, target: &str) -> Vec<u8> {
+/// The answer to `method target` (with the request's `Cookie` header, empty when none) for
+/// the zone's own name: a complete HTTP/1.1 response.
+pub(super) async fn answer(shard: &Shard, method: &str, target: &str, cookies: &str) -> Vec<u8> {
     let head = method == "HEAD";
     if !head && method != "GET" {
         return not_allowed();
@@ -18,8 +20,16 @@ pub(super) async fn answer(shard: &Shard, method: &str, target: &str) -> Vec<u8>
     let path = path_of(target);
     let page = match path {
         "/" => pages::apex(&zone(shard), shard.cfg().ssh_port),
+        "/register/callback" => {
+            let query = target.split_once('?').map_or("", |(_, q)| q);
+            let query = query.split('#').next().unwrap_or("");
+            signin::callback(shard, query, cookies).await
+        }
         _ => match path.strip_prefix("/register/") {
-            Some(code) => register(shard, code).await,
+            Some(rest) => match rest.strip_suffix("/login") {
+                Some(code) => signin::login(shard, code).await,
+                None => register(shard, rest).await,
+            },
             None => pages::response(
                 404,
                 "Not Found",
@@ -102,12 +112,18 @@ async fn register(shard: &Shard, code: &str) -> Vec<u8> {
                 "Registration links work for 24 hours. Connect again with `{lobby}` for a new one."
             ),
         ),
-        Ok(k) => pages::document(
-            200,
-            "OK",
-            &format!("Link this key to {}", ops.zone()),
-            &pending(&k, &lobby),
-        ),
+        Ok(k) => {
+            let how = match shard.sign_in.as_ref() {
+                Some(s) => signin::button(s, &k.code, &lobby),
+                None => approval(&k.code, &lobby),
+            };
+            pages::document(
+                200,
+                "OK",
+                &format!("Link this key to {}", ops.zone()),
+                &(pending(&k, &lobby) + &how),
+            )
+        }
         Err(e) if e.kind == ErrorKind::NotFound => pages::response(
             404,
             "Not Found",
@@ -126,7 +142,7 @@ async fn register(shard: &Shard, code: &str) -> Vec<u8> {
     }
 }
 
-/// The body of a registration page.
+/// The first part of a registration page: the key.
 fn pending(k: &PendingKey, lobby: &str) -> String {
     let expires = httpdate::fmt_http_date(
         std::time::UNIX_EPOCH + std::time::Duration::from_millis(k.expires_at),
@@ -137,8 +153,17 @@ fn pending(k: &PendingKey, lobby: &str) -> String {
          <div class=\"box\"><dl>\n<dt>Key type</dt><dd><code>{kind}</code></dd>\n\
          <dt>Fingerprint</dt><dd><code>{fp}</code></dd>\n\
          <dt>Link valid until</dt><dd>{expires}</dd>\n</dl></div>\n\
-         <p>Check the fingerprint against yours: <code>ssh-keygen -lf ~/.ssh/id_ed25519.pub</code>.</p>\n\
-         <h2>How it gets linked</h2>\n\
+         <p>Check the fingerprint against yours: <code>ssh-keygen -lf ~/.ssh/id_ed25519.pub</code>.</p>\n",
+        lobby = escape(lobby),
+        kind = escape(&k.key_type),
+        fp = escape(k.fingerprint.as_str()),
+    )
+}
+
+/// The second part of a registration page without a sign-in provider: the owner approves.
+fn approval(code: &str, lobby: &str) -> String {
+    format!(
+        "<h2>How it gets linked</h2>\n\
          <p>This cluster has no sign-in provider, so its owner approves new keys. Send them this \
          code:</p>\n<div class=\"box\"><code>{code}</code></div>\n\
          <p>They run <code>{lobby} approve {code}</code> (a new account) or add \
@@ -147,9 +172,7 @@ fn pending(k: &PendingKey, lobby: &str) -> String {
          <p class=\"muted\">Already have a registered key? Add this one from it instead: \
          <code>{lobby} keys add &lt; key.pub</code>.</p>",
         lobby = escape(lobby),
-        kind = escape(&k.key_type),
-        fp = escape(k.fingerprint.as_str()),
-        code = escape(&k.code),
+        code = escape(code),
     )
 }
 
@@ -205,7 +228,8 @@ mod tests {
             expires_at: 86_400_000,
             expired: false,
         };
-        let body = pending(&k, "ssh -p 2222 boxd.test");
+        let body =
+            pending(&k, "ssh -p 2222 boxd.test") + &approval(&k.code, "ssh -p 2222 boxd.test");
         assert!(body.contains("&lt;script&gt;") && !body.contains("<script>"));
         assert!(body.contains("ssh -p 2222 boxd.test approve 0123456789abcdef0123456789abcdef"));
         assert!(body.contains("Fri, 02 Jan 1970 00:00:00 GMT"));

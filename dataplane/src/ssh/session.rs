@@ -133,9 +133,15 @@ impl Conn {
         let ops = self.shared.lobby.ops();
         let zone = ops.zone();
         match ops.registration_link(fp, public_key, self.peer).await {
-            Ok(link) => format!(
-                "this key ({fp}) is not registered with {zone}.\nOpen {link} to link it to your account (valid 24 h),\nor add it from a registered key with `keys add`."
-            ),
+            Ok(link) => {
+                let how = match &ops.settings().sign_in {
+                    Some(name) => format!("sign in with {name} and link it to your account"),
+                    None => "link it to your account".to_owned(),
+                };
+                format!(
+                    "this key ({fp}) is not registered with {zone}.\nOpen {link} to {how} (valid 24 h),\nor add it from a registered key with `keys add`."
+                )
+            }
             Err(e) if e.kind == ErrorKind::Exhausted => format!(
                 "this key ({fp}) is not registered with {zone}, and no link was made: {e},\nor add it from a registered key with `keys add`."
             ),

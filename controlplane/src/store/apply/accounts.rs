@@ -291,3 +291,76 @@ fn insert_key(
     )?;
     Ok(())
 }
+
+/// Who signed in, as `LinkIdentity` names them.
+pub(super) struct Identity<'a> {
+    pub issuer: &'a str,
+    pub subject: &'a str,
+    pub email: Option<&'a str>,
+}
+
+/// `LinkIdentity`: the key behind `code` joins the account `who` is linked to, or a new one
+/// (`account`, named `name` or `name-<code's first 6>` when that is taken) that `who` is then
+/// linked to.
+#[allow(clippy::too_many_arguments)] // the command's fields, as the dispatch takes them apart
+pub(super) fn link_identity(
+    c: &Connection,
+    t: &mut Touched,
+    cache: &mut Cache,
+    code: &String,
+    who: &Identity<'_>,
+    account: &AccountId,
+    name: &str,
+    at: &Millis,
+) -> Result<Outcome, Fail> {
+    for (what, v, max) in [("issuer", who.issuer, 512), ("subject", who.subject, 255)] {
+        if let Some(p) = text_problem(v, max) {
+            return Err(invalid(what, p));
+        }
+    }
+    if let Some(p) = who.email.and_then(|e| text_problem(e, 254)) {
+        return Err(invalid("email", p));
+    }
+    let linked: Option<String> = c
+        .query_row(
+            "SELECT account FROM identities WHERE issuer = ?1 AND subject = ?2",
+            params![who.issuer, who.subject],
+            |r| r.get(0),
+        )
+        .map(Some)
+        .or_else(ignore_no_rows)?;
+    let to = match linked {
+        Some(a) => a
+            .parse::<AccountId>()
+            .map_err(|e| invalid("stored identity account", e.to_string()))?,
+        None => {
+            let taken: bool = one(
+                c,
+                "SELECT EXISTS (SELECT 1 FROM accounts WHERE name = ?1)",
+                params![name],
+                |r| r.get(0),
+            )?;
+            let name = if taken {
+                format!("{name}-{}", code.get(..6).unwrap_or(code))
+            } else {
+                name.to_owned()
+            };
+            // A refusal below (say, the code was used) undoes it: the command's savepoint.
+            create_account(c, cache, account, &name, &None, at)?;
+            exec(
+                c,
+                "INSERT INTO identities (issuer, subject, account, email, linked_at)
+                 VALUES (?1, ?2, ?3, ?4, ?5)",
+                params![
+                    who.issuer,
+                    who.subject,
+                    account.to_string(),
+                    who.email,
+                    sql_u64(*at)
+                ],
+            )?;
+            *account
+        }
+    };
+    complete_registration(c, t, code, &to, at)
+}

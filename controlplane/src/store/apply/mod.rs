@@ -437,6 +437,22 @@ fn apply_one(
             }
             accounts::complete_registration(c, t, code, account, at)
         }
+        Command::LinkIdentity {
+            code,
+            issuer,
+            subject,
+            email,
+            account,
+            name,
+            at,
+        } => {
+            let who = accounts::Identity {
+                issuer,
+                subject,
+                email: email.as_deref(),
+            };
+            accounts::link_identity(c, t, cache, code, &who, account, name, at)
+        }
         Command::ClaimOwner {
             id,
             name,
