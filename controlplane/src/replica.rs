@@ -92,6 +92,16 @@ pub enum WriteError {
     /// Raft stopped on this node.
     #[error("raft has stopped on this node: {0}")]
     Fatal(String),
+    /// The leader applied the write, but this node's replica did not catch up in time.
+    #[error(
+        "the write was made (log index {index}), but this node's replica has applied only up to {applied}: it is falling behind the leader; retry the read in a moment and check `boxd admin status` on this node"
+    )]
+    Behind {
+        /// The write's log index.
+        index: u64,
+        /// This replica's last applied index.
+        applied: u64,
+    },
 }
 
 /// A node's replica of the cluster state.
@@ -293,13 +303,18 @@ impl Replica {
         let mut backoff = Duration::from_millis(20);
         loop {
             let cause = match self.write_here(cmd.clone()).await {
-                WriteReply::Applied { response } => return Ok(response?),
+                // Applied here: this replica has it (the leader applies before it answers).
+                WriteReply::Applied { response, .. } => return Ok(response?),
                 WriteReply::Failed { reason } => return Err(WriteError::Fatal(reason)),
                 WriteReply::NotLeader { leader: None } => "no leader elected".to_owned(),
                 WriteReply::NotLeader {
                     leader: Some((id, addr)),
                 } => match self.forward(&addr, &cmd).await {
-                    Ok(WriteReply::Applied { response }) => return Ok(response?),
+                    Ok(WriteReply::Applied { response, index }) => {
+                        // Read-your-writes: whoever asked here reads this replica next.
+                        self.wait_applied(index, start).await?;
+                        return Ok(response?);
+                    }
                     Ok(WriteReply::Failed { reason }) => format!("leader {id} failed: {reason}"),
                     Ok(WriteReply::NotLeader { .. }) => format!("node {id} is no longer leader"),
                     Err(e) => format!("leader {id} at {addr}: {e}"),
@@ -311,6 +326,40 @@ impl Replica {
             tracing::debug!(%cause, "write retry");
             tokio::time::sleep(backoff).await;
             backoff = (backoff * 2).min(Duration::from_millis(500));
+        }
+    }
+
+    /// Waits until this replica has applied log index `index` (a write the leader applied
+    /// there), within what is left of the write timeout counted from `start`.
+    async fn wait_applied(
+        &self,
+        index: u64,
+        start: tokio::time::Instant,
+    ) -> Result<(), WriteError> {
+        let mut rx = self.raft.metrics();
+        let wait = async {
+            loop {
+                if rx.borrow_and_update().last_applied.map_or(0, |l| l.index) >= index {
+                    return true;
+                }
+                if rx.changed().await.is_err() {
+                    return false;
+                }
+            }
+        };
+        let left = self.write_timeout.saturating_sub(start.elapsed());
+        match tokio::time::timeout(left.max(Duration::from_secs(1)), wait).await {
+            Ok(true) => Ok(()),
+            Ok(false) => Err(WriteError::Fatal("raft stopped".into())),
+            Err(_) => Err(WriteError::Behind {
+                index,
+                applied: self
+                    .raft
+                    .metrics()
+                    .borrow()
+                    .last_applied
+                    .map_or(0, |l| l.index),
+            }),
         }
     }
 
@@ -478,7 +527,10 @@ async fn propose(
                 Ok(Ok(r)) => r
                     .data
                     .into_iter()
-                    .map(|response| WriteReply::Applied { response })
+                    .map(|response| WriteReply::Applied {
+                        response,
+                        index: r.log_id.index,
+                    })
                     .collect(),
                 Ok(Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f)))) => {
                     let leader = f.leader_id.zip(f.leader_node.map(|n| n.addr));

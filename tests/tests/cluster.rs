@@ -1,6 +1,7 @@
 //! Three `boxd` processes on loopback: 1,000 writes through followers while the leader is
 //! killed with SIGKILL; afterwards every acknowledged write is on every node, no VM name or
 //! (owner, address) pair is duplicated, and a learner that joins late catches up by snapshot.
+//! Before that, every write made through a follower is in its replica when it returns.
 
 #![allow(clippy::unwrap_used, missing_docs)]
 
@@ -9,6 +10,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use boxd_controlplane::model::Fingerprint;
 use boxd_tests::{Admin, Node, eventually, now_ms, write_config};
 use serde_json::{Value, json};
 use uuid::Uuid;
@@ -83,6 +85,32 @@ fn leader_kill_loses_no_acknowledged_write_and_late_learner_gets_a_snapshot() {
     let leader = usize::try_from(leader_id).unwrap() - 1;
     let followers: Vec<usize> = (0..3).filter(|i| *i != leader).collect();
     let sockets: Vec<_> = followers.iter().map(|f| nodes[*f].socket()).collect();
+
+    // Read-your-writes: a write made through a follower is in that follower's replica when it
+    // returns (issue 29, finding 1: a proxy looked a VM it had just created up in its replica
+    // before the replica had it, and said the VM was deleted).
+    let mut admin = Admin::connect(&sockets[0]);
+    for i in 0..100u8 {
+        let code = format!("{i:032x}");
+        let r = admin.call(&json!({"op": "write", "command": {
+            "type": "create_registration", "code": code,
+            "fingerprint": Fingerprint::of_key_blob(&[i; 8]).to_string(),
+            "public_key": "ssh-ed25519 AAAA x", "at": now_ms(), "expires_at": now_ms() + 3_600_000
+        }}));
+        assert_eq!(r["ok"], true, "{r}");
+        let list = admin.call(&json!({"op": "registrations"}));
+        let codes: Vec<&str> = list["result"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter_map(|k| k["code"].as_str())
+            .collect();
+        assert!(
+            codes.contains(&code.as_str()),
+            "write {i} is not yet in the replica of the follower that made it"
+        );
+    }
+    drop(admin);
 
     // Writers, each on its own admin connection to a follower.
     let acked: Arc<Mutex<BTreeMap<String, Acked>>> = Arc::default();

@@ -36,6 +36,11 @@ pub enum WriteReply {
     Applied {
         /// Outcome or refusal.
         response: Response,
+        /// The log index of the entry it was applied in: a node that forwarded the write
+        /// answers only once its own replica has applied that far (read-your-writes). 0 from
+        /// a leader of an older version, which did not say.
+        #[serde(default)]
+        index: u64,
     },
     /// The receiver is not the leader (any more); try `leader` if known.
     NotLeader {
