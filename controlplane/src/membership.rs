@@ -262,10 +262,21 @@ pub struct Member {
     pub membership: String,
     /// Last heartbeat.
     pub last_heartbeat: Millis,
+    /// `up`, or `unreachable` once silent past the liveness bound ([`Member::judge`]).
+    #[serde(default)]
+    pub state: String,
     /// Highest log index known to be replicated to it (leader only).
     pub matched: Option<u64>,
     /// Entries it is behind the leader's log (leader only).
     pub lag: Option<u64>,
+}
+
+impl Member {
+    /// Sets `state`: `up` when heard from within `liveness` of `now`, else `unreachable`.
+    pub fn judge(&mut self, now: Millis, liveness: Millis) {
+        let up = self.last_heartbeat != 0 && now.saturating_sub(self.last_heartbeat) <= liveness;
+        self.state = if up { "up" } else { "unreachable" }.into();
+    }
 }
 
 /// Members: the Raft membership joined with the node table.
@@ -296,6 +307,7 @@ pub async fn members(replica: &Replica) -> Result<Vec<Member>, ReadError> {
                 raft_addr: node.addr.clone(),
                 membership: if voter { "voter" } else { "learner" }.into(),
                 last_heartbeat: 0,
+                state: String::new(),
                 matched,
                 lag: matched.map(|x| last.saturating_sub(x)),
             },
@@ -309,6 +321,7 @@ pub async fn members(replica: &Replica) -> Result<Vec<Member>, ReadError> {
             raft_addr: n.raft_addr.clone(),
             membership: "removed".into(),
             last_heartbeat: 0,
+            state: String::new(),
             matched: None,
             lag: None,
         });

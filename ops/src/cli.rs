@@ -609,8 +609,8 @@ fn print_members(members: &[Member]) {
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as u64);
     println!(
-        "{:<4} {:<16} {:<26} {:<22} {:<10} {:>6}  HEARTBEAT",
-        "ID", "NAME", "ROLES", "RAFT", "MEMBER", "LAG"
+        "{:<4} {:<16} {:<26} {:<22} {:<10} {:<11} {:>6}  HEARTBEAT",
+        "ID", "NAME", "ROLES", "RAFT", "MEMBER", "STATE", "LAG"
     );
     for m in members {
         let hb = if m.last_heartbeat == 0 {
@@ -619,12 +619,13 @@ fn print_members(members: &[Member]) {
             format!("{}s ago", now.saturating_sub(m.last_heartbeat) / 1000)
         };
         println!(
-            "{:<4} {:<16} {:<26} {:<22} {:<10} {:>6}  {hb}",
+            "{:<4} {:<16} {:<26} {:<22} {:<10} {:<11} {:>6}  {hb}",
             m.id,
             m.name,
             boxd_controlplane::model::roles_to_string(&m.roles),
             m.raft_addr,
             m.membership,
+            m.state,
             opt(m.lag)
         );
     }

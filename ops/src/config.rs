@@ -52,6 +52,16 @@ pub struct NodeConfig {
     pub roles: Vec<Role>,
     /// Seconds between heartbeats written through the log.
     pub heartbeat_secs: u64,
+    /// Heartbeats a node may miss before it counts as unreachable: nothing is placed on it,
+    /// and its VMs show as `unknown` (every node should use the same two values).
+    pub missed_heartbeats: u64,
+}
+
+impl NodeConfig {
+    /// How long a node may be silent and still count as up.
+    pub fn liveness(&self) -> std::time::Duration {
+        std::time::Duration::from_secs(self.heartbeat_secs.saturating_mul(self.missed_heartbeats))
+    }
 }
 
 impl Default for NodeConfig {
@@ -60,6 +70,7 @@ impl Default for NodeConfig {
             name: String::new(),
             roles: Role::ALL.to_vec(),
             heartbeat_secs: 10,
+            missed_heartbeats: 3,
         }
     }
 }
@@ -314,6 +325,12 @@ impl Config {
         }
         if self.node.heartbeat_secs == 0 {
             return Err(invalid("node.heartbeat_secs", "use 1 or more seconds"));
+        }
+        if self.node.missed_heartbeats < 2 {
+            return Err(invalid(
+                "node.missed_heartbeats",
+                "use 2 or more: one late heartbeat must not make a node unreachable",
+            ));
         }
         if !(10..=10_000).contains(&self.worker.disk_overcommit_percent) {
             return Err(invalid(

@@ -460,7 +460,7 @@ async fn settle(
         ));
     }
     if me.roles.contains(&Role::Control) {
-        let liveness = cfg.node.heartbeat_secs.saturating_mul(3000);
+        let liveness = u64::try_from(cfg.node.liveness().as_millis()).unwrap_or(u64::MAX);
         tokio::spawn(controller::leader_duties(replica, liveness, stop));
     }
 }

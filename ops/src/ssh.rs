@@ -29,6 +29,7 @@ pub fn operations_settings(cfg: &Config, https_port: Option<u16>) -> Settings {
         https_port,
         ready_timeout: Duration::from_secs(cfg.ssh.ready_timeout_secs),
         sign_in: cfg.identity.enabled().then(|| cfg.identity.name()),
+        liveness: cfg.node.liveness(),
     }
 }
 

@@ -96,11 +96,17 @@ impl Handler for AdminContext {
                         }),
                 })
             }
-            Request::Members {} => to_value(
-                &membership::members(&self.replica)
+            Request::Members {} => {
+                let mut members = membership::members(&self.replica)
                     .await
-                    .map_err(|e| e.to_string())?,
-            ),
+                    .map_err(|e| e.to_string())?;
+                let liveness = self.ops.settings().liveness.as_millis();
+                let now = self.replica.now();
+                for m in &mut members {
+                    m.judge(now, u64::try_from(liveness).unwrap_or(u64::MAX));
+                }
+                to_value(&members)
+            }
             Request::AgentKey {} => {
                 let secret = self
                     .replica

@@ -34,10 +34,25 @@ impl At {
 
     /// Like [`At::start`], with `extra` (whole sections) added to the config.
     pub fn start_with(self, dir: &Path, extra: &str) -> (Node, String, PathBuf) {
+        self.start_edited(dir, extra, &[])
+    }
+
+    /// Like [`At::start_with`], with each `(from, to)` replaced in the config first (say,
+    /// `heartbeat_secs = 60`).
+    pub fn start_edited(
+        self,
+        dir: &Path,
+        extra: &str,
+        edits: &[(&str, &str)],
+    ) -> (Node, String, PathBuf) {
         let ip = self.ip;
         let cfg = write_config(dir, "id", &format!("{ip}:7000"), extra);
-        let text = std::fs::read_to_string(&cfg)
-            .unwrap()
+        let mut text = std::fs::read_to_string(&cfg).unwrap();
+        for (from, to) in edits {
+            assert!(text.contains(from), "{from} is not in the config");
+            text = text.replace(from, to);
+        }
+        let text = text
             .replace(
                 &format!("[https]\nlisten = \"{ip}:8443\"\nredirect_listen = \"{ip}:8080\""),
                 &format!(

@@ -6,7 +6,8 @@
 //! nothing linked: a changed `state`, a callback without the browser's cookie, a replayed
 //! callback, an expired registration link, an ID token signed by another key (same `kid` or an
 //! unknown one), for another audience, or expired, an email outside the allowed domains, and
-//! the provider's own refusal.
+//! the provider's own refusal. A provider that rotates its key is followed (its key set is
+//! read again for the unknown `kid`).
 
 #![allow(clippy::unwrap_used)]
 
@@ -277,6 +278,17 @@ fn keys_are_linked_by_signing_in_with_a_real_openid_provider() {
         );
         assert!(!linked(&carol), "{m} linked nothing");
     }
+
+    // The provider rotates its signing key: boxd reads its key set again for the unknown kid
+    // (at most once per 10 s, so past that since the last read) and accepts the token.
+    std::thread::sleep(std::time::Duration::from_secs(11));
+    mode("rotated");
+    let frank = key(d, "frank");
+    let frank_code = code_for(&frank);
+    let done = browser.sign_in(&frank_code, "frank", false);
+    mode("");
+    assert_eq!(done["status"], 200, "{done}");
+    assert_eq!(SIGNIN.whoami(&frank)["account"], "frank");
 
     // The same flow untampered links; replaying its callback is refused and changes nothing.
     let stopped = browser.sign_in(&carol_code, "carol", true);

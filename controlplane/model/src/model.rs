@@ -345,6 +345,9 @@ pub enum Observed {
     Stopped,
     /// The worker could not run it; `Vm::reason` says why.
     Failed,
+    /// Its worker has not been heard from for longer than the cluster's liveness bound: it may
+    /// run or not. Never stored: the operations show it in place of the last report.
+    Unknown,
 }
 
 macro_rules! text_enum {
@@ -378,6 +381,7 @@ text_enum!(Observed {
     Running = "running",
     Stopped = "stopped",
     Failed = "failed",
+    Unknown = "unknown",
 });
 
 /// An image a node holds, by content.

@@ -14,6 +14,7 @@ pub mod capacity;
 mod error;
 mod identity;
 mod keys;
+mod liveness;
 pub mod registrations;
 mod signin;
 mod tokens;
@@ -50,6 +51,9 @@ pub struct Settings {
     /// The name of the OpenID provider people sign in with to link a key (`[identity]`), or
     /// `None`: the owner approves keys, and the first key to connect owns the cluster.
     pub sign_in: Option<String>,
+    /// How long a worker may be silent (no heartbeat) and still count as up; past it, its
+    /// VMs show as [`Observed::Unknown`](boxd_model::model::Observed::Unknown).
+    pub liveness: Duration,
 }
 
 impl Default for Settings {
@@ -59,6 +63,7 @@ impl Default for Settings {
             https_port: Some(8443),
             ready_timeout: Duration::from_secs(120),
             sign_in: None,
+            liveness: Duration::from_secs(30),
         }
     }
 }

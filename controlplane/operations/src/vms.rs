@@ -91,6 +91,9 @@ impl Operations {
         let scope = caller.scope();
         vms.retain(|v| scope.covers(&v.name));
         vms.sort_by(|a, b| a.name.cmp(&b.name));
+        if vms.iter().any(|v| v.worker.is_some()) {
+            crate::liveness::mark_unknown(&mut vms, &self.silent_workers().await?);
+        }
         Ok(vms)
     }
 
@@ -105,7 +108,11 @@ impl Operations {
 
     /// The caller's VM called `name`, why it is in its state and its last events.
     pub async fn show(&self, caller: &Caller, name: &str) -> Result<Shown, OpError> {
-        let vm = self.find(caller, name).await?;
+        let mut vm = self.find(caller, name).await?;
+        if vm.worker.is_some() {
+            let silent = self.silent_workers().await?;
+            crate::liveness::mark_unknown(std::slice::from_mut(&mut vm), &silent);
+        }
         let why = match &vm.reason {
             Some(r) => Some(r.clone()),
             None if vm.observed == Observed::Pending => Some(self.waiting_for(&vm.spec).await),
@@ -151,7 +158,9 @@ impl Operations {
     }
 
     /// Deletes the caller's VM `name` and its disk.
-    pub async fn delete(&self, caller: &Caller, name: &str) -> Result<(), OpError> {
+    /// Deletes the caller's VM `name`. When its worker is silent, says so: the deletion is
+    /// recorded, and the worker removes the VM's process and disk when it is back.
+    pub async fn delete(&self, caller: &Caller, name: &str) -> Result<Option<String>, OpError> {
         caller.may_write(Some(name))?;
         let v = self.find(caller, name).await?;
         self.backend
@@ -161,7 +170,10 @@ impl Operations {
                 at: self.backend.now(),
             })
             .await?;
-        Ok(())
+        Ok(self
+            .worker_silence(v.worker)
+            .await
+            .map(|why| format!("{why}: it removes the VM's process and disk when it is back")))
     }
 
     /// Asks the worker to stop the caller's VM `name` (its disk stays); does not wait.

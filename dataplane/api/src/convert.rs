@@ -31,6 +31,7 @@ fn state(o: Observed) -> pb::VmState {
         Observed::Running => pb::VmState::Running,
         Observed::Stopped => pb::VmState::Stopped,
         Observed::Failed => pb::VmState::Failed,
+        Observed::Unknown => pb::VmState::Unknown,
     }
 }
 

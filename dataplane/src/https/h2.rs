@@ -255,6 +255,7 @@ async fn stream(
     let x = match up.exchange(shard, &mut out).await {
         Ok(x) => x,
         Err(e) => {
+            let e = e.on_worker(shard.ops(), vm.worker).await;
             tracing::debug!(fault = ?e.fault(), retry_safe = e.retry_safe(), error = %e, "HTTP/2 request failed");
             return match e.page() {
                 Some(p) => page(respond, &p),

@@ -126,6 +126,18 @@ pub fn bad_gateway(name: &str, port: u16) -> Vec<u8> {
     )
 }
 
+/// The VM's worker has gone silent (`why`: which and for how long).
+pub fn worker_down(name: &str, why: &str) -> Vec<u8> {
+    response(
+        503,
+        "Service Unavailable",
+        "VM unreachable",
+        &format!(
+            "The VM {name} cannot be reached: its {why}. It comes back with its worker; try              again later."
+        ),
+    )
+}
+
 /// The Host header names another VM than the TLS connection was opened for.
 pub fn misdirected(sni: &str) -> Vec<u8> {
     response(

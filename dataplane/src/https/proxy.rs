@@ -196,7 +196,7 @@ async fn serve_tls(stream: TcpStream, shard: Rc<Shard>) -> std::io::Result<()> {
         if req.upgrade {
             let mut backend = match up.connect(&shard).await {
                 Ok(b) => b,
-                Err(e) => return fail(&mut tls, e).await,
+                Err(e) => return fail(&mut tls, e.on_worker(shard.ops(), vm.worker).await).await,
             };
             backend.write_all(&head).await?;
             backend.write_all(&buf).await?;
@@ -216,7 +216,7 @@ async fn serve_tls(stream: TcpStream, shard: Rc<Shard>) -> std::io::Result<()> {
             resp,
         } = match up.exchange(&shard, &mut out).await {
             Ok(x) => x,
-            Err(e) => return fail(&mut tls, e).await,
+            Err(e) => return fail(&mut tls, e.on_worker(shard.ops(), vm.worker).await).await,
         };
         let rbody = resp.body(&req.method);
         // Either connection outlives this exchange only if the response's end is known.

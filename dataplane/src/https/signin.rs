@@ -61,6 +61,8 @@ pub(super) fn button(sign_in: &SignIn, code: &str, lobby: &str) -> String {
         "<h2>How it gets linked</h2>\n<p>Sign in, and this key joins your account (a new one \
          the first time you sign in here).</p>\n\
          <p><a class=\"button\" href=\"/register/{code}/login\">Sign in with {name}</a></p>\n\
+         <p class=\"muted\">Sign in only if your own ssh client just gave you this link: the \
+         key joins the account you sign in to, with all its VMs.</p>\n\
          <p class=\"muted\">Then reconnect with <code>{lobby}</code>. Already have a registered \
          key? Add this one from it instead: <code>{lobby} keys add &lt; key.pub</code>.</p>",
         code = escape(code),

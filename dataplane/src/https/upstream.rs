@@ -32,6 +32,15 @@ pub(super) enum ProxyError {
     /// The request is malformed (its chunked body): the client gets 400 saying why.
     #[error("bad request: {0}")]
     BadRequest(String),
+    /// The VM's worker has not been heard from, and the VM did not answer: the client gets
+    /// 503 naming the worker.
+    #[error("VM {vm} unreachable: {why}")]
+    WorkerDown {
+        /// The VM's name.
+        vm: String,
+        /// `worker NAME not heard from for N s`.
+        why: String,
+    },
     /// The VM gave no usable response head: the client gets 502. `sent` says whether any of
     /// the request reached it.
     #[error("VM {vm} gave no response ({why})")]
@@ -61,7 +70,35 @@ impl ProxyError {
         match self {
             Self::BadRequest(_) => Fault::Client,
             Self::BadGateway { .. } => Fault::Vm,
+            Self::WorkerDown { .. } => Fault::Boxd,
             Self::Broken { fault, .. } => *fault,
+        }
+    }
+
+    /// This error, or, when the VM did not answer and its worker is silent, [`Self::WorkerDown`]
+    /// (the VM is not at fault; its worker may be down).
+    pub(super) async fn on_worker(
+        self,
+        ops: &boxd_operations::Operations,
+        worker: Option<u64>,
+    ) -> Self {
+        let Self::BadGateway {
+            vm,
+            port,
+            why,
+            sent,
+        } = self
+        else {
+            return self;
+        };
+        match ops.worker_silence(worker).await {
+            Some(silence) => Self::WorkerDown { vm, why: silence },
+            None => Self::BadGateway {
+                vm,
+                port,
+                why,
+                sent,
+            },
         }
     }
 
@@ -76,6 +113,7 @@ impl ProxyError {
         match self {
             Self::BadRequest(why) => Some(pages::bad_request(why)),
             Self::BadGateway { vm, port, .. } => Some(pages::bad_gateway(vm, *port)),
+            Self::WorkerDown { vm, why } => Some(pages::worker_down(vm, why)),
             Self::Broken { .. } => None,
         }
     }

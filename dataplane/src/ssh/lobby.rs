@@ -97,10 +97,10 @@ impl Lobby {
                     self.show(&s)
                 }
             }),
-            LobbyCommand::Rm { name } => ops
-                .delete(caller, &name)
-                .await
-                .map(|()| Reply::out(format!("deleted {name}\n"))),
+            LobbyCommand::Rm { name } => ops.delete(caller, &name).await.map(|later| match later {
+                None => Reply::out(format!("deleted {name}\n")),
+                Some(why) => Reply::out(format!("deleted {name}; {why}\n")),
+            }),
             LobbyCommand::Power { action, name } => match action {
                 Power::Stop => ops.stop(caller, &name).await.map(|()| {
                     Reply::out(format!(

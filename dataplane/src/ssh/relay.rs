@@ -179,15 +179,24 @@ pub(crate) struct AgentLink {
     port: u16,
     conn: OnceCell<Result<Arc<client::Handle<AgentClient>>, String>>,
     agent_forwarding: Arc<std::sync::atomic::AtomicBool>,
+    /// To say why when the VM cannot be reached because its worker is silent.
+    ops: Arc<boxd_operations::Operations>,
 }
 
 impl AgentLink {
-    pub fn new(vm: Arc<VmRoute>, user: String, key: Arc<PrivateKey>, port: u16) -> Self {
+    pub fn new(
+        vm: Arc<VmRoute>,
+        user: String,
+        key: Arc<PrivateKey>,
+        port: u16,
+        ops: Arc<boxd_operations::Operations>,
+    ) -> Self {
         Self {
             vm,
             user,
             key,
             port,
+            ops,
             conn: OnceCell::new(),
             agent_forwarding: Arc::default(),
         }
@@ -204,7 +213,8 @@ impl AgentLink {
         &self,
         user_handle: &server::Handle,
     ) -> Result<Arc<client::Handle<AgentClient>>, String> {
-        self.conn
+        let got = self
+            .conn
             .get_or_init(|| async {
                 tokio::time::timeout(CONNECT_TIMEOUT, self.connect(user_handle.clone()))
                     .await
@@ -212,21 +222,29 @@ impl AgentLink {
                     .map(Arc::new)
             })
             .await
-            .clone()
-            .map_err(|why| {
-                if why == NOT_VERIFIED {
-                    return format!(
-                        "{} could not be verified: what answered at its address did not present \
+            .clone();
+        if got.is_err()
+            && let Some(silence) = self.ops.worker_silence(self.vm.worker).await
+        {
+            return Err(format!(
+                "cannot reach {}: its {silence}; it comes back with its worker, try again later",
+                self.vm.name
+            ));
+        }
+        got.map_err(|why| {
+            if why == NOT_VERIFIED {
+                return format!(
+                    "{} could not be verified: what answered at its address did not present \
                          the host key its worker recorded for it, so boxd did not connect you \
                          (tell the operator of this cluster)",
-                        self.vm.name
-                    );
-                }
-                format!(
-                    "cannot reach the agent of {} ({why}); if it just started, try again in a moment",
                     self.vm.name
-                )
-            })
+                );
+            }
+            format!(
+                "cannot reach the agent of {} ({why}); if it just started, try again in a moment",
+                self.vm.name
+            )
+        })
     }
 
     async fn connect(&self, user: server::Handle) -> Result<client::Handle<AgentClient>, String> {

@@ -120,6 +120,7 @@ impl Conn {
                 user.to_owned(),
                 Arc::clone(&self.shared.agent_key),
                 self.shared.agent_port,
+                Arc::clone(self.shared.lobby.ops()),
             )));
         }
         self.mode = mode;

@@ -232,6 +232,12 @@ pub(super) fn report_vm(
             "a placed VM is never pending",
         ));
     }
+    if *observed == Observed::Unknown {
+        return Err(invalid(
+            "observed state unknown",
+            "only readers say that, of a VM whose worker is silent",
+        ));
+    }
     if reason.as_ref().is_some_and(|r| r.len() > MAX_REASON) {
         return Err(invalid(
             "reason",
