@@ -5,6 +5,8 @@
 use std::collections::BTreeSet;
 use std::path::PathBuf;
 use std::sync::Arc;
+
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
@@ -118,6 +120,7 @@ pub struct Replica {
     write_timeout: Duration,
     election_max: Duration,
     proposals: tokio::sync::mpsc::Sender<Proposal>,
+    commit_latency: Histogram,
 }
 
 /// A command waiting for the proposer, with where its answer goes.
@@ -207,11 +210,14 @@ impl Replica {
         .await
         .map_err(|e| OpenError::Raft(e.to_string()))?;
         let (proposals, queue) = tokio::sync::mpsc::channel(4 * MAX_BATCH);
+        // 0.5 ms to 8 s.
+        let commit_latency = Histogram::new(exponential_buckets(0.0005, 2.0, 15));
         tokio::spawn(propose(
             raft.clone(),
             cfg.node_id,
             queue,
             Duration::from_millis(3 * t.election_max_ms),
+            commit_latency.clone(),
         ));
         Ok(Arc::new(Self {
             id: cfg.node_id,
@@ -226,7 +232,13 @@ impl Replica {
             write_timeout: Duration::from_millis(t.write_timeout_ms),
             election_max: Duration::from_millis(t.election_max_ms),
             proposals,
+            commit_latency,
         }))
+    }
+
+    /// Seconds from proposing a batch to its commit and apply, on this node while leader.
+    pub fn commit_latency(&self) -> &Histogram {
+        &self.commit_latency
     }
 
     /// This node's id.
@@ -506,6 +518,7 @@ async fn propose(
     me: NodeId,
     mut queue: tokio::sync::mpsc::Receiver<Proposal>,
     attempt_timeout: Duration,
+    latency: Histogram,
 ) {
     let slots = Arc::new(tokio::sync::Semaphore::new(IN_FLIGHT));
     while let Some(first) = queue.recv().await {
@@ -521,17 +534,21 @@ async fn propose(
         }
         let (commands, waiters): (Vec<Command>, Vec<_>) = batch.into_iter().unzip();
         let raft = raft.clone();
+        let latency = latency.clone();
         tokio::spawn(async move {
+            let started = tokio::time::Instant::now();
             let attempt = tokio::time::timeout(attempt_timeout, raft.client_write(Batch(commands)));
             let replies: Vec<WriteReply> = match attempt.await {
-                Ok(Ok(r)) => r
-                    .data
-                    .into_iter()
-                    .map(|response| WriteReply::Applied {
-                        response,
-                        index: r.log_id.index,
-                    })
-                    .collect(),
+                Ok(Ok(r)) => {
+                    latency.observe(started.elapsed().as_secs_f64());
+                    r.data
+                        .into_iter()
+                        .map(|response| WriteReply::Applied {
+                            response,
+                            index: r.log_id.index,
+                        })
+                        .collect()
+                }
                 Ok(Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f)))) => {
                     let leader = f.leader_id.zip(f.leader_node.map(|n| n.addr));
                     vec![WriteReply::NotLeader { leader }; waiters.len()]

@@ -40,6 +40,16 @@ pub struct Config {
     pub worker: WorkerConfig,
     /// The OpenID provider people sign in with to link keys.
     pub identity: IdentityConfig,
+    /// Prometheus metrics.
+    pub metrics: MetricsConfig,
+}
+
+/// `[metrics]`
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MetricsConfig {
+    /// Address of the plain-HTTP `/metrics`, `/healthz` and `/readyz`; empty: off.
+    pub listen: String,
 }
 
 /// `[node]`
@@ -350,6 +360,17 @@ impl Config {
         self.ssh
             .validate()
             .map_err(|(field, m)| invalid(field, m))?;
+        if !self.metrics.listen.is_empty() {
+            self.metrics.listen.parse::<SocketAddr>().map_err(|e| {
+                invalid(
+                    "metrics.listen",
+                    format!(
+                        "{:?}: {e} (an address and port, like 127.0.0.1:9464)",
+                        self.metrics.listen
+                    ),
+                )
+            })?;
+        }
         if self.identity.enabled() {
             self.identity
                 .secret()

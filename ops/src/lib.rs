@@ -12,6 +12,7 @@ pub mod host;
 pub mod https;
 pub mod identity;
 pub mod images;
+pub mod metrics;
 pub mod node;
 pub mod ssh;
 pub mod status;

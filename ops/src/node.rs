@@ -100,6 +100,7 @@ pub async fn run(
     } else {
         None
     };
+    let metrics_listener = crate::metrics::bind(&cfg.metrics.listen).map_err(NodeError::Usage)?;
     let me = SelfInfo {
         uuid: existing.as_ref().map_or_else(Uuid::new_v4, |i| i.uuid),
         name: if cfg.node.name.is_empty() {
@@ -183,6 +184,13 @@ pub async fn run(
         data_dir: data_dir.clone(),
     });
     let admin_task = tokio::spawn(admin::serve(admin_listener, ctx, stop_rx.clone()));
+    if let Some(l) = metrics_listener {
+        let sources = Arc::new(crate::metrics::Sources {
+            replica: Arc::clone(&replica),
+            ops: Arc::clone(&ops),
+        });
+        tokio::spawn(crate::metrics::serve(l, sources, stop_rx.clone()));
+    }
 
     let not_built: Vec<&str> = roles
         .iter()

@@ -15,6 +15,7 @@ mod error;
 mod identity;
 mod keys;
 mod liveness;
+pub use self::liveness::mark_unknown;
 pub mod registrations;
 mod signin;
 mod tokens;

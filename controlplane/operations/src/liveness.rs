@@ -23,7 +23,7 @@ fn silence(n: &Node, now: Millis) -> String {
 
 /// `vms` with those whose worker is in `silent` and that should run shown as unknown, the
 /// worker's silence as their reason. (A VM meant to be stopped stays stopped.)
-pub(crate) fn mark_unknown(vms: &mut [Vm], silent: &HashMap<NodeId, String>) {
+pub fn mark_unknown(vms: &mut [Vm], silent: &HashMap<NodeId, String>) {
     for v in vms {
         let Some(why) = v.worker.and_then(|w| silent.get(&w)) else {
             continue;
