@@ -20,7 +20,7 @@ pub mod scheduler;
 pub mod store;
 pub mod token;
 
-pub use boxd_model::{command, model, tokens, view};
+pub use boxd_model::{command, counters, model, tokens, view};
 pub use command::{ApplyError, Command, Outcome};
 pub use config::RaftConfig;
 pub use replica::{Clock, Replica, ReplicaConfig, SystemClock, WriteError};

@@ -6,6 +6,7 @@
 //! The caller binds the sockets ([`Sockets::bind`]) and hands them over, so a port conflict is
 //! reported before anything starts, and tests can use their own.
 
+use boxd_model::counters;
 use std::cell::{Cell, RefCell};
 use std::io;
 use std::net::{SocketAddr, TcpListener, UdpSocket};
@@ -227,6 +228,7 @@ async fn serve_udp<S: ZoneSource>(
                     let query = &b.queries[i][..b.lens[i]];
                     if engine.answer(z, query, Transport::Udp, peer.ip(), out) != Action::Reply {
                         out.clear();
+                        counters::inc(&counters::COUNTERS.dns_dropped);
                         continue;
                     }
                     if limiter.enabled() {
@@ -235,6 +237,11 @@ async fn serve_udp<S: ZoneSource>(
                             Verdict::Slip => rrl::truncate(out),
                             Verdict::Drop => out.clear(),
                         }
+                    }
+                    if out.is_empty() {
+                        counters::inc(&counters::COUNTERS.dns_dropped);
+                    } else {
+                        counters::dns_answer(out);
                     }
                 }
             });
@@ -322,8 +329,14 @@ async fn serve_tcp<S: ZoneSource>(
         read_idle(&mut stream, &mut query, cfg.tcp_idle()).await?;
         let action = source.with(|z| engine.answer(z, &query, Transport::Tcp, peer, &mut out));
         match action {
-            Action::Reply => write_framed(&mut stream, &out).await?,
-            Action::Drop => return Ok(()),
+            Action::Reply => {
+                counters::dns_answer(&out);
+                write_framed(&mut stream, &out).await?;
+            }
+            Action::Drop => {
+                counters::inc(&counters::COUNTERS.dns_dropped);
+                return Ok(());
+            }
             Action::Transfer => {
                 let messages = source.with(|z| engine.transfer(z, &query));
                 for m in messages {

@@ -1,7 +1,9 @@
 //! Prometheus metrics and health endpoints (`[metrics] listen`, off by default): plain HTTP on
 //! the operator's address, for a Prometheus server on the operators' network.
 //!
-//! - `/metrics`: the OpenMetrics text exposition (prometheus-client), built at each scrape
+//! - `/metrics`: the OpenMetrics text exposition (prometheus-client) for scrapers that ask for
+//!   it (Prometheus does), the classic text format otherwise (curl, `promtool check metrics`);
+//!   built at each scrape
 //!   from this node's replica: Raft (term, leader, last log / commit / applied index, apply
 //!   lag, snapshot index, members, commit latency histogram), node liveness (up and heartbeat
 //!   age per node, judged with `[node] missed_heartbeats`), and VMs by state.
@@ -14,6 +16,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use boxd_controlplane::Replica;
+use boxd_controlplane::counters;
 use boxd_controlplane::model::Observed;
 use boxd_operations::Operations;
 use http_body_util::Full;
@@ -21,6 +24,7 @@ use hyper::body::Bytes;
 use hyper::{Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
 use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
@@ -99,6 +103,49 @@ pub async fn serve(
     }
 }
 
+/// Whether the scraper asks for OpenMetrics (Prometheus does); others (curl, promtool) get
+/// the classic text format.
+fn wants_openmetrics<B>(req: &Request<B>) -> bool {
+    req.headers()
+        .get_all(hyper::header::ACCEPT)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .any(|v| v.contains("application/openmetrics-text"))
+}
+
+/// The classic text format (0.0.4) of an OpenMetrics exposition: a counter family is named
+/// with its `_total` suffix, as its samples are, and there is no `# EOF`. (Gauges and
+/// histograms read the same in both.)
+pub fn classic(openmetrics: &str) -> String {
+    let counters: std::collections::HashSet<&str> = openmetrics
+        .lines()
+        .filter_map(|l| l.strip_prefix("# TYPE ")?.strip_suffix(" counter"))
+        .collect();
+    let mut out = String::with_capacity(openmetrics.len() + 16 * counters.len());
+    for line in openmetrics.lines() {
+        if line == "# EOF" || line.starts_with("# UNIT ") {
+            continue;
+        }
+        let meta = ["# HELP ", "# TYPE "]
+            .into_iter()
+            .find_map(|p| line.strip_prefix(p).map(|rest| (p, rest)));
+        match meta {
+            Some((p, rest)) => {
+                let (name, tail) = rest.split_once(' ').unwrap_or((rest, ""));
+                let suffix = if counters.contains(name) {
+                    "_total"
+                } else {
+                    ""
+                };
+                out.push_str(&format!("{p}{name}{suffix} {tail}"));
+            }
+            None => out.push_str(line),
+        }
+        out.push('\n');
+    }
+    out
+}
+
 fn text(status: StatusCode, content_type: &str, body: String) -> Response<Full<Bytes>> {
     let mut r = Response::new(Full::new(Bytes::from(body)));
     *r.status_mut() = status;
@@ -115,10 +162,15 @@ async fn answer<B>(s: &Sources, req: &Request<B>) -> Response<Full<Bytes>> {
     }
     match req.uri().path() {
         "/metrics" => match exposition(s).await {
-            Ok(body) => text(
+            Ok(body) if wants_openmetrics(req) => text(
                 StatusCode::OK,
                 "application/openmetrics-text; version=1.0.0; charset=utf-8",
                 body,
+            ),
+            Ok(body) => text(
+                StatusCode::OK,
+                "text/plain; version=0.0.4; charset=utf-8",
+                classic(&body),
             ),
             Err(e) => text(StatusCode::SERVICE_UNAVAILABLE, plain, format!("{e}\n")),
         },
@@ -145,6 +197,99 @@ async fn answer<B>(s: &Sources, req: &Request<B>) -> Response<Full<Bytes>> {
             "no such page: /metrics, /healthz and /readyz are here\n".into(),
         ),
     }
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RcodeLabels {
+    rcode: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ClassLabels {
+    class: String,
+}
+
+fn counter(reg: &mut Registry, name: &str, help: &str, c: &std::sync::atomic::AtomicU64) {
+    let k = Counter::<u64>::default();
+    k.inc_by(counters::get(c));
+    reg.register(name, help, k);
+}
+
+/// What the DNS, HTTPS and SSH shards counted in this process (zero on nodes without them).
+fn front_doors(reg: &mut Registry) {
+    let c = &counters::COUNTERS;
+    let rcodes = Family::<RcodeLabels, Counter>::default();
+    for (i, n) in c.dns_answers.iter().enumerate() {
+        let name = match i {
+            0 => "NOERROR".to_owned(),
+            1 => "FORMERR".to_owned(),
+            2 => "SERVFAIL".to_owned(),
+            3 => "NXDOMAIN".to_owned(),
+            4 => "NOTIMP".to_owned(),
+            5 => "REFUSED".to_owned(),
+            _ => i.to_string(),
+        };
+        let v = counters::get(n);
+        if v > 0 || i <= 5 {
+            rcodes.get_or_create(&RcodeLabels { rcode: name }).inc_by(v);
+        }
+    }
+    reg.register("dns_answers", "DNS answers sent, by RCODE", rcodes);
+    counter(
+        reg,
+        "dns_dropped",
+        "DNS queries dropped unanswered (malformed, or rate-limited)",
+        &c.dns_dropped,
+    );
+    let classes = Family::<ClassLabels, Counter>::default();
+    for (i, n) in c.https_responses.iter().enumerate() {
+        let class = if i == 0 {
+            "other".to_owned()
+        } else {
+            format!("{i}xx")
+        };
+        classes
+            .get_or_create(&ClassLabels { class })
+            .inc_by(counters::get(n));
+    }
+    reg.register(
+        "https_responses",
+        "HTTPS responses to clients, by status class (the VMs' and boxd's own pages)",
+        classes,
+    );
+    counter(
+        reg,
+        "https_handshake_errors",
+        "TLS handshakes that failed or timed out",
+        &c.https_handshake_errors,
+    );
+    counter(
+        reg,
+        "https_connections",
+        "HTTPS client connections accepted",
+        &c.https_connections,
+    );
+    let open = counters::get(&c.https_connections).saturating_sub(counters::get(&c.https_closed));
+    gauge(
+        reg,
+        "https_open_connections",
+        "HTTPS client connections open",
+        open,
+    );
+    counter(
+        reg,
+        "ssh_connections",
+        "SSH connections accepted",
+        &c.ssh_connections,
+    );
+    let open = counters::get(&c.ssh_connections).saturating_sub(counters::get(&c.ssh_closed));
+    gauge(reg, "ssh_open_connections", "SSH connections open", open);
+    counter(
+        reg,
+        "ssh_auth_failures",
+        "SSH public keys refused",
+        &c.ssh_auth_failures,
+    );
 }
 
 fn gauge(reg: &mut Registry, name: &str, help: &str, v: u64) {
@@ -277,8 +422,25 @@ async fn exposition(s: &Sources) -> Result<String, String> {
             .set(i64::try_from(n).unwrap_or(i64::MAX));
     }
     reg.register("vms", "VMs by state (unknown: on a silent worker)", states);
+    front_doors(&mut reg);
 
     let mut out = String::new();
     prometheus_client::encoding::text::encode(&mut out, &reg).map_err(|e| e.to_string())?;
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_classic_format_names_counters_by_their_samples() {
+        let om = "# HELP a_b Things.\n# TYPE a_b counter\na_b_total{x=\"1\"} 2\n\
+                  # HELP g A gauge.\n# TYPE g gauge\ng 1\n# EOF\n";
+        assert_eq!(
+            classic(om),
+            "# HELP a_b_total Things.\n# TYPE a_b_total counter\na_b_total{x=\"1\"} 2\n\
+             # HELP g A gauge.\n# TYPE g gauge\ng 1\n"
+        );
+    }
 }

@@ -61,7 +61,9 @@ fn prometheus_scrapes_every_metric_and_sees_commits_rise() {
         "boxd_raft_commit_latency_seconds_bucket{le=",
         "boxd_node_up{id=\"1\",name=\"m\"} 1",
         "boxd_vms{state=\"running\"} 0",
-        "# EOF",
+        "boxd_dns_answers_total{rcode=\"NOERROR\"}",
+        "boxd_https_responses_total{class=\"2xx\"}",
+        "boxd_ssh_auth_failures_total ",
     ] {
         assert!(body.contains(name), "{name} missing from:\n{body}");
     }
@@ -84,6 +86,37 @@ fn prometheus_scrapes_every_metric_and_sees_commits_rise() {
         "promtool: {}{}",
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
+    );
+    // The front doors' counters move: a name that does not exist is counted as NXDOMAIN.
+    let (status, out, err) = boxd_test_support::run(Command::new("dig").args([
+        "-p",
+        "5353",
+        "@127.0.48.1",
+        "+tries=1",
+        "+time=5",
+        "nope.boxd.test",
+    ]));
+    assert!(status == 0 && out.contains("NXDOMAIN"), "{out}{err}");
+    let (_, body) = get(&format!("http://{METRICS}/metrics"));
+    assert!(
+        body.contains("boxd_dns_answers_total{rcode=\"NXDOMAIN\"} 1"),
+        "{body}"
+    );
+
+    // Prometheus asks for OpenMetrics, and gets it.
+    let out = Command::new("curl")
+        .args([
+            "-sS",
+            "-H",
+            "Accept: application/openmetrics-text; version=1.0.0",
+        ])
+        .arg(format!("http://{METRICS}/metrics"))
+        .output()
+        .unwrap();
+    let om = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        om.ends_with("# EOF\n") && om.contains("# TYPE boxd_dns_answers counter"),
+        "{om}"
     );
     assert_eq!(
         get(&format!("http://{METRICS}/healthz")),

@@ -3,11 +3,13 @@
 //!
 //! - `model`: the nouns (accounts, keys, VMs, nodes, pool) and their validation;
 //! - `command`: typed log entries, outcomes and refusals;
-//! - `view`: the lock-free routing snapshot the data plane reads.
+//! - `view`: the lock-free routing snapshot the data plane reads;
+//! - `counters`: what the front doors count, for `/metrics`.
 //!
 //! `boxd-controlplane` re-exports all three, so its paths (`boxd_controlplane::model::…`) stay.
 
 pub mod command;
+pub mod counters;
 pub mod model;
 pub mod tokens;
 pub mod view;

@@ -138,6 +138,7 @@ fn page(mut respond: Respond, page: &[u8]) -> Result<(), ProxyError> {
     let mut b = http::Response::builder();
     let body = match head::parse_response(page, 32, page.len()) {
         Parse::Complete(r) => {
+            boxd_model::counters::https_response(r.status);
             b = b.status(r.status);
             for (name, value) in r.h2_fields() {
                 b = b.header(name, value);
@@ -284,6 +285,7 @@ async fn respond_with(
     let framing = resp.body(method);
     // Whether the VM connection may carry a later stream once this response has ended.
     let reusable = framing != Body::UntilClose && resp.keeps_alive();
+    boxd_model::counters::https_response(resp.status);
     let mut out = http::Response::builder().status(resp.status);
     for (name, value) in resp.h2_fields() {
         out = out.header(name, value);

@@ -5,6 +5,7 @@
 //! frame their bodies. Bodies are never buffered whole. Upgrades (WebSocket) become a
 //! two-way byte stream.
 
+use boxd_model::counters::{self, COUNTERS};
 use std::net::SocketAddr;
 use std::rc::Rc;
 
@@ -112,6 +113,8 @@ async fn serve_tls(stream: TcpStream, shard: Rc<Shard>) -> std::io::Result<()> {
     else {
         return Ok(());
     };
+    counters::inc(&COUNTERS.https_connections);
+    let _closed = Closed;
     // The deadline covers the handshake and each request head (slowloris, and the idle time
     // of a kept-alive connection); lifted while a request is being forwarded.
     stream.set_read_timeout(Some(shard.cfg.header_timeout()))?;
@@ -121,9 +124,13 @@ async fn serve_tls(stream: TcpStream, shard: Rc<Shard>) -> std::io::Result<()> {
         };
         // One deadline for the whole handshake, however the client paces its bytes.
         let accept = shard.acceptor.accept(Gathered::new(stream));
-        within(shard.cfg.header_timeout(), accept)
+        let done = within(shard.cfg.header_timeout(), accept)
             .await
-            .unwrap_or_else(|| Err(timed_out("TLS handshake")))?
+            .unwrap_or_else(|| Err(timed_out("TLS handshake")));
+        if done.is_err() {
+            counters::inc(&COUNTERS.https_handshake_errors);
+        }
+        done?
     };
     // The handshake's last writes (TLS 1.3 session tickets) are still held: they leave with
     // the first response (see `gather`).
@@ -224,6 +231,7 @@ async fn serve_tls(stream: TcpStream, shard: Rc<Shard>) -> std::io::Result<()> {
         let keep = framed && !req.wants_close();
         let reuse = framed && resp.keeps_alive();
         let out = resp.forward(keep);
+        counters::https_response(resp.status);
         rbuf.drain(..resp.len);
         if resp.status == 101 {
             // The VM switched protocols without being asked to: carry bytes both ways.
@@ -454,6 +462,7 @@ where
     let Ok(Parse::Complete(resp)) = r else {
         return reply(&mut client, &pages::bad_gateway(up.name, up.addr.port())).await;
     };
+    counters::https_response(resp.status);
     client.write_all(&resp.forward(false)).await?;
     client.write_all(&rbuf[resp.len..]).await?;
     splice(client, backend).await
@@ -490,7 +499,17 @@ where
     .await
 }
 
+/// Counts a closed client connection when dropped.
+struct Closed;
+
+impl Drop for Closed {
+    fn drop(&mut self) {
+        counters::inc(&COUNTERS.https_closed);
+    }
+}
+
 async fn reply<S: AsyncWrite + Unpin>(s: &mut S, page: &[u8]) -> std::io::Result<()> {
+    counters::https_response_bytes(page);
     s.write_all(page).await?;
     s.close().await
 }

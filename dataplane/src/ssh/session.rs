@@ -8,6 +8,7 @@
 //! admitted in a mode that only prints the registration link or the "no VM" message. On a
 //! fresh cluster the first key ever seen claims the owner account instead.
 
+use boxd_model::counters;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -73,6 +74,12 @@ pub(crate) struct Conn {
     notice: Option<String>,
 }
 
+impl Drop for Conn {
+    fn drop(&mut self) {
+        counters::inc(&counters::COUNTERS.ssh_closed);
+    }
+}
+
 impl Conn {
     pub fn new(
         shared: Arc<Shared>,
@@ -81,6 +88,7 @@ impl Conn {
         slot: HandshakeSlot,
         authed: Arc<AtomicBool>,
     ) -> Self {
+        counters::inc(&counters::COUNTERS.ssh_connections);
         Self {
             shared,
             local,
@@ -434,6 +442,7 @@ const EXPLAINED_REFUSALS: usize = 4;
 const EXPLAIN_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
 fn reject() -> Auth {
+    counters::inc(&counters::COUNTERS.ssh_auth_failures);
     Auth::Reject {
         proceed_with_methods: None,
         partial_success: false,
