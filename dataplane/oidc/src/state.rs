@@ -129,9 +129,12 @@ pub fn cookie_name(code: &str) -> String {
 }
 
 impl Callback {
-    /// Parses the callback's query (without `?`) and its `Cookie` header.
+    /// Parses the callback's query (without `?`) and its `Cookie` header. A query longer than
+    /// any a provider sends is refused whole (cutting it could cut a value).
     pub fn parse(query: &str, cookies: &str) -> Result<Self, Refused> {
-        let query = query.get(..query.len().min(MAX_INPUT)).unwrap_or("");
+        if query.len() > MAX_INPUT {
+            return Err(Refused::BadState);
+        }
         let mut code = None;
         let mut state = None;
         let mut error = None;
@@ -160,9 +163,12 @@ impl Callback {
     }
 }
 
-/// The value of cookie `name` in a `Cookie` header (RFC 6265 5.4: `a=1; b=2`).
+/// The value of cookie `name` in a `Cookie` header (RFC 6265 5.4: `a=1; b=2`); none from a
+/// header longer than any browser sends for this site.
 pub fn cookie<'a>(header: &'a str, name: &str) -> Option<&'a str> {
-    let header = header.get(..header.len().min(MAX_INPUT)).unwrap_or("");
+    if header.len() > MAX_INPUT {
+        return None;
+    }
     header.split(';').find_map(|pair| {
         let (k, v) = pair.trim().split_once('=')?;
         (k == name).then(|| v.trim_matches('"'))
@@ -232,6 +238,13 @@ mod tests {
         assert_eq!(Callback::parse("code=abc", ""), Err(Refused::BadState));
         assert_eq!(Callback::parse("state=s", ""), Err(Refused::NoCode));
         assert_eq!(cookie("x=1;y=2", "y"), Some("2"));
+        // Oversized input is refused whole, never cut (the fuzzer found a cut state).
+        let long = format!("code=c&state={}", "a".repeat(MAX_INPUT));
+        assert_eq!(Callback::parse(&long, ""), Err(Refused::BadState));
+        assert_eq!(
+            cookie(&format!("y=2; {}", "z".repeat(MAX_INPUT)), "y"),
+            None
+        );
         assert_eq!(cookie("x", "x"), None);
     }
 }
